@@ -174,11 +174,12 @@ def flat_shapes(state) -> dict[str, tuple[int, ...]]:
 
 def load_into(model, flat_arrays: Mapping[str, np.ndarray]) -> None:
     """Writes {dotted path: array} into an nnx module's parameters in place."""
+    import jax.numpy as jnp
     from flax import nnx
 
     state = nnx.state(model)
     flat = {".".join(map(str, path)): (path, leaf) for path, leaf in nnx.to_flat_state(state)}
     for name, array in flat_arrays.items():
         _, variable = flat[name]
-        variable.value = np.asarray(array, dtype=variable.value.dtype)
+        variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))
     nnx.update(model, state)
