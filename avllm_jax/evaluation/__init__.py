@@ -1,0 +1,1 @@
+"""Evaluation: benchmark annotation layouts, the LLM-judge protocol, caption metrics, reports."""

@@ -1,0 +1,97 @@
+"""CIDEr-D on worked examples computed by hand, exact-match normalisation, SPICE availability."""
+import math
+import os
+import stat
+import sys
+
+import pytest
+
+from avllm_jax.evaluation import metrics
+
+L = math.log(2.0)  # the IDF of an n-gram found in the references of 1 of 2 clips: log(2 / 1)
+
+
+def test_exact_match_normalises_case_punctuation_articles():
+    assert metrics.normalize_answer("  The Dog,  is BARKING! ") == "dog is barking"
+    assert metrics.exact_match("A cat.", ["dog", "the cat"])
+    assert not metrics.exact_match("a black cat", ["cat"])
+    assert not metrics.exact_match("", ["cat"])
+
+
+def test_cider_d_identical_and_repeated_word():
+    # Two clips, references A: "a b", B: "c d". Every reference n-gram is in 1 of 2 clips: IDF = L.
+    # Clip A, candidate "a b" (same as its reference, same length, penalty 1):
+    #   n=1: g(c) = g(s) = {a: L, b: L}: <min, g(s)> = 2L^2, norms sqrt(2)L * sqrt(2)L = 2L^2 -> 1
+    #   n=2: {ab: L} both -> 1;   n=3, 4: no n-grams -> 0
+    #   CIDEr-D = 10 * (1 + 1 + 0 + 0) / 4 = 5
+    # Clip B, candidate "c c" (length 2 = reference length, penalty 1):
+    #   n=1: g(c) = {c: 2L}, g(s) = {c: L, d: L}; min(2L, L) * L = L^2; norms 2L * sqrt(2)L
+    #        -> 1 / (2 sqrt 2);   n=2: {cc} vs {cd} -> 0
+    #   CIDEr-D = 10 * (1 / (2 sqrt 2)) / 4 = 10 / (8 sqrt 2)
+    corpus, per_clip = metrics.cider_d(["a b", "c c"], [["a b"], ["c d"]])
+    assert per_clip[0] == pytest.approx(5.0, rel=1e-12)
+    assert per_clip[1] == pytest.approx(10 / (8 * math.sqrt(2)), rel=1e-12)
+    assert corpus == pytest.approx((5.0 + 10 / (8 * math.sqrt(2))) / 2, rel=1e-12)
+
+
+def test_cider_d_length_penalty_and_clipping():
+    # Clip A reference "a b"; candidate "a b a b a b a b": 8 words vs 2, penalty exp(-36 / 72).
+    #   n=1: g(c) = {a: 4L, b: 4L}, g(s) = {a: L, b: L}; clipped <min, g(s)> = 2L^2;
+    #        norms sqrt(32)L * sqrt(2)L = 8L^2 -> 1/4
+    #   n=2: g(c) = {ab: 4L, ba: 3L} (norm 5L), g(s) = {ab: L}; L * L / (5L * L) -> 1/5
+    #   n=3: the reference has no trigram -> 0
+    #   CIDEr-D = 10 * exp(-0.5) * (1/4 + 1/5) / 4 = 1.125 * exp(-0.5)
+    # Clip B ("c d" vs reference "c d") only supplies the IDF.
+    _, per_clip = metrics.cider_d(["a b a b a b a b", "c d"], [["a b"], ["c d"]])
+    assert per_clip[0] == pytest.approx(1.125 * math.exp(-0.5), rel=1e-12)
+
+
+def test_cider_d_idf_and_reference_average():
+    # Clip A references "a b" and "a c", clip B reference "a d". "a" is in both clips' references:
+    # IDF log(2/2) = 0, so it weighs nothing. Candidate for A "a b" (length 2 = both references):
+    #   vs "a b": n=1 g(c) = g(s) = {a: 0, b: L} -> L^2 / (L * L) = 1;  n=2 {ab: L} both -> 1
+    #   vs "a c": n=1 {a: 0, b: L} . {a: 0, c: L} = 0;  n=2 {ab} vs {ac} -> 0
+    #   CIDEr-D = 10 / m * sum_j (sum_n ...) / 4 = 10 / 2 * (2 / 4 + 0) = 2.5
+    _, per_clip = metrics.cider_d(["a b", "a d"], [["a b", "a c"], ["a d"]])
+    assert per_clip[0] == pytest.approx(2.5, rel=1e-12)
+
+
+def test_cider_d_tokenisation_and_bad_input():
+    # Case and punctuation do not matter: "A, B!" is the caption "a b".
+    assert metrics.cider_d(["A, B!", "c d"], [["a b"], ["C D."]])[1][0] == pytest.approx(5.0)
+    # An empty candidate has no n-grams and scores 0.
+    assert metrics.cider_d(["", "c d"], [["a b"], ["c d"]])[1][0] == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        metrics.cider_d(["a"], [[]])
+    with pytest.raises(ValueError, match="2 candidates"):
+        metrics.cider_d(["a", "b"], [["a"]])
+
+
+def test_spice_unavailable_without_java_or_jar(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPICE_JAR", raising=False)
+    assert metrics.spice(["a"], [["a"]]) == metrics.SPICE_UNAVAILABLE
+    monkeypatch.setenv("SPICE_JAR", str(tmp_path / "absent.jar"))
+    assert metrics.spice(["a"], [["a"]]) == metrics.SPICE_UNAVAILABLE
+
+
+def test_spice_reads_the_jar_output(monkeypatch, tmp_path):
+    # A stand-in `java` that behaves like the SPICE jar's command line: reads the request,
+    # writes per-clip F-scores (1.0 when the candidate equals a reference, else 0.25).
+    fake_java = tmp_path / "java"
+    fake_java.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "request = json.load(open(args[args.index('-jar') + 2]))\n"
+        "out = [{'image_id': r['image_id'], 'scores': {'All': {'f': 1.0 if r['test'] in r['refs'] else 0.25}}}\n"
+        "       for r in request]\n"
+        "json.dump(out, open(args[args.index('-out') + 1], 'w'))\n"
+    )
+    fake_java.chmod(fake_java.stat().st_mode | stat.S_IEXEC)
+    jar = tmp_path / "spice-1.0.jar"
+    jar.write_bytes(b"")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SPICE_JAR", str(jar))
+    corpus, per_clip = metrics.spice(["a b", "x"], [["a b"], ["c d"]])
+    assert per_clip == [1.0, 0.25]
+    assert corpus == pytest.approx(0.625)
