@@ -1,0 +1,198 @@
+"""The demo data set: real media files of moving shapes and tone patterns, with questions about them.
+
+Every clip shows one large solid shape (circle, square or triangle) in a pure colour
+crossing a black 64x64 picture in one direction, and/or plays a pure tone (low or high)
+as one to three beeps. Each beep fills most of one quarter of the clip, so with four audio
+segments (the default `num_audio_segments`) every segment holds at most one beep and the
+count is the number of segments that sound. Answers are one or two canonical words so that
+held-out exact match is meaningful.
+
+Files: audio-visual clips (.mp4, H.264 + AAC), silent clips (.mp4 or .webm, no audio
+track) and audio-only files (.wav or .flac). A sample asks a visual question about a silent
+clip, an audio question about an audio-only file, and any kind about an audio-visual clip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import av
+import numpy as np
+import tqdm
+
+from avllm_jax.data import conversation
+
+FRAME_SIZE = 64
+FPS = 8
+CLIP_SECONDS = 1.5
+SAMPLE_RATE = 48000
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+PITCHES = {"low": 330.0, "high": 1760.0}
+BEEP_COUNTS = {1: "one", 2: "two", 3: "three"}
+
+# Question templates per attribute; "{}" never appears: answers are the attribute's canonical word.
+VISUAL_QUESTIONS = {
+    "colour": ("What colour is the shape?", "Which colour does the moving shape have?"),
+    "shape": ("What shape is shown?", "Which shape moves in the video?"),
+    "direction": ("Which way does the shape move?", "In which direction is the shape moving?"),
+}
+AUDIO_QUESTIONS = {
+    "pitch": ("Is the tone high or low?", "What is the pitch of the sound?"),
+    "beeps": ("How many beeps are there?", "Count the beeps."),
+}
+# Questions that need both streams; the answer is the two attributes' words in this order.
+AUDIO_VISUAL_QUESTIONS = {
+    ("colour", "pitch"): ("What colour is the shape and is the tone high or low?",),
+    ("shape", "beeps"): ("Which shape is shown and how many beeps play?",),
+    ("direction", "pitch"): ("Where does the shape move and what is the pitch?",),
+}
+# Fractions of files of each kind.
+FILE_KINDS = {"audio_visual": 0.5, "visual": 0.25, "audio": 0.25}
+
+
+def write_media(
+    path: str | os.PathLike,
+    *,
+    frames: np.ndarray | None = None,
+    fps: int = FPS,
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    video_codec: str = "libx264",
+    audio_codec: str = "aac",
+    pix_fmt: str = "yuv420p",
+    audio_layout: str = "mono",
+    container_format: str | None = None,
+    video_options: dict[str, str] | None = None,
+) -> None:
+    """Encodes uint8 `frames` [T, H, W, 3] and/or float32 `audio` [channels, n] (or [n]) with PyAV.
+
+    The container comes from the file name unless `container_format` is given (e.g. "image2"
+    with one frame for a still). Used by the demo set, the tests and the loader benchmark.
+    """
+    with av.open(os.fspath(path), "w", format=container_format) as container:
+        video_stream = audio_stream = None
+        if frames is not None:
+            video_stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
+            video_stream.height, video_stream.width = frames.shape[1:3]
+            video_stream.pix_fmt = pix_fmt
+        if audio is not None:
+            audio_stream = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout)
+        if video_stream is not None:
+            for image in frames:
+                container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(video_stream.encode())
+        if audio_stream is not None:
+            planar = np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=audio_layout)
+            frame.sample_rate, frame.pts = sample_rate, 0
+            container.mux(audio_stream.encode(frame))
+            container.mux(audio_stream.encode())
+
+
+def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [T, 64, 64, 3]: the shape crossing the picture in `direction`, with a little jitter."""
+    num_frames = round(CLIP_SECONDS * FPS)
+    half = int(rng.integers(11, 15))  # half the shape's size in pixels
+    lane = FRAME_SIZE / 2 + rng.uniform(-6, 6)  # the fixed coordinate across the motion
+    travel = np.linspace(half + 2, FRAME_SIZE - half - 2, num_frames)
+    if direction in ("left", "up"):
+        travel = travel[::-1]
+    yy, xx = np.mgrid[:FRAME_SIZE, :FRAME_SIZE] + 0.5
+    frames = np.zeros((num_frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    for t, position in enumerate(travel):
+        cx, cy = (position, lane) if direction in ("left", "right") else (lane, position)
+        dx, dy = xx - cx, yy - cy
+        if shape == "circle":
+            inside = dx**2 + dy**2 <= half**2
+        elif shape == "square":
+            inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+        else:  # an upright triangle: apex at the top, base at the bottom
+            inside = (dy <= half) & (np.abs(dx) * 2 <= dy + half)
+        frames[t][inside] = COLOURS[colour]
+    return frames
+
+
+def tone_pattern(pitch: str, beeps: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [n]: `beeps` tone bursts, each in its own quarter of the clip (quarters chosen at random)."""
+    num_samples = round(CLIP_SECONDS * SAMPLE_RATE)
+    quarter = num_samples // 4
+    frequency = PITCHES[pitch] * rng.uniform(0.95, 1.05)
+    beep = np.sin(2 * np.pi * frequency * np.arange(int(quarter * 0.7)) / SAMPLE_RATE)
+    beep *= np.minimum(1.0, np.minimum(np.arange(beep.size), np.arange(beep.size)[::-1]) / 480)  # 10 ms ramps
+    audio = rng.normal(0, 0.003, num_samples)
+    for q in sorted(rng.choice(4, size=beeps, replace=False)):
+        start = q * quarter + (quarter - beep.size) // 2
+        audio[start : start + beep.size] += 0.5 * beep
+    return audio.astype(np.float32)
+
+
+def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, seed: int) -> pathlib.Path:
+    """Writes out_dir/media/{split}_NNNNN.* and out_dir/{split}.jsonl (paths relative to out_dir)."""
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    jsonl_path = out_dir / f"{split}.jsonl"
+    with open(jsonl_path, "w") as out:
+        for index in tqdm.trange(num_samples, desc=f"demo {split}", unit="clip"):
+            sample = _make_sample(out_dir, f"{split}_{index:05d}", rng)
+            out.write(json.dumps(sample) + "\n")
+    return jsonl_path
+
+
+def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator) -> dict:
+    kind = rng.choice(list(FILE_KINDS), p=list(FILE_KINDS.values()))
+    attributes = {
+        "colour": rng.choice(list(COLOURS)),
+        "shape": rng.choice(SHAPES),
+        "direction": rng.choice(DIRECTIONS),
+        "pitch": rng.choice(list(PITCHES)),
+        "beeps": int(rng.choice(list(BEEP_COUNTS))),
+    }
+    frames = None if kind == "audio" else draw_clip(attributes["colour"], attributes["shape"], attributes["direction"], rng)
+    audio = None if kind == "visual" else tone_pattern(attributes["pitch"], attributes["beeps"], rng)
+    if kind == "audio":
+        path = f"media/{name}" + rng.choice([".wav", ".flac"])
+        write_media(out_dir / path, audio=audio, audio_codec="pcm_s16le" if path.endswith(".wav") else "flac")
+    elif kind == "visual":
+        path = f"media/{name}" + rng.choice([".mp4", ".webm"])
+        write_media(out_dir / path, frames=frames, video_codec="libx264" if path.endswith(".mp4") else "libvpx-vp9")
+    else:
+        path = f"media/{name}.mp4"
+        write_media(out_dir / path, frames=frames, audio=audio)
+
+    modality = kind if kind != "audio_visual" else rng.choice(["visual", "audio", "audio_visual"])
+    words = {**attributes, "beeps": BEEP_COUNTS[attributes["beeps"]]}
+    if modality == "visual":
+        asked = rng.choice(list(VISUAL_QUESTIONS))
+        question, answer = rng.choice(VISUAL_QUESTIONS[asked]), words[asked]
+    elif modality == "audio":
+        asked = rng.choice(list(AUDIO_QUESTIONS))
+        question, answer = rng.choice(AUDIO_QUESTIONS[asked]), words[asked]
+    else:
+        pairs = list(AUDIO_VISUAL_QUESTIONS)
+        pair = pairs[rng.integers(len(pairs))]
+        question, answer = rng.choice(AUDIO_VISUAL_QUESTIONS[pair]), " ".join(words[a] for a in pair)
+    token = {"visual": conversation.VISUAL_TOKEN, "audio": conversation.AUDIO_TOKEN}.get(
+        modality, conversation.AUDIO_VISUAL_TOKEN
+    )
+    media_key = "audio" if kind == "audio" else "video"
+    return {
+        "id": name,
+        media_key: path,
+        "modality": str(modality),
+        "conversations": [
+            {"from": "human", "value": f"{token}\n{question}"},
+            {"from": "gpt", "value": str(answer)},
+        ],
+    }
+
+
+def demo_tokenizer_corpus() -> list[str]:
+    """Every piece of text the demo can produce, for training its tokenizer."""
+    questions = [q for table in (VISUAL_QUESTIONS, AUDIO_QUESTIONS, AUDIO_VISUAL_QUESTIONS) for qs in table.values() for q in qs]
+    answers = [*COLOURS, *SHAPES, *DIRECTIONS, *PITCHES, *BEEP_COUNTS.values()]
+    return [conversation.SYSTEM_PROMPT, f"{conversation.USER_ROLE}: {conversation.ASSISTANT_ROLE}:", *questions, *answers]
