@@ -1,0 +1,184 @@
+"""CLIP ViT vision tower: patch embedding, class token, position embeddings, pre-layernorm,
+pre-norm transformer layers (scanned) with a quick-GELU MLP, post-layernorm.
+
+The model returns the hidden states after a chosen layer, [B, 1+N, D]: row 0 is the class
+token (the paper's per-frame temporal token), rows 1..N the patches (averaged over time into
+the spatial tokens by the composite model).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from avllm_jax.models import attention, layers
+from avllm_jax.models.conversion import Rule, transpose
+
+ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Which hidden state to return, as an index into HF's `hidden_states` tuple
+    # (0 = embeddings after the pre-layernorm, -1 = after the last layer; LLaVA uses -2).
+    select_layer: int = -1
+    # Apply the post-layernorm to every returned row (HF applies it to the pooled class token only).
+    apply_post_layernorm: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat_policy: str = "none"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "CLIPVisionConfig":
+        """From a CLIPVisionConfig dict, or a CLIPConfig dict (its `vision_config`)."""
+        hf = hf.get("vision_config", hf)
+        fields = dict(
+            image_size=hf.get("image_size", 224),
+            patch_size=hf.get("patch_size", 32),
+            hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12),
+            num_heads=hf.get("num_attention_heads", 12),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+            hidden_act=hf.get("hidden_act", "quick_gelu"),
+        )
+        if fields["hidden_act"] not in ACTIVATIONS:
+            raise ValueError(f"CLIP hidden_act {fields['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
+        fields.update(overrides)
+        return cls(**fields)
+
+
+PRESETS = {
+    "vit_b16": CLIPVisionConfig(patch_size=16, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
+    "vit_l14": CLIPVisionConfig(),
+    "vit_l14_336": CLIPVisionConfig(image_size=336),
+    "vit_h14": CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16, hidden_act="gelu"),
+    "tiny": CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+}
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, dtype = config, layers.dtype_of(config.param_dtype)
+        head_dim = c.hidden_size // c.num_heads
+        self.norm1_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.norm1_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        for name in ("q", "k", "v"):
+            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype))
+            setattr(self, f"{name}_bias", layers.param(rngs, (c.num_heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros"))
+        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype)
+        self.o_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        self.norm2_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.norm2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        self.fc1 = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
+        self.fc1_bias = layers.param(rngs, (c.intermediate_size,), ("mlp",), dtype=dtype, init="zeros")
+        self.fc2 = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype)
+        self.fc2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, dtype = self.config, x.dtype
+        cast = lambda p: p[...].astype(dtype)  # noqa: E731
+        h = layers.layer_norm(x, self.norm1_scale[...], self.norm1_bias[...], c.layer_norm_eps)
+        q, k, v = (
+            jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias"))
+            for n in ("q", "k", "v")
+        )
+        out = attention.dot_product_attention(q, k, v, causal=False)
+        x = x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias)
+        h = layers.layer_norm(x, self.norm2_scale[...], self.norm2_bias[...], c.layer_norm_eps)
+        h = ACTIVATIONS[c.hidden_act](jnp.einsum("bsd,dm->bsm", h, cast(self.fc1)) + cast(self.fc1_bias))
+        return x + jnp.einsum("bsm,md->bsd", h, cast(self.fc2)) + cast(self.fc2_bias)
+
+
+class CLIPVision(nnx.Module):
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, dtype = config, layers.dtype_of(config.param_dtype)
+        self.patch_embed = layers.param(rngs, (c.patch_size, c.patch_size, 3, c.hidden_size), (None, None, None, "embed"), dtype=dtype)
+        self.class_embed = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype)
+        self.position_embed = layers.param(rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype)
+        self.pre_norm_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.pre_norm_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        self.layers = layers.stacked(c.num_layers, lambda r: EncoderLayer(c, rngs=r), rngs)
+        self.post_norm_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.post_norm_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """pixels: float32 [B, H, W, 3], CLIP-normalised. Returns [B, 1+N, D]."""
+        c = self.config
+        dtype = layers.dtype_of(c.dtype)
+        batch, height, width, _ = pixels.shape
+        if (height, width) != (c.image_size, c.image_size):
+            raise ValueError(f"CLIP expects {c.image_size}x{c.image_size} pixels, got {height}x{width}")
+        p, grid = c.patch_size, c.image_size // c.patch_size
+        # Non-overlapping patches as one matmul: [B, grid, p, grid, p, 3] -> [B, N, p*p*3].
+        patches = pixels.astype(dtype).reshape(batch, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, grid * grid, p * p * 3)
+        x = patches @ self.patch_embed[...].astype(dtype).reshape(p * p * 3, c.hidden_size)
+        class_token = jnp.broadcast_to(self.class_embed[...].astype(dtype), (batch, 1, c.hidden_size))
+        x = jnp.concatenate([class_token, x], axis=1) + self.position_embed[...].astype(dtype)
+        x = layers.layer_norm(x, self.pre_norm_scale[...], self.pre_norm_bias[...], c.layer_norm_eps)
+        num_layers = c.select_layer % (c.num_layers + 1)
+        if num_layers:
+            x, _ = layers.scan_layers(
+                self.layers, x, call=lambda layer, h, _: (layer(h), None), remat_policy=c.remat_policy, num_layers=num_layers
+            )
+        if c.apply_post_layernorm:
+            x = self.post_layernorm(x)
+        return x
+
+    def post_layernorm(self, x: jax.Array) -> jax.Array:
+        return layers.layer_norm(x, self.post_norm_scale[...], self.post_norm_bias[...], self.config.layer_norm_eps)
+
+
+def hf_rules(config: CLIPVisionConfig) -> list[Rule]:
+    """HF CLIPVisionModel (or CLIPModel, whose text tower is dropped) tensor names -> ours."""
+    c = config
+    head_dim = c.hidden_size // c.num_heads
+    # transformers 5 saves a bare CLIPVisionModel without the `vision_model.` prefix.
+    tower = r"(?:vision_model\.)?"
+    layer = tower + r"encoder\.layers\.(?P<layer>\d+)\."
+    heads = lambda w: w.T.reshape(c.hidden_size, c.num_heads, head_dim)  # noqa: E731
+    head_bias = lambda b: b.reshape(c.num_heads, head_dim)  # noqa: E731
+    rules = [
+        Rule(tower + r"embeddings\.class_embedding", "class_embed"),
+        # torch conv [D, 3, p, p] -> [p, p, 3, D], the order of our flattened NHWC patches.
+        Rule(tower + r"embeddings\.patch_embedding\.weight", "patch_embed", lambda w: w.transpose(2, 3, 1, 0)),
+        Rule(tower + r"embeddings\.position_embedding\.weight", "position_embed"),
+        Rule(tower + r"embeddings\.position_ids", None),
+        Rule(tower + r"pre_layrnorm\.weight", "pre_norm_scale"),
+        Rule(tower + r"pre_layrnorm\.bias", "pre_norm_bias"),
+        Rule(tower + r"post_layernorm\.weight", "post_norm_scale"),
+        Rule(tower + r"post_layernorm\.bias", "post_norm_bias"),
+        Rule(layer + r"self_attn\.out_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, head_dim, c.hidden_size)),
+        Rule(layer + r"self_attn\.out_proj\.bias", "layers.o_bias"),
+        Rule(layer + r"layer_norm1\.weight", "layers.norm1_scale"),
+        Rule(layer + r"layer_norm1\.bias", "layers.norm1_bias"),
+        Rule(layer + r"layer_norm2\.weight", "layers.norm2_scale"),
+        Rule(layer + r"layer_norm2\.bias", "layers.norm2_bias"),
+        Rule(layer + r"mlp\.fc1\.weight", "layers.fc1", transpose),
+        Rule(layer + r"mlp\.fc1\.bias", "layers.fc1_bias"),
+        Rule(layer + r"mlp\.fc2\.weight", "layers.fc2", transpose),
+        Rule(layer + r"mlp\.fc2\.bias", "layers.fc2_bias"),
+        # A full CLIPModel checkpoint also holds the text tower and the contrastive heads.
+        Rule(r"(text_model|text_projection|visual_projection|logit_scale).*", None),
+    ]
+    for name in ("q", "k", "v"):
+        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.weight", f"layers.{name}_proj", heads))
+        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.bias", f"layers.{name}_bias", head_bias))
+    return rules

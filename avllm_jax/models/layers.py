@@ -1,0 +1,102 @@
+"""Building blocks shared by the networks: parameter initialisers, norms, stacked layers."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    *,
+    dtype=jnp.float32,
+    init: str = "normal",
+    stddev: float = 0.02,
+) -> nnx.Param:
+    """A parameter with its logical axis names (read by training/sharding.py)."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {shape} and logical axes {logical_axes} differ in rank")
+    if init == "normal":
+        value = stddev * jax.random.normal(rngs.params(), tuple(shape), dtype)
+    elif init == "zeros":
+        value = jnp.zeros(tuple(shape), dtype)
+    elif init == "ones":
+        value = jnp.ones(tuple(shape), dtype)
+    else:
+        raise ValueError(f"unknown initialiser {init!r}")
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, as LLaMA does, then cast back."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    x32 = (x32 - mean) * jax.lax.rsqrt(variance + eps)
+    return (x32 * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def stacked(num_layers: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """`num_layers` copies of a layer with independent initialisation, stacked on a leading
+    'layers' axis, to be run with `scan_layers` (compile time independent of depth)."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def scan_layers(
+    layers: nnx.Module,
+    carry,
+    per_layer_inputs=None,
+    *,
+    call: Callable,
+    remat_policy: str = "none",
+    num_layers: int | None = None,
+):
+    """Runs `call(layer, carry, per_layer_input) -> (carry, per_layer_output)` over stacked layers.
+
+    `num_layers` runs only the first layers (e.g. to read an intermediate hidden state).
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(layers)
+    if num_layers is not None:
+        state = jax.tree.map(lambda x: x[:num_layers], state)
+
+    def body(carry, inputs):
+        layer_state, layer_input = inputs
+        return call(nnx.merge(graphdef, layer_state), carry, layer_input)
+
+    if remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, per_layer_inputs))
+
+
+@functools.cache
+def dtype_of(name: str):
+    """'float32' / 'bfloat16' (config strings) -> a jnp dtype."""
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None

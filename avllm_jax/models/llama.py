@@ -1,0 +1,281 @@
+"""LLaMA / Vicuna decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Layers are stacked and scanned. The model takes token ids or input embeddings (the
+multimodal model splices encoder rows into the embeddings), explicit position ids (rows of an
+absent modality are left out of the count) and segment ids (0 = a row no real token sees).
+A `KVCache` makes decoding one token at a time cost one layer pass per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from avllm_jax.models import attention, layers
+from avllm_jax.models.conversion import Rule, transpose
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or HF's rope_scaling dict with rope_type 'linear' or 'llama3'.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_implementation: str = "xla"
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    remat_policy: str = "none"
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
+        """From a LlamaConfig's config.json dict."""
+        num_heads = hf["num_attention_heads"]
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+            rope_scaling=_hf_rope_scaling(hf),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        )
+        if hf.get("mlp_bias") or hf.get("attention_bias"):
+            raise ValueError("LLaMA checkpoints with attention_bias or mlp_bias are not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _hf_rope_scaling(hf: dict) -> dict | None:
+    # transformers 4.x writes `rope_scaling`; 5.x folds it into `rope_parameters`.
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling:
+        return None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in ("linear", "llama3"):
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported (linear, llama3)")
+    return {k: v for k, v in scaling.items() if k != "rope_theta"} | {"rope_type": rope_type}
+
+
+PRESETS = {
+    "vicuna_7b": LlamaConfig(),
+    "vicuna_13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40),
+    "tiny": LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+    ),
+}
+
+
+def rope_frequencies(config: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with the checkpoint's rope scaling applied."""
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    original_context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original_context / low, inv_freq / factor, inv_freq)
+    blend = (original_context / wavelength - low) / (high - low)
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    in_band = (wavelength >= original_context / high) & (wavelength <= original_context / low)
+    return jnp.where(in_band, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the rotate-half layout of HF LLaMA weights. x: [B, S, H, D]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_length` slots; slots at or after `length` are empty."""
+
+    keys: jax.Array  # [L, B, max_length, G, D]
+    values: jax.Array  # [L, B, max_length, G, D]
+    segment_ids: jax.Array  # [B, max_length]; 0 for empty slots and padding
+    length: jax.Array  # int32 scalar: slots filled so far
+
+    @classmethod
+    def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+        dtype = dtype or layers.dtype_of(config.dtype)
+        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, dtype = config, layers.dtype_of(config.param_dtype)
+        self.input_norm = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.q_proj = layers.param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
+        self.k_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
+        self.v_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
+        self.o_proj = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype)
+        self.post_attention_norm = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.gate_proj = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
+        self.up_proj = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
+        self.down_proj = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype)
+
+    def __call__(self, x, positions, inv_freq, query_segment_ids, kv_cache=None, kv_segment_ids=None, cache_length=0):
+        """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, max_length, G, D] or None.
+
+        Returns the new hidden state and the updated (keys, values) when a cache is given.
+        """
+        c, dtype = self.config, x.dtype
+        h = layers.rms_norm(x, self.input_norm[...], c.rms_norm_eps)
+        q = jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dtype))
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if kv_cache is None:
+            keys, values, kv_segment_ids = k, v, query_segment_ids
+        else:
+            start = (0, cache_length, 0, 0)
+            keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+        implementation = c.attention_implementation
+        out = attention.dot_product_attention(
+            q,
+            keys.astype(dtype),
+            values.astype(dtype),
+            query_segment_ids=query_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=True,
+            query_offset=cache_length,
+            implementation=implementation,
+        )
+        x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype))
+        h = layers.rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
+        gate = jnp.einsum("bsd,dm->bsm", h, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("bsd,dm->bsm", h, self.up_proj[...].astype(dtype))
+        x = x + jnp.einsum("bsm,md->bsd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))
+        return x, (None if kv_cache is None else (keys, values))
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = layers.dtype_of(config.param_dtype)
+        self.embed = layers.param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype=dtype)
+        self.layers = layers.stacked(config.num_layers, lambda r: DecoderLayer(config, rngs=r), rngs)
+        self.final_norm = layers.param(rngs, (config.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        if not config.tie_word_embeddings:
+            self.lm_head = layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype=dtype)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed[...].astype(layers.dtype_of(self.config.dtype))[input_ids]
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden_states: bool = False,
+    ):
+        """Logits [B, S, V] (float32), and the updated cache when one is given.
+
+        positions default to 0..S-1 after the cached slots; segment_ids default to all ones.
+        With `return_hidden_states`, the final-norm hidden states replace the logits (the
+        loss can then compute logits in chunks).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x.astype(layers.dtype_of(self.config.dtype))
+        batch, length = x.shape[:2]
+        cache_length = 0 if cache is None else cache.length
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length) + cache_length, (batch, length))
+        inv_freq = rope_frequencies(self.config)
+
+        if cache is None:
+            x, _ = layers.scan_layers(
+                self.layers,
+                x,
+                call=lambda layer, h, _: layer(h, positions, inv_freq, segment_ids),
+                remat_policy=self.config.remat_policy,
+            )
+        else:
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length))
+            x, (keys, values) = layers.scan_layers(
+                self.layers,
+                x,
+                (cache.keys, cache.values),
+                call=lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length),
+            )
+            cache = KVCache(keys, values, kv_segment_ids, cache_length + length)
+        x = layers.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+        outputs = x if return_hidden_states else self.logits(x)
+        return outputs if cache is None else (outputs, cache)
+
+    def logits(self, hidden_states: jax.Array) -> jax.Array:
+        dtype = hidden_states.dtype
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("bsd,vd->bsv", hidden_states, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("bsd,dv->bsv", hidden_states, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+
+
+def hf_rules(config: LlamaConfig) -> list[Rule]:
+    """HF LlamaForCausalLM tensor names -> ours."""
+    c = config
+    layer = r"model\.layers\.(?P<layer>\d+)\."
+    heads = lambda n: lambda w: w.T.reshape(c.hidden_size, n, c.head_dim)  # noqa: E731
+    return [
+        Rule(r"model\.embed_tokens\.weight", "embed"),
+        Rule(layer + r"input_layernorm\.weight", "layers.input_norm"),
+        Rule(layer + r"self_attn\.q_proj\.weight", "layers.q_proj", heads(c.num_heads)),
+        Rule(layer + r"self_attn\.k_proj\.weight", "layers.k_proj", heads(c.num_kv_heads)),
+        Rule(layer + r"self_attn\.v_proj\.weight", "layers.v_proj", heads(c.num_kv_heads)),
+        Rule(layer + r"self_attn\.o_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
+        # Older checkpoints (Vicuna v0/v1.1) saved the rotary buffer; it is recomputed here.
+        Rule(layer + r"self_attn\.rotary_emb\.inv_freq", None),
+        Rule(layer + r"post_attention_layernorm\.weight", "layers.post_attention_norm"),
+        Rule(layer + r"mlp\.gate_proj\.weight", "layers.gate_proj", transpose),
+        Rule(layer + r"mlp\.up_proj\.weight", "layers.up_proj", transpose),
+        Rule(layer + r"mlp\.down_proj\.weight", "layers.down_proj", transpose),
+        Rule(r"model\.norm\.weight", "final_norm"),
+        Rule(r"lm_head\.weight", None if c.tie_word_embeddings else "lm_head", transpose),
+    ]
