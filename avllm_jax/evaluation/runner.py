@@ -1,0 +1,236 @@
+"""One benchmark run: answer every question, judge the answers, score them, write the report.
+
+The model is reached only through `answer_fn(queries) -> answers`, so tests drive the whole
+run with a stand-in and the command line (avllm_jax/evaluate.py) plugs in the real model.
+Answers and verdicts are cached per question in the output directory (see report.py): a rerun
+asks the model and the judge only for what is missing. Bad input never stops the run: a
+question without an answer, a missing media file, a failed answer or a judge that keeps
+failing is counted and listed in the summary, and everything else is still scored.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tqdm
+
+from avllm_jax.evaluation import metrics, report
+from avllm_jax.evaluation.judge import judge_messages, parse_verdict
+from avllm_jax.evaluation.tasks import TASKS, Sample, index_media, load_task, resolve_media
+
+PROBLEM_KINDS = ("no_question", "no_answer", "missing_media", "answer_failed", "judge_failed")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question for the model about one media file."""
+
+    sample_id: str
+    media_path: str
+    question: str
+    modality: str | None  # None: whatever streams the file has
+
+
+AnswerFn = Callable[[list[Query]], list[str]]
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _answer_batch(answer_fn: AnswerFn, batch: list[Query]) -> list[str | Exception]:
+    """Answers for `batch`; when the batch fails, each query is retried alone so that one bad
+    file costs only its own answer."""
+    try:
+        answers = answer_fn(batch)
+    except Exception as error:
+        if len(batch) == 1:
+            return [error]
+        return [_answer_batch(answer_fn, [query])[0] for query in batch]
+    if len(answers) != len(batch):
+        raise RuntimeError(f"answer_fn gave {len(answers)} answers for {len(batch)} questions")
+    return [str(a).strip() for a in answers]
+
+
+def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problems) -> dict[str, list[str]]:
+    """Predictions per sample id: the cached ones, then the rest asked of `answer_fn`."""
+    path = out_dir / report.PREDICTIONS_FILE
+    records, unreadable = report.read_jsonl(path)
+    if unreadable:
+        print(f"{path}: {unreadable} unreadable line(s) ignored; those questions are answered again", file=sys.stderr)
+    cached = {r["id"]: r for r in records}
+    predictions = {}
+    pending = []
+    for s in samples:
+        record = cached.get(s.id)
+        if record and record["questions"] == list(s.questions) and record["media"] == media_of[s.id]:
+            predictions[s.id] = record["predictions"]
+        else:
+            pending.append(s)
+    queries = [Query(s.id, media_of[s.id], q, modality) for s in pending for q in s.questions]
+    by_id = {s.id: s for s in pending}
+    partial: dict[str, list[str]] = {}
+    failed: set[str] = set()
+    with report.JsonlAppender(path) as out, tqdm.tqdm(total=len(queries), desc="answering", unit="question") as bar:
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start : start + batch_size]
+            for query, answer in zip(batch, _answer_batch(answer_fn, batch)):
+                if query.sample_id in failed:
+                    continue
+                if isinstance(answer, Exception):
+                    failed.add(query.sample_id)
+                    problems.append((query.sample_id, "answer_failed", f"{query.media_path}: {_describe(answer)}"))
+                    continue
+                sample = by_id[query.sample_id]
+                answers = partial.setdefault(sample.id, [])
+                answers.append(answer)
+                if len(answers) == len(sample.questions):
+                    predictions[sample.id] = answers
+                    out.write({"id": sample.id, "media": query.media_path, "questions": list(sample.questions),
+                               "answers": list(sample.answers), "predictions": answers})
+            bar.update(len(batch))
+    return predictions
+
+
+def _judge(samples, predictions, dimensions, judge, out_dir, problems) -> dict[tuple[str, str], dict]:
+    """Verdicts per (sample id, dimension): the cached ones of this judge model, then the rest."""
+    path = out_dir / report.VERDICTS_FILE
+    records, unreadable = report.read_jsonl(path)
+    if unreadable:
+        print(f"{path}: {unreadable} unreadable line(s) ignored; those verdicts are asked again", file=sys.stderr)
+    verdicts = {}
+    for r in records:
+        if r.get("judge_model") == judge.model and r.get("predictions") == predictions.get(r["id"]):
+            verdicts[(r["id"], r["dimension"])] = r
+    pending = [(s, d) for s in samples if s.id in predictions for d in dimensions if (s.id, d) not in verdicts]
+    messages = [judge_messages(d, s.questions, s.answers, predictions[s.id]) for s, d in pending]
+    with report.JsonlAppender(path) as out, tqdm.tqdm(total=len(pending), desc="judging", unit="verdict") as bar:
+
+        def on_result(index: int, reply) -> None:
+            sample, dimension = pending[index]
+            bar.update()
+            if isinstance(reply, Exception):
+                problems.append((sample.id, "judge_failed", f"{dimension}: {reply}"))
+                return
+            try:
+                verdict = parse_verdict(dimension, reply)
+            except ValueError as error:
+                problems.append((sample.id, "judge_failed", f"{dimension}: unusable reply: {error}"))
+                return
+            record = {"id": sample.id, "dimension": dimension, "judge_model": judge.model, **verdict,
+                      "predictions": predictions[sample.id], "reply": reply}
+            out.write(record)
+            verdicts[(sample.id, dimension)] = record
+
+        if pending:
+            judge.complete_many(messages, on_result=on_result)
+    return verdicts
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run_evaluation(
+    task_name: str,
+    data_path: str | Path,
+    media_root: str | Path,
+    out_dir: str | Path,
+    answer_fn: AnswerFn,
+    *,
+    judge=None,
+    checkpoint: str = "",
+    batch_size: int = 8,
+    modality: str | None = None,
+) -> dict:
+    """Evaluates benchmark `task_name` on the annotation file `data_path` and returns the summary.
+
+    `judge` is a `curation.client.ChatClient` (or anything with `.model` and `.complete_many`);
+    without one, QA tasks report exact match only. `modality` overrides the task's default.
+    """
+    samples = load_task(task_name, data_path)
+    task = TASKS[task_name]
+    if task.kind == "videochat" and judge is None:
+        raise ValueError(f"task {task_name} is scored only by an LLM judge: pass a judge endpoint")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.check_run(out_dir, {"task": task_name, "data": str(Path(data_path).resolve()), "checkpoint": str(checkpoint)})
+
+    problems: list[tuple[str, str, str]] = []  # (sample id, kind, detail)
+    media_index = index_media(media_root)
+    usable: list[Sample] = []
+    media_of: dict[str, str] = {}
+    for s in samples:
+        if not all(s.questions):
+            problems.append((s.id, "no_question", "the annotation has no question"))
+        elif not s.answers:
+            problems.append((s.id, "no_answer", "the annotation has no reference answer"))
+        elif (path := resolve_media(s, media_index)) is None:
+            problems.append((s.id, "missing_media", f"none of {', '.join(s.media)} found under {media_root}"))
+        else:
+            usable.append(s)
+            media_of[s.id] = path
+
+    predictions = _answer(usable, media_of, answer_fn, modality or task.modality, out_dir, batch_size, problems)
+    verdicts = {}
+    if judge is not None and task.judge_dimensions:
+        verdicts = _judge(usable, predictions, task.judge_dimensions, judge, out_dir, problems)
+
+    answered = [s for s in usable if s.id in predictions]
+    per_question = {
+        s.id: {"id": s.id, "media": media_of.get(s.id), "questions": list(s.questions), "answers": list(s.answers),
+               "predictions": predictions.get(s.id)}
+        for s in samples
+    }
+    scores: dict[str, dict] = {}
+    if task.kind == "qa":
+        matches = [metrics.exact_match(predictions[s.id][0], s.answers) for s in answered]
+        for s, match in zip(answered, matches):
+            per_question[s.id]["exact_match"] = match
+        scores["exact_match"] = {"accuracy": _mean([float(m) for m in matches]), "n": len(matches)}
+    if task.kind == "caption" and answered:
+        cider, per_clip = metrics.cider_d([predictions[s.id][0] for s in answered], [s.answers for s in answered])
+        for s, value in zip(answered, per_clip):
+            per_question[s.id]["cider_d"] = value
+        scores["cider_d"] = {"score": cider, "n": len(answered)}
+        spice = metrics.spice([predictions[s.id][0] for s in answered], [s.answers for s in answered])
+        if isinstance(spice, str):
+            scores["spider"] = {"score": spice, "n": len(answered)}
+        else:
+            scores["spice"] = {"score": spice[0], "n": len(answered)}
+            scores["spider"] = {"score": (cider + spice[0]) / 2, "n": len(answered)}
+    elif task.kind == "caption":
+        scores["cider_d"] = {"score": None, "n": 0}
+    if judge is not None:
+        for dimension in task.judge_dimensions:
+            judged = [verdicts[(s.id, dimension)] for s in answered if (s.id, dimension) in verdicts]
+            for v in judged:
+                per_question[v["id"]].setdefault("verdicts", {})[dimension] = {k: v[k] for k in ("pred", "score") if k in v}
+            name = "judge" if dimension == "qa" else dimension
+            accuracy = {"accuracy": _mean([float(v["pred"] == "yes") for v in judged])} if dimension == "qa" else {}
+            scores[name] = {**accuracy, "score": _mean([v["score"] for v in judged]), "n": len(judged)}
+
+    order = {s.id: i for i, s in enumerate(samples)}
+    problems.sort(key=lambda p: (order[p[0]], PROBLEM_KINDS.index(p[1]), p[2]))
+    for sample_id, kind, detail in problems:
+        per_question[sample_id].setdefault("problems", []).append(f"{kind}: {detail}")
+    counts = {"questions": len(samples), "answered": len(answered)}
+    if judge is not None and task.judge_dimensions:
+        counts["verdicts"] = sum(1 for s in answered for d in task.judge_dimensions if (s.id, d) in verdicts)
+    counts.update({kind: sum(p[1] == kind for p in problems) for kind in PROBLEM_KINDS})
+    summary = {
+        "task": task_name,
+        "data": str(data_path),
+        "checkpoint": str(checkpoint),
+        "judge_model": judge.model if judge is not None else None,
+        "counts": counts,
+        "metrics": scores,
+        "problems": [{"id": i, "kind": k, "detail": d} for i, k, d in problems],
+    }
+    report.write_jsonl(out_dir / report.PER_QUESTION_FILE, list(per_question.values()))
+    report.write_summary(out_dir, summary)
+    return summary
