@@ -5,9 +5,13 @@ The three modality tokens mark where the encoders' rows go in the prompt:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import string
 from collections.abc import Iterable
+
+import numpy as np
 
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -64,3 +68,181 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> transformers
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction samples: reading, the Vicuna v1.1 template, tokenisation with labels.
+
+IGNORE_INDEX = -100  # label of every token that is not part of an assistant answer or its EOS
+MODALITIES = ("visual", "audio", "audio_visual")
+TOKEN_OF_MODALITY = {"visual": VISUAL_TOKEN, "audio": AUDIO_TOKEN, "audio_visual": AUDIO_VISUAL_TOKEN}
+MODALITY_OF_FLAGS = {(True, False): "visual", (False, True): "audio", (True, True): "audio_visual"}
+# Placeholders other projects write (LLaVA: <image>, Valley: <video>), read as ours.
+FOREIGN_TOKENS = {"<image>": VISUAL_TOKEN, "<video>": VISUAL_TOKEN, "<audio>": AUDIO_TOKEN}
+MEDIA_KEYS = ("video", "image", "audio")
+
+# Vicuna v1.1: "{system} USER: {question} ASSISTANT: {answer}</s>USER: ..."
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+USER_ROLE = "USER"
+ASSISTANT_ROLE = "ASSISTANT"
+_ROLES = {"human": USER_ROLE, "user": USER_ROLE, "gpt": ASSISTANT_ROLE, "assistant": ASSISTANT_ROLE}
+
+
+class MalformedSampleError(ValueError):
+    """An instruction sample that cannot be used; the message starts with `file:line`."""
+
+
+@dataclasses.dataclass
+class Sample:
+    """One instruction sample. `turns` alternate (USER_ROLE, text), (ASSISTANT_ROLE, text), ...
+
+    The first user turn holds exactly one modality token matching `modality`, unless the
+    sample is text-only (`media_path` and `modality` None, no token anywhere).
+    """
+
+    id: str
+    media_path: str | None
+    modality: str | None
+    turns: list[tuple[str, str]]
+    origin: str  # "file:line", for error messages
+
+
+def parse_sample(record, origin: str, media_root: str | os.PathLike | None = None) -> Sample:
+    """Validates one record in our format, LLaVA's or Valley's; raises MalformedSampleError naming `origin`."""
+
+    def fail(reason):
+        raise MalformedSampleError(f"{origin}: {reason}")
+
+    if not isinstance(record, dict):
+        fail(f"expected a JSON object, got {type(record).__name__}")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        fail("'conversations' must be a list of at least two turns")
+    turns = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            fail(f"turn {i} must be an object with a string 'value'")
+        role = _ROLES.get(turn.get("from"))
+        if role != (USER_ROLE if i % 2 == 0 else ASSISTANT_ROLE):
+            fail(f"turn {i} is from {turn.get('from')!r}; turns must alternate human, gpt, starting with human")
+        text = turn["value"]
+        for foreign, ours in FOREIGN_TOKENS.items():
+            text = text.replace(foreign, ours)
+        turns.append((role, text))
+    if len(turns) % 2:
+        fail("the last turn must be an answer (from 'gpt')")
+
+    found = [t for t in MODALITY_TOKENS for _ in range(turns[0][1].count(t))]
+    if any(t in text for _, text in turns[1:] for t in MODALITY_TOKENS):
+        fail("a modality token may appear only in the first human turn")
+    media_keys = [k for k in MEDIA_KEYS if record.get(k)]
+    if len(media_keys) > 1:
+        fail(f"give one media path, found {media_keys}")
+    modality = record.get("modality")
+    if modality is not None and modality not in MODALITIES:
+        fail(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if not media_keys:
+        if found or modality:
+            fail("a modality token or 'modality' needs a 'video', 'image' or 'audio' path")
+        return Sample(str(record.get("id", origin)), None, None, turns, origin)
+    if len(found) != 1:
+        fail(f"the first human turn must hold exactly one modality token, found {found or 'none'}")
+    token_modality = MODALITY_OF_FLAGS[MODALITY_OF_TOKEN[found[0]]]
+    if modality is not None and modality != token_modality:
+        fail(f"'modality' is {modality!r} but the prompt holds {found[0]}")
+    if record.get("image") and token_modality != "visual":
+        fail(f"an image has no audio, yet the prompt holds {found[0]}")
+    media_path = str(record[media_keys[0]])
+    if media_root is not None:
+        media_path = os.path.join(media_root, media_path)
+    return Sample(str(record.get("id", origin)), media_path, token_modality, turns, origin)
+
+
+def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bool = False):
+    """Reads a JSONL file (one sample a line) or a JSON array (LLaVA, Valley).
+
+    Media paths are relative to `media_root`, by default the file's directory. Returns
+    (samples, malformed): malformed lines raise MalformedSampleError unless `skip_malformed`,
+    in which case they are left out and their errors returned.
+    """
+    path = os.fspath(path)
+    media_root = os.path.dirname(os.path.abspath(path)) if media_root is None else os.fspath(media_root)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MalformedSampleError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(records, list):
+            raise MalformedSampleError(f"{path}: expected a JSON array of samples")
+        entries = [(f"{path}[{i}]", record, None) for i, record in enumerate(records)]
+    else:
+        entries = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    entries.append((f"{path}:{number}", json.loads(line), None))
+                except json.JSONDecodeError as e:
+                    entries.append((f"{path}:{number}", None, f"not valid JSON ({e.msg})"))
+    samples, malformed = [], []
+    for origin, record, json_error in entries:
+        try:
+            if json_error:
+                raise MalformedSampleError(f"{origin}: {json_error}")
+            samples.append(parse_sample(record, origin, media_root))
+        except MalformedSampleError as e:
+            if not skip_malformed:
+                raise
+            malformed.append(e)
+    return samples, malformed
+
+
+def with_modality(turns: list[tuple[str, str]], modality: str) -> list[tuple[str, str]]:
+    """The turns with the first turn's modality token rewritten to `modality`'s (after re-routing)."""
+    (role, text), rest = turns[0], turns[1:]
+    for token in MODALITY_TOKENS:
+        text = text.replace(token, TOKEN_OF_MODALITY[modality])
+    return [(role, text), *rest]
+
+
+def render_prompt(turns: list[tuple[str, str]], eos_token: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
+    """The Vicuna v1.1 text of `turns` and the character spans of the answers (each with its EOS).
+
+    When the turns end with a user turn, the text ends with "ASSISTANT:", ready for generation.
+    """
+    text, answer_spans = SYSTEM_PROMPT + " ", []
+    for role, message in turns:
+        if role == USER_ROLE:
+            text += f"{USER_ROLE}: {message} {ASSISTANT_ROLE}:"
+        else:
+            start = len(text)
+            text += f" {message}{eos_token}"
+            answer_spans.append((start, len(text)))
+    return text, answer_spans
+
+
+def tokenize_turns(turns, tokenizer, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int32 (input_ids, labels) of the rendered turns; labels are IGNORE_INDEX outside the answers.
+
+    Labels are aligned with the ids (the loss shifts them). The conversation is tokenised in
+    one piece, so the ids of a prompt are exactly those a generation prompt gets. Truncation
+    cuts the end; a sample whose modality token would be cut raises ValueError.
+    """
+    text, spans = render_prompt(turns, tokenizer.eos_token)
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    ids = np.asarray(encoding["input_ids"], np.int32)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    for i, (start, end) in enumerate(encoding["offset_mapping"]):
+        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
+            labels[i] = ids[i]
+    if max_length is not None and ids.size > max_length:
+        modality_ids = [tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS]
+        positions = np.flatnonzero(np.isin(ids, modality_ids))
+        if positions.size and positions[0] >= max_length:
+            raise ValueError(f"the modality token sits at position {positions[0]}, past max_length {max_length}")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
