@@ -94,7 +94,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation: {summary['task']}", ""]
     lines += [f"- annotation file: `{summary['data']}`", f"- checkpoint: `{summary['checkpoint']}`"]
     lines += [f"- judge model: {summary['judge_model'] or 'none (no judge endpoint given)'}", ""]
-    lines += ["## Metrics", "", "| metric | value | over |", "|---|---|---|"]
+    lines += ["## Metrics", "", "Over the questions answered (and judged); those listed under Problems are left out.", ""]
+    lines += ["| metric | value | over |", "|---|---|---|"]
     for name, metric in summary["metrics"].items():
         for key, value in metric.items():
             if key != "n":

@@ -1,0 +1,300 @@
+"""Whole evaluation runs with a stand-in model and a fake OpenAI-compatible judge on 127.0.0.1."""
+import http.server
+import json
+import math
+import re
+import threading
+from collections import Counter
+
+import pytest
+
+from avllm_jax.curation.client import ChatClient
+from avllm_jax.evaluation import report
+from avllm_jax.evaluation.runner import run_evaluation
+
+API_KEY = "sk-test-secret-0123456789"
+
+
+class FakeJudge:
+    """An OpenAI-compatible chat server. `script(question, attempt)` gives (status, reply text)
+    for the `attempt`-th request (0-based) about `question`; by default a well-behaved judge
+    that says yes/5 when the prediction equals the correct answer and no/1 otherwise."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.attempts: Counter = Counter()
+        self.script = None
+        lock = threading.Lock()
+        judge = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                question = re.search(r"Question(?: 1)?: (.*)", user).group(1)
+                with lock:
+                    judge.requests.append(body)
+                    judge.headers.append(dict(self.headers))
+                    attempt = judge.attempts[question]
+                    judge.attempts[question] += 1
+                status, text = (judge.script or judge.honest)(question, attempt, user)
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @staticmethod
+    def honest(question, attempt, user):
+        reference = re.search(r"Correct answer: (.*)", user).group(1)
+        predicted = re.search(r"Predicted answer(?: 1)?: (.*)", user).group(1)
+        if predicted == reference:
+            return 200, '{"pred": "yes", "score": 5}'
+        return 200, "{'pred': 'no', 'score': 1}"
+
+    def client(self, **kwargs):
+        return ChatClient(self.endpoint, "fake-judge-1", API_KEY, initial_backoff_s=0.0, max_retries=2, **kwargs)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def judge():
+    server = FakeJudge()
+    yield server
+    server.close()
+
+
+def write_msrvtt(tmp_path, records, media_names):
+    data = tmp_path / "test_qa.json"
+    data.write_text(json.dumps(records))
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    for name in media_names:
+        (media / name).write_bytes(b"")  # never decoded: the stand-in model only reads the question
+    return data, media
+
+
+def qa_records(n):
+    return [{"id": i, "video_id": i, "question": f"question {i}?", "answer": f"answer {i}"} for i in range(n)]
+
+
+def scripted_answers(answers):
+    """A stand-in for the model: answers each question from a dict, recording every batch."""
+    calls = []
+
+    def answer_fn(batch):
+        calls.append([q.question for q in batch])
+        return [answers[q.question] for q in batch]
+
+    answer_fn.calls = calls
+    return answer_fn
+
+
+def test_judge_protocol_retries_failures_and_rerun_fills_gaps(tmp_path, judge, capsys):
+    records = qa_records(6)
+    data, media = write_msrvtt(tmp_path, records, [f"video{i}.mp4" for i in range(6)])
+    answers = {f"question {i}?": f"answer {i}" for i in range(6)}
+    answers["question 1?"] = "wrong"
+    answers["question 2?"] = "The Answer 2!"  # exact match after normalisation; the judge sees the raw text
+
+    def script(question, attempt, user):
+        if question == "question 1?":  # prose around a Python dict
+            return 200, "My evaluation: {'pred': 'no', 'score': 1}. Hope this helps."
+        if question == "question 2?":  # rate-limited once, then a fenced JSON reply
+            return (429, "slow down") if attempt == 0 else (200, '```json\n{"pred": "Yes", "score": "4"}\n```')
+        if question == "question 3?":  # server errors past the retry limit
+            return 500, "internal error"
+        if question == "question 4?":  # no dict at all
+            return 200, "The prediction looks right to me."
+        if question == "question 5?":  # a dict with an impossible score
+            return 200, "{'pred': 'yes', 'score': 9}"
+        return 200, '{"pred": "yes", "score": 5}'
+
+    judge.script = script
+    out = tmp_path / "out"
+    summary = run_evaluation("msrvtt_qa", data, media, out, scripted_answers(answers), judge=judge.client(),
+                             checkpoint="ckpt", batch_size=4)
+
+    # Every request: the configured model, temperature 0, the key only in the Authorization header.
+    assert {r["model"] for r in judge.requests} == {"fake-judge-1"}
+    assert {r["temperature"] for r in judge.requests} == {0.0}
+    assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
+    assert judge.attempts["question 2?"] == 2  # 429, then success
+    assert judge.attempts["question 3?"] == 3  # 1 + max_retries=2, then given up
+
+    assert summary["judge_model"] == "fake-judge-1"
+    # Verdicts for questions 0 (yes 5), 1 (no 1), 2 (yes 4); 3, 4, 5 failed.
+    assert summary["metrics"]["judge"] == {"accuracy": pytest.approx(2 / 3), "score": pytest.approx(10 / 3), "n": 3}
+    # Exact match over all six answers: 0, 2, 3, 4, 5 match; 1 does not.
+    assert summary["metrics"]["exact_match"] == {"accuracy": pytest.approx(5 / 6), "n": 6}
+    assert summary["counts"]["judge_failed"] == 3 and summary["counts"]["verdicts"] == 3
+    failed = [(p["id"], p["kind"]) for p in summary["problems"]]
+    assert failed == [("3", "judge_failed"), ("4", "judge_failed"), ("5", "judge_failed")]
+    details = {p["id"]: p["detail"] for p in summary["problems"]}
+    assert "HTTP 500" in details["3"] and "no JSON object" in details["4"] and "outside 0..5" in details["5"]
+
+    # The key is never written anywhere nor printed.
+    for path in out.iterdir():
+        assert API_KEY not in path.read_text()
+    captured = capsys.readouterr()
+    assert API_KEY not in captured.out + captured.err
+
+    # The summary files say the same: the judge model and every failed question.
+    markdown = (out / report.SUMMARY_MD).read_text()
+    assert "fake-judge-1" in markdown and "| 3 | judge_failed |" in markdown
+    assert json.loads((out / report.SUMMARY_JSON).read_text()) == summary
+
+    # A rerun with a healthy judge asks only for the three missing verdicts, and no answers.
+    judge.script = None
+    judge.requests.clear()
+    rerun_answers = scripted_answers(answers)
+    summary = run_evaluation("msrvtt_qa", data, media, out, rerun_answers, judge=judge.client(), checkpoint="ckpt")
+    assert rerun_answers.calls == []
+    assert sorted(re.search(r"Question: (.*)", r["messages"][-1]["content"]).group(1) for r in judge.requests) == [
+        "question 3?", "question 4?", "question 5?"]
+    assert summary["counts"]["judge_failed"] == 0 and summary["problems"] == []
+    # Now 0, 3, 4, 5 are yes/5 (honest judge), 1 no/1, 2 yes/4 (cached).
+    assert summary["metrics"]["judge"] == {"accuracy": pytest.approx(5 / 6), "score": pytest.approx(25 / 6), "n": 6}
+
+
+class Interrupted(BaseException):
+    """Stands in for Ctrl-C or a killed job (not an Exception, so nothing may swallow it)."""
+
+
+def test_resumed_run_gives_the_uninterrupted_summary(tmp_path, judge):
+    records = qa_records(8)
+    data, media = write_msrvtt(tmp_path, records, [f"video{i}.mp4" for i in range(8)])
+    answers = {f"question {i}?": (f"answer {i}" if i % 3 else "no idea") for i in range(8)}
+
+    whole = run_evaluation("msrvtt_qa", data, media, tmp_path / "whole", scripted_answers(answers),
+                           judge=judge.client(), checkpoint="ckpt", batch_size=2)
+
+    def interrupted_after_two_batches(batch):
+        if len(interrupted_after_two_batches.calls) == 2:
+            raise Interrupted
+        interrupted_after_two_batches.calls.append(batch)
+        return [answers[q.question] for q in batch]
+
+    interrupted_after_two_batches.calls = []
+    resumed_dir = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        run_evaluation("msrvtt_qa", data, media, resumed_dir, interrupted_after_two_batches,
+                       judge=judge.client(), checkpoint="ckpt", batch_size=2)
+    assert len(report.read_jsonl(resumed_dir / report.PREDICTIONS_FILE)[0]) == 4
+
+    rest = scripted_answers(answers)
+    resumed = run_evaluation("msrvtt_qa", data, media, resumed_dir, rest, judge=judge.client(),
+                             checkpoint="ckpt", batch_size=2)
+    assert sorted(q for call in rest.calls for q in call) == [f"question {i}?" for i in range(4, 8)]
+    assert resumed == whole
+    assert (resumed_dir / report.SUMMARY_MD).read_text() == (tmp_path / "whole" / report.SUMMARY_MD).read_text()
+    assert (resumed_dir / report.PER_QUESTION_FILE).read_text() == \
+        (tmp_path / "whole" / report.PER_QUESTION_FILE).read_text()
+
+    # Judging interrupted too: keep 3 verdicts and a torn fourth line; only 5 verdicts are asked again.
+    verdict_lines = (resumed_dir / report.VERDICTS_FILE).read_text().splitlines()
+    (resumed_dir / report.VERDICTS_FILE).write_text("\n".join(verdict_lines[:3]) + "\n" + verdict_lines[3][:20])
+    judge.requests.clear()
+    again = run_evaluation("msrvtt_qa", data, media, resumed_dir, scripted_answers({}), judge=judge.client(),
+                           checkpoint="ckpt", batch_size=2)
+    assert len(judge.requests) == 5
+    assert again == whole
+    records_after, unreadable = report.read_jsonl(resumed_dir / report.VERDICTS_FILE)
+    assert unreadable == 1 and len(records_after) == 8  # the torn line stays alone on its line
+
+
+def test_bad_input_is_counted_and_listed(tmp_path):
+    records = qa_records(5)
+    del records[1]["answer"]  # an annotation line without an answer
+    data, media = write_msrvtt(tmp_path, records, ["video0.mp4", "video1.mp4", "video3.mp4", "video4.mp4"])
+    # video2 is missing; video3 cannot be decoded (the stand-in raises as load_media would)
+    answers = {f"question {i}?": f"answer {i}" for i in range(5)}
+    batches = []
+
+    def answer_fn(batch):
+        batches.append([q.sample_id for q in batch])
+        if any(q.media_path.endswith("video3.mp4") for q in batch):
+            raise ValueError(f"{batch[-1].media_path}: no decodable stream")
+        return [answers[q.question] for q in batch]
+
+    out = tmp_path / "out"
+    summary = run_evaluation("msrvtt_qa", data, media, out, answer_fn, batch_size=8)
+    # One batch of the three usable questions fails, then each is retried alone.
+    assert batches == [["0", "3", "4"], ["0"], ["3"], ["4"]]
+    counts = summary["counts"]
+    assert (counts["questions"], counts["answered"]) == (5, 2)
+    assert (counts["no_answer"], counts["missing_media"], counts["answer_failed"]) == (1, 1, 1)
+    assert [(p["id"], p["kind"]) for p in summary["problems"]] == [
+        ("1", "no_answer"), ("2", "missing_media"), ("3", "answer_failed")]
+    assert "video2" in summary["problems"][1]["detail"]
+    assert "video3.mp4" in summary["problems"][2]["detail"]
+    assert summary["metrics"]["exact_match"] == {"accuracy": 1.0, "n": 2}
+    assert "judge" not in summary["metrics"] and summary["judge_model"] is None
+    per_question = report.read_jsonl(out / report.PER_QUESTION_FILE)[0]
+    assert [q["id"] for q in per_question] == ["0", "1", "2", "3", "4"]
+    assert per_question[2]["problems"] == [summary["problems"][1]["kind"] + ": " + summary["problems"][1]["detail"]]
+    markdown = (out / report.SUMMARY_MD).read_text()
+    assert "| 1 | no_answer |" in markdown and "| 2 | missing_media |" in markdown
+    # Another evaluation into the same directory is refused instead of mixing results.
+    with pytest.raises(ValueError, match="checkpoint"):
+        run_evaluation("msrvtt_qa", data, media, out, answer_fn, checkpoint="other")
+
+
+def test_captioning_reports_cider_d_and_spice_unavailable(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPICE_JAR", raising=False)
+    data = tmp_path / "clotho_captions_evaluation.csv"
+    data.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
+                    "one.wav,a b,,,,\ntwo.wav,c d,,,,\n")
+    (tmp_path / "one.wav").write_bytes(b"")
+    (tmp_path / "two.wav").write_bytes(b"")
+    modalities = []
+
+    def answer_fn(batch):
+        modalities.extend(q.modality for q in batch)
+        return ["a b" if q.media_path.endswith("one.wav") else "c c" for q in batch]
+
+    summary = run_evaluation("clotho", data, tmp_path, tmp_path / "out", answer_fn)
+    assert modalities == ["audio", "audio"]
+    # Worked in tests/test_metrics.py: "a b" vs "a b" scores 5, "c c" vs "c d" 10 / (8 sqrt 2).
+    assert summary["metrics"]["cider_d"] == {"score": pytest.approx((5 + 10 / (8 * math.sqrt(2))) / 2), "n": 2}
+    assert summary["metrics"]["spider"] == {"score": "SPICE unavailable", "n": 2}
+    assert "SPICE unavailable" in (tmp_path / "out" / report.SUMMARY_MD).read_text()
+
+
+def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path, judge):
+    data = tmp_path / "consistency_qa.json"
+    data.write_text(json.dumps([
+        {"video_name": "v_a", "Q1": "Who runs?", "Q2": "Which person runs?", "A": "a girl"},
+        {"video_name": "v_b", "Q1": "What falls?", "Q2": "Which thing falls?", "A": "a cup"},
+    ]))
+    for name in ("v_a.mp4", "v_b.mkv"):
+        (tmp_path / name).write_bytes(b"")
+    answers = {"Who runs?": "a girl", "Which person runs?": "a boy", "What falls?": "a cup", "Which thing falls?": "a cup"}
+    with pytest.raises(ValueError, match="judge"):
+        run_evaluation("videochat_consistency", data, tmp_path, tmp_path / "out", scripted_answers(answers))
+
+    def script(question, attempt, user):  # 5 when both predictions equal the reference, else 2
+        predicted = re.findall(r"Predicted answer \d: (.*)", user)
+        reference = re.search(r"Correct answer: (.*)", user).group(1)
+        return 200, "{'score': %d}" % (5 if set(predicted) == {reference} else 2)
+
+    judge.script = script
+    summary = run_evaluation("videochat_consistency", data, tmp_path, tmp_path / "out", scripted_answers(answers),
+                             judge=judge.client())
+    assert len(judge.requests) == 2  # one verdict per pair of answers
+    assert summary["metrics"]["consistency"] == {"score": pytest.approx(3.5), "n": 2}
+    predictions = report.read_jsonl(tmp_path / "out" / report.PREDICTIONS_FILE)[0]
+    assert sorted(map(tuple, (p["predictions"] for p in predictions))) == [("a cup", "a cup"), ("a girl", "a boy")]
