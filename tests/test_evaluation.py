@@ -298,3 +298,35 @@ def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path
     assert summary["metrics"]["consistency"] == {"score": pytest.approx(3.5), "n": 2}
     predictions = report.read_jsonl(tmp_path / "out" / report.PREDICTIONS_FILE)[0]
     assert sorted(map(tuple, (p["predictions"] for p in predictions))) == [("a cup", "a cup"), ("a girl", "a boy")]
+
+
+def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp_path, judge, monkeypatch, capsys):
+    from avllm_jax import evaluate
+
+    data, media = write_msrvtt(tmp_path, qa_records(2), ["video0.mp4", "video1.mp4"])
+    built = {}
+
+    def fake_model_answer_fn(checkpoint, **settings):
+        built.update(settings, checkpoint=checkpoint)
+        return scripted_answers({"question 0?": "answer 0", "question 1?": "nothing"})
+
+    monkeypatch.setattr(evaluate, "model_answer_fn", fake_model_answer_fn)
+    monkeypatch.setenv("MY_JUDGE_KEY", API_KEY)
+    out = tmp_path / "out"
+    summary = evaluate.main(["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root",
+                             str(media), "--out", str(out), "--judge-endpoint", judge.endpoint, "--judge-model", "m-2",
+                             "--judge-key-env", "MY_JUDGE_KEY", "--num-frames", "8"])
+    assert built == {"checkpoint": "ckpt", "num_frames": 8, "num_audio_segments": 4, "image_size": None,
+                     "max_new_tokens": 128}
+    assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
+    assert {r["model"] for r in judge.requests} == {"m-2"}
+    assert summary["metrics"]["judge"]["accuracy"] == 0.5
+    printed = capsys.readouterr()
+    assert "judge accuracy 0.5000" in printed.out and str(out / "summary.md") in printed.out
+    assert API_KEY not in printed.out + printed.err
+    assert all(API_KEY not in p.read_text() for p in out.iterdir())
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(SystemExit, match="judge"):
+        evaluate.main(["--checkpoint", "ckpt", "--task", "videochat_generic", "--data", str(data), "--media-root",
+                       str(media), "--out", str(tmp_path / "other")])

@@ -1,0 +1,105 @@
+"""Scores a checkpoint on a benchmark the way the paper's tables do.
+
+    python -m avllm_jax.evaluate --checkpoint DIR --task msrvtt_qa --data test_qa.json \
+        --media-root videos/ --out results/msrvtt [--judge-endpoint URL --judge-model NAME]
+
+Open-ended QA is judged by an OpenAI-compatible chat endpoint (Video-ChatGPT protocol) beside
+an offline normalised exact match; the video-chat benchmark needs the judge; captioning gives
+CIDEr-D (and SPIDEr where SPICE runs). The judge's API key is read from an environment
+variable (OPENAI_API_KEY unless --judge-key-env names another), never from the command line,
+and is never logged. Rerunning into the same --out directory fills only what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from avllm_jax.evaluation.runner import AnswerFn, Query, run_evaluation
+from avllm_jax.evaluation.tasks import TASKS
+
+MODALITIES = ("visual", "audio", "audio_visual")
+
+
+def model_answer_fn(
+    checkpoint: str, *, num_frames: int, num_audio_segments: int, image_size: int | None, max_new_tokens: int
+) -> AnswerFn:
+    """Answers queries with the model in `checkpoint`: decodes each media file, then generates greedily."""
+    from avllm_jax.data.conversation import load_tokenizer
+    from avllm_jax.data.media import load_media
+    from avllm_jax.inference.generate import answer_questions
+    from avllm_jax.training.checkpointing import load_model
+
+    model = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    if image_size is None:
+        image_size = model.config.vision.image_size if model.config.vision else 224
+
+    def answer(queries: list[Query]) -> list[str]:
+        media = [
+            load_media(q.media_path, num_frames=num_frames, image_size=image_size, num_audio_segments=num_audio_segments)
+            for q in queries
+        ]
+        forced = [q.modality for q in queries]
+        return answer_questions(
+            model, tokenizer, media, [q.question for q in queries],
+            modality=None if None in forced else forced, max_new_tokens=max_new_tokens, temperature=0.0,
+        )
+
+    return answer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m avllm_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--data", required=True, help="the benchmark's annotation file, as released")
+    parser.add_argument("--media-root", required=True, help="directory holding the videos / audio files")
+    parser.add_argument("--out", required=True, help="output directory; rerunning into it resumes")
+    parser.add_argument("--judge-endpoint", default=os.environ.get("OPENAI_BASE_URL"),
+                        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: $OPENAI_BASE_URL); "
+                             "without one, QA tasks report exact match only")
+    parser.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "gpt-3.5-turbo"),
+                        help="judge model name, written into the report (default: $JUDGE_MODEL or gpt-3.5-turbo)")
+    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the judge's API key (default: OPENAI_API_KEY)")
+    parser.add_argument("--judge-concurrency", type=int, default=8, help="parallel judge requests")
+    parser.add_argument("--judge-retries", type=int, default=5, help="retries on 429 / 5xx before a verdict fails")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions answered per model call")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--num-frames", type=int, default=32, help="frames sampled per video (paper: 32)")
+    parser.add_argument("--num-audio-segments", type=int, default=4, help="audio segments per clip (paper: 4)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the vision encoder's input size")
+    parser.add_argument("--modality", choices=MODALITIES, default=None,
+                        help="force one modality (default: the task's, else the streams each file has)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if TASKS[args.task].kind == "videochat" and not args.judge_endpoint:
+        sys.exit(f"error: task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)")
+    judge = None
+    if args.judge_endpoint:
+        from avllm_jax.curation.client import ChatClient, api_key_from_env
+
+        api_key = api_key_from_env(args.judge_key_env)
+        if api_key is None:
+            print(f"note: ${args.judge_key_env} is not set; judge requests go without an API key", file=sys.stderr)
+        judge = ChatClient(args.judge_endpoint, args.judge_model, api_key, temperature=0.0,
+                           max_concurrency=args.judge_concurrency, max_retries=args.judge_retries)
+    answer_fn = model_answer_fn(args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments,
+                                image_size=args.image_size, max_new_tokens=args.max_new_tokens)
+    summary = run_evaluation(args.task, args.data, args.media_root, args.out, answer_fn, judge=judge,
+                             checkpoint=args.checkpoint, batch_size=args.batch_size, modality=args.modality)
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["counts"].items() if v)
+    scores = ", ".join(
+        f"{name} {key} {value:.4f}" if isinstance(value, float) else f"{name} {key} {value}"
+        for name, metric in summary["metrics"].items() for key, value in metric.items() if key != "n"
+    )
+    print(f"{args.task}: {scores}\n{counts}\nreport: {os.path.join(args.out, 'summary.md')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
