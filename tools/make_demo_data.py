@@ -1,0 +1,28 @@
+"""Writes the demo data set: `python tools/make_demo_data.py --out DIR --num N --seed S`.
+
+DIR/train.jsonl holds N samples drawn with seed S, DIR/eval.jsonl the held-out split drawn
+with seed S + 1 (so no clip is shared); their media lie in DIR/media/, referenced relative
+to DIR. See avllm_jax/data/synthetic.py for what the clips show and what is asked.
+"""
+import argparse
+
+from avllm_jax.data import synthetic
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--num", type=int, default=2000, help="training samples (one media file each)")
+    parser.add_argument("--num-eval", type=int, default=None, help="held-out samples (default: num / 10, at least 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training split; eval uses seed + 1")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be positive")
+    num_eval = args.num_eval if args.num_eval is not None else max(50, args.num // 10)
+    train = synthetic.make_demo_split(args.out, "train", args.num, args.seed)
+    held_out = synthetic.make_demo_split(args.out, "eval", num_eval, args.seed + 1)
+    print(f"wrote {train} ({args.num} samples) and {held_out} ({num_eval} samples)")
+
+
+if __name__ == "__main__":
+    main()
