@@ -133,6 +133,42 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _exact_match_scores(answered, predictions, per_question) -> dict:
+    matches = [metrics.exact_match(predictions[s.id][0], s.answers) for s in answered]
+    for s, match in zip(answered, matches):
+        per_question[s.id]["exact_match"] = match
+    return {"exact_match": {"accuracy": _mean([float(m) for m in matches]), "n": len(matches)}}
+
+
+def _caption_scores(answered, predictions, per_question) -> dict:
+    """CIDEr-D, and SPICE with SPIDEr = (CIDEr-D + SPICE) / 2 where SPICE runs (else the reason)."""
+    if not answered:
+        return {"cider_d": {"score": None, "n": 0}}
+    candidates, references = [predictions[s.id][0] for s in answered], [s.answers for s in answered]
+    cider, per_clip = metrics.cider_d(candidates, references)
+    for s, value in zip(answered, per_clip):
+        per_question[s.id]["cider_d"] = value
+    n = len(answered)
+    spice = metrics.spice(candidates, references)
+    if isinstance(spice, str):
+        return {"cider_d": {"score": cider, "n": n}, "spider": {"score": spice, "n": n}}
+    return {"cider_d": {"score": cider, "n": n}, "spice": {"score": spice[0], "n": n},
+            "spider": {"score": (cider + spice[0]) / 2, "n": n}}
+
+
+def _judge_scores(answered, verdicts, dimensions, per_question) -> dict:
+    """Per dimension the mean score over the verdicts had; for "qa" also the share of 'yes'."""
+    scores = {}
+    for dimension in dimensions:
+        judged = [verdicts[(s.id, dimension)] for s in answered if (s.id, dimension) in verdicts]
+        for v in judged:
+            per_question[v["id"]].setdefault("verdicts", {})[dimension] = {k: v[k] for k in ("pred", "score") if k in v}
+        name = "judge" if dimension == "qa" else dimension
+        accuracy = {"accuracy": _mean([float(v["pred"] == "yes") for v in judged])} if dimension == "qa" else {}
+        scores[name] = {**accuracy, "score": _mean([v["score"] for v in judged]), "n": len(judged)}
+    return scores
+
+
 def run_evaluation(
     task_name: str,
     data_path: str | Path,
@@ -188,31 +224,11 @@ def run_evaluation(
     }
     scores: dict[str, dict] = {}
     if task.kind == "qa":
-        matches = [metrics.exact_match(predictions[s.id][0], s.answers) for s in answered]
-        for s, match in zip(answered, matches):
-            per_question[s.id]["exact_match"] = match
-        scores["exact_match"] = {"accuracy": _mean([float(m) for m in matches]), "n": len(matches)}
-    if task.kind == "caption" and answered:
-        cider, per_clip = metrics.cider_d([predictions[s.id][0] for s in answered], [s.answers for s in answered])
-        for s, value in zip(answered, per_clip):
-            per_question[s.id]["cider_d"] = value
-        scores["cider_d"] = {"score": cider, "n": len(answered)}
-        spice = metrics.spice([predictions[s.id][0] for s in answered], [s.answers for s in answered])
-        if isinstance(spice, str):
-            scores["spider"] = {"score": spice, "n": len(answered)}
-        else:
-            scores["spice"] = {"score": spice[0], "n": len(answered)}
-            scores["spider"] = {"score": (cider + spice[0]) / 2, "n": len(answered)}
-    elif task.kind == "caption":
-        scores["cider_d"] = {"score": None, "n": 0}
+        scores.update(_exact_match_scores(answered, predictions, per_question))
+    if task.kind == "caption":
+        scores.update(_caption_scores(answered, predictions, per_question))
     if judge is not None:
-        for dimension in task.judge_dimensions:
-            judged = [verdicts[(s.id, dimension)] for s in answered if (s.id, dimension) in verdicts]
-            for v in judged:
-                per_question[v["id"]].setdefault("verdicts", {})[dimension] = {k: v[k] for k in ("pred", "score") if k in v}
-            name = "judge" if dimension == "qa" else dimension
-            accuracy = {"accuracy": _mean([float(v["pred"] == "yes") for v in judged])} if dimension == "qa" else {}
-            scores[name] = {**accuracy, "score": _mean([v["score"] for v in judged]), "n": len(judged)}
+        scores.update(_judge_scores(answered, verdicts, task.judge_dimensions, per_question))
 
     order = {s.id: i for i, s in enumerate(samples)}
     problems.sort(key=lambda p: (order[p[0]], PROBLEM_KINDS.index(p[1]), p[2]))
