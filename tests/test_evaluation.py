@@ -330,3 +330,51 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
     with pytest.raises(SystemExit, match="judge"):
         evaluate.main(["--checkpoint", "ckpt", "--task", "videochat_generic", "--data", str(data), "--media-root",
                        str(media), "--out", str(tmp_path / "other")])
+
+
+def stub(monkeypatch, module_name, name, function):
+    """Replaces `module_name.name` for one test; a module that cannot be imported (yet) is stood in
+    for by one holding only `function`."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        monkeypatch.setattr(importlib.import_module(module_name), name, function)
+    except ImportError:
+        monkeypatch.setitem(sys.modules, module_name, types.SimpleNamespace(**{name: function}))
+
+
+def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, monkeypatch):
+    """The command line's answer function with the model and generation stubbed out: real files
+    are decoded with the requested sizes, and an undecodable one costs only its own answer."""
+    import numpy as np
+
+    from avllm_jax import evaluate
+    from avllm_jax.data.synthetic import write_media
+
+    data, media = write_msrvtt(tmp_path, qa_records(3), [])
+    for i in (0, 1):
+        write_media(media / f"video{i}.mp4", frames=np.full((6, 32, 32, 3), 40 * (i + 1), np.uint8), fps=6)
+    (media / "video2.mp4").write_text("this is not a video\n" * 20)
+
+    seen = []
+
+    def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0):
+        assert (model, tokenizer, max_new_tokens, temperature) == ("model", "tokenizer", 5, 0.0)
+        seen.extend((m.frames.shape, int(m.frames.mean()), q, modality) for m, q in zip(media_list, questions))
+        return [f"answer {q.split()[1][:-1]}" for q in questions]
+
+    stub(monkeypatch, "avllm_jax.inference.generate", "answer_questions", answer_questions)
+    stub(monkeypatch, "avllm_jax.training.checkpointing", "load_model", lambda path: "model")
+    stub(monkeypatch, "avllm_jax.data.conversation", "load_tokenizer", lambda path: "tokenizer")
+    answer_fn = evaluate.model_answer_fn("ckpt", num_frames=2, num_audio_segments=4, image_size=16, max_new_tokens=5)
+    summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", answer_fn, batch_size=4)
+
+    assert summary["counts"]["answered"] == 2 and summary["metrics"]["exact_match"]["accuracy"] == 1.0
+    assert [p["kind"] for p in summary["problems"]] == ["answer_failed"]
+    assert "MediaError" in summary["problems"][0]["detail"] and "video2.mp4" in summary["problems"][0]["detail"]
+    # Decoded at the requested size; the task forces no modality, so the files' streams decide.
+    assert [(shape, q, modality) for shape, _, q, modality in seen] == [
+        ((2, 16, 16, 3), "question 0?", None), ((2, 16, 16, 3), "question 1?", None)]
+    assert abs(seen[0][1] - 40) <= 3 and abs(seen[1][1] - 80) <= 3  # each question got its own video
