@@ -129,6 +129,13 @@ def test_bad_files_name_the_file(tmp_path):
         tasks.load_task("msrvtt_qa", dup)
     with pytest.raises(FileNotFoundError, match="absent.json"):
         tasks.load_task("msrvtt_qa", tmp_path / "absent.json")
+    wrong = write(tmp_path / "captions.csv", "name,text\nx.wav,rain\n")
+    with pytest.raises(ValueError, match="captions.csv: the header lacks column.s. file_name, caption_1"):
+        tasks.load_task("clotho", wrong)
+    template = write(tmp_path / "avqa.json", [{"video_id": "1", "question_id": 7, "question_content": "Is <Object> on?",
+                                               "templ_values": "[cello", "anser": "yes"}])
+    with pytest.raises(ValueError, match="avqa.json: question 7: templ_values"):
+        tasks.load_task("music_avqa", template)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.load_task("nope", dup)
 

@@ -45,9 +45,14 @@ def _read_json_list(path: Path) -> list[dict]:
     return records
 
 
-def _read_csv(path: Path, fieldnames: list[str] | None = None) -> list[dict]:
+def _read_csv(path: Path, required: tuple[str, ...] = (), fieldnames: list[str] | None = None) -> list[dict]:
+    """Rows of a CSV file with a header line (or with `fieldnames` when it has none)."""
     with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, fieldnames=fieldnames))
+        reader = csv.DictReader(f, fieldnames=fieldnames)
+        rows = list(reader)
+    if missing := [c for c in required if c not in (reader.fieldnames or [])]:
+        raise ValueError(f"{path}: the header lacks column(s) {', '.join(missing)}")
+    return rows
 
 
 def _text(record: dict, *keys: str) -> str:
@@ -140,7 +145,10 @@ def load_music_avqa(path: Path) -> list[Sample]:
     samples = []
     for r in _read_json_list(path):
         values = r.get("templ_values") or "[]"
-        values = json.loads(values) if isinstance(values, str) else values
+        try:
+            values = json.loads(values) if isinstance(values, str) else values
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: question {_text(r, 'question_id')}: templ_values {values!r} is not a JSON list") from None
         fill = iter(values)
         question = _PLACEHOLDER.sub(lambda m: str(next(fill, m.group(0))), _text(r, "question_content"))
         samples.append(
@@ -154,7 +162,7 @@ def load_avssd(path: Path) -> list[Sample]:
     (no header). Rows of the test split (or every row when the split column is absent) become the
     question AVSSD_QUESTION with the label as answer; clips are `<youtube_id>_<start:06d>.mp4`."""
     samples = []
-    for r in _read_csv(path, ["youtube_id", "start", "label", "split"]):
+    for r in _read_csv(path, fieldnames=["youtube_id", "start", "label", "split"]):
         split = (r.get("split") or "test").strip()
         if split != "test":
             continue
@@ -187,7 +195,7 @@ def load_videochat_consistency(path: Path) -> list[Sample]:
 def load_clotho(path: Path) -> list[Sample]:
     """Clotho `clotho_captions_evaluation.csv`: header file_name,caption_1..caption_5."""
     samples = []
-    for r in _read_csv(path):
+    for r in _read_csv(path, required=("file_name", "caption_1")):
         name = _text(r, "file_name")
         captions = _answers(*(_text(r, f"caption_{k}") for k in range(1, 6)))
         samples.append(Sample(name, (name,), (CAPTION_QUESTION,), captions))
@@ -198,7 +206,7 @@ def load_audiocaps(path: Path) -> list[Sample]:
     """AudioCaps `test.csv`: header audiocap_id,youtube_id,start_time,caption, one row per caption
     (five per clip). Clips are looked up as `<youtube_id>`, `Y<youtube_id>` or `<youtube_id>_<start>`."""
     clips: dict[str, tuple[str, list[str]]] = {}
-    for r in _read_csv(path):
+    for r in _read_csv(path, required=("youtube_id", "start_time", "caption")):
         video = _text(r, "youtube_id")
         start, captions = clips.setdefault(video, (_text(r, "start_time"), []))
         if caption := _text(r, "caption"):
