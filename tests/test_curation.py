@@ -24,7 +24,7 @@ from avllm_jax.curation.instructions import (
     reply_to_sample,
     summary_table,
 )
-from avllm_jax.data.conversation import MODALITY_OF_TOKEN, MODALITY_TOKENS
+from avllm_jax.data.conversation import MODALITY_OF_TOKEN, MODALITY_TOKENS, read_samples
 
 _cli_spec = importlib.util.spec_from_file_location(
     "curate_instructions", Path(__file__).parents[1] / "tools" / "curate_instructions.py"
@@ -209,6 +209,14 @@ def test_curate_counts_accepts_rejects_and_writes_the_pipeline_format(tmp_path, 
     assert all(("image" in s) == s["id"].startswith("i5") for s in samples)
     rejected = read_finished(f"{out}.rejected.jsonl")
     assert len(rejected) == 27 and all(r["reply"] and r["reason"] for r in rejected)
+    # The output loads through the data pipeline's reader, each sample with its own modality.
+    loaded, malformed = read_samples(out)
+    assert not malformed and len(loaded) == 12
+    by_id = {s["id"]: s for s in samples}
+    for sample in loaded:
+        assert sample.modality == by_id[sample.id]["modality"]
+        assert sample.media_path == by_id[sample.id].get("video", by_id[sample.id].get("image"))
+        assert len(sample.turns) == len(by_id[sample.id]["conversations"])
     table = summary_table(samples)
     assert re.search(r"Conversation\s+1\s+2\s+1\s+4", table)
     assert re.search(r"Total\s+3\s+6\s+3\s+12", table)
@@ -250,3 +258,16 @@ def test_cli_prints_summary_and_never_the_key(tmp_path, server, monkeypatch, cap
     assert re.search(r"Conversation\s+1\s+0\s+0\s+1", printed.out)
     assert "rejected: forbidden_phrase: 2" in printed.out
     assert all(h["Authorization"] == "Bearer sk-very-secret" for _, h, _ in server.requests)
+
+
+def test_relative_media_paths_follow_the_output_file(tmp_path, server):
+    (tmp_path / "media").mkdir()
+    (tmp_path / "contexts").mkdir()
+    record = context("clip", "good")
+    record["video"] = "../media/clip.mp4"  # relative to the contexts file, as extract_contexts writes it
+    write_contexts(tmp_path / "contexts" / "c.jsonl", [record])
+    out = tmp_path / "deep" / "er" / "instructions.jsonl"
+    out.parent.mkdir(parents=True)
+    curate(tmp_path / "contexts" / "c.jsonl", out, client_for(server), ["description"], ["visual"])
+    (sample,), _ = read_samples(out)
+    assert Path(sample.media_path).resolve() == (tmp_path / "media" / "clip.mp4").resolve()

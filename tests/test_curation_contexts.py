@@ -166,6 +166,8 @@ def test_extract_contexts_records_per_file_and_kind(media_dir, tmp_path, batch_s
         expected_audio = audio_loudness_captioner(decoded.audio) if decoded.has_audio else []
         assert records[media_id]["visual_captions"] == expected_visual, media_id
         assert records[media_id]["audio_captions"] == expected_audio, media_id
+        kind = next(k for k in ("video", "image", "audio") if k in records[media_id])
+        assert (out.parent / records[media_id][kind]).resolve() == Path(path).resolve()
     assert len(set(records["street"]["visual_captions"])) == 4  # the check above could tell frames apart
     assert len(records["photo"]["visual_captions"]) == 1 and records["silent"]["audio_captions"] == []
 

@@ -4,7 +4,8 @@ Frames and audio segments are sampled with `load_media`; any `transformers` imag
 model (BLIP by default) captions each frame, and an audio captioner captions each segment.
 The built-in audio captioner labels segments zero-shot with CLAP against a label list; any
 callable from a list of float32 [L] segments to their captions can take its place. Output: one JSON line per file,
-`{"id", "video"|"image"|"audio": path, "visual_captions": [...], "audio_captions": [...]}`.
+`{"id", "video"|"image"|"audio": path, "visual_captions": [...], "audio_captions": [...]}`,
+the path relative to the output file's directory (the data pipeline's convention).
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def extract_contexts(
     skipped, reported and counted. Returns this run's counts.
     """
     done = {record["id"] for record in read_finished(out_path)}
+    out_dir = Path(out_path).absolute().parent
     todo = [(i, p) for i, p in media if i not in done]
     counts = Counter(already_done=len(media) - len(todo))
     files_per_group = max(1, batch_size // max(num_frames, 1))
@@ -189,7 +191,7 @@ def extract_contexts(
                 kind = "audio" if not m.has_visual else "image" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video"
                 record = {
                     "id": media_id,
-                    kind: path,
+                    kind: os.path.relpath(Path(path).absolute(), out_dir),
                     "visual_captions": [next(frame_captions) for _ in range(len(m.frames))] if m.has_visual else [],
                     "audio_captions": [next(audio_captions) for _ in range(len(m.audio))]
                     if m.has_audio and audio_captioner is not None else [],

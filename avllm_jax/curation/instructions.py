@@ -19,12 +19,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from avllm_jax.curation.client import ChatClient, ChatError
-from avllm_jax.data.conversation import AUDIO_TOKEN, AUDIO_VISUAL_TOKEN, MODALITY_TOKENS, VISUAL_TOKEN
+from avllm_jax.data.conversation import MEDIA_KEYS, MODALITIES, MODALITY_TOKENS, TOKEN_OF_MODALITY
 
 TASKS = ("conversation", "description", "reasoning")
-MODALITIES = ("visual", "audio", "audio_visual")
-TOKEN_OF_MODALITY = {"visual": VISUAL_TOKEN, "audio": AUDIO_TOKEN, "audio_visual": AUDIO_VISUAL_TOKEN}
-MEDIA_KEYS = ("video", "image", "audio")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 VISUAL_PLACEHOLDER, AUDIO_PLACEHOLDER = "<VC>", "<AC>"
 
@@ -155,7 +152,7 @@ def sample_id(context_id: str, task: str, modality: str) -> str:
 
 
 def reply_to_sample(reply: str, context: dict, task: str, modality: str, rules: dict) -> dict:
-    """One training sample in the data pipeline's format, or Rejected."""
+    """One training sample in the data pipeline's format (media path as in `context`), or Rejected."""
     token = TOKEN_OF_MODALITY[modality]
     if task == "description":
         questions = rules["description_questions"][modality]
@@ -227,6 +224,13 @@ def read_contexts(path: str | os.PathLike) -> list[dict]:
     return contexts
 
 
+def _rebase(path: str, from_dir: Path, to_dir: Path) -> str:
+    """A media path relative to `from_dir`, made relative to `to_dir` (absolute paths stay)."""
+    if os.path.isabs(path):
+        return path
+    return os.path.relpath(from_dir / path, to_dir)
+
+
 def curate(
     contexts_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -239,7 +243,9 @@ def curate(
     """Writes accepted samples to `out_path` and rejected replies to `<out_path>.rejected.jsonl`.
 
     Resumable: samples whose id is in either file already are not requested again; failed
-    requests are not written, so a rerun retries them. Returns this run's counts.
+    requests are not written, so a rerun retries them. Relative media paths, relative to the
+    contexts file's directory there, are written relative to the output file's directory, where
+    the data pipeline looks for them. Returns this run's counts.
     """
     rules = load_rules(template_dir)
     templates = {(t, m): load_template(t, m, template_dir) for t in tasks for m in modalities}
@@ -247,7 +253,10 @@ def curate(
     done = {r["id"] for r in read_finished(out_path)} | {r["id"] for r in read_finished(rejected_path)}
     counts: Counter = Counter()
     jobs = []  # (context, task, modality, messages)
+    contexts_dir, out_dir = Path(contexts_path).absolute().parent, Path(out_path).absolute().parent
     for context in read_contexts(contexts_path):
+        media_key = next(key for key in MEDIA_KEYS if key in context)
+        context = {**context, media_key: _rebase(context[media_key], contexts_dir, out_dir)}
         for task, modality in templates:
             if sample_id(context["id"], task, modality) in done:
                 counts["already_done"] += 1
