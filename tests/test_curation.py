@@ -271,3 +271,21 @@ def test_relative_media_paths_follow_the_output_file(tmp_path, server):
     curate(tmp_path / "contexts" / "c.jsonl", out, client_for(server), ["description"], ["visual"])
     (sample,), _ = read_samples(out)
     assert Path(sample.media_path).resolve() == (tmp_path / "media" / "clip.mp4").resolve()
+
+
+def test_docs_example_is_what_the_code_makes():
+    """docs/curation_example/instructions.jsonl must stay what its replies turn into today."""
+    example = Path(__file__).parents[1] / "docs" / "curation_example"
+    replies = json.loads((example / "replies.json").read_text())
+    contexts = {c["id"]: c for c in map(json.loads, (example / "contexts.jsonl").read_text().splitlines())}
+    rules = load_rules()
+    accepted = read_finished(example / "instructions.jsonl")
+    rejected = {r["id"] for r in read_finished(example / "instructions.jsonl.rejected.jsonl")}
+    assert len(accepted) + len(rejected) == len(replies)
+    for record in accepted:
+        context_id, task, modality = record["id"].split("__")
+        assert reply_to_sample(replies[record["id"]], contexts[context_id], task, modality, rules) == record
+    for sample in rejected:
+        context_id, task, modality = sample.split("__")
+        with pytest.raises(Rejected):
+            reply_to_sample(replies[sample], contexts[context_id], task, modality, rules)
