@@ -155,15 +155,17 @@ def extract_contexts(
 ) -> Counter:
     """Captions every (id, path) in `media` not already in `out_path`, appending one line each.
 
-    Files are decoded `decode_workers` at a time; the frames (and audio segments) of several
-    files go through the captioners together, `batch_size` at a time. Unreadable files are
+    Files are decoded `decode_workers` at a time, the next group while the current one is
+    captioned; the frames (and audio segments) of several files go through the captioners
+    together, `batch_size` at a time. Unreadable files are
     skipped, reported and counted. Returns this run's counts.
     """
     done = {record["id"] for record in read_finished(out_path)}
     out_dir = Path(out_path).absolute().parent
     todo = [(i, p) for i, p in media if i not in done]
     counts = Counter(already_done=len(media) - len(todo))
-    files_per_group = max(1, batch_size // max(num_frames, 1))
+    files_per_group = max(decode_workers, batch_size // max(num_frames, 1))
+    groups = [todo[start : start + files_per_group] for start in range(0, len(todo), files_per_group)]
 
     def decode(item):
         try:
@@ -174,9 +176,13 @@ def extract_contexts(
 
     with open(out_path, "a", encoding="utf-8") as out, concurrent.futures.ThreadPoolExecutor(decode_workers) as pool, \
             tqdm(total=len(todo), desc="captioning", unit="file") as progress:
-        for start in range(0, len(todo), files_per_group):
+        upcoming = [pool.submit(decode, item) for item in groups[0]] if groups else []
+        for number in range(len(groups)):
+            results = [future.result() for future in upcoming]
+            # Decode the next group while this one is captioned.
+            upcoming = [pool.submit(decode, item) for item in groups[number + 1]] if number + 1 < len(groups) else []
             decoded = []
-            for (media_id, path), result in pool.map(decode, todo[start : start + files_per_group]):
+            for (media_id, path), result in results:
                 if isinstance(result, MediaError):
                     counts["unreadable"] += 1
                     progress.write(f"skipped: {result}")
