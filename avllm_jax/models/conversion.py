@@ -183,3 +183,20 @@ def load_into(model, flat_arrays: Mapping[str, np.ndarray]) -> None:
         _, variable = flat[name]
         variable.set_value(jnp.asarray(array, dtype=variable.get_value().dtype))
     nnx.update(model, state)
+
+
+def tensor_shapes(paths: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor in the files, without reading the data."""
+    shapes = {}
+    for path in paths:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({name: tuple(tensor.shape) for name, tensor in state.items()})
+    return shapes
