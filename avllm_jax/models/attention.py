@@ -22,6 +22,7 @@ Implementations (the config field `attention_implementation`):
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -282,7 +283,10 @@ def _flash_attention_gpu(query, key, value, segment_ids, causal, *, interpret, b
     multiple of the block size; key/value heads are repeated for grouped-query attention
     (the kernel has no grouped form; its backward sums the copies' gradients).
     """
-    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    with warnings.catch_warnings():
+        # jax >= 0.11 deprecates this module in favour of tokamax, which is not a dependency here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     length, head_dim = query.shape[1], query.shape[3]
     block = block_size or _flash_block_size(length)
