@@ -1,4 +1,4 @@
-"""Turns frame/audio captions into instruction data with an OpenAI-compatible chat LLM (paper §3.3).
+r"""Turns frame/audio captions into instruction data with an OpenAI-compatible chat LLM (paper §3.3).
 
     OPENAI_API_KEY=... python tools/curate_instructions.py --contexts contexts.jsonl \
         --task conversation description reasoning --modality visual audio audio_visual \

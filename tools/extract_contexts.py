@@ -1,10 +1,11 @@
-"""Captions the frames and audio of media files: the contexts that tools/curate_instructions.py reads.
+r"""Captions the frames and audio of media files: the contexts that tools/curate_instructions.py reads.
 
     python tools/extract_contexts.py --media videos/ --out contexts.jsonl --device cuda
 
 Frame captions come from an image-to-text model (--captioner, BLIP by default); audio captions
 from CLAP zero-shot labels (--clap, --audio-labels) or from your own captioner
-(--audio-captioner my_module:make_captioner, a function returning a callable from a list of float32 audio segments to their captions).
+(--audio-captioner my_module:make_captioner: a function returning a callable that maps a list
+of float32 audio segments to their captions; its `sample_rate` attribute, if any, sets the rate).
 Rerunning the same command resumes: ids already in --out are skipped.
 """
 from __future__ import annotations

@@ -79,7 +79,7 @@ def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, Project
         projectors["temporal_proj"] = Projector(config.vision.hidden_size, config.llm.hidden_size, rngs=rngs)
         projectors["spatial_proj"] = Projector(config.vision.hidden_size, config.llm.hidden_size, rngs=rngs)
     if config.llm and config.audio:
-        projectors["audio_proj"] = Projector(config.audio.embed_dim_out, config.llm.hidden_size, rngs=rngs)
+        projectors["audio_proj"] = Projector(config.audio.num_features, config.llm.hidden_size, rngs=rngs)
     return projectors
 
 

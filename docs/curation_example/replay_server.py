@@ -1,4 +1,4 @@
-"""A stand-in OpenAI-compatible server that answers curation prompts with replies from a file.
+r"""A stand-in OpenAI-compatible server that answers curation prompts with replies from a file.
 
 It made this example without a paid LLM, and it lets you dry-run the pipeline on your own data:
 write the replies you expect into a JSON object keyed by sample id (`<context id>__<task>__<modality>`),
