@@ -4,6 +4,8 @@ On CPU the Pallas kernels run in interpret mode (the GPU flash kernel and TPU sp
 attention). With JAX_PLATFORMS=cuda (tools/gpu_attention_check.sh) the same tests run the real
 GPU kernels, and the cuDNN tests run too.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,3 +258,22 @@ def test_cudnn_rejects_float32_clearly():
     query, key, value, _ = make_inputs(1, 8, 2, 2, 16, jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         attention.dot_product_attention(query, key, value, implementation="cudnn")
+
+
+def test_llama_logits_with_pallas_equal_xla(capsys):
+    from flax import nnx
+
+    from avllm_jax.models import llama
+
+    input_ids = jax.random.randint(jax.random.key(3), (2, 24), 0, llama.PRESETS["tiny"].vocab_size)
+    segment_ids = make_segment_ids(2, 24, "absent")
+    logits = {}
+    attention._printed.clear()
+    for implementation in ("xla", "pallas"):
+        config = dataclasses.replace(llama.PRESETS["tiny"], attention_implementation=implementation)
+        model = llama.Llama(config, rngs=nnx.Rngs(0))  # the same weights for both
+        forward = nnx.jit(lambda model, ids, segments: model(ids, segment_ids=segments))
+        logits[implementation] = forward(model, input_ids, segment_ids)
+    assert "computes this call with 'xla'" not in capsys.readouterr().out  # the kernel really ran
+    error = np.max(np.abs(logits["pallas"] - logits["xla"]))
+    assert error <= TOLERANCE[jnp.float32] * np.max(np.abs(logits["xla"])), error
