@@ -1,0 +1,78 @@
+"""CLIP ViT tower against transformers' CLIPVisionModel on the same random weights."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from avllm_jax.models import clip_vision, conversion
+from hf_reference import assert_parity, build_hf
+
+
+def convert_clip(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    config = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(tmp_path))
+    model = clip_vision.CLIPVision(config, rngs=nnx.Rngs(1))
+    paths = conversion.checkpoint_files(tmp_path)
+    flat = conversion.convert_tensors(conversion.iterate_tensors(paths), clip_vision.hf_rules(config), conversion.flat_shapes(nnx.state(model)))
+    conversion.load_into(model, flat)
+    return model
+
+
+def with_config(model, **changes):
+    """The same weights under a changed config (e.g. another select_layer)."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    copy.config = dataclasses.replace(model.config, **changes)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "name, hf_config, batch",
+    [
+        ("tiny", dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4), 3),
+        ("ViT-L/14 width, 2 layers", dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16), 1),
+    ],
+)
+def test_hidden_states_match_hf(tmp_path, name, hf_config, batch):
+    hf_model = build_hf(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**hf_config))
+    model = convert_clip(hf_model, tmp_path)
+    size = hf_config["image_size"]
+    pixels = np.random.RandomState(0).randn(batch, size, size, 3).astype(np.float32)
+    with torch.no_grad():
+        reference = hf_model(torch.tensor(pixels.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    last = model(jnp.asarray(pixels))
+    assert_parity(last, reference.last_hidden_state.numpy(), f"clip {name} last hidden state")
+    penultimate = with_config(model, select_layer=-2)(jnp.asarray(pixels))
+    assert_parity(penultimate, reference.hidden_states[-2].numpy(), f"clip {name} hidden_states[-2]")
+    pooled = model.post_layernorm(last[:, 0])
+    assert_parity(pooled, reference.pooler_output.numpy(), f"clip {name} pooled (post-layernorm CLS)")
+
+
+def test_full_clip_model_checkpoint_drops_text_tower(tmp_path):
+    config = transformers.CLIPConfig(
+        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
+        projection_dim=16,
+    )
+    hf_model = build_hf(transformers.CLIPModel, config)
+    hf_model.save_pretrained(tmp_path)
+    ours = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(tmp_path))
+    assert (ours.hidden_size, ours.patch_size, ours.num_layers) == (32, 16, 1)
+    model = clip_vision.CLIPVision(ours, rngs=nnx.Rngs(0))
+    paths = conversion.checkpoint_files(tmp_path)
+    flat = conversion.convert_tensors(conversion.iterate_tensors(paths), clip_vision.hf_rules(ours), conversion.flat_shapes(nnx.state(model)))
+    conversion.load_into(model, flat)
+    pixels = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
+    with torch.no_grad():
+        reference = hf_model.vision_model(torch.tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    assert_parity(model(jnp.asarray(pixels)), reference, "clip (from CLIPModel) last hidden state")
+
+
+def test_wrong_image_size_is_an_error():
+    model = clip_vision.CLIPVision(clip_vision.PRESETS["tiny"], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expects 32x32"):
+        model(jnp.zeros((1, 48, 48, 3)))
