@@ -112,7 +112,8 @@ def dot_product_attention(
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
     choice = resolve_implementation(implementation)
     if implementation == "auto" and (query.shape[1] == 1 or (choice == "cudnn" and query.dtype not in _CUDNN_DTYPES)):
-        # Decoding one token is memory bound: a fused kernel gains nothing there.
+        # Decoding one token is memory bound, so a fused kernel gains nothing; cuDNN takes only
+        # 16-bit floats.
         choice = "xla"
 
     if choice == "cudnn":
