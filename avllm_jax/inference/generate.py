@@ -1,0 +1,358 @@
+"""Text generation with a KV cache: batched prefill, then decoding in one compiled loop.
+
+A prompt batch is right-padded. The whole padded prompt fills the first S cache slots in one
+prefill pass (padding and absent-modality rows carry segment id 0, so no token sees them);
+generated tokens go in the slots after it. Each row's first new token comes from the logits at
+its last kept slot, and its next position is its count of kept rows, so every row of a padded,
+mixed-modality batch generates what it generates alone.
+
+    generate(model, batch, ...)          batch generation: one jit, a `lax.while_loop` that stops
+                                         when every row has produced EOS
+    stream_tokens(model, batch, ...)     one token at a time (for chat): a per-token step function
+                                         jitted once, the host reads each token as it comes
+    answer_questions(model, tokenizer, media, questions)
+                                         the Vicuna prompt around each question, batched, decoded
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from avllm_jax.data import conversation, pipeline
+from avllm_jax.data.media import Media
+from avllm_jax.models.avllm import AVLLM
+from avllm_jax.models.llama import KVCache, Llama
+
+# Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
+# length share one compiled program.
+PROMPT_BUCKET = 32
+MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "has_visual", "has_audio", "input_ids", "token_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; otherwise softmax(logits / temperature), cut to the `top_k` most
+    likely tokens (0: no cut) and to the smallest set whose probability reaches `top_p`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_tokens(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits float32 [B, V] -> int32 [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        descending = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        # A token is kept while the mass of the tokens above it is below top_p (the first always is).
+        kept = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
+        smallest_kept = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < smallest_kept, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# -- the compiled pieces ------------------------------------------------------------------------
+
+
+def _prompt_inputs(model: AVLLM | Llama, batch: dict) -> tuple[Llama, dict]:
+    """The decoder and its inputs_embeds / positions / segment_ids for a prompt batch."""
+    if isinstance(model, AVLLM):
+        inputs = model.embed_inputs(batch)
+        return model.llm, {k: inputs[k] for k in ("inputs_embeds", "positions", "segment_ids")}
+    kept = batch["token_mask"].astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(kept, axis=1) - 1, 0)
+    return model, {"inputs_embeds": model.embed_tokens(batch["input_ids"]), "positions": positions, "segment_ids": kept}
+
+
+def _prefill(model, batch, rng, *, max_new_tokens: int, sampling: Sampling):
+    """Prompt -> (decoder, first new tokens [B], filled cache, next positions [B])."""
+    llm, inputs = _prompt_inputs(model, batch)
+    batch_size, prompt_length = inputs["segment_ids"].shape
+    cache = KVCache.create(llm.config, batch_size, prompt_length + max_new_tokens - 1)
+    hidden, cache = llm(**inputs, cache=cache, return_hidden_states=True)
+    kept = inputs["segment_ids"] > 0
+    last_kept = prompt_length - 1 - jnp.argmax(kept[:, ::-1], axis=1)
+    logits = llm.logits(jnp.take_along_axis(hidden, last_kept[:, None, None], axis=1))[:, 0]
+    return llm, sample_tokens(logits, rng, sampling), cache, kept.sum(axis=1).astype(jnp.int32)
+
+
+def _decode_step(llm: Llama, cache: KVCache, tokens, positions, rng, sampling: Sampling):
+    """Feeds one token per row at `positions`; returns the sampled next tokens and the cache."""
+    logits, cache = llm(tokens[:, None], positions=positions[:, None], cache=cache)
+    return sample_tokens(logits[:, 0], rng, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
+def _generate_compiled(graphdef, state, batch, rng, *, max_new_tokens, sampling, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    rng, prefill_rng = jax.random.split(rng)
+    llm, first, cache, positions = _prefill(model, batch, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling)
+    is_eos = lambda t: jnp.isin(t, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros(t.shape, bool)  # noqa: E731
+    tokens = jnp.full((first.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+
+    def keep_going(carry):
+        step, _, _, done, _, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode(carry):
+        step, previous, positions, done, tokens, cache, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        token, cache = _decode_step(llm, cache, previous, positions, step_rng, sampling)
+        token = jnp.where(done, pad_id, token)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        return step + 1, token, positions + 1, done | is_eos(token), tokens, cache, rng
+
+    carry = (jnp.int32(1), first, positions, is_eos(first), tokens, cache, rng)
+    tokens = jax.lax.while_loop(keep_going, decode, carry)[4]
+    ended = is_eos(tokens)
+    lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1), max_new_tokens).astype(jnp.int32)
+    return tokens, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _prefill_compiled(graphdef, state, batch, rng, *, max_new_tokens, sampling):
+    _, first, cache, positions = _prefill(nnx.merge(graphdef, state), batch, rng, max_new_tokens=max_new_tokens, sampling=sampling)
+    return first, cache, positions
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _step_compiled(graphdef, state, cache, tokens, positions, rng, *, sampling):
+    return _decode_step(nnx.merge(graphdef, state), cache, tokens, positions, rng, sampling)
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+
+class Generated(NamedTuple):
+    tokens: jax.Array  # int32 [B, max_new_tokens]; the EOS is kept, the slots after it hold pad_id
+    lengths: jax.Array  # int32 [B]: tokens before the first EOS (max_new_tokens if none)
+
+
+def _model_batch(batch: dict) -> dict:
+    """The arrays the model reads, with a checked token mask (every row needs a token)."""
+    if "input_ids" not in batch:
+        raise ValueError("the batch needs 'input_ids' (and 'token_mask' when right-padded)")
+    inputs = {k: jnp.asarray(batch[k]) for k in MODEL_INPUT_KEYS if k in batch}
+    if "token_mask" not in inputs:
+        inputs["token_mask"] = jnp.ones(inputs["input_ids"].shape, bool)
+    empty = np.flatnonzero(~np.asarray(inputs["token_mask"]).any(axis=1))
+    if empty.size:
+        raise ValueError(f"prompt rows {empty.tolist()} have no tokens (token_mask all False)")
+    return inputs
+
+
+def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    return (int(eos_token_id),) if np.ndim(eos_token_id) == 0 else tuple(int(i) for i in eos_token_id)
+
+
+def generate(
+    model: AVLLM | Llama,
+    batch: dict,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    pad_token_id: int | None = None,
+) -> Generated:
+    """Up to `max_new_tokens` new tokens for each prompt of a right-padded batch.
+
+    model: an AVLLM (batch: the pipeline's arrays, see avllm_jax/data/pipeline.py) or a Llama
+    alone (batch: `input_ids` and optional `token_mask`). A row stops at its first EOS
+    (`eos_token_id`: one id, several, or None for never); the loop stops when all rows have.
+    rng: a jax.random key for sampling (default key 0); unused when greedy.
+    pad_token_id: fills the slots after EOS (default: the first EOS id, else 0).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    eos_ids = _eos_tuple(eos_token_id)
+    pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    graphdef, state = nnx.split(model)
+    tokens, lengths = _generate_compiled(
+        graphdef, state, _model_batch(batch), jax.random.key(0) if rng is None else rng,
+        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_id),
+    )
+    return Generated(tokens, lengths)
+
+
+def stream_tokens(
+    model: AVLLM | Llama,
+    batch: dict,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Iterator[int]:
+    """Yields the new token ids of a one-prompt batch as they are generated, EOS excluded.
+
+    Computes what `generate` computes (same prefill, step and sampling), one compiled step per
+    token, so a caller can show each piece as soon as it exists.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    inputs = _model_batch(batch)
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError(f"stream_tokens takes one prompt, got a batch of {inputs['input_ids'].shape[0]}")
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    eos_ids = set(_eos_tuple(eos_token_id))
+    rng = jax.random.key(0) if rng is None else rng
+    rng, prefill_rng = jax.random.split(rng)
+    graphdef, state = nnx.split(model)
+    token, cache, positions = _prefill_compiled(graphdef, state, inputs, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling)
+    llm_graphdef, llm_state = nnx.split(model.llm if isinstance(model, AVLLM) else model)
+    for step in range(max_new_tokens):
+        value = int(token[0])
+        if value in eos_ids:
+            return
+        yield value
+        if step + 1 == max_new_tokens:
+            return
+        rng, step_rng = jax.random.split(rng)
+        token, cache = _step_compiled(llm_graphdef, llm_state, cache, token, positions, step_rng, sampling=sampling)
+        positions = positions + 1
+
+
+# -- prompts about media --------------------------------------------------------------------------
+
+
+def inference_data_config(model: AVLLM, **overrides) -> ml_collections.ConfigDict:
+    """The media settings the model is fed with at inference.
+
+    The pipeline's defaults, with the vision encoder's input size and the audio truncation its
+    HTSAT takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise), then
+    `overrides`. (A training workdir's saved data settings belong here once training writes them.)
+    """
+    config = pipeline.default_data_config()
+    if model.config.vision is not None:
+        config.image_size = model.config.vision.image_size
+    if model.config.audio is not None:
+        config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
+    config.update(overrides)
+    return config
+
+
+def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:
+    """Frame count, image size and audio segment count as the media were decoded (all alike)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    seen = {
+        "num_frames": {m.frames.shape[0] for m in media if m.has_visual and m.frames.shape[0] > 1},
+        "image_size": {m.frames.shape[1] for m in media if m.has_visual},
+        "num_audio_segments": {m.audio.shape[0] for m in media if m.has_audio},
+    }
+    for name, values in seen.items():
+        if len(values) > 1:
+            raise ValueError(f"the media of one batch were decoded with different {name}: {sorted(values)}")
+        if values:
+            setattr(config, name, values.pop())
+    return config
+
+
+def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> str:
+    """The modality a prompt about `media` uses: `forced`, or the streams the file has."""
+    if forced is None:
+        return conversation.MODALITY_OF_FLAGS[(media.has_visual, media.has_audio)]
+    if forced not in conversation.MODALITIES:
+        raise ValueError(f"unknown modality {forced!r}; expected one of {conversation.MODALITIES}")
+    needs_visual, needs_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[forced]]
+    missing = [s for s, need, has in (("video", needs_visual, media.has_visual), ("audio", needs_audio, media.has_audio)) if need and not has]
+    if missing:
+        raise ValueError(f"modality {forced!r} needs a {' and an '.join(missing)} stream, which {name} lacks")
+    return forced
+
+
+def first_user_message(question: str, modality: str) -> str:
+    """The first user turn: the modality token, a newline, the question (the training layout)."""
+    return f"{conversation.TOKEN_OF_MODALITY[modality]}\n{question}"
+
+
+def conversation_batch(
+    model: AVLLM,
+    tokenizer,
+    media: Sequence[Media],
+    turns: Sequence[list[tuple[str, str]]],
+    modalities: Sequence[str],
+    data_config: ml_collections.ConfigDict | None = None,
+) -> dict:
+    """A right-padded model batch of conversations (each ending with a user turn) about media."""
+    config = _fit_config_to_media(data_config or inference_data_config(model), media)
+    rows = []
+    for item, item_turns, modality in zip(media, turns, modalities, strict=True):
+        use_visual, use_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[modality]]
+        arrays = pipeline.media_arrays(item, config, use_visual=use_visual, use_audio=use_audio, rng=np.random.default_rng(0))
+        text, _ = conversation.render_prompt(item_turns, tokenizer.eos_token)
+        rows.append((arrays, np.asarray(tokenizer(text)["input_ids"], np.int32)))
+    length = -(-max(ids.size for _, ids in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = np.full((len(rows), length), pad_id, np.int32)
+    token_mask = np.zeros((len(rows), length), bool)
+    for i, (_, ids) in enumerate(rows):
+        input_ids[i, : ids.size], token_mask[i, : ids.size] = ids, True
+    batch = {k: np.stack([arrays[k] for arrays, _ in rows]) for k in rows[0][0]}
+    return batch | {"input_ids": input_ids, "token_mask": token_mask}
+
+
+def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
+def answer_questions(
+    model: AVLLM,
+    tokenizer,
+    media: Sequence[Media],
+    questions: Sequence[str],
+    *,
+    modality: Sequence[str] | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    data_config: ml_collections.ConfigDict | None = None,
+) -> list[str]:
+    """One answer per (media, question), generated in one batch with the Vicuna v1.1 prompt.
+
+    modality: per item 'visual', 'audio' or 'audio_visual'; None follows each file's streams.
+    A forced modality whose stream the file lacks raises ValueError.
+    """
+    if len(media) != len(questions) or (modality is not None and len(modality) != len(media)):
+        raise ValueError(f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number")
+    if not media:
+        return []
+    modalities = [resolve_modality(m, None if modality is None else modality[i], f"media item {i}") for i, m in enumerate(media)]
+    turns = [[(conversation.USER_ROLE, first_user_message(q, m))] for q, m in zip(questions, modalities)]
+    batch = conversation_batch(model, tokenizer, media, turns, modalities, data_config)
+    tokens, lengths = jax.device_get(generate(
+        model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+    ))
+    return [decode_answer(tokenizer, row[:length]) for row, length in zip(tokens, lengths)]
