@@ -64,7 +64,8 @@ def _convert(directory, *, config=None):
     config = config or htsat.HTSATConfig.from_hf(read_hf_config(directory))
     model = nnx.eval_shape(lambda: htsat.HTSAT(config, rngs=nnx.Rngs(0)))
     tensors = iterate_tensors(checkpoint_files(directory))
-    load_into(model, convert_tensors(tensors, htsat.hf_rules(config), flat_shapes(nnx.state(model)), source=str(directory)))
+    rules, shapes = htsat.hf_rules(config), flat_shapes(nnx.state(model))
+    load_into(model, convert_tensors(tensors, rules, shapes, source=str(directory)))
     return model
 
 
@@ -149,7 +150,8 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
     audio_config, _ = SMALL_CONFIGS["window6-fused"]
     _save(audio_config, tmp_path, full_clap=False)
     unfused = htsat.HTSATConfig.from_hf(dict(audio_config, enable_fusion=False))
-    with pytest.raises(ConversionError, match=r"unexpected tensor 'audio_encoder\.patch_embed\.(fusion_model|mel_conv2d)"):
+    fusion_tensor = r"unexpected tensor 'audio_encoder\.patch_embed\.(fusion_model|mel_conv2d)"
+    with pytest.raises(ConversionError, match=fusion_tensor):
         _convert(tmp_path, config=unfused)
     wider = htsat.HTSATConfig.from_hf(dict(audio_config, patch_embeds_hidden_size=64))
     with pytest.raises(ConversionError, match="shape"):

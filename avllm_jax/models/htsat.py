@@ -97,12 +97,8 @@ class HTSATConfig:
         config = config.get("audio_config", config)
         if config.get("enable_fusion") and config.get("fusion_type") == "channel_map":
             raise ValueError("HTSAT fusion_type 'channel_map' is not supported (CLAP checkpoints use 'aff_2d')")
-        unsupported = {
-            "patch_embed_input_channels": 1,
-            "flatten_patch_embeds": True,
-            "hidden_act": "gelu",
-        }
-        for key, supported in unsupported.items():
+        only_supported = {"patch_embed_input_channels": 1, "flatten_patch_embeds": True, "hidden_act": "gelu"}
+        for key, supported in only_supported.items():
             if config.get(key, supported) != supported:
                 raise ValueError(f"HTSAT config {key}={config[key]!r} is not supported (only {supported!r})")
         pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
@@ -149,7 +145,9 @@ class Conv(nnx.Module):
     def __init__(self, channels_in, channels_out, size, stride, *, config: HTSATConfig, rngs: nnx.Rngs):
         dtype = dtype_of(config.param_dtype)
         fan_in = channels_in * size[0] * size[1]
-        self.kernel = param(rngs, (*size, channels_in, channels_out), (None, None, None, "embed"), dtype=dtype, stddev=fan_in**-0.5)
+        self.kernel = param(
+            rngs, (*size, channels_in, channels_out), (None, None, None, "embed"), dtype=dtype, stddev=fan_in**-0.5
+        )
         self.bias = param(rngs, (channels_out,), ("embed",), dtype=dtype, init="zeros")
         self.stride = tuple(stride)
         self.padding = tuple(((k - s) // 2, (k - s) // 2) for k, s in zip(size, stride))
@@ -301,7 +299,9 @@ class HTSAT(nnx.Module):
         if config.enable_fusion:
             # the crops are embedded with a kernel 3x wider in time, then laid side by side
             wide = lambda size: (size[0], 3 * size[1])  # noqa: E731
-            self.fusion_embed = Conv(1, width, wide(config.patch_size), wide(config.patch_stride), config=config, rngs=rngs)
+            self.fusion_embed = Conv(
+                1, width, wide(config.patch_size), wide(config.patch_stride), config=config, rngs=rngs
+            )
             self.fusion = FeatureFusion(config, rngs=rngs)
         else:
             self.fusion_embed = self.fusion = None
@@ -328,7 +328,8 @@ class HTSAT(nnx.Module):
         image = self._spectrogram_image(self.mel_norm(features.astype(dtype_of(config.dtype))))
         x = self.patch_embed(image[..., :1])
         if config.enable_fusion:
-            x = jnp.where(jnp.reshape(is_longer, (-1, 1, 1, 1)), self.fusion(x, self._crop_patches(image, x.shape[2])), x)
+            fused = self.fusion(x, self._crop_patches(image, x.shape[2]))
+            x = jnp.where(jnp.reshape(is_longer, (-1, 1, 1, 1)), fused, x)
         if self.patch_norm is not None:
             x = self.patch_norm(x)
         for stage in self.stages:
@@ -415,6 +416,9 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+BATCH_NORM_NAMES = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
+
+
 def _conv_kernel(x: np.ndarray) -> np.ndarray:
     """torch Conv2d [out, in, kh, kw] -> HWIO."""
     return x.transpose(2, 3, 1, 0)
@@ -477,6 +481,6 @@ def hf_rules(config: HTSATConfig) -> list[Rule]:
             Rule(encoder + hf + r"\.bias", target + ".bias"),
         ]
     for hf, target in batch_norms:
-        for torch_name, our_name in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var")):
+        for torch_name, our_name in BATCH_NORM_NAMES:
             rules.append(Rule(encoder + hf + rf"\.{torch_name}", f"{target}.{our_name}"))
     return rules
