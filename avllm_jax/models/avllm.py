@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from avllm_jax.data.conversation import IGNORE_INDEX
 from avllm_jax.data.features import normalize_frames
 from avllm_jax.models import clip_vision, htsat, layers, llama
-
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)

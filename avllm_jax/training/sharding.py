@@ -1,0 +1,87 @@
+"""The device mesh and the one table that maps logical axis names to it.
+
+Parameters carry logical axis names (`nnx.Param(..., logical_axes=('embed', 'mlp'))`).
+`LOGICAL_AXIS_RULES` says which mesh axis each name is split over: 'fsdp' shards parameters
+and optimizer state (ZeRO-3 style: each device holds 1/fsdp of every matrix and XLA gathers
+a layer's weights when it runs), 'tensor' splits heads and the MLP (Megatron style), and the
+batch is split over 'data' x 'fsdp'.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: dict | tuple, devices=None) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 for "the rest of the devices"."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = [int(shape[a]) for a in MESH_AXES] if isinstance(shape, dict) else [int(s) for s in shape]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for a tensor; a dimension its mesh axes do not divide stays whole, and a
+    mesh axis is used at most once per tensor."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        mesh_axes = table.get(name) if name is not None else None
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        mesh_axes = tuple(a for a in (mesh_axes or ()) if a not in used and mesh.shape[a] > 1)
+        if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state, mesh):
+    """NamedShardings for every leaf of an nnx.State (or a pytree of Variables), from each
+    Variable's `logical_axes` metadata; variables without it are replicated."""
+
+    def sharding_of(variable):
+        axes = variable.get_metadata().get("logical_axes")
+        shape = np.shape(variable.get_value())
+        spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+    """This host's slice of the global batch -> global jax.Arrays split over data x fsdp."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,132 @@
+"""The composite model and modality-augmented training: mixed batches, dropped rows, zero gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from avllm_jax.training import optim, step
+from tiny_models import mixed_batch, tiny_model, tiny_tokenizer
+
+MODALITIES = ("visual", "audio", "audio_visual", "text")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+def logits_alone(model, sample: dict) -> np.ndarray:
+    """One sample, unpadded, with only its own modality's rows, assembled here by hand."""
+    ids = sample["input_ids"][sample["token_mask"]]
+    text = model.llm.embed_tokens(jnp.asarray(ids)[None])
+    pieces, rest = [text], None
+    token_ids = list(model.config.modality_token_ids)
+    where = np.flatnonzero(np.isin(ids, token_ids))
+    if where.size:
+        p = where[0]
+        own = []
+        if sample["has_visual"]:
+            own.append(model.visual_tokens(jnp.asarray(sample["frames"])[None]))
+        if sample["has_audio"]:
+            own.append(model.audio_tokens(jnp.asarray(sample["audio_features"])[None], jnp.asarray(sample["audio_is_longer"])[None]))
+        pieces = [text[:, :p], *own, text[:, p + 1 :]]
+    return np.asarray(model.llm(inputs_embeds=jnp.concatenate(pieces, axis=1)))[0]
+
+
+def test_mixed_batch_rows_equal_samples_alone(model, tokenizer):
+    batch = mixed_batch(tokenizer, MODALITIES, pad_to=None)
+    # Pad further so every sample also has trailing padding.
+    batch = {k: np.pad(v, [(0, 0), (0, 5)], constant_values=0) if k in ("input_ids", "labels", "token_mask") else v for k, v in batch.items()}
+    logits, inputs = model(jax.tree.map(jnp.asarray, batch))
+    kept = np.asarray(inputs["segment_ids"]).astype(bool)
+    for i, modality in enumerate(MODALITIES):
+        sample = {k: v[i] for k, v in batch.items()}
+        alone = logits_alone(model, sample)
+        ours = np.asarray(logits)[i][kept[i]]
+        assert ours.shape == alone.shape, (modality, ours.shape, alone.shape)
+        diff = np.abs(ours - alone).max()
+        print(f"MAT {modality}: max|mixed - alone| = {diff:.2e}")
+        assert diff <= 1e-5, modality
+
+
+def test_targets_are_the_answer_tokens(model, tokenizer):
+    batch = mixed_batch(tokenizer, MODALITIES)
+    _, inputs = model(jax.tree.map(jnp.asarray, batch))
+    targets = np.asarray(inputs["targets"])
+    for i in range(len(MODALITIES)):
+        answer = batch["labels"][i][batch["labels"][i] != -100]
+        np.testing.assert_array_equal(targets[i][targets[i] != -100], answer)
+        assert answer[-1] == tokenizer.eos_token_id
+
+
+def grads_of_projectors(model, batch):
+    graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter([r".*_proj\..*", r"llm\..*"]), ...)
+
+    def loss(params):
+        return step.loss_sums(nnx.merge(graphdef, params, frozen), batch)[0]
+
+    return jax.grad(loss)(trainable)
+
+
+@pytest.mark.parametrize(
+    "modality, zero, nonzero",
+    [("visual", ["audio_proj"], ["temporal_proj", "spatial_proj"]), ("audio", ["temporal_proj", "spatial_proj"], ["audio_proj"])],
+)
+def test_absent_modality_projector_gets_exactly_zero_gradient(model, tokenizer, modality, zero, nonzero):
+    batch = jax.tree.map(jnp.asarray, mixed_batch(tokenizer, (modality, modality, "text"), seed=3))
+    grads = grads_of_projectors(model, batch)
+    for name in zero:
+        for leaf in jax.tree.leaves(grads[name]):
+            assert np.all(np.asarray(leaf) == 0.0), name
+    for name in nonzero:
+        assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree.leaves(grads[name])), name
+
+
+def test_encoders_never_change_and_hold_no_optimizer_state(model, tokenizer):
+    import ml_collections
+
+    model = nnx.merge(*nnx.split(model))  # a copy
+    trainable_filter = optim.trainable_filter([r".*_proj\..*", r"llm\..*"])
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    encoders_before = jax.tree.map(np.array, nnx.to_pure_dict(frozen))
+    optim_config = ml_collections.ConfigDict(
+        dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
+    )
+    optimizer = optim.make_optimizer(optim_config, total_steps=3, params=trainable)
+    # The step donates its state: keep `trainable` to compare with.
+    state = step.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, trainable), optimizer.init(trainable))
+    train_step = step.make_train_step(graphdef, optimizer, num_microbatches=2)
+    batch = jax.tree.map(jnp.asarray, mixed_batch(tokenizer, MODALITIES, seed=1))
+    for _ in range(3):
+        state, metrics = train_step(state, frozen, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(frozen), encoders_before)
+    frozen_names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)}
+    assert any(n.startswith("vision.") for n in frozen_names) and any(n.startswith("audio.") for n in frozen_names)
+    # Optimizer moments exist for the trainable parameters only.
+    trainable_size = sum(x.size for x in jax.tree.leaves(state.params))
+    moment_size = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moment_size == 2 * trainable_size
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))]
+    assert all(changed)
+
+
+def test_gradient_accumulation_equals_one_big_batch(model, tokenizer):
+    graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter([r".*_proj\..*", r"llm\..*"]), ...)
+    batch = jax.tree.map(jnp.asarray, mixed_batch(tokenizer, MODALITIES * 2, seed=2))
+    import optax
+
+    results = []
+    for microbatches in (1, 4):
+        optimizer = optax.sgd(1.0)
+        state = step.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, trainable), optimizer.init(trainable))
+        state, metrics = step.make_train_step(graphdef, optimizer, num_microbatches=microbatches)(state, frozen, batch)
+        results.append((state.params, metrics))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-6)

@@ -1,0 +1,77 @@
+"""A tiny audio-visual model and hand-made batches for the model and training tests."""
+import numpy as np
+from flax import nnx
+
+from avllm_jax.data import conversation
+from avllm_jax.models import avllm, clip_vision, htsat, llama
+from hf_reference import TOKENIZER_CORPUS
+
+NUM_FRAMES, NUM_SEGMENTS, AUDIO_FRAMES = 2, 2, 64
+TINY_HTSAT = htsat.HTSATConfig(spec_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2))
+
+
+def tiny_tokenizer():
+    tokenizer = conversation.train_tokenizer(TOKENIZER_CORPUS * 4, vocab_size=300)
+    conversation.add_modality_tokens(tokenizer)
+    return tokenizer
+
+
+def tiny_config(tokenizer) -> avllm.AVLLMConfig:
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in conversation.MODALITY_TOKENS)
+    return avllm.AVLLMConfig(
+        vision=clip_vision.PRESETS["tiny"],
+        audio=TINY_HTSAT,
+        llm=llama.LlamaConfig(**{**llama.PRESETS["tiny"].__dict__, "vocab_size": len(tokenizer)}),
+        modality_token_ids=ids,
+    )
+
+
+def tiny_model(tokenizer, seed=0) -> avllm.AVLLM:
+    return avllm.AVLLM(tiny_config(tokenizer), rngs=nnx.Rngs(seed))
+
+
+QUESTIONS = {
+    "visual": "What colour is the square?",
+    "audio": "How many beeps do you hear?",
+    "audio_visual": "the circle moves left and the tone is high?",
+    "text": "What colour is the square?",
+}
+ANSWERS = {"visual": "red", "audio": "three", "audio_visual": "the triangle moves up", "text": "blue"}
+
+
+def sample_arrays(tokenizer, modality, rng, image_size=32):
+    """One sample's fields; media are random, the prompt follows the Vicuna template."""
+    question = QUESTIONS[modality]
+    if modality != "text":
+        question = conversation.TOKEN_OF_MODALITY[modality] + "\n" + question
+    ids, labels = conversation.tokenize_turns(
+        [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[modality])], tokenizer
+    )
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        frames=rng.randint(0, 256, (NUM_FRAMES, image_size, image_size, 3)).astype(np.uint8),
+        audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
+        audio_is_longer=np.zeros(NUM_SEGMENTS, bool),
+        has_visual=np.bool_(modality in ("visual", "audio_visual")),
+        has_audio=np.bool_(modality in ("audio", "audio_visual")),
+    )
+
+
+def collate(samples, length=None):
+    """Right-pads the text of samples to one length and stacks everything."""
+    length = length or max(len(s["input_ids"]) for s in samples)
+    batch = {}
+    for key in samples[0]:
+        if key in ("input_ids", "labels"):
+            fill = 0 if key == "input_ids" else conversation.IGNORE_INDEX
+            batch[key] = np.stack([np.pad(s[key], (0, length - len(s[key])), constant_values=fill) for s in samples])
+        else:
+            batch[key] = np.stack([s[key] for s in samples])
+    batch["token_mask"] = np.stack([np.arange(length) < len(s["input_ids"]) for s in samples])
+    return batch
+
+
+def mixed_batch(tokenizer, modalities=("visual", "audio", "audio_visual", "text"), seed=0, pad_to=None):
+    rng = np.random.RandomState(seed)
+    return collate([sample_arrays(tokenizer, m, rng) for m in modalities], pad_to)
