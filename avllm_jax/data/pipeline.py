@@ -1,0 +1,305 @@
+"""The grain input pipeline: instruction samples -> decoded, tokenised, fixed-shape batches.
+
+    sources (JSONL / LLaVA / Valley files), each shuffled by seed and epoch and repeated
+      -> mixed by weight -> this host's shard (every process_count-th sample)
+      -> decode + features + tokenise, drop and count failures, stop past the bad fraction
+      -> batches of global_batch_size / process_count   (all of this in worker processes)
+
+Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
+
+    frames            uint8   [B, T, S, S, 3]  zeros when the sample has no picture;
+                                               a still image is repeated over T
+    audio_features    float32 [B, K, C, F, 64] CLAP log-mel; zeros when there is no audio
+    audio_is_longer   bool    [B, K]
+    has_visual        bool    [B]
+    has_audio         bool    [B]
+    input_ids         int32   [B, L]           right-padded with the pad (or EOS) id
+    labels            int32   [B, L]           IGNORE_INDEX except on answers and their EOS;
+                                               aligned with input_ids (the loss shifts)
+    token_mask        bool    [B, L]           True on real tokens
+    source            int32   [B]              index of the sample's source in `sources`
+    num_skipped_media int32   [B]              samples dropped just before this one because
+                                               their file raised MediaError or had no stream left
+    num_skipped_text  int32   [B]              ... because the prompt did not fit max_text_length
+    num_rerouted      int32   [B]              1 when this sample's modality was changed to
+                                               the streams its file has
+
+Summing a counter over batches gives the total for this host (the counters travel in the
+batch because the worker processes that count them share nothing with the trainer). Each sample's prompt holds
+one modality token matching (has_visual, has_audio), or none for a text-only sample.
+Malformed lines are found when the files are read, before training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+from absl import flags
+import ml_collections
+import numpy as np
+
+from avllm_jax.data import conversation, features
+from avllm_jax.data.media import Media, MediaError, load_media
+
+_SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
+COUNTERS = (*_SKIP_COUNTERS, "num_rerouted")
+_MAX_LISTED_FAILURES = 10
+
+
+class DataError(RuntimeError):
+    """Too many bad samples: the input data, not the model, needs fixing."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Each source: path (.jsonl, or a LLaVA/Valley .json array), media_root (None: the file's
+    # directory), weight (relative share of the mixture).
+    config.sources = (dict(path="", media_root=None, weight=1.0),)  # a tuple: overridable on the command line
+    config.num_frames = 32
+    config.image_size = 224
+    config.num_audio_segments = 4
+    config.audio_sample_rate = 48000
+    config.audio_max_length_s = 10.0  # CLAP window per segment: F = 1 + rate * length // 480
+    config.audio_truncation = "fusion"  # "fusion" (4 mel channels) or "rand_trunc" (1)
+    config.audio_padding = "repeatpad"  # "repeatpad", "repeat" or "pad"
+    config.max_text_length = 512
+    config.seed = 0
+    config.num_epochs = ml_collections.FieldReference(None, field_type=int)  # None: repeat forever
+    config.worker_count = 4  # decoding processes per host; 0 decodes in the main process
+    config.worker_buffer_size = 2  # batches each worker prepares ahead
+    config.read_threads = 2  # decoding threads in each process
+    config.max_bad_fraction = 0.05  # of samples seen; past it the job stops with DataError
+    config.min_samples_before_bad_check = 100  # no verdict on the first few samples
+    config.skip_malformed_lines = False  # False: a malformed line is an error naming file:line
+    return config
+
+
+def audio_channels(config) -> int:
+    return 4 if config.audio_truncation == "fusion" else 1
+
+
+def audio_frames(config) -> int:
+    return 1 + int(round(config.audio_max_length_s * config.audio_sample_rate)) // features.HOP_LENGTH
+
+
+def load_sample_media(sample: conversation.Sample, config) -> Media:
+    return load_media(
+        sample.media_path,
+        num_frames=config.num_frames,
+        image_size=config.image_size,
+        num_audio_segments=config.num_audio_segments,
+        audio_sample_rate=config.audio_sample_rate,
+    )
+
+
+def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
+    """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
+    t, s, k = config.num_frames, config.image_size, config.num_audio_segments
+    frames = np.zeros((t, s, s, 3), np.uint8)
+    audio_features = np.zeros((k, audio_channels(config), audio_frames(config), features.NUM_MEL_BINS), np.float32)
+    is_longer = np.zeros((k,), bool)
+    has_visual = bool(media is not None and media.has_visual and use_visual)
+    has_audio = bool(media is not None and media.has_audio and use_audio)
+    if has_visual:
+        frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
+    if has_audio:
+        audio_features, is_longer = features.clap_audio_features(
+            media.audio,
+            truncation=config.audio_truncation,
+            padding=config.audio_padding,
+            max_length_s=config.audio_max_length_s,
+            sampling_rate=config.audio_sample_rate,
+            rng=rng,
+        )
+    return dict(frames=frames, audio_features=audio_features, audio_is_longer=is_longer,
+                has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
+
+
+@dataclasses.dataclass
+class _Failure:
+    """Stands in for a sample that could not be prepared; dropped and counted downstream."""
+
+    counter: str
+    reason: str
+
+
+@dataclasses.dataclass
+class _PrepareSample:
+    """Decodes, computes features and tokenises one (source index, Sample); a _Failure if it cannot."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: object
+    process_index: int
+
+    def __call__(self, index: int, item) -> dict | _Failure:
+        source, sample = item
+        config = self.config
+        rng = np.random.default_rng((config.seed, self.process_index, index))
+        media, turns, rerouted = None, sample.turns, 0
+        if sample.modality is not None:
+            try:
+                media = load_sample_media(sample, config)
+            except MediaError as e:
+                return _Failure("num_skipped_media", f"{sample.origin}: {e}")
+            wanted = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[sample.modality]]
+            available = (media.has_visual, media.has_audio)
+            used = tuple(w and a for w, a in zip(wanted, available))
+            if used != wanted:
+                used = used if any(used) else available  # re-route to the streams the file has
+                turns, rerouted = conversation.with_modality(turns, conversation.MODALITY_OF_FLAGS[used]), 1
+            arrays = media_arrays(media, config, use_visual=used[0], use_audio=used[1], rng=rng)
+        else:
+            arrays = media_arrays(None, config)
+        try:
+            ids, labels = conversation.tokenize_turns(turns, self.tokenizer, config.max_text_length)
+        except ValueError as e:
+            return _Failure("num_skipped_text", f"{sample.origin}: {e}")
+        length = config.max_text_length
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = np.full(length, pad_id, np.int32)
+        padded_labels = np.full(length, conversation.IGNORE_INDEX, np.int32)
+        input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
+        return dict(
+            arrays,
+            input_ids=input_ids,
+            labels=padded_labels,
+            token_mask=np.arange(length) < ids.size,
+            source=np.int32(source),
+            num_rerouted=np.int32(rerouted),
+            **{counter: np.int32(0) for counter in _SKIP_COUNTERS},
+        )
+
+
+class _SkipBadSamples(grain.IterDataset):
+    """Drops _Failure elements, adding their counts to the next good sample's counters.
+
+    Keeps running totals (in the iterator state, so they survive a restart) and raises
+    DataError, listing the first failures, once more than `max_bad_fraction` of the samples
+    seen are bad. With worker processes each worker checks the samples it prepares.
+    """
+
+    def __init__(self, parent, max_bad_fraction, min_samples):
+        super().__init__(parent)
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+
+    def __iter__(self):
+        return _SkipBadSamplesIterator(self._parent.__iter__(), self.max_bad_fraction, self.min_samples)
+
+
+class _SkipBadSamplesIterator(grain.DatasetIterator):
+    def __init__(self, parent, max_bad_fraction, min_samples):
+        super().__init__(parent)
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+        self.pending = dict.fromkeys(_SKIP_COUNTERS, 0)  # failures since the last good sample
+        self.num_good, self.num_bad = 0, 0
+        self.first_failures: list[str] = []
+
+    def __next__(self):
+        while isinstance(element := next(self._parent), _Failure):
+            self.pending[element.counter] += 1
+            self.num_bad += 1
+            if len(self.first_failures) < _MAX_LISTED_FAILURES:
+                self.first_failures.append(element.reason)
+            self._check()
+        self.num_good += 1
+        self._check()
+        element.update({k: np.int32(v) for k, v in self.pending.items()})
+        self.pending = dict.fromkeys(_SKIP_COUNTERS, 0)
+        return element
+
+    def _check(self):
+        seen = self.num_good + self.num_bad
+        if seen >= self.min_samples and self.num_bad > self.max_bad_fraction * seen:
+            listed = "\n  ".join(self.first_failures)
+            raise DataError(
+                f"{self.num_bad} of {seen} samples could not be used (more than max_bad_fraction="
+                f"{self.max_bad_fraction}); first failures:\n  {listed}"
+            )
+
+    def get_state(self):
+        return {
+            "parent": self._parent.get_state(),
+            "pending": dict(self.pending),
+            "num_good": self.num_good,
+            "num_bad": self.num_bad,
+            "first_failures": list(self.first_failures),
+        }
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.pending, self.num_good, self.num_bad = dict(state["pending"]), state["num_good"], state["num_bad"]
+        self.first_failures = list(state["first_failures"])
+
+
+def read_sources(data_config) -> list[list[conversation.Sample]]:
+    """The samples of every source; malformed lines raise, or are skipped, reported and counted."""
+    if not data_config.sources or not all(s.get("path") for s in data_config.sources):
+        raise ValueError("data_config.sources must list at least one {path, media_root, weight}")
+    per_source, malformed, total = [], [], 0
+    for source in data_config.sources:
+        samples, bad = conversation.read_samples(
+            source["path"], source.get("media_root"), skip_malformed=data_config.skip_malformed_lines
+        )
+        if not samples:
+            raise ValueError(f"{source['path']}: no usable samples")
+        per_source.append(samples)
+        malformed += bad
+        total += len(samples) + len(bad)
+    if malformed:
+        listed = "\n  ".join(str(e) for e in malformed[:_MAX_LISTED_FAILURES])
+        message = f"skipped {len(malformed)} malformed lines of {total}:\n  {listed}"
+        if len(malformed) > data_config.max_bad_fraction * total:
+            raise DataError(message + f"\nthat is more than max_bad_fraction={data_config.max_bad_fraction}")
+        print(message, flush=True)
+    return per_source
+
+
+def make_train_iterator(data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None):
+    """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+    missing = [t for t in conversation.MODALITY_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
+
+    datasets = []
+    for index, samples in enumerate(read_sources(data_config)):
+        dataset = grain.MapDataset.source([(index, s) for s in samples])
+        dataset = dataset.shuffle(seed=data_config.seed + index).repeat(data_config.num_epochs)
+        datasets.append(dataset)
+    weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
+    dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
+    dataset = dataset[process_index::process_count]
+    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, process_index))
+    batch_size = global_batch_size // process_count
+    # Threads within each process overlap file reads with decoding; keep the read-ahead to
+    # about a batch so that memory stays bounded with many workers.
+    read_options = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=batch_size)
+    iterable = _SkipBadSamples(
+        dataset.to_iter_dataset(read_options), data_config.max_bad_fraction, data_config.min_samples_before_bad_check
+    )
+    iterable = iterable.batch(batch_size, drop_remainder=True)
+    if data_config.worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_config.worker_count, per_worker_buffer_size=data_config.worker_buffer_size
+            )
+        )
+    return iter(iterable)
+
+
+def iterate_eval(path: str | os.PathLike, data_config, media_root=None):
+    """Yields (Sample, Media or None for text-only) for every line of an evaluation file, in order.
+
+    No shuffling, no re-routing: a file that cannot be decoded raises MediaError.
+    """
+    samples, _ = conversation.read_samples(path, media_root)
+    for sample in samples:
+        yield sample, (load_sample_media(sample, data_config) if sample.media_path is not None else None)
