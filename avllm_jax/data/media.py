@@ -99,6 +99,8 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
             audio_chunks.extend(r.to_ndarray()[0] for r in resampler.resample(f))
 
     streams = [s for s in (video, audio) if s is not None]
+    for stream in streams:
+        stream.codec_context.thread_count = 1  # parallelism comes from the pipeline's worker processes
     for packet in container.demux(streams):
         if packet.pts is not None and packet.time_base is not None:
             stream_end_s = max(stream_end_s, float((packet.pts + (packet.duration or 0)) * packet.time_base))

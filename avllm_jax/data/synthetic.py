@@ -13,9 +13,11 @@ clip, an audio question about an audio-only file, and any kind about an audio-vi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
+from collections.abc import Iterable
 
 import av
 import numpy as np
@@ -60,7 +62,7 @@ FILE_KINDS = {"audio_visual": 0.5, "visual": 0.25, "audio": 0.25}
 def write_media(
     path: str | os.PathLike,
     *,
-    frames: np.ndarray | None = None,
+    frames: Iterable[np.ndarray] | None = None,
     fps: int = FPS,
     audio: np.ndarray | None = None,
     sample_rate: int = SAMPLE_RATE,
@@ -72,29 +74,43 @@ def write_media(
     video_options: dict[str, str] | None = None,
     audio_options: dict[str, str] | None = None,
 ) -> None:
-    """Encodes uint8 `frames` [T, H, W, 3] and/or float32 `audio` [channels, n] (or [n]) with PyAV.
+    """Encodes uint8 RGB `frames` (an array [T, H, W, 3] or any iterable of [H, W, 3]) and/or
+    float32 `audio` [channels, n] (or [n]) with PyAV.
 
     The container comes from the file name unless `container_format` is given (e.g. "image2"
     with one frame for a still). Used by the demo set, the tests and the loader benchmark.
     """
+    planar = None if audio is None else np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
     with av.open(os.fspath(path), "w", format=container_format) as container:
         video_stream = audio_stream = None
         if frames is not None:
+            frames = iter(frames)
+            first = next(frames)
+            frames = itertools.chain([first], frames)
             video_stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
-            video_stream.height, video_stream.width = frames.shape[1:3]
+            video_stream.height, video_stream.width = first.shape[:2]
             video_stream.pix_fmt = pix_fmt
-        if audio is not None:
+        if planar is not None:
             audio_stream = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {})
-        if video_stream is not None:
-            for image in frames:
-                container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            container.mux(video_stream.encode())
-        if audio_stream is not None:
-            planar = np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
-            frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=audio_layout)
-            frame.sample_rate, frame.pts = sample_rate, 0
-            container.mux(audio_stream.encode(frame))
+
+        def encode_audio(start, stop):
+            if audio_stream is not None and stop > start:
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:stop]), format="fltp", layout=audio_layout)
+                frame.sample_rate, frame.pts = sample_rate, start
+                container.mux(audio_stream.encode(frame))
+
+        audio_done = 0  # interleave: each video frame is followed by its share of the audio
+        for index, image in enumerate(frames or ()):
+            container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            if planar is not None:
+                stop = min(planar.shape[1], round((index + 1) * sample_rate / fps))
+                encode_audio(audio_done, stop)
+                audio_done = max(audio_done, stop)
+        if planar is not None:
+            encode_audio(audio_done, planar.shape[1])
             container.mux(audio_stream.encode())
+        if video_stream is not None:
+            container.mux(video_stream.encode())
 
 
 def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator) -> np.ndarray:
