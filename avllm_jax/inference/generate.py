@@ -104,12 +104,13 @@ def _decode_step(llm: Llama, cache: KVCache, tokens, positions, rng, sampling: S
     return sample_tokens(logits[:, 0], rng, sampling), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
-def _generate_compiled(graphdef, state, batch, rng, *, max_new_tokens, sampling, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_tokens, sampling):
+    """eos_ids int32 [E] (-1 matches nothing); pad_id int32 scalar. Traced, so they cost no recompile."""
     model = nnx.merge(graphdef, state)
     rng, prefill_rng = jax.random.split(rng)
     llm, first, cache, positions = _prefill(model, batch, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling)
-    is_eos = lambda t: jnp.isin(t, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros(t.shape, bool)  # noqa: E731
+    is_eos = lambda t: jnp.isin(t, eos_ids)  # noqa: E731
     tokens = jnp.full((first.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
     def keep_going(carry):
@@ -197,7 +198,7 @@ def generate(
     graphdef, state = nnx.split(model)
     tokens, lengths = _generate_compiled(
         graphdef, state, _model_batch(batch), jax.random.key(0) if rng is None else rng,
-        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_id),
+        jnp.asarray(eos_ids or (-1,), jnp.int32), jnp.int32(pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
     )
     return Generated(tokens, lengths)
 
@@ -284,9 +285,10 @@ def resolve_modality(media: Media, forced: str | None, name: str = "the media") 
     if forced not in conversation.MODALITIES:
         raise ValueError(f"unknown modality {forced!r}; expected one of {conversation.MODALITIES}")
     needs_visual, needs_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[forced]]
-    missing = [s for s, need, has in (("video", needs_visual, media.has_visual), ("audio", needs_audio, media.has_audio)) if need and not has]
+    streams = (("a video stream", needs_visual, media.has_visual), ("an audio stream", needs_audio, media.has_audio))
+    missing = [stream for stream, need, has in streams if need and not has]
     if missing:
-        raise ValueError(f"modality {forced!r} needs a {' and an '.join(missing)} stream, which {name} lacks")
+        raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
     return forced
 
 
