@@ -187,6 +187,10 @@ def _write_bad(tmp_path, name):
         bad.write_text("These are notes, not a video.\n" * 20)
     elif name == "truncated.mkv":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    elif name == "truncated.flac":
+        flac = tmp_path / "good.flac"
+        write_media(flac, audio=sine(3.0, 48000), audio_codec="flac")
+        bad.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
     elif name == "truncated.mp4":
         mp4 = tmp_path / "good.mp4"
         write_media(mp4, frames=ramp_frames(10), fps=3)
@@ -194,7 +198,8 @@ def _write_bad(tmp_path, name):
     return bad
 
 
-@pytest.mark.parametrize("name", ["empty.mp4", "noise.mp4", "notes.txt", "truncated.mkv", "truncated.mp4", "missing.mp4"])
+@pytest.mark.parametrize("name", ["empty.mp4", "noise.mp4", "notes.txt", "truncated.mkv", "truncated.flac", "truncated.mp4",
+                                  "missing.mp4"])
 def test_unreadable_files_raise_media_error_naming_the_file(tmp_path, name):
     bad = _write_bad(tmp_path, name)
     with pytest.raises(MediaError, match=name.replace(".", r"\.")) as error:

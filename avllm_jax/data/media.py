@@ -17,8 +17,11 @@ import numpy as np
 
 # Demuxers that open almost any file (ANSI art, raw binary) and would turn text into "video".
 _TEXT_ART_FORMATS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
-# A file whose streams end this much before the declared duration was cut short.
+# A file whose streams end this much before the duration its header declares was cut short.
+# Only demuxers that read the duration from a header qualify: mp3, ADTS and MPEG-TS durations
+# are guesses from the bit rate and would flag good files (and FFmpeg fits a WAV's to its size).
 _TRUNCATION_TOLERANCE_S = 0.5
+_HEADER_DURATION_FORMATS = frozenset({"matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "avi", "flac"})
 
 
 class MediaError(ValueError):
@@ -85,6 +88,7 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
         return Media(frames=_to_rgb(frame, image_size)[None], audio=None, duration_s=0.0)
 
     declared_s = container.duration / av.time_base if container.duration else None
+    container_start_s = container.start_time / av.time_base if container.start_time else 0.0
     video_start, video_duration = _stream_span(video) if video is not None else (0.0, None)
     if video is not None and video_duration is None:
         video_duration = declared_s or _scan_video_duration(path, video.index)
@@ -111,8 +115,6 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
                 sampler.decode_gop(gop, end_s=_packet_time(packet, video_start))
                 gop = []
             gop.append(packet)
-        else:  # the empty packet that ends a stream
-            continue
     if audio is not None:
         take_audio(audio.codec_context.decode(None))
         audio_chunks.extend(r.to_ndarray()[0] for r in resampler.resample(None))
@@ -120,7 +122,12 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
         sampler.decode_gop(gop, end_s=float("inf"))
         sampler.finish()
 
-    if declared_s is not None and stream_end_s < declared_s - _TRUNCATION_TOLERANCE_S:
+    stream_end_s -= container_start_s
+    if (
+        container.format.name in _HEADER_DURATION_FORMATS
+        and declared_s is not None
+        and stream_end_s < declared_s - _TRUNCATION_TOLERANCE_S
+    ):
         raise MediaError(f"{path}: truncated: streams end at {stream_end_s:.2f} s of a declared {declared_s:.2f} s")
     frames = None
     if sampler is not None:

@@ -17,7 +17,6 @@ Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
     labels            int32   [B, L]           IGNORE_INDEX except on answers and their EOS;
                                                aligned with input_ids (the loss shifts)
     token_mask        bool    [B, L]           True on real tokens
-    source            int32   [B]              index of the sample's source in `sources`
     num_skipped_media int32   [B]              samples dropped just before this one because
                                                their file raised MediaError or had no stream left
     num_skipped_text  int32   [B]              ... because the prompt did not fit max_text_length
@@ -126,14 +125,13 @@ class _Failure:
 
 @dataclasses.dataclass
 class _PrepareSample:
-    """Decodes, computes features and tokenises one (source index, Sample); a _Failure if it cannot."""
+    """Decodes, computes features and tokenises one Sample; a _Failure if it cannot."""
 
     config: ml_collections.ConfigDict
     tokenizer: object
     process_index: int
 
-    def __call__(self, index: int, item) -> dict | _Failure:
-        source, sample = item
+    def __call__(self, index: int, sample: conversation.Sample) -> dict | _Failure:
         config = self.config
         rng = np.random.default_rng((config.seed, self.process_index, index))
         media, turns, rerouted = None, sample.turns, 0
@@ -165,7 +163,6 @@ class _PrepareSample:
             input_ids=input_ids,
             labels=padded_labels,
             token_mask=np.arange(length) < ids.size,
-            source=np.int32(source),
             num_rerouted=np.int32(rerouted),
             **{counter: np.int32(0) for counter in _SKIP_COUNTERS},
         )
@@ -269,7 +266,7 @@ def make_train_iterator(data_config, tokenizer, *, global_batch_size, process_in
 
     datasets = []
     for index, samples in enumerate(read_sources(data_config)):
-        dataset = grain.MapDataset.source([(index, s) for s in samples])
+        dataset = grain.MapDataset.source(samples)
         dataset = dataset.shuffle(seed=data_config.seed + index).repeat(data_config.num_epochs)
         datasets.append(dataset)
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
