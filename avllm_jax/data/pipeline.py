@@ -64,12 +64,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.audio_padding = "repeatpad"  # "repeatpad", "repeat" or "pad"
     config.max_text_length = 512
     config.seed = 0
-    config.num_epochs = ml_collections.FieldReference(None, field_type=int)  # None: repeat forever
+    # None: repeat forever. With several sources the mixture ends when the first one has run
+    # through its epochs.
+    config.num_epochs = ml_collections.FieldReference(None, field_type=int)
     config.worker_count = 4  # decoding processes per host; 0 decodes in the main process
     config.worker_buffer_size = 2  # batches each worker prepares ahead
     config.read_threads = 2  # decoding threads in each process
-    config.max_bad_fraction = 0.05  # of samples seen; past it the job stops with DataError
-    config.min_samples_before_bad_check = 100  # no verdict on the first few samples
+    # Past this fraction of unusable samples (or of malformed lines) the job stops with DataError;
+    # each decoding process judges the samples it has prepared, after the first few.
+    config.max_bad_fraction = 0.05
+    config.min_samples_before_bad_check = 100
     config.skip_malformed_lines = False  # False: a malformed line is an error naming file:line
     return config
 
