@@ -1,0 +1,134 @@
+"""Chat with a model about a video, an audio file or an image, in the terminal.
+
+    python -m avllm_jax.chat --checkpoint DIR --media FILE [--modality audio_visual]
+    python -m avllm_jax.chat --checkpoint DIR --media FILE --question "What makes the sound?"
+
+The answer is printed as it is generated. The modality follows the streams the file has
+(video and audio: audio_visual) unless --modality picks one the file has. Without --question
+the chat goes on turn after turn, keeping the conversation (the media stays in the first
+turn), until `exit`, `quit` or the end of input (Ctrl-D). Status lines go to stderr,
+answers to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+
+import jax
+
+from avllm_jax.data import conversation
+from avllm_jax.data.media import MediaError, load_media
+from avllm_jax.inference import generate as gen
+from avllm_jax.models import attention
+
+QUIT_WORDS = ("exit", "quit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m avllm_jax.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
+    parser.add_argument("--media", required=True, help="video, audio file or image")
+    parser.add_argument("--modality", choices=conversation.MODALITIES, default=None,
+                        help="default: the streams the file has")
+    parser.add_argument("--question", default=None, help="answer this one question and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled from a video (default: the data config's)")
+    parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments (default: the data config's)")
+    return parser.parse_args(argv)
+
+
+class _StreamPrinter:
+    """Prints a growing decoded text as it grows, holding back what may still change: trailing
+    whitespace (stripped from a final answer) and an unfinished multi-byte character."""
+
+    def __init__(self, out):
+        self.out, self.shown = out, ""
+
+    def update(self, text: str, final: bool = False) -> None:
+        text = text.strip() if final else text.lstrip().rstrip().rstrip("\ufffd")
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """Runs the chat; returns the answers given."""
+    args = parse_args(argv)
+    from avllm_jax.training.checkpointing import load_model
+
+    print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
+    model = load_model(args.checkpoint)
+    tokenizer = conversation.load_tokenizer(args.checkpoint)
+    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("num_audio_segments", args.num_audio_segments)) if v}
+    data_config = gen.inference_data_config(model, **overrides)
+    try:
+        media = load_media(args.media, num_frames=data_config.num_frames, image_size=data_config.image_size,
+                           num_audio_segments=data_config.num_audio_segments, audio_sample_rate=data_config.audio_sample_rate)
+        modality = gen.resolve_modality(media, args.modality, args.media)
+    except (MediaError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    needs_visual, needs_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[modality]]
+    if (needs_visual and model.vision is None) or (needs_audio and model.audio is None) or model.llm is None:
+        sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality!r} needs")
+    # The attention module reports its choice on stdout, once per name: say it now, on stderr,
+    # so that stdout holds only answers.
+    with contextlib.redirect_stdout(sys.stderr):
+        for part in (model.config.vision, model.config.llm):
+            if part is not None:
+                attention.resolve_implementation(part.attention_implementation)
+    how = "forced by --modality" if args.modality else "from the file's streams"
+    print(f"modality: {modality} ({how})", file=sys.stderr, flush=True)
+
+    rng = jax.random.key(args.seed)
+    turns: list[tuple[str, str]] = []
+    answers = []
+
+    def reply(question: str) -> str:
+        nonlocal rng
+        message = gen.first_user_message(question, modality) if not turns else question
+        turns.append((conversation.USER_ROLE, message))
+        batch = gen.conversation_batch(model, tokenizer, [media], [turns], [modality], data_config)
+        rng, turn_rng = jax.random.split(rng)
+        printer, tokens, start = _StreamPrinter(sys.stdout), [], time.perf_counter()
+        for token in gen.stream_tokens(model, batch, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                       rng=turn_rng, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+            tokens.append(token)
+            printer.update(tokenizer.decode(tokens, skip_special_tokens=True))
+        answer = gen.decode_answer(tokenizer, tokens)
+        printer.update(answer, final=True)
+        print(flush=True)
+        seconds = time.perf_counter() - start
+        print(f"({len(tokens)} tokens, {len(tokens) / seconds:.1f} tokens/s)", file=sys.stderr, flush=True)
+        turns.append((conversation.ASSISTANT_ROLE, answer))
+        answers.append(answer)
+        return answer
+
+    try:
+        if args.question is not None:
+            reply(args.question)
+            return answers
+        print("type a question; 'exit' or Ctrl-D ends the chat", file=sys.stderr, flush=True)
+        while True:
+            try:
+                question = input(f"{conversation.USER_ROLE}: ").strip()
+            except EOFError:
+                break
+            if question.lower() in QUIT_WORDS:
+                break
+            if question:
+                print(f"{conversation.ASSISTANT_ROLE}: ", end="", flush=True)
+                reply(question)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return answers
+
+
+if __name__ == "__main__":
+    main()

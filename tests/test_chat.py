@@ -1,0 +1,118 @@
+"""`python -m avllm_jax.chat` on a tiny random checkpoint converted from HF CLIP, CLAP and LLaMA:
+the streamed answer is exactly `answer_questions`' answer, the multi-turn chat keeps the
+conversation, and a forced modality the file lacks is refused by name."""
+import importlib.util
+import io
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import avllm_jax
+from avllm_jax import chat
+from avllm_jax.data import conversation
+from avllm_jax.data.media import load_media
+from avllm_jax.data.synthetic import write_media
+from avllm_jax.inference import generate as gen
+from hf_reference import build_hf, save_tiny_tokenizer
+
+spec = importlib.util.spec_from_file_location("convert_hf_weights", pathlib.Path(__file__).parents[1] / "tools/convert_hf_weights.py")
+convert_hf_weights = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(convert_hf_weights)
+
+NUM_FRAMES = 4
+MAX_NEW = 10
+CLIP = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+CLAP = dict(spec_size=256, window_size=8, depths=[1, 1], num_attention_heads=[2, 4], patch_embeds_hidden_size=16, mlp_ratio=2.0)
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _strengthen(model, std=0.2):
+    """HF's init (std 0.02) makes every prompt ending in "ASSISTANT:" get the same answer; wider
+    weights make the answer depend on the conversation and the media."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            if tensor.ndim >= 2:
+                tensor.copy_(std * torch.randn(tensor.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    build_hf(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**CLIP)).save_pretrained(root / "clip")
+    build_hf(transformers.ClapAudioModel, transformers.ClapAudioConfig(**CLAP)).save_pretrained(root / "clap")
+    tokenizer = save_tiny_tokenizer(root / "llm")
+    llm = _strengthen(build_hf(transformers.LlamaForCausalLM, transformers.LlamaConfig(vocab_size=len(tokenizer), **LLAMA)))
+    llm.save_pretrained(root / "llm")
+    out = root / "model"
+    convert_hf_weights.main(["--clip", str(root / "clip"), "--clap", str(root / "clap"), "--llm", str(root / "llm"), "--out", str(out)])
+
+    rng = np.random.default_rng(0)
+    frames = np.zeros((8, 48, 48, 3), np.uint8)
+    for t in range(8):  # a red square moving right
+        frames[t, 16:32, 4 * t : 4 * t + 16, 0] = 255
+    tone = (0.3 * np.sin(2 * np.pi * 660 * np.arange(72000) / 48000) + 0.01 * rng.standard_normal(72000)).astype(np.float32)
+    write_media(root / "clip.mp4", frames=frames, audio=tone)
+    write_media(root / "silent.mp4", frames=frames)
+    model = avllm_jax.load_model(out)
+    return {"dir": str(out), "video": str(root / "clip.mp4"), "silent": str(root / "silent.mp4"), "model": model,
+            "tokenizer": conversation.load_tokenizer(out)}
+
+
+def run_chat(checkpoint, *extra):
+    return chat.main(["--checkpoint", checkpoint["dir"], "--media", checkpoint["video"], "--num-frames", str(NUM_FRAMES),
+                      "--max-new-tokens", str(MAX_NEW), *extra])
+
+
+def expected_answers(checkpoint, questions):
+    media = load_media(checkpoint["video"], num_frames=NUM_FRAMES, image_size=32)
+    assert media.has_visual and media.has_audio
+    return gen.answer_questions(checkpoint["model"], checkpoint["tokenizer"], [media] * len(questions), questions,
+                                max_new_tokens=MAX_NEW)
+
+
+def test_question_prints_what_answer_questions_answers(checkpoint, capsys):
+    question = "What colour is the square?"
+    answers = run_chat(checkpoint, "--question", question)
+    printed = capsys.readouterr()
+    expected = expected_answers(checkpoint, [question])[0]
+    assert expected and printed.out == expected + "\n" and answers == [expected]
+    assert "modality: audio_visual (from the file's streams)" in printed.err
+
+
+def test_multi_turn_keeps_the_conversation(checkpoint, capsys, monkeypatch):
+    first, second = "What colour is the square?", "How many beeps do you hear?"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{first}\n\n{second}\nexit\nnever asked\n"))
+    answers = run_chat(checkpoint)
+    printed = capsys.readouterr().out
+    assert len(answers) == 2
+    assert answers[0] == expected_answers(checkpoint, [first])[0]
+    assert f"ASSISTANT: {answers[0]}\n" in printed and f"ASSISTANT: {answers[1]}\n" in printed
+    # The second answer continues the whole conversation, the media token in the first turn only.
+    turns = [(conversation.USER_ROLE, gen.first_user_message(first, "audio_visual")),
+             (conversation.ASSISTANT_ROLE, answers[0]), (conversation.USER_ROLE, second)]
+    media = load_media(checkpoint["video"], num_frames=NUM_FRAMES, image_size=32)
+    model, tokenizer = checkpoint["model"], checkpoint["tokenizer"]
+    batch = gen.conversation_batch(model, tokenizer, [media], [turns], ["audio_visual"])
+    tokens, length = gen.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=tokenizer.eos_token_id)
+    assert answers[1] == gen.decode_answer(tokenizer, np.asarray(tokens[0])[: int(length[0])])
+    assert answers[1] != expected_answers(checkpoint, [second])[0]  # the history changed the answer
+
+
+def test_forced_modality_needs_its_stream(checkpoint):
+    with pytest.raises(SystemExit, match=r"modality 'audio' needs an audio stream, which .*silent\.mp4 lacks"):
+        chat.main(["--checkpoint", checkpoint["dir"], "--media", checkpoint["silent"], "--modality", "audio", "--question", "Hi?"])
+
+
+def test_stream_printer_holds_back_what_may_change():
+    out = io.StringIO()
+    printer = chat._StreamPrinter(out)
+    for text in [" The", " The red ", " The red sq\ufffd", " The red square", " The red square. "]:
+        printer.update(text)
+    assert out.getvalue() == "The red square."
+    printer.update(" The red square. ", final=True)
+    assert out.getvalue() == "The red square."
