@@ -34,6 +34,7 @@ class CLIPVisionConfig:
     select_layer: int = -1
     # Apply the post-layernorm to every returned row (HF applies it to the pooled class token only).
     apply_post_layernorm: bool = False
+    attention_implementation: str = "xla"
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -98,7 +99,7 @@ class EncoderLayer(nnx.Module):
             jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias"))
             for n in ("q", "k", "v")
         )
-        out = attention.dot_product_attention(q, k, v, causal=False)
+        out = attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation)
         x = x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias)
         h = layers.layer_norm(x, self.norm2_scale[...], self.norm2_bias[...], c.layer_norm_eps)
         h = ACTIVATIONS[c.hidden_act](jnp.einsum("bsd,dm->bsm", h, cast(self.fc1)) + cast(self.fc1_bias))

@@ -1,0 +1,267 @@
+"""Train the audio-visual LLM: `python -m avllm_jax.train --config=configs/sft.py --workdir=DIR`.
+
+The config file is the whole record of the run (see configs/). Rerunning the same command on
+the same workdir resumes from its latest checkpoint: parameters, optimizer state, step and
+the data iterator's position, so the run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from avllm_jax.data import conversation, pipeline
+from avllm_jax.models import avllm, clip_vision, htsat, llama
+from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model config.")
+
+
+class SetupError(RuntimeError):
+    """A run that cannot start (missing checkpoint, bad config): the message says what to do."""
+
+
+def resolve_model(config):
+    """(model config, tokenizer, directory to load weights from or None) for a run.
+
+    With `init_checkpoint`, the model is the one stored there (a converted checkpoint, or the
+    workdir of an earlier stage) with `config.model` fields overriding its parts (compute
+    dtype, remat, attention). Without it, the model is built from `config.model` alone with
+    random weights and the tokenizer from `config.tokenizer` (the demo does this).
+    """
+    overrides = {part: dict(fields) for part, fields in config.model.items() if fields}
+    if config.init_checkpoint:
+        if not os.path.exists(os.path.join(config.init_checkpoint, checkpointing.CONFIG_FILE)):
+            raise SetupError(
+                f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n"
+                f"{config.get('init_checkpoint_help', 'Make it with tools/convert_hf_weights.py (see README).')}"
+            )
+        model_config = checkpointing.read_model_config(config.init_checkpoint).replace(**overrides)
+        return model_config, conversation.load_tokenizer(config.init_checkpoint), config.init_checkpoint
+    if not config.get("tokenizer"):
+        raise SetupError("set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)")
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer)
+    token_ids = tuple(conversation.add_modality_tokens(tokenizer))
+    parts = {
+        "vision": clip_vision.CLIPVisionConfig(**overrides["vision"]) if "vision" in overrides else None,
+        "audio": htsat.HTSATConfig(**_tuples(overrides["audio"])) if "audio" in overrides else None,
+        "llm": llama.LlamaConfig(**{**overrides["llm"], "vocab_size": len(tokenizer)}),
+    }
+    return avllm.AVLLMConfig(**parts, modality_token_ids=token_ids), tokenizer, None
+
+
+def _tuples(fields: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def check_data_matches_model(data_config, model_config):
+    if model_config.vision and data_config.image_size != model_config.vision.image_size:
+        raise SetupError(f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px")
+    if model_config.audio:
+        wants_fusion = data_config.audio_truncation == "fusion"
+        if wants_fusion != model_config.audio.enable_fusion:
+            raise SetupError(
+                f"data.audio_truncation={data_config.audio_truncation!r} but the audio encoder is "
+                f"{'fused' if model_config.audio.enable_fusion else 'unfused'}; use "
+                f"{'fusion' if model_config.audio.enable_fusion else 'rand_trunc'}"
+            )
+
+
+def total_steps(config) -> int:
+    if config.num_steps > 0:
+        return config.num_steps
+    num_samples = sum(len(samples) for samples in pipeline.read_sources(config.data))
+    return max(1, math.floor(config.num_epochs * num_samples / config.global_batch_size))
+
+
+def create_sharded_model(model_config, init_dir, mesh, seed):
+    """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
+    from flax import nnx
+
+    _, abstract_state = checkpointing.abstract_model(model_config)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    if init_dir is not None:
+        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in ("vision", "audio", "llm") if getattr(model_config, part)}
+        return checkpointing.load_model(init_dir, config_overrides=overrides, shardings=shardings)
+
+    def init():
+        return nnx.state(avllm.AVLLM(model_config, rngs=nnx.Rngs(seed)))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: avllm.AVLLM(model_config, rngs=nnx.Rngs(seed))))
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+class MetricsLog:
+    """Averages step metrics between log lines; throughput, MFU and an ETA line."""
+
+    def __init__(self, writer, *, flops_per_sample, peak_flops, global_batch_size, total, start_step):
+        self.writer, self.flops_per_sample, self.peak_flops = writer, flops_per_sample, peak_flops
+        self.global_batch_size, self.total = global_batch_size, total
+        self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
+        self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
+
+    def add(self, metrics, counters):
+        self.pending.append(metrics)
+        for name, value in counters.items():
+            self.counters[name] += int(value)
+
+    def flush(self, step_number, learning_rate):
+        metrics = jax.device_get(self.pending)
+        self.pending = []
+        now = time.time()
+        steps = step_number - self.last_step
+        seconds = max(now - self.last_time, 1e-9)
+        row = {}
+        for key in metrics[0]:
+            values = np.array([m[key] for m in metrics], np.float64)
+            values = values[~np.isnan(values)]
+            if values.size:
+                row[key] = float(values.sum() if key == "target_tokens" else values.mean())
+        samples_per_second = steps * self.global_batch_size / seconds
+        row.update(
+            learning_rate=float(learning_rate),
+            steps_per_second=steps / seconds,
+            target_tokens_per_second=row.pop("target_tokens", 0.0) / seconds,
+            tflops_per_device=samples_per_second * self.flops_per_sample / jax.device_count() / 1e12,
+        )
+        if self.peak_flops:
+            row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
+        row.update({f"data/{k}": float(v) for k, v in self.counters.items()})
+        self.writer.write_scalars(step_number, row)
+        done = step_number - self.start_step
+        eta = (now - self.start_time) / max(done, 1) * (self.total - step_number)
+        mfu = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
+        print(
+            f"step {step_number}/{self.total} loss {row.get('loss', float('nan')):.4f} "
+            f"{row['steps_per_second']:.2f} steps/s {row['target_tokens_per_second']:.0f} answer tok/s "
+            f"{row['tflops_per_device']:.3f} TFLOP/s/device{mfu} eta {_duration(eta)}",
+            flush=True,
+        )
+        self.last_time, self.last_step = now, step_number
+        return row
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    from flax import nnx
+
+    model_config, tokenizer, init_dir = resolve_model(config)
+    check_data_matches_model(config.data, model_config)
+    if jax.process_index() == 0:
+        checkpointing.write_model_config(workdir, model_config)
+        tokenizer.save_pretrained(workdir)
+        with open(os.path.join(workdir, "train_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    num_steps = total_steps(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
+
+    with jax.set_mesh(mesh):
+        model = create_sharded_model(model_config, init_dir, mesh, config.seed)
+        trainable_filter = optim.trainable_filter(list(config.trainable))
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+        num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+        num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+        print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
+        optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, trainable, mesh))(trainable)
+        data_iterator = pipeline.make_train_iterator(config.data, tokenizer, global_batch_size=config.global_batch_size)
+        manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+        start = manager.latest_step() or 0
+        if start:
+            abstract_full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
+            abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
+            params, opt_state = checkpointing.restore_train_state(manager, start, abstract_full, abstract_opt, data_iterator)
+            full_state = nnx.state(model)
+            nnx.replace_by_pure_dict(full_state, params)
+            nnx.update(model, full_state)
+            graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+            print(f"resumed from step {start} in {workdir}", flush=True)
+        state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
+        train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
+        schedule = optim.learning_rate_schedule(config.optim, num_steps)
+
+        sequence_length = config.data.max_text_length - 1 + _num_modality_rows(model_config, config.data)
+        flops_per_sample = flops.sample_flops(
+            model_config,
+            sequence_length=sequence_length,
+            num_frames=config.data.num_frames,
+            num_audio_segments=config.data.num_audio_segments,
+            llm_trains=any(p.startswith("llm") for p in config.trainable),
+        )
+        peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
+        writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
+        log = MetricsLog(writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size, total=num_steps, start_step=start)
+        row = {}
+        for step_number in range(start + 1, num_steps + 1):
+            host_batch = next(data_iterator)
+            counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
+            state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
+            log.add(step_metrics, counters)
+            if step_number % config.log_every == 0 or step_number == num_steps:
+                row = log.flush(step_number, schedule(step_number - 1))
+            if step_number % config.checkpoint_every == 0 or step_number == num_steps:
+                checkpointing.save_train_state(
+                    manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, force=True
+                )
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return row
+
+
+def optimizer_shardings(optimizer, params, mesh):
+    """Each moment tensor is laid out like the parameter it mirrors (sharded over fsdp, as
+    ZeRO does); scalars such as the step count are replicated."""
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, param_sharding: param_sharding,
+        jax.eval_shape(optimizer.init, params),
+        sharding.state_shardings(params, mesh),
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def _num_modality_rows(model_config, data_config) -> int:
+    rows = 0
+    if model_config.vision:
+        rows += data_config.num_frames + model_config.vision.num_patches
+    if model_config.audio:
+        rows += data_config.num_audio_segments
+    return rows
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (SetupError, pipeline.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

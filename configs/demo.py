@@ -1,0 +1,43 @@
+"""The CPU demo: a ~1M-parameter model trained from scratch on the synthetic demo data set.
+
+    make demo
+    # or by hand:
+    python tools/make_demo_data.py --out demo_out/data --num 2000
+    python -m avllm_jax.train --config=configs/demo.py --workdir=demo_out/run \
+        --config.tokenizer=demo_out/tokenizer --config.data.sources='[{"path": "demo_out/data/train.jsonl", "weight": 1.0}]'
+
+The encoders start from random weights here (nothing can be downloaded), so unlike the
+paper's runs they train too; every parameter is in `trainable`.
+"""
+import ml_collections
+
+from avllm_jax.training.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.tokenizer = "demo_out/tokenizer"
+    config.model = ml_collections.ConfigDict(
+        dict(
+            vision=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+            audio=dict(spec_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
+            llm=dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256),
+        )
+    )
+    config.trainable = (r".*",)
+    config.data.sources = (dict(path="demo_out/data/train.jsonl", media_root=None, weight=1.0),)
+    config.data.num_frames = 4
+    config.data.image_size = 32
+    config.data.num_audio_segments = 4
+    config.data.audio_max_length_s = 0.4  # a quarter of a 1.5 s clip, padded
+    config.data.audio_truncation = "rand_trunc"  # unfused HTSAT
+    config.data.max_text_length = 128
+    config.data.worker_count = 1
+    config.global_batch_size = 32
+    config.num_steps = 1200
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 0.01
+    config.log_every = 50
+    config.checkpoint_every = 400
+    config.keep_checkpoints = 1
+    return config

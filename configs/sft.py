@@ -1,0 +1,29 @@
+"""Stage 2, instruction tuning: projectors + LLM train (lr 2e-5, batch 128, 1 epoch), from the
+pretraining result.
+
+    python -m avllm_jax.train --config=configs/pretrain.py --workdir=runs/pretrain   # first
+    python -m avllm_jax.train --config=configs/sft.py --workdir=runs/sft \
+        --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
+"""
+from avllm_jax.training.config import accelerator_model_overrides, base_config
+
+
+def get_config():
+    config = base_config()
+    config.init_checkpoint = "runs/pretrain"
+    config.init_checkpoint_help = (
+        "SFT starts from the pretraining result: run `python -m avllm_jax.train --config=configs/pretrain.py "
+        "--workdir=runs/pretrain` first (it needs the converted checkpoint made by tools/convert_hf_weights.py), "
+        "or point --config.init_checkpoint at another workdir or converted checkpoint."
+    )
+    config.model.update(accelerator_model_overrides())
+    config.trainable = (r"(temporal|spatial|audio)_proj\..*", r"llm\..*")
+    config.global_batch_size = 128
+    config.num_epochs = 1.0
+    config.optim.learning_rate = 2e-5
+    config.data.num_frames = 32
+    config.data.num_audio_segments = 4
+    config.data.image_size = 224
+    config.data.audio_truncation = "fusion"
+    config.data.max_text_length = 512
+    return config
