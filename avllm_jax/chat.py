@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         printer.update(answer, final=True)
         print(flush=True)
         seconds = time.perf_counter() - start
-        print(f"({len(tokens)} tokens, {len(tokens) / seconds:.1f} tokens/s)", file=sys.stderr, flush=True)
+        print(f"({len(tokens)} tokens in {seconds:.1f} s, compilation included on a first turn)", file=sys.stderr, flush=True)
         turns.append((conversation.ASSISTANT_ROLE, answer))
         answers.append(answer)
         return answer
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             try:
                 question = input(f"{conversation.USER_ROLE}: ").strip()
             except EOFError:
+                print()
                 break
             if question.lower() in QUIT_WORDS:
                 break
