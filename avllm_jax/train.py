@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from avllm_jax.data import conversation, pipeline
@@ -166,6 +166,7 @@ def train(config, workdir: str) -> dict:
     check_data_matches_model(config.data, model_config)
     if jax.process_index() == 0:
         checkpointing.write_model_config(workdir, model_config)
+        checkpointing.write_data_config(workdir, config.data)
         tokenizer.save_pretrained(workdir)
         with open(os.path.join(workdir, "train_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -253,6 +254,7 @@ def _num_modality_rows(model_config, data_config) -> int:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     os.makedirs(_WORKDIR.value, exist_ok=True)

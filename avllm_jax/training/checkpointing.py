@@ -21,6 +21,7 @@ from flax import nnx
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
 CONFIG_FILE = "config.json"
+DATA_CONFIG_FILE = "data_config.json"  # the media settings the model was trained with
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -43,6 +44,26 @@ def read_model_config(directory: str) -> AVLLMConfig:
     if "avllm" not in data:
         raise ValueError(f"{path} is not an avllm_jax model config (no 'avllm' key); is it a Hugging Face config?")
     return AVLLMConfig.from_dict(data["avllm"])
+
+
+def write_data_config(directory: str, data_config) -> None:
+    with open(os.path.join(directory, DATA_CONFIG_FILE), "w") as f:
+        f.write(data_config.to_json(indent=2))
+
+
+def read_data_config(directory: str):
+    """The data settings saved by training (None for a converted checkpoint), over the defaults."""
+    from avllm_jax.data.pipeline import default_data_config
+
+    path = os.path.join(os.fspath(directory), DATA_CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    config = default_data_config()
+    with open(path) as f:
+        saved = json.load(f)
+    saved["sources"] = tuple(saved.get("sources", ()))
+    config.update(saved)
+    return config
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:

@@ -1,0 +1,68 @@
+"""FSDP / tensor / data sharding on 8 CPU devices gives what one device gives."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from avllm_jax.training import optim, sharding, step
+from tiny_models import mixed_batch, tiny_model, tiny_tokenizer
+
+OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0))
+TRAINABLE = (r".*_proj\..*", r"llm\..*")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=3)
+    batch = mixed_batch(tokenizer, ("visual", "audio", "audio_visual", "text") * 2, seed=4)
+    return model, batch
+
+
+def run_one_step(model, batch, mesh_shape):
+    """One AdamW step of the model laid out on a mesh (None: one device, no mesh)."""
+    devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
+    mesh = sharding.make_mesh(mesh_shape or (1, 1, 1), devices=devices)
+    with jax.set_mesh(mesh):
+        # From host copies: the step donates its inputs, and `model` is reused.
+        state = jax.tree.map(np.asarray, nnx.state(model))
+        state = jax.device_put(state, sharding.state_shardings(nnx.state(model), mesh))
+        graphdef = nnx.graphdef(model)
+        sharded_model = nnx.merge(graphdef, state)
+        graphdef, trainable, frozen = nnx.split(sharded_model, optim.trainable_filter(TRAINABLE), ...)
+        optimizer = optim.make_optimizer(OPTIM, total_steps=2, params=trainable)
+        train_state = step.TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+        train_step = step.make_train_step(graphdef, optimizer, num_microbatches=2)
+        new_state, metrics = train_step(train_state, frozen, sharding.shard_batch(batch, mesh))
+        q_proj_sharding = new_state.params["llm"]["layers"]["q_proj"].get_value().sharding
+        return jax.device_get(nnx.to_pure_dict(new_state.params)), float(metrics["loss"]), q_proj_sharding
+
+
+def test_logical_rules_shard_over_fsdp_and_tensor():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    spec = sharding.logical_to_spec(("layers", "embed", "heads", "kv"), (2, 64, 4, 16), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    # A dimension its mesh axes do not divide stays whole.
+    assert sharding.logical_to_spec(("vocab", "embed"), (303, 64), mesh) == jax.sharding.PartitionSpec(None, "fsdp")
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 2})
+    assert dict(sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 1}).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_mesh_matches_single_device(setup, mesh_shape):
+    assert jax.device_count() == 8
+    model, batch = setup
+    reference_params, reference_loss, _ = run_one_step(model, batch, None)
+    params, loss, q_proj_sharding = run_one_step(model, batch, mesh_shape)
+    np.testing.assert_allclose(loss, reference_loss, rtol=0, atol=1e-5)
+    diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, reference_params)
+    worst = max(jax.tree.leaves(diffs))
+    print(f"mesh {mesh_shape}: |loss diff| {abs(loss - reference_loss):.2e}, max |param diff| {worst:.2e}")
+    assert worst <= 1e-5
+    data, fsdp, tensor = mesh_shape
+    spec = tuple(q_proj_sharding.spec) + (None,) * 4
+    # q_proj is [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor when they exist.
+    assert (spec[1] == "fsdp") == (fsdp > 1) and (spec[2] == "tensor") == (tensor > 1), spec
