@@ -6,7 +6,6 @@ the data iterator's position, so the run continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -85,24 +84,6 @@ def total_steps(config) -> int:
     return max(1, math.floor(config.num_epochs * num_samples / config.global_batch_size))
 
 
-def create_sharded_model(model_config, init_dir, mesh, seed):
-    """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
-    from flax import nnx
-
-    _, abstract_state = checkpointing.abstract_model(model_config)
-    shardings = sharding.state_shardings(abstract_state, mesh)
-    if init_dir is not None:
-        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in ("vision", "audio", "llm") if getattr(model_config, part)}
-        return checkpointing.load_model(init_dir, config_overrides=overrides, shardings=shardings)
-
-    def init():
-        return nnx.state(avllm.AVLLM(model_config, rngs=nnx.Rngs(seed)))
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: avllm.AVLLM(model_config, rngs=nnx.Rngs(seed))))
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
 class MetricsLog:
     """Averages step metrics between log lines; throughput, MFU and an ETA line."""
 
@@ -175,14 +156,14 @@ def train(config, workdir: str) -> dict:
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
 
     with jax.set_mesh(mesh):
-        model = create_sharded_model(model_config, init_dir, mesh, config.seed)
+        model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
         trainable_filter = optim.trainable_filter(list(config.trainable))
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
         num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
         print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
         optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
-        opt_state = jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, trainable, mesh))(trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
         data_iterator = pipeline.make_train_iterator(config.data, tokenizer, global_batch_size=config.global_batch_size)
         manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
         start = manager.latest_step() or 0
@@ -226,21 +207,6 @@ def train(config, workdir: str) -> dict:
         manager.close()
         writer.close()
     return row
-
-
-def optimizer_shardings(optimizer, params, mesh):
-    """Each moment tensor is laid out like the parameter it mirrors (sharded over fsdp, as
-    ZeRO does); scalars such as the step count are replicated."""
-    import optax
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return optax.tree_map_params(
-        optimizer,
-        lambda _, param_sharding: param_sharding,
-        jax.eval_shape(optimizer.init, params),
-        sharding.state_shardings(params, mesh),
-        transform_non_params=lambda _: replicated,
-    )
 
 
 def _num_modality_rows(model_config, data_config) -> int:

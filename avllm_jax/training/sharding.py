@@ -8,6 +8,7 @@ batch is split over 'data' x 'fsdp'.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -85,3 +86,36 @@ def shard_batch(batch: dict, mesh) -> dict:
     """This host's slice of the global batch -> global jax.Arrays split over data x fsdp."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def create_sharded_model(model_config, init_dir, mesh, seed):
+    """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
+    from avllm_jax.models import avllm
+    from avllm_jax.training import checkpointing
+
+    graphdef, abstract_state = checkpointing.abstract_model(model_config)
+    shardings = state_shardings(abstract_state, mesh)
+    if init_dir is not None:
+        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in ("vision", "audio", "llm") if getattr(model_config, part)}
+        return checkpointing.load_model(init_dir, config_overrides=overrides, shardings=shardings)
+
+    def init():
+        return nnx.state(avllm.AVLLM(model_config, rngs=nnx.Rngs(seed)))
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def optimizer_shardings(optimizer, params, mesh):
+    """Each moment tensor is laid out like the parameter it mirrors (sharded over fsdp, as
+    ZeRO does); scalars such as the step count are replicated."""
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, param_sharding: param_sharding,
+        jax.eval_shape(optimizer.init, params),
+        state_shardings(params, mesh),
+        transform_non_params=lambda _: replicated,
+    )
