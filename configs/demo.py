@@ -31,7 +31,7 @@ def get_config():
     config.data.num_audio_segments = 4
     config.data.audio_max_length_s = 0.4  # a quarter of a 1.5 s clip, padded
     config.data.audio_truncation = "rand_trunc"  # unfused HTSAT
-    config.data.max_text_length = 128
+    config.data.max_text_length = 64
     config.data.worker_count = 1
     config.global_batch_size = 32
     config.num_steps = 1200
