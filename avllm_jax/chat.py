@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)
-    overrides = {k: v for k, v in (("num_frames", args.num_frames), ("num_audio_segments", args.num_audio_segments)) if v}
-    data_config = gen.inference_data_config(model, **overrides)
+    data_config = gen.inference_data_config(
+        model, args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments
+    )
     try:
         media = load_media(args.media, num_frames=data_config.num_frames, image_size=data_config.image_size,
                            num_audio_segments=data_config.num_audio_segments, audio_sample_rate=data_config.audio_sample_rate)

@@ -22,28 +22,32 @@ MODALITIES = ("visual", "audio", "audio_visual")
 
 
 def model_answer_fn(
-    checkpoint: str, *, num_frames: int, num_audio_segments: int, image_size: int | None, max_new_tokens: int
+    checkpoint: str, *, num_frames: int | None, num_audio_segments: int | None, image_size: int | None, max_new_tokens: int
 ) -> AnswerFn:
-    """Answers queries with the model in `checkpoint`: decodes each media file, then generates greedily."""
+    """Answers queries with the model in `checkpoint`: decodes each media file, then generates greedily.
+
+    Media settings left None come from the checkpoint (a training workdir's data settings)."""
     from avllm_jax.data.conversation import load_tokenizer
     from avllm_jax.data.media import load_media
-    from avllm_jax.inference.generate import answer_questions
+    from avllm_jax.inference.generate import answer_questions, inference_data_config
     from avllm_jax.training.checkpointing import load_model
 
     model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    if image_size is None:
-        image_size = model.config.vision.image_size if model.config.vision else 224
+    data_config = inference_data_config(
+        model, checkpoint, num_frames=num_frames, num_audio_segments=num_audio_segments, image_size=image_size
+    )
 
     def answer(queries: list[Query]) -> list[str]:
         media = [
-            load_media(q.media_path, num_frames=num_frames, image_size=image_size, num_audio_segments=num_audio_segments)
+            load_media(q.media_path, num_frames=data_config.num_frames, image_size=data_config.image_size,
+                       num_audio_segments=data_config.num_audio_segments)
             for q in queries
         ]
         forced = [q.modality for q in queries]
         return answer_questions(
-            model, tokenizer, media, [q.question for q in queries],
-            modality=None if None in forced else forced, max_new_tokens=max_new_tokens, temperature=0.0,
+            model, tokenizer, media, [q.question for q in queries], modality=None if None in forced else forced,
+            max_new_tokens=max_new_tokens, temperature=0.0, data_config=data_config,
         )
 
     return answer
@@ -67,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge-retries", type=int, default=5, help="retries on 429 / 5xx before a verdict fails")
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered per model call")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-frames", type=int, default=32, help="frames sampled per video (paper: 32)")
-    parser.add_argument("--num-audio-segments", type=int, default=4, help="audio segments per clip (paper: 4)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the vision encoder's input size")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the checkpoint's training setting, else 32)")
+    parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments per clip (default: the checkpoint's, else 4)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training setting, else the vision encoder's input size")
     parser.add_argument("--modality", choices=MODALITIES, default=None,
                         help="force one modality (default: the task's, else the streams each file has)")
     return parser.parse_args(argv)

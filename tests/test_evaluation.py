@@ -316,7 +316,7 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
     summary = evaluate.main(["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root",
                              str(media), "--out", str(out), "--judge-endpoint", judge.endpoint, "--judge-model", "m-2",
                              "--judge-key-env", "MY_JUDGE_KEY", "--num-frames", "8"])
-    assert built == {"checkpoint": "ckpt", "num_frames": 8, "num_audio_segments": 4, "image_size": None,
+    assert built == {"checkpoint": "ckpt", "num_frames": 8, "num_audio_segments": None, "image_size": None,
                      "max_new_tokens": 128}
     assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
     assert {r["model"] for r in judge.requests} == {"m-2"}
@@ -360,14 +360,25 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
 
     seen = []
 
-    def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0):
+    def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0,
+                         data_config=None):
         assert (model, tokenizer, max_new_tokens, temperature) == ("model", "tokenizer", 5, 0.0)
+        assert (data_config.num_frames, data_config.image_size) == (2, 16)
         seen.extend((m.frames.shape, int(m.frames.mean()), q, modality) for m, q in zip(media_list, questions))
         return [f"answer {q.split()[1][:-1]}" for q in questions]
 
     stub(monkeypatch, "avllm_jax.inference.generate", "answer_questions", answer_questions)
     stub(monkeypatch, "avllm_jax.training.checkpointing", "load_model", lambda path: "model")
     stub(monkeypatch, "avllm_jax.data.conversation", "load_tokenizer", lambda path: "tokenizer")
+
+    def inference_data_config(model, checkpoint, **overrides):
+        from avllm_jax.data.pipeline import default_data_config
+
+        config = default_data_config()
+        config.update(overrides)
+        return config
+
+    stub(monkeypatch, "avllm_jax.inference.generate", "inference_data_config", inference_data_config)
     answer_fn = evaluate.model_answer_fn("ckpt", num_frames=2, num_audio_segments=4, image_size=16, max_new_tokens=5)
     summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", answer_fn, batch_size=4)
 

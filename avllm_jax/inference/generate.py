@@ -246,19 +246,24 @@ def stream_tokens(
 # -- prompts about media --------------------------------------------------------------------------
 
 
-def inference_data_config(model: AVLLM, **overrides) -> ml_collections.ConfigDict:
+def inference_data_config(model: AVLLM, checkpoint: str | None = None, **overrides) -> ml_collections.ConfigDict:
     """The media settings the model is fed with at inference.
 
-    The pipeline's defaults, with the vision encoder's input size and the audio truncation its
-    HTSAT takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise), then
-    `overrides`. (A training workdir's saved data settings belong here once training writes them.)
+    A training workdir's saved data settings when `checkpoint` is one; otherwise the
+    pipeline's defaults with the vision encoder's input size and the audio truncation its HTSAT
+    takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise). Then `overrides`
+    (None values are ignored).
     """
-    config = pipeline.default_data_config()
-    if model.config.vision is not None:
-        config.image_size = model.config.vision.image_size
-    if model.config.audio is not None:
-        config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
-    config.update(overrides)
+    from avllm_jax.training.checkpointing import read_data_config
+
+    config = read_data_config(checkpoint) if checkpoint else None
+    if config is None:
+        config = pipeline.default_data_config()
+        if model.config.vision is not None:
+            config.image_size = model.config.vision.image_size
+        if model.config.audio is not None:
+            config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
+    config.update({k: v for k, v in overrides.items() if v is not None})
     return config
 
 
