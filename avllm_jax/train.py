@@ -205,6 +205,7 @@ def train(config, workdir: str) -> dict:
                 )
         manager.wait_until_finished()
         manager.close()
+        data_iterator.close()  # stops grain's worker processes and frees their shared memory
         writer.close()
     return row
 

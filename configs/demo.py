@@ -19,7 +19,7 @@ def get_config():
     config.tokenizer = "demo_out/tokenizer"
     config.model = ml_collections.ConfigDict(
         dict(
-            vision=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+            vision=dict(image_size=64, patch_size=16, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4),
             audio=dict(spec_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
             llm=dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256),
         )
@@ -27,15 +27,15 @@ def get_config():
     config.trainable = (r".*",)
     config.data.sources = (dict(path="demo_out/data/train.jsonl", media_root=None, weight=1.0),)
     config.data.num_frames = 4
-    config.data.image_size = 32
+    config.data.image_size = 64
     config.data.num_audio_segments = 4
     config.data.audio_max_length_s = 0.4  # a quarter of a 1.5 s clip, padded
     config.data.audio_truncation = "rand_trunc"  # unfused HTSAT
-    config.data.max_text_length = 64
+    config.data.max_text_length = 80
     config.data.worker_count = 1
     config.global_batch_size = 32
-    config.num_steps = 1200
-    config.optim.learning_rate = 1e-3
+    config.num_steps = 1000
+    config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 0.01
     config.log_every = 50
     config.checkpoint_every = 400

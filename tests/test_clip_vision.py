@@ -9,17 +9,13 @@ import transformers
 from flax import nnx
 
 from avllm_jax.models import clip_vision, conversion
-from hf_reference import assert_parity, build_hf
+from hf_reference import assert_parity, build_hf, convert_saved
 
 
 def convert_clip(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
     config = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(tmp_path))
-    model = clip_vision.CLIPVision(config, rngs=nnx.Rngs(1))
-    paths = conversion.checkpoint_files(tmp_path)
-    flat = conversion.convert_tensors(conversion.iterate_tensors(paths), clip_vision.hf_rules(config), conversion.flat_shapes(nnx.state(model)))
-    conversion.load_into(model, flat)
-    return model
+    return convert_saved(tmp_path, clip_vision.CLIPVision, config, clip_vision.hf_rules(config))
 
 
 def with_config(model, **changes):
@@ -62,10 +58,7 @@ def test_full_clip_model_checkpoint_drops_text_tower(tmp_path):
     hf_model.save_pretrained(tmp_path)
     ours = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(tmp_path))
     assert (ours.hidden_size, ours.patch_size, ours.num_layers) == (32, 16, 1)
-    model = clip_vision.CLIPVision(ours, rngs=nnx.Rngs(0))
-    paths = conversion.checkpoint_files(tmp_path)
-    flat = conversion.convert_tensors(conversion.iterate_tensors(paths), clip_vision.hf_rules(ours), conversion.flat_shapes(nnx.state(model)))
-    conversion.load_into(model, flat)
+    model = convert_saved(tmp_path, clip_vision.CLIPVision, ours, clip_vision.hf_rules(ours))
     pixels = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
     with torch.no_grad():
         reference = hf_model.vision_model(torch.tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()

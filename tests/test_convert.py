@@ -150,3 +150,21 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--clip", "--clap", "--llm", "--tokenizer", "--out", "--dtype", "--allow-pickle", "--seed"):
         assert flag in text
+
+
+def test_clap_audio_tower_converts_and_runs(tmp_path):
+    """--clap with a full ClapModel (text tower dropped): load_model(OUT).audio equals HF's pooled output."""
+    audio = dict(spec_size=128, window_size=4, depths=[2, 1, 2, 2], num_attention_heads=[2, 4, 8, 8], patch_embeds_hidden_size=16)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    clap = build_hf(transformers.ClapModel, transformers.ClapConfig(audio_config=audio, text_config=text, projection_dim=16))
+    clap.save_pretrained(tmp_path / "clap")
+    convert_hf_weights.main(["--clap", str(tmp_path / "clap"), "--out", str(tmp_path / "out")])
+    model = avllm_jax.load_model(tmp_path / "out")
+    assert model.vision is None and model.llm is None
+    from avllm_jax.data.features import clap_audio_features
+
+    waveforms = np.random.RandomState(0).randn(2, 48000).astype(np.float32) * 0.1
+    features, is_longer = clap_audio_features(waveforms, truncation="rand_trunc", max_length_s=2.0)
+    with torch.no_grad():
+        reference = clap.audio_model(torch.from_numpy(features)).pooler_output.numpy()
+    assert_parity(model.audio(jnp.asarray(features), jnp.asarray(is_longer)), reference, "converted CLAP audio tower (pooled)")

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 from avllm_jax.data.features import clap_audio_features, normalize_frames
-
-transformers = pytest.importorskip("transformers")
 
 SR = 48_000
 SEED = 7

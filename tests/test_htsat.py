@@ -12,18 +12,11 @@ from flax import nnx
 
 from avllm_jax.data.features import clap_audio_features
 from avllm_jax.models import htsat
-from avllm_jax.models.conversion import (
-    ConversionError,
-    checkpoint_files,
-    convert_tensors,
-    flat_shapes,
-    iterate_tensors,
-    load_into,
-    read_hf_config,
-)
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from avllm_jax.models.conversion import ConversionError, read_hf_config
+from hf_reference import convert_saved
 
 TOLERANCE = 1e-4
 SMALL_TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
@@ -62,11 +55,7 @@ def _save(audio_config, directory, *, full_clap):
 
 def _convert(directory, *, config=None):
     config = config or htsat.HTSATConfig.from_hf(read_hf_config(directory))
-    model = nnx.eval_shape(lambda: htsat.HTSAT(config, rngs=nnx.Rngs(0)))
-    tensors = iterate_tensors(checkpoint_files(directory))
-    rules, shapes = htsat.hf_rules(config), flat_shapes(nnx.state(model))
-    load_into(model, convert_tensors(tensors, rules, shapes, source=str(directory)))
-    return model
+    return convert_saved(directory, htsat.HTSAT, config, htsat.hf_rules(config))
 
 
 def _assert_matches_hf(model, hf_model, features, is_longer):

@@ -4,20 +4,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from avllm_jax.models import conversion, llama
-from hf_reference import assert_parity, build_hf
+from hf_reference import assert_parity, build_hf, convert_saved
 
 
 def convert_llama(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
     config = llama.LlamaConfig.from_hf(conversion.read_hf_config(tmp_path))
-    model = llama.Llama(config, rngs=nnx.Rngs(1))
-    paths = conversion.checkpoint_files(tmp_path)
-    flat = conversion.convert_tensors(conversion.iterate_tensors(paths), llama.hf_rules(config), conversion.flat_shapes(nnx.state(model)))
-    conversion.load_into(model, flat)
-    return model
+    return convert_saved(tmp_path, llama.Llama, config, llama.hf_rules(config))
 
 
 TINY_GQA = dict(

@@ -15,11 +15,12 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=2000, help="training samples (one media file each)")
     parser.add_argument("--num-eval", type=int, default=None, help="held-out samples (default: num / 10, at least 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training split; eval uses seed + 1")
+    parser.add_argument("--train-turns", type=int, default=3, help="questions per training clip, one conversation (eval: always 1)")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be positive")
     num_eval = args.num_eval if args.num_eval is not None else max(50, args.num // 10)
-    train = synthetic.make_demo_split(args.out, "train", args.num, args.seed)
+    train = synthetic.make_demo_split(args.out, "train", args.num, args.seed, turns_per_sample=args.train_turns)
     held_out = synthetic.make_demo_split(args.out, "eval", num_eval, args.seed + 1)
     print(f"wrote {train} ({args.num} samples) and {held_out} ({num_eval} samples)")
 

@@ -150,20 +150,25 @@ def tone_pattern(pitch: str, beeps: int, rng: np.random.Generator) -> np.ndarray
     return audio.astype(np.float32)
 
 
-def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, seed: int) -> pathlib.Path:
-    """Writes out_dir/media/{split}_NNNNN.* and out_dir/{split}.jsonl (paths relative to out_dir)."""
+def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, seed: int, turns_per_sample: int = 1) -> pathlib.Path:
+    """Writes out_dir/media/{split}_NNNNN.* and out_dir/{split}.jsonl (paths relative to out_dir).
+
+    `turns_per_sample` > 1 asks that many different questions about each clip in one
+    conversation (as many as its modality has, at most): more supervision per decoded clip,
+    which is what a CPU-bound training run is short of.
+    """
     out_dir = pathlib.Path(out_dir)
     (out_dir / "media").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     jsonl_path = out_dir / f"{split}.jsonl"
     with open(jsonl_path, "w") as out:
         for index in tqdm.trange(num_samples, desc=f"demo {split}", unit="clip"):
-            sample = _make_sample(out_dir, f"{split}_{index:05d}", rng)
+            sample = _make_sample(out_dir, f"{split}_{index:05d}", rng, turns_per_sample)
             out.write(json.dumps(sample) + "\n")
     return jsonl_path
 
 
-def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator) -> dict:
+def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int) -> dict:
     kind = rng.choice(list(FILE_KINDS), p=list(FILE_KINDS.values()))
     attributes = {
         "colour": rng.choice(list(COLOURS)),
@@ -189,29 +194,18 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator) -> 
 
     modality = kind if kind != "audio_visual" else rng.choice(["visual", "audio", "audio_visual"])
     words = {**attributes, "beeps": BEEP_COUNTS[attributes["beeps"]]}
-    if modality == "visual":
-        asked = rng.choice(list(VISUAL_QUESTIONS))
-        question, answer = rng.choice(VISUAL_QUESTIONS[asked]), words[asked]
-    elif modality == "audio":
-        asked = rng.choice(list(AUDIO_QUESTIONS))
-        question, answer = rng.choice(AUDIO_QUESTIONS[asked]), words[asked]
-    else:
-        pairs = list(AUDIO_VISUAL_QUESTIONS)
-        pair = pairs[rng.integers(len(pairs))]
-        question, answer = rng.choice(AUDIO_VISUAL_QUESTIONS[pair]), " ".join(words[a] for a in pair)
-    token = {"visual": conversation.VISUAL_TOKEN, "audio": conversation.AUDIO_TOKEN}.get(
-        modality, conversation.AUDIO_VISUAL_TOKEN
-    )
+    table = {"visual": VISUAL_QUESTIONS, "audio": AUDIO_QUESTIONS, "audio_visual": AUDIO_VISUAL_QUESTIONS}[str(modality)]
+    asked = list(table)
+    conversations = []
+    for index in rng.permutation(len(asked))[:turns]:
+        attribute = asked[index]
+        question = rng.choice(table[attribute])
+        answer = " ".join(words[a] for a in attribute) if isinstance(attribute, tuple) else words[attribute]
+        if not conversations:
+            question = f"{conversation.TOKEN_OF_MODALITY[str(modality)]}\n{question}"
+        conversations += [{"from": "human", "value": str(question)}, {"from": "gpt", "value": str(answer)}]
     media_key = "audio" if kind == "audio" else "video"
-    return {
-        "id": name,
-        media_key: path,
-        "modality": str(modality),
-        "conversations": [
-            {"from": "human", "value": f"{token}\n{question}"},
-            {"from": "gpt", "value": str(answer)},
-        ],
-    }
+    return {"id": name, media_key: path, "modality": str(modality), "conversations": conversations}
 
 
 def demo_tokenizer_corpus() -> list[str]:
