@@ -1,6 +1,7 @@
 """`make demo`: train and evaluate a tiny audio-visual LLM on the synthetic demo data, on CPU.
 
-1. writes the demo data set (train split, held-out split from another seed) to demo_out/data;
+1. writes the demo data set to demo_out/data: training clips with three questions each, and
+   held-out clips, drawn from another seed, with one question each;
 2. trains a tokenizer on the demo text;
 3. trains configs/demo.py into demo_out/run (rerunning resumes, or skips a finished run);
 4. answers every held-out question greedily and scores exact match per modality;
@@ -20,7 +21,7 @@ import time
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and run (default demo_out)")
-    parser.add_argument("--num-train", type=int, default=2000, help="training clips")
+    parser.add_argument("--num-train", type=int, default=1500, help="training clips (three questions each)")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out clips")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
     args = parser.parse_args(argv)
@@ -31,7 +32,7 @@ def main(argv=None):
 
     data_dir = os.path.join(args.out, "data")
     if not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
-        synthetic.make_demo_split(data_dir, "train", args.num_train, seed=0)
+        synthetic.make_demo_split(data_dir, "train", args.num_train, seed=0, turns_per_sample=3)
         synthetic.make_demo_split(data_dir, "eval", args.num_eval, seed=1)
     tokenizer_dir = os.path.join(args.out, "tokenizer")
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
