@@ -19,8 +19,8 @@ def get_config():
     config.tokenizer = "demo_out/tokenizer"
     config.model = ml_collections.ConfigDict(
         dict(
-            vision=dict(image_size=64, patch_size=16, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4),
-            audio=dict(spec_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
+            vision=dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4),
+            audio=dict(spec_size=64, patch_size=(8, 8), patch_stride=(8, 8), window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
             llm=dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256),
         )
     )

@@ -97,9 +97,10 @@ class AVLLM(nnx.Module):
         """frames uint8 [B, T, S, S, 3] -> [B, T+N, D_llm] (temporal, then spatial)."""
         batch, num_frames = frames.shape[:2]
         pixels = normalize_frames(frames.reshape(batch * num_frames, *frames.shape[2:]))
+        # No stop_gradient: when the encoder is frozen it is not among the differentiated
+        # parameters, so no backward pass is built for it; when a config trains it, it trains.
         hidden = self.vision(pixels)  # [B*T, 1+N, Dv]
-        # Frozen encoder: nothing upstream of the projectors needs a gradient.
-        hidden = jax.lax.stop_gradient(hidden).reshape(batch, num_frames, *hidden.shape[1:])
+        hidden = hidden.reshape(batch, num_frames, *hidden.shape[1:])
         dtype = layers.dtype_of(self.config.llm.dtype)
         temporal = self.temporal_proj(hidden[:, :, 0].astype(dtype))
         spatial = self.spatial_proj(hidden[:, :, 1:].mean(axis=1).astype(dtype))
@@ -109,7 +110,7 @@ class AVLLM(nnx.Module):
         """audio_features [B, K, C, F, 64] -> [B, K, D_llm]."""
         batch, num_segments = audio_features.shape[:2]
         pooled = self.audio(audio_features.reshape(batch * num_segments, *audio_features.shape[2:]), audio_is_longer.reshape(-1))
-        pooled = jax.lax.stop_gradient(pooled).reshape(batch, num_segments, -1)
+        pooled = pooled.reshape(batch, num_segments, -1)
         return self.audio_proj(pooled.astype(layers.dtype_of(self.config.llm.dtype)))
 
     # -- the multimodal sequence --------------------------------------------------------
