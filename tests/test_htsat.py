@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from avllm_jax.models.conversion import ConversionError, read_hf_config
-from hf_reference import convert_saved
+from hf_reference import assert_parity, convert_saved
 
 TOLERANCE = 1e-4
 SMALL_TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
@@ -58,7 +58,7 @@ def _convert(directory, *, config=None):
     return convert_saved(directory, htsat.HTSAT, config, htsat.hf_rules(config))
 
 
-def _assert_matches_hf(model, hf_model, features, is_longer):
+def _assert_matches_hf(model, hf_model, features, is_longer, what):
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(features), is_longer=torch.from_numpy(is_longer)[:, None])
     forward = nnx.jit(lambda m, x, longer: m(x, longer, return_last_hidden_state=True))
@@ -66,8 +66,8 @@ def _assert_matches_hf(model, hf_model, features, is_longer):
     hf_pooled = expected.pooler_output.numpy()
     hf_last = expected.last_hidden_state.numpy().transpose(0, 2, 3, 1)  # HF is channels-first
     assert pooled.shape == hf_pooled.shape and last.shape == hf_last.shape
-    np.testing.assert_array_less(np.abs(pooled - hf_pooled).max(), TOLERANCE * np.abs(hf_pooled).max())
-    np.testing.assert_array_less(np.abs(last - hf_last).max(), TOLERANCE * np.abs(hf_last).max())
+    assert_parity(pooled, hf_pooled, f"htsat {what} pooled", TOLERANCE)
+    assert_parity(last, hf_last, f"htsat {what} last hidden state", TOLERANCE)
     # the two segments differ by far more than the tolerance, so mixing up the batch would fail
     assert np.abs(hf_pooled[0] - hf_pooled[1]).max() > 10 * TOLERANCE * np.abs(hf_pooled).max()
 
@@ -99,7 +99,7 @@ def test_full_size_matches_hf(fused, tmp_path):
     assert model.config == (htsat.CLAP_HTSAT_FUSED if fused else htsat.CLAP_HTSAT_UNFUSED)
     features, is_longer = _segments("fusion" if fused else "rand_trunc")
     assert features.shape == (2, 4 if fused else 1, 1001, 64) and is_longer.tolist() == [True, False]
-    _assert_matches_hf(model, hf_model, features, is_longer)
+    _assert_matches_hf(model, hf_model, features, is_longer, "full size " + ("fused" if fused else "unfused"))
 
 
 SMALL_CONFIGS = {
@@ -120,7 +120,7 @@ def test_small_config_matches_hf(name, tmp_path):
     model = _convert(tmp_path)
     assert model.config.window_size == audio_config["window_size"]
     truncation = "fusion" if audio_config.get("enable_fusion") else "rand_trunc"
-    _assert_matches_hf(model, hf_model, *_segments(truncation, max_length_s=seconds))
+    _assert_matches_hf(model, hf_model, *_segments(truncation, max_length_s=seconds), name)
 
 
 def test_config_from_hf():

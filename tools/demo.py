@@ -21,7 +21,7 @@ import time
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and run (default demo_out)")
-    parser.add_argument("--num-train", type=int, default=1500, help="training clips (three questions each)")
+    parser.add_argument("--num-train", type=int, default=3000, help="training clips (three questions each)")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out clips")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
     args = parser.parse_args(argv)
