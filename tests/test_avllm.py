@@ -25,7 +25,7 @@ def logits_alone(model, sample: dict) -> np.ndarray:
     """One sample, unpadded, with only its own modality's rows, assembled here by hand."""
     ids = sample["input_ids"][sample["token_mask"]]
     text = model.llm.embed_tokens(jnp.asarray(ids)[None])
-    pieces, rest = [text], None
+    pieces = [text]
     token_ids = list(model.config.modality_token_ids)
     where = np.flatnonzero(np.isin(ids, token_ids))
     if where.size:
