@@ -36,11 +36,11 @@ def get_config():
     config.data.audio_truncation = "rand_trunc"  # unfused HTSAT
     config.data.max_text_length = 80
     config.data.worker_count = 1
-    config.global_batch_size = 32
-    config.num_steps = 800
+    config.global_batch_size = 16
+    config.num_steps = 1700
     config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 0.01
-    config.log_every = 50
-    config.checkpoint_every = 400
+    config.log_every = 100
+    config.checkpoint_every = 850
     config.keep_checkpoints = 1
     return config

@@ -19,8 +19,9 @@ def demo(tmp_path_factory):
 
 
 def measure_visual(frames):
-    """(colour, shape, direction) read off the pixels, independently of how they were drawn."""
-    lit = frames.max(axis=-1) > 100
+    """(colour, shape, direction) read off the pixels, independently of how they were drawn.
+    The shape is at full brightness; its trail is at most 0.6 of it."""
+    lit = frames.max(axis=-1) > 200
     first, last = np.argwhere(lit[0]), np.argwhere(lit[-1])
     colour_value = np.median(frames[0][lit[0]], axis=0)
     colour = min(synthetic.COLOURS, key=lambda c: np.abs(colour_value - synthetic.COLOURS[c]).sum())

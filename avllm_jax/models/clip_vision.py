@@ -77,18 +77,19 @@ class EncoderLayer(nnx.Module):
         self.config = config
         c, dtype = config, layers.dtype_of(config.param_dtype)
         head_dim = c.hidden_size // c.num_heads
+        residual_stddev = c.hidden_size**-0.5  # fan-in scaled, as in CLIPVision
         self.norm1_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
         self.norm1_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
         for name in ("q", "k", "v"):
-            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype))
+            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=residual_stddev))
             setattr(self, f"{name}_bias", layers.param(rngs, (c.num_heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros"))
-        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype)
+        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype, stddev=residual_stddev)
         self.o_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
         self.norm2_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
         self.norm2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
-        self.fc1 = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
+        self.fc1 = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype, stddev=residual_stddev)
         self.fc1_bias = layers.param(rngs, (c.intermediate_size,), ("mlp",), dtype=dtype, init="zeros")
-        self.fc2 = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype)
+        self.fc2 = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype, stddev=c.intermediate_size**-0.5)
         self.fc2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,9 +111,17 @@ class CLIPVision(nnx.Module):
     def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
         self.config = config
         c, dtype = config, layers.dtype_of(config.param_dtype)
-        self.patch_embed = layers.param(rngs, (c.patch_size, c.patch_size, 3, c.hidden_size), (None, None, None, "embed"), dtype=dtype)
-        self.class_embed = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype)
-        self.position_embed = layers.param(rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype)
+        # Random weights are fan-in scaled (unit-variance embeddings, kernels with stddev
+        # 1/sqrt(inputs), flax's defaults), not HF's 0.02: then an untrained tower's class
+        # token follows the picture (what the object is and where), which a frozen random
+        # encoder such as the demo's needs. With 0.02 it barely moves. Converted weights
+        # replace all of this.
+        patch_inputs = c.patch_size * c.patch_size * 3
+        self.patch_embed = layers.param(
+            rngs, (c.patch_size, c.patch_size, 3, c.hidden_size), (None, None, None, "embed"), dtype=dtype, stddev=patch_inputs**-0.5
+        )
+        self.class_embed = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, stddev=1.0)
+        self.position_embed = layers.param(rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype, stddev=1.0)
         self.pre_norm_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
         self.pre_norm_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
         self.layers = layers.stacked(c.num_layers, lambda r: EncoderLayer(c, rngs=r), rngs)
