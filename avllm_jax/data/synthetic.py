@@ -2,10 +2,10 @@
 
 Every clip shows one large solid shape (circle, square or triangle) in a pure colour
 crossing a black 64x64 picture in one direction, with a fading trail behind it, and/or
-plays a pure tone (low or high) as one to three beeps. Each beep fills most of one quarter of the clip, so with four audio
-segments (the default `num_audio_segments`) every segment holds at most one beep and the
-count is the number of segments that sound. Answers are one or two canonical words so that
-held-out exact match is meaningful.
+plays a pure tone (low or high) as one to three beeps. Each beep fills most of one quarter
+of the clip, so with four audio segments (the default `num_audio_segments`) every segment
+holds at most one beep and the count is the number of segments that sound. Answers are one
+or two canonical words so that held-out exact match is meaningful.
 
 Files: audio-visual clips (.mp4, H.264 + AAC), silent clips (.mp4 or .webm, no audio
 track) and audio-only files (.flac or .m4a). A sample asks a visual question about a silent
