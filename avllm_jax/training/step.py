@@ -94,7 +94,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": aux["loss_sum"] / num_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "target_tokens": aux["target_tokens"],
         }
         group_loss = aux["group_loss_sum"] / jnp.maximum(aux["group_tokens"], 1)
