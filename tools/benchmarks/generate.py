@@ -12,6 +12,8 @@ import os
 import tempfile
 import time
 
+from benchmarks._timing import best_seconds
+
 
 def add_arguments(parser):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -24,15 +26,6 @@ def add_arguments(parser):
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per row (the best is reported)")
-
-
-def _best_seconds(fn, iters):
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def run(args):
@@ -84,7 +77,7 @@ def run(args):
         start = time.perf_counter()
         hf_tokens = hf()
         hf_first_s = time.perf_counter() - start
-        ours_s, hf_s = _best_seconds(ours, args.iters), _best_seconds(hf, args.iters)
+        ours_s, hf_s = best_seconds(ours, args.iters), best_seconds(hf, args.iters)
         generated = batch * args.new_tokens
         same = "yes" if np.array_equal(our_tokens, hf_tokens) else f"{(our_tokens == hf_tokens).mean():.0%}"
         print(f"{batch:>5} {generated / ours_s:>11.0f} {generated / hf_s:>9.0f} {hf_s / ours_s:>7.2f}x "

@@ -10,7 +10,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-import time
+
+from benchmarks._timing import best_seconds
 
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 CLIPS = {"10s_720p": (10, {}), "120s_720p_gop2s": (120, {"g": "60", "keyint_min": "60", "sc_threshold": "0"})}
@@ -49,15 +50,6 @@ def _write_clip(path, seconds, options):
                 video_options={"preset": "veryfast", **options}, audio_options={"aac_coder": "fast"})
 
 
-def _best_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def run(args):
     from avllm_jax.data.media import load_media
 
@@ -73,14 +65,14 @@ def run(args):
         if not path.exists():
             _write_clip(path, seconds, options)
         command = [ffmpeg, "-v", "error", "-threads", "1", "-i", str(path), "-f", "null", "-"]
-        ffmpeg_s = _best_time(lambda: subprocess.run(command, check=True), args.repeats)
+        ffmpeg_s = best_seconds(lambda: subprocess.run(command, check=True), args.repeats)
         media = None
 
         def load():
             nonlocal media
             media = load_media(path, num_frames=args.num_frames, image_size=args.image_size)
 
-        load_s = _best_time(load, args.repeats)
+        load_s = best_seconds(load, args.repeats)
         print(
             f"{name:>16}: ffmpeg -threads 1 {ffmpeg_s:7.3f} s | load_media {load_s:7.3f} s | "
             f"ratio {load_s / ffmpeg_s:5.2f} | frames {media.frames.shape} audio {media.audio.shape}"
