@@ -156,7 +156,9 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, inv_freq, query_segment_ids, kv_cache=None, kv_segment_ids=None, cache_length=0):
         """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, max_length, G, D] or None.
 
-        Returns the new hidden state and the updated (keys, values) when a cache is given.
+        Returns the new hidden state and, when a cache is given, this call's (keys, values)
+        [B, S, G, D] for the caller to write into it: each layer returning its whole updated
+        cache made the scan copy the entire cache at every decoding step.
         """
         c, dtype = self.config, x.dtype
         h = layers.rms_norm(x, self.input_norm[...], c.rms_norm_eps)
@@ -168,9 +170,10 @@ class DecoderLayer(nnx.Module):
         if kv_cache is None:
             keys, values, kv_segment_ids = k, v, query_segment_ids
         else:
+            k, v = k.astype(kv_cache[0].dtype), v.astype(kv_cache[1].dtype)
             start = (0, cache_length, 0, 0)
-            keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            keys = jax.lax.dynamic_update_slice(kv_cache[0], k, start)
+            values = jax.lax.dynamic_update_slice(kv_cache[1], v, start)
         implementation = c.attention_implementation
         out = attention.dot_product_attention(
             q,
@@ -187,7 +190,7 @@ class DecoderLayer(nnx.Module):
         gate = jnp.einsum("bsd,dm->bsm", h, self.gate_proj[...].astype(dtype))
         up = jnp.einsum("bsd,dm->bsm", h, self.up_proj[...].astype(dtype))
         x = x + jnp.einsum("bsm,md->bsd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))
-        return x, (None if kv_cache is None else (keys, values))
+        return x, (None if kv_cache is None else (k, v))
 
 
 class Llama(nnx.Module):
@@ -240,12 +243,15 @@ class Llama(nnx.Module):
             )
         else:
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length))
-            x, (keys, values) = layers.scan_layers(
+            x, (new_keys, new_values) = layers.scan_layers(
                 self.layers,
                 x,
                 (cache.keys, cache.values),
                 call=lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length),
             )
+            start = (0, 0, cache_length, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache.keys, new_keys, start)
+            values = jax.lax.dynamic_update_slice(cache.values, new_values, start)
             cache = KVCache(keys, values, kv_segment_ids, cache_length + length)
         x = layers.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
         outputs = x if return_hidden_states else self.logits(x)
