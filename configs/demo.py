@@ -37,10 +37,10 @@ def get_config():
     config.data.max_text_length = 80
     config.data.worker_count = 1
     config.global_batch_size = 16
-    config.num_steps = 1450
+    config.num_steps = 1600
     config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 0.01
     config.log_every = 100
-    config.checkpoint_every = 725
+    config.checkpoint_every = 800
     config.keep_checkpoints = 1
     return config
