@@ -136,12 +136,13 @@ def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator)
         travel = travel[::-1]
     yy, xx = np.mgrid[:FRAME_SIZE, :FRAME_SIZE] + 0.5
     frames = np.zeros((num_frames, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
+    rgb = np.array(COLOURS[colour], np.float32)
     for t, position in enumerate(travel):
         for lag in range(TRAIL_PIXELS - TRAIL_STEP, -1, -TRAIL_STEP):  # faintest first, the shape itself last
             brightness = TRAIL_BRIGHTNESS * (1.0 - lag / TRAIL_PIXELS) if lag else 1.0
             shifted = position + (lag if backwards else -lag)
             cx, cy = (shifted, lane) if direction in ("left", "right") else (lane, shifted)
-            frames[t][_inside(shape, xx - cx, yy - cy, half)] = brightness * np.array(COLOURS[colour], np.float32)
+            frames[t][_inside(shape, xx - cx, yy - cy, half)] = brightness * rgb
     return np.round(frames).astype(np.uint8)
 
 
