@@ -141,8 +141,20 @@ def _duration(seconds: float) -> str:
 
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    try:
+        training_cpus, worker_cpus = pipeline.split_cpus(config.data)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    # Pinned before JAX first runs here: XLA sizes its CPU thread pool by the CPUs it may use.
+    with pipeline.pinned_to(training_cpus):
+        return _train(config, workdir, worker_cpus)
+
+
+def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
     from flax import nnx
 
+    if worker_cpus:
+        print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
     model_config, tokenizer, init_dir = resolve_model(config)
     check_data_matches_model(config.data, model_config)
     if jax.process_index() == 0:
@@ -164,7 +176,9 @@ def train(config, workdir: str) -> dict:
         print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
         optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
         opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
-        data_iterator = pipeline.make_train_iterator(config.data, tokenizer, global_batch_size=config.global_batch_size)
+        data_iterator = pipeline.make_train_iterator(
+            config.data, tokenizer, global_batch_size=config.global_batch_size, worker_cpus=worker_cpus
+        )
         manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
         start = manager.latest_step() or 0
         if start:

@@ -1,5 +1,6 @@
 """The grain pipeline: batch layout, determinism, checkpointing, mixing, sharding, bad data."""
 import json
+import os
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -257,3 +258,49 @@ def test_worker_processes_restore_to_the_same_next_batches(tmp_path, tokenizer):
     fresh.set_state(state)
     assert all(np.array_equal(next(fresh)["input_ids"], want) for want in expected)
     fresh.close()
+
+
+def _worker_process_cpus() -> dict[int, set[frozenset[int]]]:
+    """The CPUs each thread of this process's multiprocessing children may use, by child pid."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+            if parent == os.getpid() and b"spawn_main" in command:
+                found[int(entry)] = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{entry}/task")}
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 CPUs"
+)
+def test_dedicated_worker_cpus_keep_decoding_and_training_apart(tmp_path, tokenizer):
+    path = text_source(tmp_path / "a.jsonl", "a", 9)
+    config = data_config((path, 1.0), worker_count=1, dedicated_worker_cpus=1)
+    available = sorted(os.sched_getaffinity(0))
+    training, workers = pipeline.split_cpus(config)
+    assert training == set(available[:-1]) and workers == {available[-1]}
+    with pipeline.pinned_to(training):
+        this_process = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+        iterator = pipeline.make_train_iterator(
+            config, tokenizer, global_batch_size=2, process_index=0, process_count=1, worker_cpus=workers
+        )
+        next(iterator)
+        children = _worker_process_cpus()
+        iterator.close()
+    assert this_process == {frozenset(training)}
+    # The workers start with the trainer's CPUs and must have moved to their own.
+    assert children and all(threads == {frozenset(workers)} for threads in children.values())
+    assert os.sched_getaffinity(0) == set(available)
+
+
+def test_dedicated_worker_cpus_must_leave_training_a_cpu(tmp_path):
+    with pytest.raises(ValueError, match="leaves none"):
+        pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0))))
+    assert pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=1)) == (None, None)
+    assert pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=0, dedicated_worker_cpus=1)) == (None, None)

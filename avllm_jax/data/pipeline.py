@@ -30,7 +30,9 @@ Malformed lines are found when the files are read, before training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 
 import grain
@@ -71,6 +73,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.worker_count = 4  # decoding processes per host; 0 decodes in the main process
     config.worker_buffer_size = 2  # batches each worker prepares ahead
     config.read_threads = 2  # decoding threads in each process
+    # Linux: this many of the host's CPUs (the last ones this process may use) run only the
+    # decoding processes, and the training process, XLA's CPU thread pool included, the rest.
+    # For training on CPU, where sharing cores stalls XLA's threads (see README, Pipeline).
+    # 0, or worker_count = 0, shares all CPUs.
+    config.dedicated_worker_cpus = 0
     # Past this fraction of unusable samples (or of malformed lines) the job stops with DataError;
     # each decoding process judges the samples it has prepared, after the first few.
     config.max_bad_fraction = 0.05
@@ -257,8 +264,14 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
     return per_source
 
 
-def make_train_iterator(data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None):
-    """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore."""
+def make_train_iterator(
+    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None
+):
+    """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
+
+    `worker_cpus`: the CPUs the decoding processes are pinned to (see `split_cpus`); None
+    leaves them where the scheduler puts them.
+    """
     if process_index is None or process_count is None:
         import jax
 
@@ -292,17 +305,63 @@ def make_train_iterator(data_config, tokenizer, *, global_batch_size, process_in
         iterable = iterable.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=data_config.worker_count, per_worker_buffer_size=data_config.worker_buffer_size
-            )
+            ),
+            worker_init_fn=functools.partial(_init_worker, cpus=worker_cpus),
         )
     return iter(iterable)
 
 
-def _single_threaded_blas(worker_index: int, worker_count: int) -> None:
-    """Runs numpy's BLAS on one thread in a worker process. The workers are the parallelism;
-    a multi-threaded BLAS that competes with the training step for the same cores spins
-    instead of working (the demo's CLAP log-mel took 48 ms instead of 2 ms on 2 cores)."""
+def _init_worker(worker_index: int, worker_count: int, *, cpus: set[int] | None) -> None:
+    """Runs numpy's BLAS on one thread in a decoding process, on `cpus` if given.
+
+    The workers are the parallelism; a multi-threaded BLAS that competes with the training
+    step for the same cores spins instead of working (the demo's CLAP log-mel took 48 ms
+    instead of 2 ms on 2 cores)."""
     del worker_index, worker_count
     threadpoolctl.threadpool_limits(1)
+    if cpus:
+        pin_process(cpus)
+
+
+def split_cpus(data_config) -> tuple[set[int] | None, set[int] | None]:
+    """(CPUs of the training process, CPUs of the decoding processes) as
+    `dedicated_worker_cpus` asks; (None, None) when they share all of them, as they do
+    without decoding processes (worker_count = 0)."""
+    count = data_config.dedicated_worker_cpus
+    if not count or data_config.worker_count == 0:
+        return None, None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("data.dedicated_worker_cpus needs CPU affinity (Linux); set it to 0 on this system")
+    available = sorted(os.sched_getaffinity(0))
+    if count >= len(available):
+        raise ValueError(
+            f"data.dedicated_worker_cpus={count} leaves none of this process's {len(available)} CPUs for training"
+        )
+    return set(available[:-count]), set(available[-count:])
+
+
+@contextlib.contextmanager
+def pinned_to(cpus: set[int] | None):
+    """Runs the block with every thread of this process on `cpus` (None: unchanged), then
+    restores the CPUs it had. Threads started inside inherit the pinning."""
+    if cpus is None:
+        yield
+        return
+    original = os.sched_getaffinity(0)
+    pin_process(cpus)
+    try:
+        yield
+    finally:
+        pin_process(original)
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Restricts every thread of this process to `cpus`."""
+    for thread_id in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread_id), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 def iterate_eval(path: str | os.PathLike, data_config, media_root=None):
