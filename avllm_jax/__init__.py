@@ -1,14 +1,14 @@
 """avllm_jax: Audio-Visual LLM in JAX/Flax NNX.
 
 `avllm_jax.load_model(path)` loads a converted checkpoint or a training workdir
-(see avllm_jax/training/checkpointing.py); it is imported on first use so that the data
+(see avllm_jax/checkpoint.py); it is imported on first use so that the data
 modules can be used without loading orbax.
 """
 
 
 def __getattr__(name):
     if name == "load_model":
-        from avllm_jax.training.checkpointing import load_model
+        from avllm_jax.checkpoint import load_model
 
         return load_model
     raise AttributeError(f"module 'avllm_jax' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import jax
 from avllm_jax.data import conversation
 from avllm_jax.data.media import MediaError, load_media
 from avllm_jax.inference import generate as gen
+from avllm_jax.modality import Modality
 from avllm_jax.models import attention
 
 QUIT_WORDS = ("exit", "quit")
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m avllm_jax.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--media", required=True, help="video, audio file or image")
-    parser.add_argument("--modality", choices=conversation.MODALITIES, default=None,
+    parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
                         help="default: the streams the file has")
     parser.add_argument("--question", default=None, help="answer this one question and exit")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -61,7 +62,7 @@ class _StreamPrinter:
 def main(argv: list[str] | None = None) -> list[str]:
     """Runs the chat; returns the answers given."""
     args = parse_args(argv)
-    from avllm_jax.training.checkpointing import load_model
+    from avllm_jax.checkpoint import load_model
 
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint)
@@ -75,9 +76,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         modality = gen.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")
-    needs_visual, needs_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[modality]]
-    if (needs_visual and model.vision is None) or (needs_audio and model.audio is None) or model.llm is None:
-        sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality!r} needs")
+    if (modality.has_visual and model.vision is None) or (modality.has_audio and model.audio is None) or model.llm is None:
+        sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")
     # The attention module reports its choice on stdout, once per name: say it now, on stderr,
     # so that stdout holds only answers.
     with contextlib.redirect_stdout(sys.stderr):
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             if part is not None:
                 attention.resolve_implementation(part.attention_implementation)
     how = "forced by --modality" if args.modality else "from the file's streams"
-    print(f"modality: {modality} ({how})", file=sys.stderr, flush=True)
+    print(f"modality: {modality.value} ({how})", file=sys.stderr, flush=True)
 
     rng = jax.random.key(args.seed)
     turns: list[tuple[str, str]] = []

@@ -17,8 +17,7 @@ import sys
 
 from avllm_jax.evaluation.runner import AnswerFn, Query, run_evaluation
 from avllm_jax.evaluation.tasks import TASKS
-
-MODALITIES = ("visual", "audio", "audio_visual")
+from avllm_jax.modality import Modality
 
 
 def model_answer_fn(
@@ -30,7 +29,7 @@ def model_answer_fn(
     from avllm_jax.data.conversation import load_tokenizer
     from avllm_jax.data.media import load_media
     from avllm_jax.inference.generate import answer_questions, inference_data_config
-    from avllm_jax.training.checkpointing import load_model
+    from avllm_jax.checkpoint import load_model
 
     model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
@@ -74,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the checkpoint's training setting, else 32)")
     parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments per clip (default: the checkpoint's, else 4)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training setting, else the vision encoder's input size")
-    parser.add_argument("--modality", choices=MODALITIES, default=None,
+    parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
                         help="force one modality (default: the task's, else the streams each file has)")
     return parser.parse_args(argv)
 

@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from avllm_jax import checkpoint, runtime
 from avllm_jax.data import conversation, pipeline
 from avllm_jax.models import avllm, clip_vision, htsat, llama
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
@@ -39,12 +40,12 @@ def resolve_model(config):
     """
     overrides = {part: dict(fields) for part, fields in config.model.items() if fields}
     if config.init_checkpoint:
-        if not os.path.exists(os.path.join(config.init_checkpoint, checkpointing.CONFIG_FILE)):
+        if not os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
             raise SetupError(
                 f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n"
                 f"{config.get('init_checkpoint_help', 'Make it with tools/convert_hf_weights.py (see README).')}"
             )
-        model_config = checkpointing.read_model_config(config.init_checkpoint).replace(**overrides)
+        model_config = checkpoint.read_model_config(config.init_checkpoint).replace(**overrides)
         return model_config, conversation.load_tokenizer(config.init_checkpoint), config.init_checkpoint
     if not config.get("tokenizer"):
         raise SetupError("set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)")
@@ -142,11 +143,11 @@ def _duration(seconds: float) -> str:
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     try:
-        training_cpus, worker_cpus = pipeline.split_cpus(config.data)
+        training_cpus, worker_cpus = runtime.split_cpus(config.data)
     except ValueError as error:
         raise SetupError(str(error)) from error
     # Pinned before JAX first runs here: XLA sizes its CPU thread pool by the CPUs it may use.
-    with pipeline.pinned_to(training_cpus):
+    with runtime.pinned_to(training_cpus):
         return _train(config, workdir, worker_cpus)
 
 
@@ -158,8 +159,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
     model_config, tokenizer, init_dir = resolve_model(config)
     check_data_matches_model(config.data, model_config)
     if jax.process_index() == 0:
-        checkpointing.write_model_config(workdir, model_config)
-        checkpointing.write_data_config(workdir, config.data)
+        checkpoint.write_model_config(workdir, model_config)
+        checkpoint.write_data_config(workdir, config.data)
         tokenizer.save_pretrained(workdir)
         with open(os.path.join(workdir, "train_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -1,9 +1,7 @@
 """`python -m avllm_jax.chat` on a tiny random checkpoint converted from HF CLIP, CLAP and LLaMA:
 the streamed answer is exactly `answer_questions`' answer, the multi-turn chat keeps the
 conversation, and a forced modality the file lacks is refused by name."""
-import importlib.util
 import io
-import pathlib
 
 import numpy as np
 import pytest
@@ -11,16 +9,13 @@ import torch
 import transformers
 
 import avllm_jax
-from avllm_jax import chat
+from avllm_jax import chat, convert
 from avllm_jax.data import conversation
 from avllm_jax.data.media import load_media
 from avllm_jax.data.synthetic import write_media
 from avllm_jax.inference import generate as gen
 from hf_reference import build_hf, save_tiny_tokenizer
 
-spec = importlib.util.spec_from_file_location("convert_hf_weights", pathlib.Path(__file__).parents[1] / "tools/convert_hf_weights.py")
-convert_hf_weights = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_hf_weights)
 
 NUM_FRAMES = 4
 MAX_NEW = 10
@@ -49,7 +44,7 @@ def checkpoint(tmp_path_factory):
     llm = _strengthen(build_hf(transformers.LlamaForCausalLM, transformers.LlamaConfig(vocab_size=len(tokenizer), **LLAMA)))
     llm.save_pretrained(root / "llm")
     out = root / "model"
-    convert_hf_weights.main(["--clip", str(root / "clip"), "--clap", str(root / "clap"), "--llm", str(root / "llm"), "--out", str(out)])
+    convert.main(["--clip", str(root / "clip"), "--clap", str(root / "clap"), "--llm", str(root / "llm"), "--out", str(out)])
 
     rng = np.random.default_rng(0)
     frames = np.zeros((8, 48, 48, 3), np.uint8)

@@ -1,6 +1,7 @@
 """CLIP ViT tower against transformers' CLIPVisionModel on the same random weights."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,8 +9,8 @@ import torch
 import transformers
 from flax import nnx
 
-from avllm_jax.data.features import normalize_frames
 from avllm_jax.models import clip_vision, conversion
+from avllm_jax.models.clip_vision import normalize_frames
 from hf_reference import assert_parity, build_hf, convert_saved
 
 
@@ -83,3 +84,13 @@ def test_untrained_class_token_follows_the_picture():
     class_tokens = np.asarray(model(normalize_frames(jnp.asarray(pictures)))[:, 0])
     relative_difference = np.linalg.norm(class_tokens[0] - class_tokens[1]) / np.linalg.norm(class_tokens[0])
     assert relative_difference > 0.02
+
+
+def test_normalize_frames_matches_clip_processor():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)
+    expected = processor(list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(normalize_frames(frames), expected, atol=1e-6)
+    on_device = normalize_frames(jnp.asarray(frames))
+    assert isinstance(on_device, jax.Array) and on_device.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)

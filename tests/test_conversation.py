@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from avllm_jax.data import conversation as conv
+from avllm_jax.modality import IGNORE_INDEX, Modality
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def label_runs(labels):
     """Contiguous runs of labelled positions, as lists of indices."""
     runs, current = [], []
     for i, label in enumerate(labels):
-        if label != conv.IGNORE_INDEX:
+        if label != IGNORE_INDEX:
             current.append(i)
         elif current:
             runs.append(current)
@@ -49,7 +50,7 @@ def label_runs(labels):
 def test_labels_cover_exactly_the_answers_and_their_eos(tokenizer):
     ids, labels = conv.tokenize_turns(TURNS, tokenizer)
     assert ids.dtype == labels.dtype == np.int32
-    labelled = labels != conv.IGNORE_INDEX
+    labelled = labels != IGNORE_INDEX
     assert (labels[labelled] == ids[labelled]).all()
     runs = label_runs(labels)
     decoded = [tokenizer.decode(ids[run], skip_special_tokens=False).strip() for run in runs]
@@ -63,12 +64,12 @@ def test_generation_prompt_is_a_prefix_of_the_training_ids(tokenizer):
     ids, labels = conv.tokenize_turns(TURNS, tokenizer)
     prompt_ids = tokenizer(conv.render_prompt(TURNS[:1])[0])["input_ids"]
     assert ids[: len(prompt_ids)].tolist() == prompt_ids
-    assert labels[len(prompt_ids)] != conv.IGNORE_INDEX and (labels[: len(prompt_ids)] == conv.IGNORE_INDEX).all()
+    assert labels[len(prompt_ids)] != IGNORE_INDEX and (labels[: len(prompt_ids)] == IGNORE_INDEX).all()
 
 
 def test_truncation_keeps_the_modality_token(tokenizer):
     ids, labels = conv.tokenize_turns(TURNS, tokenizer)
-    vis_id = tokenizer.convert_tokens_to_ids(conv.AUDIO_VISUAL_TOKEN)
+    vis_id = tokenizer.convert_tokens_to_ids(Modality.AUDIO_VISUAL.token)
     position = int(np.flatnonzero(ids == vis_id)[0])
     short_ids, short_labels = conv.tokenize_turns(TURNS, tokenizer, max_length=position + 3)
     assert short_ids.tolist() == ids[: position + 3].tolist() and short_labels.tolist() == labels[: position + 3].tolist()

@@ -1,8 +1,6 @@
-"""tools/convert_hf_weights.py end to end: HF directories in, `load_model(OUT)` out."""
-import importlib.util
+"""tools/convert_hf_weights.py (avllm_jax/convert.py) end to end: HF directories in, `load_model(OUT)` out."""
 import json
 import os
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +10,11 @@ import torch
 import transformers
 
 import avllm_jax
-from avllm_jax.data.conversation import MODALITY_TOKENS, load_tokenizer
+from avllm_jax import convert
+from avllm_jax.data.conversation import load_tokenizer
+from avllm_jax.modality import MODALITY_TOKENS
 from hf_reference import assert_parity, build_hf, save_tiny_tokenizer
 
-spec = importlib.util.spec_from_file_location("convert_hf_weights", pathlib.Path(__file__).parents[1] / "tools/convert_hf_weights.py")
-convert_hf_weights = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_hf_weights)
 
 CLIP = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -39,7 +36,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    convert_hf_weights.main(["--clip", str(hf_dirs["root"] / "clip"), "--llm", str(hf_dirs["root"] / "llm"), "--out", str(out)])
+    convert.main(["--clip", str(hf_dirs["root"] / "clip"), "--llm", str(hf_dirs["root"] / "llm"), "--out", str(out)])
     return out
 
 
@@ -75,7 +72,7 @@ def test_modality_tokens_added_with_mean_embeddings(hf_dirs, converted):
 
 
 def test_bfloat16_output(hf_dirs, tmp_path):
-    convert_hf_weights.main(["--clip", str(hf_dirs["root"] / "clip"), "--out", str(tmp_path), "--dtype", "bfloat16"])
+    convert.main(["--clip", str(hf_dirs["root"] / "clip"), "--out", str(tmp_path), "--dtype", "bfloat16"])
     model = avllm_jax.load_model(tmp_path)
     assert model.llm is None and model.vision.patch_embed[...].dtype == jnp.bfloat16
 
@@ -88,7 +85,7 @@ def test_config_vocab_differs_from_matrix(tmp_path, hf_dirs):
     config = json.loads((llm_dir / "config.json").read_text())
     config["vocab_size"] += 7
     (llm_dir / "config.json").write_text(json.dumps(config))
-    convert_hf_weights.main(["--llm", str(llm_dir), "--out", str(tmp_path / "out")])
+    convert.main(["--llm", str(llm_dir), "--out", str(tmp_path / "out")])
     model = avllm_jax.load_model(tmp_path / "out")
     assert model.llm.embed.shape[0] == model.config.llm.vocab_size == len(hf_dirs["tokenizer"]) + 3
 
@@ -107,19 +104,19 @@ def test_renamed_tensor_is_refused_by_name(hf_dirs, tmp_path):
 
     _edit_single_file_checkpoint(hf_dirs["clip"], tmp_path / "clip", rename)
     with pytest.raises(SystemExit, match=r"unexpected tensor 'encoder\.layers\.1\.mlp\.fc9\.weight'"):
-        convert_hf_weights.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
+        convert.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
 
 
 def test_missing_tensor_is_refused_by_name(hf_dirs, tmp_path):
     _edit_single_file_checkpoint(hf_dirs["clip"], tmp_path / "clip", lambda t: t.pop("post_layernorm.bias"))
     with pytest.raises(SystemExit, match=r"missing .*post_norm_bias"):
-        convert_hf_weights.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
+        convert.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
 
 
 def test_missing_layer_is_refused_by_name(hf_dirs, tmp_path):
     _edit_single_file_checkpoint(hf_dirs["clip"], tmp_path / "clip", lambda t: t.pop("encoder.layers.1.mlp.fc2.bias"))
     with pytest.raises(SystemExit, match=r"missing layers \[1\].*fc2"):
-        convert_hf_weights.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
+        convert.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
 
 
 def test_reshaped_tensor_is_refused_by_name(hf_dirs, tmp_path):
@@ -128,7 +125,7 @@ def test_reshaped_tensor_is_refused_by_name(hf_dirs, tmp_path):
 
     _edit_single_file_checkpoint(hf_dirs["clip"], tmp_path / "clip", reshape)
     with pytest.raises(SystemExit, match=r"'encoder\.layers\.0\.mlp\.fc2\.weight'.*shape"):
-        convert_hf_weights.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
+        convert.main(["--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "out")])
 
 
 def test_pickle_checkpoint_needs_allow_pickle(hf_dirs, tmp_path):
@@ -138,15 +135,15 @@ def test_pickle_checkpoint_needs_allow_pickle(hf_dirs, tmp_path):
     os.remove(clip_dir / "model.safetensors")
     torch.save(state, clip_dir / "pytorch_model.bin")
     with pytest.raises(SystemExit, match="--allow-pickle"):
-        convert_hf_weights.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out")])
-    convert_hf_weights.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out"), "--allow-pickle"])
+        convert.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out")])
+    convert.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out"), "--allow-pickle"])
     model = avllm_jax.load_model(tmp_path / "out")
     np.testing.assert_array_equal(np.asarray(model.vision.class_embed[...]), state["embeddings.class_embedding"].numpy())
 
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
-        convert_hf_weights.main(["--help"])
+        convert.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--clip", "--clap", "--llm", "--tokenizer", "--out", "--dtype", "--allow-pickle", "--seed"):
         assert flag in text
@@ -158,7 +155,7 @@ def test_clap_audio_tower_converts_and_runs(tmp_path):
     text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     clap = build_hf(transformers.ClapModel, transformers.ClapConfig(audio_config=audio, text_config=text, projection_dim=16))
     clap.save_pretrained(tmp_path / "clap")
-    convert_hf_weights.main(["--clap", str(tmp_path / "clap"), "--out", str(tmp_path / "out")])
+    convert.main(["--clap", str(tmp_path / "clap"), "--out", str(tmp_path / "out")])
     model = avllm_jax.load_model(tmp_path / "out")
     assert model.vision is None and model.llm is None
     from avllm_jax.data.features import clap_audio_features

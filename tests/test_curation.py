@@ -11,7 +11,6 @@ from test_client import FakeServer  # the scripted server of the client tests
 from avllm_jax.curation.client import ChatClient
 from avllm_jax.curation.instructions import (
     TASKS,
-    MODALITIES,
     Rejected,
     build_messages,
     curate,
@@ -24,7 +23,8 @@ from avllm_jax.curation.instructions import (
     reply_to_sample,
     summary_table,
 )
-from avllm_jax.data.conversation import MODALITY_OF_TOKEN, MODALITY_TOKENS, read_samples
+from avllm_jax.data.conversation import read_samples
+from avllm_jax.modality import MODALITY_TOKENS, Modality
 
 _cli_spec = importlib.util.spec_from_file_location(
     "curate_instructions", Path(__file__).parents[1] / "tools" / "curate_instructions.py"
@@ -86,7 +86,7 @@ def client_for(server):
 # ---- templates ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", list(Modality))
 def test_templates_have_four_sections_and_the_right_context(task, modality):
     text = load_template(task, modality)
     positions = [text.index(section) for section in ("ROLE", "REQUIREMENT", "EXAMPLE", "CONTEXT")]
@@ -101,7 +101,7 @@ def test_template_example_replies_pass_their_own_rules():
     """Each template's EXAMPLE answer must be acceptable, or the rules contradict the template."""
     rules = load_rules()
     for task in TASKS:
-        for modality in MODALITIES:
+        for modality in Modality:
             example = load_template(task, modality).split("\nEXAMPLE\n")[1].split("\nCONTEXT\n")[0]
             reply = example.split("captions:")[-1].split("\n", 1)[1]
             sample = reply_to_sample(reply, {"id": "x", "video": "x.mp4"}, task, modality, rules)
@@ -171,7 +171,7 @@ def test_rule_breaking_replies_are_rejected(task, modality, reply, reason):
     assert info.value.reason == reason
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", list(Modality))
 @pytest.mark.parametrize("task", TASKS)
 def test_sample_format(task, modality):
     reply = GOOD_DESCRIPTION if task == "description" else GOOD_QA
@@ -182,7 +182,7 @@ def test_sample_format(task, modality):
     first = turns[0]["value"]
     tokens = [t for t in MODALITY_TOKENS if t in first]
     assert len(tokens) == 1 and first.startswith(tokens[0] + "\n")
-    assert MODALITY_OF_TOKEN[tokens[0]] == (modality != "audio", modality != "visual")
+    assert Modality.from_token(tokens[0]) == modality
     assert not any(t in turn["value"] for turn in turns[1:] for t in MODALITY_TOKENS)
 
 
@@ -204,7 +204,7 @@ def test_curate_counts_accepts_rejects_and_writes_the_pipeline_format(tmp_path, 
     assert len(server.requests) == 12 + 9 + 9 + 9
     samples = read_finished(out)
     assert sorted(s["id"] for s in samples) == sorted(
-        [f"v1__{t}__{m}" for t in TASKS for m in MODALITIES] + [f"i5__{t}__visual" for t in TASKS]
+        [f"v1__{t}__{m}" for t in TASKS for m in Modality] + [f"i5__{t}__visual" for t in TASKS]
     )
     assert all(("image" in s) == s["id"].startswith("i5") for s in samples)
     rejected = read_finished(f"{out}.rejected.jsonl")
@@ -228,7 +228,7 @@ def test_curate_resumes_without_repeating_finished_requests(tmp_path, server):
     out = tmp_path / "out.jsonl"
     # First run: every request about clip b fails (server errors), so b is not written.
     for task in TASKS:
-        for modality in MODALITIES:
+        for modality in Modality:
             messages = build_messages(load_template(task, modality), context("b", "good"), modality)
             server.script[messages[0]["content"]] = [(500, "down")]
     first = curate(contexts, out, client_for(server), chunk_size=5)

@@ -1,4 +1,4 @@
-"""CLAP log-mel features and CLIP pixel normalisation against the Hugging Face processors.
+"""CLAP log-mel features against the Hugging Face feature extractor.
 
 Random crops: HF's extractor draws its crop offsets from numpy's global legacy generator
 (`np.random.randint` for 'rand_trunc', `np.random.choice` over each third for 'fusion'),
@@ -8,13 +8,11 @@ after the test) with draws from a Generator seeded like ours: `randint(lo, hi)` 
 `integers(lo, hi)`, `choice(r)` -> `r[integers(len(r))]` for HF's contiguous ranges. Both
 then pick the same crops, so the features must agree everywhere, crops included.
 """
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 
-from avllm_jax.data.features import clap_audio_features, normalize_frames
+from avllm_jax.data.features import clap_audio_features
 
 SR = 48_000
 SEED = 7
@@ -102,13 +100,3 @@ def test_bad_arguments_are_named():
         clap_audio_features(np.zeros((1, SR), np.float32), sampling_rate=16_000)
     with pytest.raises(ValueError, match=r"\[K, L\]"):
         clap_audio_features(np.zeros(SR, np.float32))
-
-
-def test_normalize_frames_matches_clip_processor():
-    frames = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)
-    expected = processor(list(frames), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(normalize_frames(frames), expected, atol=1e-6)
-    on_device = normalize_frames(jnp.asarray(frames))
-    assert isinstance(on_device, jax.Array) and on_device.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)

@@ -7,9 +7,11 @@ import orbax.checkpoint as ocp
 import grain
 import pytest
 
+from avllm_jax import runtime
 from avllm_jax.data import conversation as conv
 from avllm_jax.data import pipeline, synthetic
 from avllm_jax.data.media import MediaError
+from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
 SIZE, FRAMES, SEGMENTS, TEXT = 16, 2, 2, 64
 
@@ -94,7 +96,7 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
         **{k: (np.int32, (b,)) for k in pipeline.COUNTERS},
     }
     assert {k: (v.dtype.type, v.shape) for k, v in batch.items()} == expected
-    token_ids = {tokenizer.convert_tokens_to_ids(t): conv.MODALITY_OF_TOKEN[t] for t in conv.MODALITY_TOKENS}
+    token_ids = {tokenizer.convert_tokens_to_ids(m.token): (m.has_visual, m.has_audio) for m in Modality}
     seen = set()
     for row in range(b):
         present = [token_ids[i] for i in batch["input_ids"][row][batch["token_mask"][row]] if i in token_ids]
@@ -103,7 +105,7 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
         seen.add(flags)
         # absent streams are zeros; present ones are not
         assert batch["frames"][row].any() == flags[0] and batch["audio_features"][row].any() == flags[1]
-        labelled = batch["labels"][row] != conv.IGNORE_INDEX
+        labelled = batch["labels"][row] != IGNORE_INDEX
         assert not (labelled & ~batch["token_mask"][row]).any()
         assert tokenizer.decode(batch["labels"][row][labelled]).strip() == "a dog</s>"
     assert seen == {(True, True), (True, False), (False, True), (False, False)}
@@ -123,7 +125,7 @@ def test_requests_for_missing_streams_are_rerouted_and_counted(tmp_path, tokeniz
     outcome = {}
     for row, name in enumerate(prompt_names(batch, tokenizer)):
         ids = batch["input_ids"][row][batch["token_mask"][row]]
-        tokens = [t for t in conv.MODALITY_TOKENS if tokenizer.convert_tokens_to_ids(t) in ids]
+        tokens = [t for t in MODALITY_TOKENS if tokenizer.convert_tokens_to_ids(t) in ids]
         flags = (bool(batch["has_visual"][row]), bool(batch["has_audio"][row]))
         outcome[name.split()[-1]] = (flags, tokens, int(batch["num_rerouted"][row]))
     assert outcome == {
@@ -283,9 +285,9 @@ def test_dedicated_worker_cpus_keep_decoding_and_training_apart(tmp_path, tokeni
     path = text_source(tmp_path / "a.jsonl", "a", 9)
     config = data_config((path, 1.0), worker_count=1, dedicated_worker_cpus=1)
     available = sorted(os.sched_getaffinity(0))
-    training, workers = pipeline.split_cpus(config)
+    training, workers = runtime.split_cpus(config)
     assert training == set(available[:-1]) and workers == {available[-1]}
-    with pipeline.pinned_to(training):
+    with runtime.pinned_to(training):
         this_process = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
         iterator = pipeline.make_train_iterator(
             config, tokenizer, global_batch_size=2, process_index=0, process_count=1, worker_cpus=workers
@@ -301,6 +303,6 @@ def test_dedicated_worker_cpus_keep_decoding_and_training_apart(tmp_path, tokeni
 
 def test_dedicated_worker_cpus_must_leave_training_a_cpu(tmp_path):
     with pytest.raises(ValueError, match="leaves none"):
-        pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0))))
-    assert pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=1)) == (None, None)
-    assert pipeline.split_cpus(data_config((tmp_path, 1.0), worker_count=0, dedicated_worker_cpus=1)) == (None, None)
+        runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0))))
+    assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1)) == (None, None)
+    assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=0, dedicated_worker_cpus=1)) == (None, None)

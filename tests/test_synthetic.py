@@ -5,6 +5,7 @@ import pytest
 from avllm_jax.data import conversation as conv
 from avllm_jax.data import synthetic
 from avllm_jax.data.media import load_media
+from avllm_jax.modality import Modality
 
 NUM = 30
 
@@ -55,7 +56,7 @@ def test_answers_match_the_decoded_media(demo):
     modalities = set()
     for sample in samples:
         media = load_media(sample.media_path, num_frames=8, image_size=64, num_audio_segments=4)
-        has_visual, has_audio = conv.MODALITY_OF_TOKEN[conv.TOKEN_OF_MODALITY[sample.modality]]
+        has_visual, has_audio = sample.modality.has_visual, sample.modality.has_audio
         assert (not has_visual or media.has_visual) and (not has_audio or media.has_audio), sample.id
         measured = {}
         if media.has_visual:
@@ -67,7 +68,7 @@ def test_answers_match_the_decoded_media(demo):
         for word in words:
             assert measured[WORD_KINDS[word]] == word, (sample.id, sample.turns, measured)
         modalities.add(sample.modality)
-    assert modalities == set(conv.MODALITIES)
+    assert modalities == set(Modality)
 
 
 def test_file_kinds_include_silent_clips_and_audio_only_files(demo):

@@ -13,7 +13,7 @@ import pytest
 
 import avllm_jax
 from avllm_jax.data import conversation, synthetic
-from avllm_jax.training import checkpointing
+from avllm_jax import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 6, 2
@@ -59,7 +59,7 @@ def test_killed_run_resumes_exactly(demo_files, tmp_path):
     # Kill the second run with SIGKILL while it writes a checkpoint after the first one.
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(demo_files, killed), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = killed / checkpointing.CHECKPOINTS_DIR
+    checkpoints = killed / checkpoint.CHECKPOINTS_DIR
     killed_while_saving = False
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
@@ -72,7 +72,7 @@ def test_killed_run_resumes_exactly(demo_files, tmp_path):
         time.sleep(0.005)
     process.wait()
     assert killed_while_saving, "the run ended before a save could be interrupted"
-    step = checkpointing.latest_step(str(killed))
+    step = checkpoint.latest_step(str(killed))
     assert step is not None and step < STEPS
     avllm_jax.load_model(killed)  # the last good checkpoint loads
 

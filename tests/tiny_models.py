@@ -4,6 +4,7 @@ from flax import nnx
 
 from avllm_jax.data import conversation
 from avllm_jax.models import avllm, clip_vision, htsat, llama
+from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 from hf_reference import TOKENIZER_CORPUS
 
 NUM_FRAMES, NUM_SEGMENTS, AUDIO_FRAMES = 2, 2, 64
@@ -17,7 +18,7 @@ def tiny_tokenizer():
 
 
 def tiny_config(tokenizer) -> avllm.AVLLMConfig:
-    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in conversation.MODALITY_TOKENS)
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS)
     return avllm.AVLLMConfig(
         vision=clip_vision.PRESETS["tiny"],
         audio=TINY_HTSAT,
@@ -43,7 +44,7 @@ def sample_arrays(tokenizer, modality, rng, image_size=32):
     """One sample's fields; media are random, the prompt follows the Vicuna template."""
     question = QUESTIONS[modality]
     if modality != "text":
-        question = conversation.TOKEN_OF_MODALITY[modality] + "\n" + question
+        question = Modality(modality).token + "\n" + question
     ids, labels = conversation.tokenize_turns(
         [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[modality])], tokenizer
     )
@@ -64,7 +65,7 @@ def collate(samples, length=None):
     batch = {}
     for key in samples[0]:
         if key in ("input_ids", "labels"):
-            fill = 0 if key == "input_ids" else conversation.IGNORE_INDEX
+            fill = 0 if key == "input_ids" else IGNORE_INDEX
             batch[key] = np.stack([np.pad(s[key], (0, length - len(s[key])), constant_values=fill) for s in samples])
         else:
             batch[key] = np.stack([s[key] for s in samples])

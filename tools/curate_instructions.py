@@ -14,7 +14,8 @@ import argparse
 import sys
 
 from avllm_jax.curation.client import ChatClient, api_key_from_env
-from avllm_jax.curation.instructions import MODALITIES, TASKS, TEMPLATE_DIR, curate, read_finished, summary_table
+from avllm_jax.curation.instructions import TASKS, TEMPLATE_DIR, curate, read_finished, summary_table
+from avllm_jax.modality import Modality
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", required=True, help="JSON lines from tools/extract_contexts.py")
     parser.add_argument("--out", required=True, help="instruction JSON lines (appended to; resumable)")
     parser.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--modality", nargs="+", choices=MODALITIES, default=list(MODALITIES))
+    parser.add_argument("--modality", nargs="+", choices=[m.value for m in Modality], default=[m.value for m in Modality])
     parser.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", required=True)
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")

@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from avllm_jax.modality import Modality
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +45,7 @@ def main(argv=None):
     accuracy = evaluate(workdir, os.path.join(data_dir, "eval.jsonl"))
     chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
     print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
-    print("demo accuracy: " + " ".join(f"{m}={accuracy[m]:.2f}" for m in conversation.MODALITIES))
+    print("demo accuracy: " + " ".join(f"{m}={accuracy[m]:.2f}" for m in Modality))
 
 
 def run_training(args, data_dir, tokenizer_dir, workdir) -> float:
@@ -73,7 +75,7 @@ def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, fl
     from avllm_jax.data import conversation, pipeline
     from avllm_jax.evaluation.metrics import exact_match
     from avllm_jax.inference.generate import answer_questions
-    from avllm_jax.training.checkpointing import read_data_config
+    from avllm_jax.checkpoint import read_data_config
 
     model = avllm_jax.load_model(workdir)
     tokenizer = conversation.load_tokenizer(workdir)
@@ -94,11 +96,11 @@ def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, fl
             correct[sample.modality] += exact_match(answer, [reference])
             examples.setdefault(sample.modality, (question, reference, answer))
     print("\n| modality | held-out samples | exact match |\n|---|---|---|")
-    for modality in conversation.MODALITIES:
+    for modality in Modality:
         print(f"| {modality} | {total[modality]} | {correct[modality] / max(total[modality], 1):.3f} |")
     for modality, (question, reference, answer) in examples.items():
         print(f"  e.g. [{modality}] {question!r} -> {answer!r} (reference {reference!r})")
-    return {m: correct[m] / max(total[m], 1) for m in conversation.MODALITIES}
+    return {m.value: correct[m] / max(total[m], 1) for m in Modality}
 
 
 def chat_once(workdir: str, eval_path: str) -> None:

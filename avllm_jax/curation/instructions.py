@@ -14,12 +14,14 @@ import os
 import re
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from avllm_jax.curation.client import ChatClient, ChatError
-from avllm_jax.data.conversation import MEDIA_KEYS, MODALITIES, MODALITY_TOKENS, TOKEN_OF_MODALITY
+from avllm_jax.data.conversation import MEDIA_KEYS
+from avllm_jax.modality import MODALITY_TOKENS, Modality
 
 TASKS = ("conversation", "description", "reasoning")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -36,8 +38,8 @@ class Rejected(ValueError):
 
 def load_template(task: str, modality: str, template_dir: str | os.PathLike = TEMPLATE_DIR) -> str:
     """The template text for `task` x `modality`, checked for the placeholders its modality needs."""
-    if task not in TASKS or modality not in MODALITIES:
-        raise ValueError(f"unknown task/modality {task!r}/{modality!r}; choose from {TASKS} x {MODALITIES}")
+    if task not in TASKS or modality not in list(Modality):
+        raise ValueError(f"unknown task/modality {task!r}/{modality!r}; choose from {TASKS} x {[m.value for m in Modality]}")
     path = Path(template_dir) / f"{task}_{modality}.txt"
     text = path.read_text(encoding="utf-8")
     needed = {"visual": [VISUAL_PLACEHOLDER], "audio": [AUDIO_PLACEHOLDER]}.get(
@@ -153,7 +155,7 @@ def sample_id(context_id: str, task: str, modality: str) -> str:
 
 def reply_to_sample(reply: str, context: dict, task: str, modality: str, rules: dict) -> dict:
     """One training sample in the data pipeline's format (media path as in `context`), or Rejected."""
-    token = TOKEN_OF_MODALITY[modality]
+    token = Modality(modality).token
     if task == "description":
         questions = rules["description_questions"][modality]
         question = questions[zlib.crc32(context["id"].encode()) % len(questions)]
@@ -236,7 +238,7 @@ def curate(
     out_path: str | os.PathLike,
     client: ChatClient,
     tasks: list[str] = list(TASKS),
-    modalities: list[str] = list(MODALITIES),
+    modalities: Sequence[str] = tuple(Modality),
     template_dir: str | os.PathLike = TEMPLATE_DIR,
     chunk_size: int = 512,
 ) -> Counter:

@@ -1,7 +1,6 @@
-"""Tokens, tokenizer loading and prompt templates for instruction data.
+"""Instruction samples: reading them, the Vicuna v1.1 template, tokenisation with labels.
 
-The three modality tokens mark where the encoders' rows go in the prompt:
-`<VIS>` takes T+N visual tokens, `<AUD>` K audio tokens, `<AUD_VIS>` all T+N+K.
+The modality tokens (avllm_jax/modality.py) mark where the encoders' rows go in the prompt.
 """
 from __future__ import annotations
 
@@ -16,12 +15,8 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-VISUAL_TOKEN = "<VIS>"
-AUDIO_TOKEN = "<AUD>"
-AUDIO_VISUAL_TOKEN = "<AUD_VIS>"
-MODALITY_TOKENS = (VISUAL_TOKEN, AUDIO_TOKEN, AUDIO_VISUAL_TOKEN)
-# The modality a token stands for, as (has_visual, has_audio).
-MODALITY_OF_TOKEN = {VISUAL_TOKEN: (True, False), AUDIO_TOKEN: (False, True), AUDIO_VISUAL_TOKEN: (True, True)}
+from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
+
 
 
 def add_modality_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
@@ -73,12 +68,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> transformers
 # ---------------------------------------------------------------------------------------------
 # Instruction samples: reading, the Vicuna v1.1 template, tokenisation with labels.
 
-IGNORE_INDEX = -100  # label of every token that is not part of an assistant answer or its EOS
-MODALITIES = ("visual", "audio", "audio_visual")
-TOKEN_OF_MODALITY = {"visual": VISUAL_TOKEN, "audio": AUDIO_TOKEN, "audio_visual": AUDIO_VISUAL_TOKEN}
-MODALITY_OF_FLAGS = {(True, False): "visual", (False, True): "audio", (True, True): "audio_visual"}
 # Placeholders other projects write (LLaVA: <image>, Valley: <video>), read as ours.
-FOREIGN_TOKENS = {"<image>": VISUAL_TOKEN, "<video>": VISUAL_TOKEN, "<audio>": AUDIO_TOKEN}
+FOREIGN_TOKENS = {"<image>": Modality.VISUAL.token, "<video>": Modality.VISUAL.token, "<audio>": Modality.AUDIO.token}
 MEDIA_KEYS = ("video", "image", "audio")
 
 # Vicuna v1.1: "{system} USER: {question} ASSISTANT: {answer}</s>USER: ..."
@@ -105,7 +96,7 @@ class Sample:
 
     id: str
     media_path: str | None
-    modality: str | None
+    modality: Modality | None
     turns: list[tuple[str, str]]
     origin: str  # "file:line", for error messages
 
@@ -142,18 +133,18 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
     if len(media_keys) > 1:
         fail(f"give one media path, found {media_keys}")
     modality = record.get("modality")
-    if modality is not None and modality not in MODALITIES:
-        fail(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if modality is not None and modality not in list(Modality):
+        fail(f"unknown modality {modality!r}; expected one of {[m.value for m in Modality]}")
     if not media_keys:
         if found or modality:
             fail("a modality token or 'modality' needs a 'video', 'image' or 'audio' path")
         return Sample(str(record.get("id", origin)), None, None, turns, origin)
     if len(found) != 1:
         fail(f"the first human turn must hold exactly one modality token, found {found or 'none'}")
-    token_modality = MODALITY_OF_FLAGS[MODALITY_OF_TOKEN[found[0]]]
+    token_modality = Modality.from_token(found[0])
     if modality is not None and modality != token_modality:
         fail(f"'modality' is {modality!r} but the prompt holds {found[0]}")
-    if record.get("image") and token_modality != "visual":
+    if record.get("image") and token_modality.has_audio:
         fail(f"an image has no audio, yet the prompt holds {found[0]}")
     media_path = str(record[media_keys[0]])
     if media_root is not None:
@@ -201,11 +192,11 @@ def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bo
     return samples, malformed
 
 
-def with_modality(turns: list[tuple[str, str]], modality: str) -> list[tuple[str, str]]:
+def with_modality(turns: list[tuple[str, str]], modality: Modality) -> list[tuple[str, str]]:
     """The turns with the first turn's modality token rewritten to `modality`'s (after re-routing)."""
     (role, text), rest = turns[0], turns[1:]
     for token in MODALITY_TOKENS:
-        text = text.replace(token, TOKEN_OF_MODALITY[modality])
+        text = text.replace(token, Modality(modality).token)
     return [(role, text), *rest]
 
 

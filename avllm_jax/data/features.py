@@ -1,4 +1,4 @@
-"""Model inputs from decoded media: CLIP pixel normalisation and CLAP log-mel features.
+"""CLAP log-mel features of decoded audio (the model input HTSAT takes).
 
 `clap_audio_features` computes what `transformers.ClapFeatureExtractor` computes (48 kHz,
 64 mel bins, 1024-point Hann STFT, hop 480, power in dB), for a batch of K equal-length
@@ -21,9 +21,6 @@ import functools
 
 import numpy as np
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
 NUM_MEL_BINS = 64
 FFT_SIZE = 1024
 HOP_LENGTH = 480
@@ -32,13 +29,6 @@ MAX_FREQUENCY_HZ = 14_000.0
 POWER_FLOOR = 1e-10  # -100 dB
 TRUNCATIONS = ("fusion", "rand_trunc")
 PADDINGS = ("repeatpad", "repeat", "pad")
-
-
-def normalize_frames(frames):
-    """uint8 RGB [..., 3] -> float32 (x / 255 - mean) / std with CLIP's statistics.
-
-    Works on numpy and jax arrays alike (the model calls it on device)."""
-    return (frames.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 def clap_audio_features(

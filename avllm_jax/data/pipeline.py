@@ -30,7 +30,6 @@ Malformed lines are found when the files are read, before training starts.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -41,8 +40,10 @@ import ml_collections
 import numpy as np
 import threadpoolctl
 
+from avllm_jax import runtime
 from avllm_jax.data import conversation, features
 from avllm_jax.data.media import Media, MediaError, load_media
+from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
 _SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
 COUNTERS = (*_SKIP_COUNTERS, "num_rerouted")
@@ -152,13 +153,12 @@ class _PrepareSample:
                 media = load_sample_media(sample, config)
             except MediaError as e:
                 return _Failure("num_skipped_media", f"{sample.origin}: {e}")
-            wanted = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[sample.modality]]
-            available = (media.has_visual, media.has_audio)
-            used = tuple(w and a for w, a in zip(wanted, available))
+            wanted = sample.modality
+            used = Modality.from_flags(wanted.has_visual and media.has_visual, wanted.has_audio and media.has_audio)
             if used != wanted:
-                used = used if any(used) else available  # re-route to the streams the file has
-                turns, rerouted = conversation.with_modality(turns, conversation.MODALITY_OF_FLAGS[used]), 1
-            arrays = media_arrays(media, config, use_visual=used[0], use_audio=used[1], rng=rng)
+                used = used or Modality.from_flags(media.has_visual, media.has_audio)  # re-route to the streams the file has
+                turns, rerouted = conversation.with_modality(turns, used), 1
+            arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)
         else:
             arrays = media_arrays(None, config)
         try:
@@ -168,7 +168,7 @@ class _PrepareSample:
         length = config.max_text_length
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = np.full(length, pad_id, np.int32)
-        padded_labels = np.full(length, conversation.IGNORE_INDEX, np.int32)
+        padded_labels = np.full(length, IGNORE_INDEX, np.int32)
         input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
         return dict(
             arrays,
@@ -269,7 +269,7 @@ def make_train_iterator(
 ):
     """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
 
-    `worker_cpus`: the CPUs the decoding processes are pinned to (see `split_cpus`); None
+    `worker_cpus`: the CPUs the decoding processes are pinned to (see `runtime.split_cpus`); None
     leaves them where the scheduler puts them.
     """
     if process_index is None or process_count is None:
@@ -278,7 +278,7 @@ def make_train_iterator(
         process_index, process_count = jax.process_index(), jax.process_count()
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
-    missing = [t for t in conversation.MODALITY_TOKENS if t not in tokenizer.get_vocab()]
+    missing = [t for t in MODALITY_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
 
@@ -320,48 +320,7 @@ def _init_worker(worker_index: int, worker_count: int, *, cpus: set[int] | None)
     del worker_index, worker_count
     threadpoolctl.threadpool_limits(1)
     if cpus:
-        pin_process(cpus)
-
-
-def split_cpus(data_config) -> tuple[set[int] | None, set[int] | None]:
-    """(CPUs of the training process, CPUs of the decoding processes) as
-    `dedicated_worker_cpus` asks; (None, None) when they share all of them, as they do
-    without decoding processes (worker_count = 0)."""
-    count = data_config.dedicated_worker_cpus
-    if not count or data_config.worker_count == 0:
-        return None, None
-    if not hasattr(os, "sched_setaffinity"):
-        raise ValueError("data.dedicated_worker_cpus needs CPU affinity (Linux); set it to 0 on this system")
-    available = sorted(os.sched_getaffinity(0))
-    if count >= len(available):
-        raise ValueError(
-            f"data.dedicated_worker_cpus={count} leaves none of this process's {len(available)} CPUs for training"
-        )
-    return set(available[:-count]), set(available[-count:])
-
-
-@contextlib.contextmanager
-def pinned_to(cpus: set[int] | None):
-    """Runs the block with every thread of this process on `cpus` (None: unchanged), then
-    restores the CPUs it had. Threads started inside inherit the pinning."""
-    if cpus is None:
-        yield
-        return
-    original = os.sched_getaffinity(0)
-    pin_process(cpus)
-    try:
-        yield
-    finally:
-        pin_process(original)
-
-
-def pin_process(cpus: set[int]) -> None:
-    """Restricts every thread of this process to `cpus`."""
-    for thread_id in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(thread_id), cpus)
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
+        runtime.pin_process(cpus)
 
 
 def iterate_eval(path: str | os.PathLike, data_config, media_root=None):

@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from avllm_jax.data import conversation
+from avllm_jax.modality import Modality
 
 FRAME_SIZE = 64
 FPS = 8
@@ -221,7 +222,7 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tur
         question = rng.choice(table[attribute])
         answer = " ".join(words[a] for a in attribute) if isinstance(attribute, tuple) else words[attribute]
         if not conversations:
-            question = f"{conversation.TOKEN_OF_MODALITY[str(modality)]}\n{question}"
+            question = f"{Modality(modality).token}\n{question}"
         conversations += [{"from": "human", "value": str(question)}, {"from": "gpt", "value": str(answer)}]
     media_key = "audio" if kind == "audio" else "video"
     return {"id": name, media_key: path, "modality": str(modality), "conversations": conversations}

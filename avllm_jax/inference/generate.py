@@ -26,10 +26,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from avllm_jax.checkpoint import read_data_config
 from avllm_jax.data import conversation, pipeline
 from avllm_jax.data.media import Media
+from avllm_jax.modality import Modality
 from avllm_jax.models.avllm import AVLLM
-from avllm_jax.models.llama import KVCache, Llama
+from avllm_jax.models.llama import KVCache, Llama, kept_positions
 
 # Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
 # length share one compiled program.
@@ -82,7 +84,7 @@ def _prompt_inputs(model: AVLLM | Llama, batch: dict) -> tuple[Llama, dict]:
         inputs = model.embed_inputs(batch)
         return model.llm, {k: inputs[k] for k in ("inputs_embeds", "positions", "segment_ids")}
     kept = batch["token_mask"].astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(kept, axis=1) - 1, 0)
+    positions = kept_positions(kept)
     return model, {"inputs_embeds": model.embed_tokens(batch["input_ids"]), "positions": positions, "segment_ids": kept}
 
 
@@ -246,17 +248,15 @@ def stream_tokens(
 # -- prompts about media --------------------------------------------------------------------------
 
 
-def inference_data_config(model: AVLLM, checkpoint: str | None = None, **overrides) -> ml_collections.ConfigDict:
+def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **overrides) -> ml_collections.ConfigDict:
     """The media settings the model is fed with at inference.
 
-    A training workdir's saved data settings when `checkpoint` is one; otherwise the
+    A training workdir's saved data settings when `checkpoint_dir` is one; otherwise the
     pipeline's defaults with the vision encoder's input size and the audio truncation its HTSAT
     takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise). Then `overrides`
     (None values are ignored).
     """
-    from avllm_jax.training.checkpointing import read_data_config
-
-    config = read_data_config(checkpoint) if checkpoint else None
+    config = read_data_config(checkpoint_dir) if checkpoint_dir else None
     if config is None:
         config = pipeline.default_data_config()
         if model.config.vision is not None:
@@ -283,23 +283,23 @@ def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Medi
     return config
 
 
-def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> str:
+def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> Modality:
     """The modality a prompt about `media` uses: `forced`, or the streams the file has."""
     if forced is None:
-        return conversation.MODALITY_OF_FLAGS[(media.has_visual, media.has_audio)]
-    if forced not in conversation.MODALITIES:
-        raise ValueError(f"unknown modality {forced!r}; expected one of {conversation.MODALITIES}")
-    needs_visual, needs_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[forced]]
-    streams = (("a video stream", needs_visual, media.has_visual), ("an audio stream", needs_audio, media.has_audio))
+        return Modality.from_flags(media.has_visual, media.has_audio)
+    if forced not in list(Modality):
+        raise ValueError(f"unknown modality {forced!r}; expected one of {[m.value for m in Modality]}")
+    forced = Modality(forced)
+    streams = (("a video stream", forced.has_visual, media.has_visual), ("an audio stream", forced.has_audio, media.has_audio))
     missing = [stream for stream, need, has in streams if need and not has]
     if missing:
         raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
     return forced
 
 
-def first_user_message(question: str, modality: str) -> str:
+def first_user_message(question: str, modality: Modality) -> str:
     """The first user turn: the modality token, a newline, the question (the training layout)."""
-    return f"{conversation.TOKEN_OF_MODALITY[modality]}\n{question}"
+    return f"{Modality(modality).token}\n{question}"
 
 
 def conversation_batch(
@@ -314,8 +314,8 @@ def conversation_batch(
     config = _fit_config_to_media(data_config or inference_data_config(model), media)
     rows = []
     for item, item_turns, modality in zip(media, turns, modalities, strict=True):
-        use_visual, use_audio = conversation.MODALITY_OF_TOKEN[conversation.TOKEN_OF_MODALITY[modality]]
-        arrays = pipeline.media_arrays(item, config, use_visual=use_visual, use_audio=use_audio, rng=np.random.default_rng(0))
+        modality = Modality(modality)
+        arrays = pipeline.media_arrays(item, config, use_visual=modality.has_visual, use_audio=modality.has_audio, rng=np.random.default_rng(0))
         text, _ = conversation.render_prompt(item_turns, tokenizer.eos_token)
         rows.append((arrays, np.asarray(tokenizer(text)["input_ids"], np.int32)))
     length = -(-max(ids.size for _, ids in rows) // PROMPT_BUCKET) * PROMPT_BUCKET

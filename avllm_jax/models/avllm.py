@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from avllm_jax.data.conversation import IGNORE_INDEX
-from avllm_jax.data.features import normalize_frames
+from avllm_jax.modality import IGNORE_INDEX
 from avllm_jax.models import clip_vision, htsat, layers, llama
 
 
@@ -96,7 +95,7 @@ class AVLLM(nnx.Module):
     def visual_tokens(self, frames: jax.Array) -> jax.Array:
         """frames uint8 [B, T, S, S, 3] -> [B, T+N, D_llm] (temporal, then spatial)."""
         batch, num_frames = frames.shape[:2]
-        pixels = normalize_frames(frames.reshape(batch * num_frames, *frames.shape[2:]))
+        pixels = clip_vision.normalize_frames(frames.reshape(batch * num_frames, *frames.shape[2:]))
         # No stop_gradient: when the encoder is frozen it is not among the differentiated
         # parameters, so no backward pass is built for it; when a config trains it, it trains.
         hidden = self.vision(pixels)  # [B*T, 1+N, Dv]
@@ -163,7 +162,7 @@ class AVLLM(nnx.Module):
         inputs_embeds = jnp.where(
             row_is_kept_modality[..., None], modality_rows, jnp.where(in_modality[..., None], 0, text_rows)
         )
-        positions = jnp.maximum(jnp.cumsum(kept, axis=1) - 1, 0)
+        positions = llama.kept_positions(kept)
         out = {"inputs_embeds": inputs_embeds, "positions": positions, "segment_ids": kept.astype(jnp.int32)}
         if "labels" in batch:
             # Each text row predicts the next text token; shifting before the splice keeps the

@@ -1,9 +1,10 @@
 """CLIP ViT vision tower: patch embedding, class token, position embeddings, pre-layernorm,
 pre-norm transformer layers (scanned) with a quick-GELU MLP, post-layernorm.
 
-The model returns the hidden states after a chosen layer, [B, 1+N, D]: row 0 is the class
-token (the paper's per-frame temporal token), rows 1..N the patches (averaged over time into
-the spatial tokens by the composite model).
+The model takes CLIP-normalised pixels (`normalize_frames`, the input contract of every CLIP
+checkpoint) and returns the hidden states after a chosen layer, [B, 1+N, D]: row 0 is the
+class token (the paper's per-frame temporal token), rows 1..N the patches (averaged over time
+into the spatial tokens by the composite model).
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from avllm_jax.models import attention, layers
 from avllm_jax.models.conversion import Rule, transpose
+
+# The pixel statistics every CLIP checkpoint was trained with (its image processor's).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
@@ -70,6 +76,13 @@ PRESETS = {
     "vit_h14": CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16, hidden_act="gelu"),
     "tiny": CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
 }
+
+
+def normalize_frames(frames):
+    """uint8 RGB [..., 3] -> float32 (x / 255 - mean) / std with CLIP's statistics.
+
+    Works on numpy and jax arrays alike (the composite model calls it on device)."""
+    return (frames.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 class EncoderLayer(nnx.Module):

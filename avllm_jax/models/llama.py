@@ -107,6 +107,13 @@ def rope_frequencies(config: LlamaConfig) -> jax.Array:
     return jnp.where(in_band, blended, scaled)
 
 
+def kept_positions(kept: jax.Array) -> jax.Array:
+    """Position ids [B, S] of a row mask: each kept row's count of kept rows before it, so that
+    dropped rows (padding, an absent modality) leave no gap. Dropped rows get their
+    predecessor's position, which nothing sees."""
+    return jnp.maximum(jnp.cumsum(kept, axis=1) - 1, 0)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding in the rotate-half layout of HF LLaMA weights. x: [B, S, H, D]."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, D/2]
@@ -219,8 +226,8 @@ class Llama(nnx.Module):
         """Logits [B, S, V] (float32), and the updated cache when one is given.
 
         positions default to 0..S-1 after the cached slots; segment_ids default to all ones.
-        With `return_hidden_states`, the final-norm hidden states replace the logits (the
-        loss can then compute logits in chunks).
+        With `return_hidden_states`, the final-norm hidden states replace the logits, so that
+        a caller applies `logits` to the rows it needs only (generation: each prompt's last).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")

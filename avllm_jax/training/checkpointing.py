@@ -1,127 +1,18 @@
-"""What a model directory holds on disk, and reading it back.
+"""The train state on disk: an orbax CheckpointManager over a training workdir's checkpoints/.
 
-Two kinds of directory load the same way with `load_model(path)`:
-
-- a converted checkpoint (tools/convert_hf_weights.py): `config.json`, the tokenizer files and
-  `params/` (an orbax checkpoint of the parameter tree);
-- a training workdir: `config.json`, the tokenizer files and `checkpoints/<step>/` written by
-  an orbax `CheckpointManager`, one item per part of the train state (`params`,
-  `opt_state`, `progress`, `data_iterator`). `load_model` takes the latest step's `params`.
+Each step holds the whole model's parameters (so `avllm_jax.load_model` reads a workdir like
+a converted checkpoint), the optimizer state and the grain iterator state, so a restarted
+job continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 
-import jax
-import numpy as np
+import grain
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from avllm_jax.models.avllm import AVLLM, AVLLMConfig
-
-CONFIG_FILE = "config.json"
-DATA_CONFIG_FILE = "data_config.json"  # the media settings the model was trained with
-PARAMS_DIR = "params"
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def write_model_config(directory: str, config: AVLLMConfig) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"avllm": config.to_dict()}, f, indent=2)
-
-
-def read_model_config(directory: str) -> AVLLMConfig:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{directory} has no {CONFIG_FILE}: it is neither a converted checkpoint "
-            "(tools/convert_hf_weights.py --out) nor a training workdir"
-        )
-    with open(path) as f:
-        data = json.load(f)
-    if "avllm" not in data:
-        raise ValueError(f"{path} is not an avllm_jax model config (no 'avllm' key); is it a Hugging Face config?")
-    return AVLLMConfig.from_dict(data["avllm"])
-
-
-def write_data_config(directory: str, data_config) -> None:
-    with open(os.path.join(directory, DATA_CONFIG_FILE), "w") as f:
-        f.write(data_config.to_json(indent=2))
-
-
-def read_data_config(directory: str):
-    """The data settings saved by training (None for a converted checkpoint), over the defaults."""
-    from avllm_jax.data.pipeline import default_data_config
-
-    path = os.path.join(os.fspath(directory), DATA_CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    config = default_data_config()
-    with open(path) as f:
-        saved = json.load(f)
-    saved["sources"] = tuple(saved.get("sources", ()))
-    config.update(saved)
-    return config
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    """{'a.b.c': x} -> {'a': {'b': {'c': x}}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
-def save_params(directory: str, params: dict) -> None:
-    """Writes a parameter tree (nested dict of arrays) as an orbax checkpoint at `directory`."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), params, force=True)
-    checkpointer.wait_until_finished()
-
-
-def abstract_model(config: AVLLMConfig):
-    """(graphdef, abstract state) of the model, without allocating it."""
-    return nnx.split(nnx.eval_shape(lambda: AVLLM(config, rngs=nnx.Rngs(0))))
-
-
-def latest_step(workdir: str) -> int | None:
-    checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
-    if not os.path.isdir(checkpoints):
-        return None
-    with ocp.CheckpointManager(os.path.abspath(checkpoints)) as manager:
-        return manager.latest_step()
-
-
-def load_model(path: str | os.PathLike, *, config_overrides: dict | None = None, shardings=None) -> AVLLM:
-    """The model stored at `path` (converted checkpoint or training workdir), with its weights.
-
-    config_overrides: e.g. {'llm': {'dtype': 'bfloat16'}}; shardings: an optional pytree of
-    `jax.sharding.Sharding` matching the parameter state, to restore straight onto a mesh.
-    """
-    path = os.fspath(path)
-    config = read_model_config(path)
-    if config_overrides:
-        config = config.replace(**config_overrides)
-    graphdef, abstract_state = abstract_model(config)
-    target = nnx.to_pure_dict(abstract_state)
-    if shardings is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, nnx.to_pure_dict(shardings))
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
-    else:
-        step = latest_step(path)
-        if step is None:
-            raise FileNotFoundError(f"{path} has neither {PARAMS_DIR}/ nor a training checkpoint under {CHECKPOINTS_DIR}/")
-        with ocp.CheckpointManager(os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))) as manager:
-            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state)
+from avllm_jax.checkpoint import CHECKPOINTS_DIR
 
 
 def checkpoint_manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
@@ -140,8 +31,6 @@ def checkpoint_manager(workdir: str, *, save_every: int, keep: int) -> ocp.Check
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iterator, *, force: bool = False) -> bool:
     """params: the whole model's state (trainable and frozen), so the step loads on its own."""
-    import grain
-
     return manager.save(
         step,
         args=ocp.args.Composite(
@@ -155,8 +44,6 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, params, opt_stat
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state, data_iterator):
     """Restores onto the shardings of the abstract trees; the data iterator in place."""
-    import grain
-
     restored = manager.restore(
         step,
         args=ocp.args.Composite(

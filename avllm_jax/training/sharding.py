@@ -13,13 +13,16 @@ import math
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from avllm_jax import checkpoint
+from avllm_jax.models.avllm import AVLLM
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -90,17 +93,14 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 def create_sharded_model(model_config, init_dir, mesh, seed):
     """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
-    from avllm_jax.models import avllm
-    from avllm_jax.training import checkpointing
-
-    graphdef, abstract_state = checkpointing.abstract_model(model_config)
+    graphdef, abstract_state = checkpoint.abstract_model(model_config)
     shardings = state_shardings(abstract_state, mesh)
     if init_dir is not None:
         overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in ("vision", "audio", "llm") if getattr(model_config, part)}
-        return checkpointing.load_model(init_dir, config_overrides=overrides, shardings=shardings)
+        return checkpoint.load_model(init_dir, config_overrides=overrides, shardings=shardings)
 
     def init():
-        return nnx.state(avllm.AVLLM(model_config, rngs=nnx.Rngs(seed)))
+        return nnx.state(AVLLM(model_config, rngs=nnx.Rngs(seed)))
 
     state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
@@ -109,8 +109,6 @@ def create_sharded_model(model_config, init_dir, mesh, seed):
 def optimizer_shardings(optimizer, params, mesh):
     """Each moment tensor is laid out like the parameter it mirrors (sharded over fsdp, as
     ZeRO does); scalars such as the step count are replicated."""
-    import optax
-
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return optax.tree_map_params(
         optimizer,

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from avllm_jax.data.conversation import IGNORE_INDEX
+from avllm_jax.modality import IGNORE_INDEX, Modality
 
-# Per-sample modality groups reported as separate losses.
-MODALITY_GROUPS = ("visual", "audio", "audio_visual", "text")
+# Per-sample groups reported as separate losses: each modality, then text-only samples.
+LOSS_GROUPS = (*(m.value for m in Modality), "text")
 
 
 @jax.tree_util.register_dataclass
@@ -28,10 +28,11 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def modality_group(batch) -> jax.Array:
-    """Index into MODALITY_GROUPS for every sample, from its flags."""
+def loss_groups(batch) -> jax.Array:
+    """float32 [B, len(LOSS_GROUPS)]: one-hot of each sample's group, from its flags."""
     visual, audio = batch["has_visual"], batch["has_audio"]
-    return jnp.where(visual & audio, 2, jnp.where(visual, 0, jnp.where(audio, 1, 3)))
+    columns = [(visual == m.has_visual) & (audio == m.has_audio) for m in Modality] + [~visual & ~audio]
+    return jnp.stack(columns, axis=1).astype(jnp.float32)
 
 
 def loss_sums(model, batch) -> tuple[jax.Array, dict]:
@@ -43,7 +44,7 @@ def loss_sums(model, batch) -> tuple[jax.Array, dict]:
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(is_target, targets, 0))
     token_loss = jnp.where(is_target, token_loss, 0.0)
     per_sample_loss, per_sample_count = token_loss.sum(axis=1), is_target.sum(axis=1)
-    groups = jax.nn.one_hot(modality_group(batch), len(MODALITY_GROUPS), dtype=jnp.float32)  # [B, G]
+    groups = loss_groups(batch)
     aux = {
         "loss_sum": per_sample_loss.sum(),
         "target_tokens": per_sample_count.sum().astype(jnp.int32),
@@ -79,8 +80,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
         zero_aux = {
             "loss_sum": jnp.zeros((), jnp.float32),
             "target_tokens": jnp.zeros((), jnp.int32),
-            "group_loss_sum": jnp.zeros(len(MODALITY_GROUPS), jnp.float32),
-            "group_tokens": jnp.zeros(len(MODALITY_GROUPS), jnp.float32),
+            "group_loss_sum": jnp.zeros(len(LOSS_GROUPS), jnp.float32),
+            "group_tokens": jnp.zeros(len(LOSS_GROUPS), jnp.float32),
         }
 
         def accumulate(carry, microbatch):
@@ -98,15 +99,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
             "target_tokens": aux["target_tokens"],
         }
         group_loss = aux["group_loss_sum"] / jnp.maximum(aux["group_tokens"], 1)
-        for index, name in enumerate(MODALITY_GROUPS):
+        for index, name in enumerate(LOSS_GROUPS):
             # NaN marks a group absent from this batch, so averages over steps can skip it.
             metrics[f"loss/{name}"] = jnp.where(aux["group_tokens"][index] > 0, group_loss[index], jnp.nan)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,))
-
-
-def eval_loss(model, batch) -> jax.Array:
-    """Mean answer-token cross-entropy of a batch (for tests and validation)."""
-    loss_sum, aux = loss_sums(model, batch)
-    return loss_sum / jnp.maximum(aux["target_tokens"], 1)

@@ -13,7 +13,8 @@ import argparse
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from avllm_jax.curation.instructions import MODALITIES, TASKS, build_messages, load_template, read_contexts, sample_id
+from avllm_jax.curation.instructions import TASKS, build_messages, load_template, read_contexts, sample_id
+from avllm_jax.modality import Modality
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
     reply_of_prompt = {}  # the prompt curate_instructions.py will send -> the reply to give
     for context in read_contexts(args.contexts):
         for task in TASKS:
-            for modality in MODALITIES:
+            for modality in Modality:
                 messages = build_messages(load_template(task, modality), context, modality)
                 key = sample_id(context["id"], task, modality)
                 if messages and key in replies:
