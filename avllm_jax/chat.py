@@ -18,9 +18,10 @@ import time
 
 import jax
 
-from avllm_jax.data import conversation
-from avllm_jax.data.media import MediaError, load_media
+from avllm_jax.data import conversation, pipeline
+from avllm_jax.data.media import MediaError
 from avllm_jax.inference import generate as gen
+from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 from avllm_jax.models import attention
 
@@ -67,13 +68,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)
-    data_config = gen.inference_data_config(
+    data_config = prompts.inference_data_config(
         model, args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments
     )
     try:
-        media = load_media(args.media, num_frames=data_config.num_frames, image_size=data_config.image_size,
-                           num_audio_segments=data_config.num_audio_segments, audio_sample_rate=data_config.audio_sample_rate)
-        modality = gen.resolve_modality(media, args.modality, args.media)
+        media = pipeline.load_file_media(args.media, data_config)
+        modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")
     if (modality.has_visual and model.vision is None) or (modality.has_audio and model.audio is None) or model.llm is None:
@@ -93,16 +93,16 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     def reply(question: str) -> str:
         nonlocal rng
-        message = gen.first_user_message(question, modality) if not turns else question
+        message = conversation.first_user_message(question, modality) if not turns else question
         turns.append((conversation.USER_ROLE, message))
-        batch = gen.conversation_batch(model, tokenizer, [media], [turns], [modality], data_config)
+        batch = prompts.conversation_batch(model, tokenizer, [media], [turns], [modality], data_config)
         rng, turn_rng = jax.random.split(rng)
         printer, tokens, start = _StreamPrinter(sys.stdout), [], time.perf_counter()
         for token in gen.stream_tokens(model, batch, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                        rng=turn_rng, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
             tokens.append(token)
             printer.update(tokenizer.decode(tokens, skip_special_tokens=True))
-        answer = gen.decode_answer(tokenizer, tokens)
+        answer = prompts.decode_answer(tokenizer, tokens)
         printer.update(answer, final=True)
         print(flush=True)
         seconds = time.perf_counter() - start

@@ -25,11 +25,12 @@ def model_answer_fn(
 ) -> AnswerFn:
     """Answers queries with the model in `checkpoint`: decodes each media file, then generates greedily.
 
-    Media settings left None come from the checkpoint (a training workdir's data settings)."""
-    from avllm_jax.data.conversation import load_tokenizer
-    from avllm_jax.data.media import load_media
-    from avllm_jax.inference.generate import answer_questions, inference_data_config
+    Media settings left None come from the checkpoint: a training workdir's data settings, else
+    the defaults fitted to its encoders (see inference.prompts.inference_data_config)."""
     from avllm_jax.checkpoint import load_model
+    from avllm_jax.data.conversation import load_tokenizer
+    from avllm_jax.data.pipeline import load_file_media
+    from avllm_jax.inference.prompts import answer_questions, inference_data_config
 
     model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
@@ -38,11 +39,7 @@ def model_answer_fn(
     )
 
     def answer(queries: list[Query]) -> list[str]:
-        media = [
-            load_media(q.media_path, num_frames=data_config.num_frames, image_size=data_config.image_size,
-                       num_audio_segments=data_config.num_audio_segments)
-            for q in queries
-        ]
+        media = [load_file_media(q.media_path, data_config) for q in queries]
         forced = [q.modality for q in queries]
         return answer_questions(
             model, tokenizer, media, [q.question for q in queries], modality=None if None in forced else forced,

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from avllm_jax.training import optim, step
-from tiny_models import mixed_batch, tiny_model, tiny_tokenizer
+from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, tiny_model, tiny_tokenizer
 
 MODALITIES = ("visual", "audio", "audio_visual", "text")
 
@@ -63,6 +63,34 @@ def test_targets_are_the_answer_tokens(model, tokenizer):
         answer = batch["labels"][i][batch["labels"][i] != -100]
         np.testing.assert_array_equal(targets[i][targets[i] != -100], answer)
         assert answer[-1] == tokenizer.eos_token_id
+
+
+def test_each_text_row_targets_the_next_tokens_label(model, tokenizer):
+    """Position by position: the target of the row holding text token j is label j+1 (the
+    next token); modality rows and dropped rows target nothing. So the row of the ':' of
+    "ASSISTANT:" targets the answer's first token."""
+    longest = max(len(mixed_batch(tokenizer, (m,))["input_ids"][0]) for m in MODALITIES)
+    batch = mixed_batch(tokenizer, MODALITIES, pad_to=longest + 3)  # every row ends in padding
+    _, inputs = model(jax.tree.map(jnp.asarray, batch))
+    targets, kept = np.asarray(inputs["targets"]), np.asarray(inputs["segment_ids"]) > 0
+    for i, modality in enumerate(MODALITIES):
+        ids, labels = batch["input_ids"][i][batch["token_mask"][i]], batch["labels"][i][batch["token_mask"][i]]
+        next_labels = np.append(labels[1:], -100)
+        # The kept rows, in order: the text before the modality token, the sample's own
+        # modality rows, the text after the token (which the rows replace).
+        where = np.flatnonzero(np.isin(ids, list(model.config.modality_token_ids)))
+        own_rows = int(batch["has_visual"][i]) * (NUM_FRAMES + model.config.vision.num_patches)
+        own_rows += int(batch["has_audio"][i]) * NUM_SEGMENTS
+        p = where[0] if where.size else ids.size
+        expected = np.concatenate([next_labels[:p], np.full(own_rows, -100), next_labels[p + 1 :]])
+        np.testing.assert_array_equal(targets[i][kept[i]], expected, err_msg=modality)
+        assert (targets[i][~kept[i]] == -100).all(), modality
+
+        answer_start = np.flatnonzero(labels != -100)[0]
+        colon_row = answer_start - 1 if answer_start - 1 < p else answer_start - 2 + own_rows
+        assert tokenizer.decode(ids[answer_start - 1 : answer_start]).strip() == ":"
+        assert targets[i][np.flatnonzero(kept[i])[colon_row]] == labels[answer_start] != -100, modality
+        assert len(set(labels[labels != -100].tolist())) > 1, "a one-token answer cannot show a shift"
 
 
 def grads_of_projectors(model, batch):

@@ -1,6 +1,7 @@
 """`python -m avllm_jax.chat` on a tiny random checkpoint converted from HF CLIP, CLAP and LLaMA:
 the streamed answer is exactly `answer_questions`' answer, the multi-turn chat keeps the
-conversation, and a forced modality the file lacks is refused by name."""
+conversation, the ids it feeds the model are the training pipeline's ids of the same
+conversation up to the last "ASSISTANT:", and a forced modality the file lacks is refused by name."""
 import io
 
 import numpy as np
@@ -10,10 +11,12 @@ import transformers
 
 import avllm_jax
 from avllm_jax import chat, convert
-from avllm_jax.data import conversation
+from avllm_jax.data import conversation, pipeline
 from avllm_jax.data.media import load_media
 from avllm_jax.data.synthetic import write_media
 from avllm_jax.inference import generate as gen
+from avllm_jax.inference import prompts
+from avllm_jax.modality import IGNORE_INDEX, Modality
 from hf_reference import build_hf, save_tiny_tokenizer
 
 
@@ -66,8 +69,8 @@ def run_chat(checkpoint, *extra):
 def expected_answers(checkpoint, questions):
     media = load_media(checkpoint["video"], num_frames=NUM_FRAMES, image_size=32)
     assert media.has_visual and media.has_audio
-    return gen.answer_questions(checkpoint["model"], checkpoint["tokenizer"], [media] * len(questions), questions,
-                                max_new_tokens=MAX_NEW)
+    return prompts.answer_questions(checkpoint["model"], checkpoint["tokenizer"], [media] * len(questions), questions,
+                                    max_new_tokens=MAX_NEW)
 
 
 def test_question_prints_what_answer_questions_answers(checkpoint, capsys):
@@ -88,14 +91,56 @@ def test_multi_turn_keeps_the_conversation(checkpoint, capsys, monkeypatch):
     assert answers[0] == expected_answers(checkpoint, [first])[0]
     assert f"ASSISTANT: {answers[0]}\n" in printed and f"ASSISTANT: {answers[1]}\n" in printed
     # The second answer continues the whole conversation, the media token in the first turn only.
-    turns = [(conversation.USER_ROLE, gen.first_user_message(first, "audio_visual")),
+    turns = [(conversation.USER_ROLE, conversation.first_user_message(first, Modality.AUDIO_VISUAL)),
              (conversation.ASSISTANT_ROLE, answers[0]), (conversation.USER_ROLE, second)]
     media = load_media(checkpoint["video"], num_frames=NUM_FRAMES, image_size=32)
     model, tokenizer = checkpoint["model"], checkpoint["tokenizer"]
-    batch = gen.conversation_batch(model, tokenizer, [media], [turns], ["audio_visual"])
+    batch = prompts.conversation_batch(model, tokenizer, [media], [turns], [Modality.AUDIO_VISUAL])
     tokens, length = gen.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=tokenizer.eos_token_id)
-    assert answers[1] == gen.decode_answer(tokenizer, np.asarray(tokens[0])[: int(length[0])])
+    assert answers[1] == prompts.decode_answer(tokenizer, np.asarray(tokens[0])[: int(length[0])])
     assert answers[1] != expected_answers(checkpoint, [second])[0]  # the history changed the answer
+
+
+def test_chat_feeds_the_training_ids_up_to_the_last_answer(checkpoint, capsys, monkeypatch):
+    """Each turn's prompt, as chat feeds it to the model, equals the ids the training pipeline
+    builds for the conversation so far with that turn's answer, cut right after the last
+    "ASSISTANT:": the position where that answer's labels start."""
+    model, tokenizer = checkpoint["model"], checkpoint["tokenizer"]
+    questions = ["What colour is the square?", "And how many beeps do you hear?", "Which way does it move?"]
+    scripted = ["a red square", "three beeps", "to the right"]  # the answers chat is made to give
+    fed = []
+
+    def stream_tokens(model, batch, **_):  # records the batch and "generates" the scripted answer
+        fed.append(batch)
+        yield from tokenizer(scripted[len(fed) - 1], add_special_tokens=False)["input_ids"]
+
+    monkeypatch.setattr("avllm_jax.inference.generate.stream_tokens", stream_tokens)
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(q + "\n" for q in questions)))
+    answers = run_chat(checkpoint)
+    capsys.readouterr()
+    assert len(fed) == len(answers) == 3 and answers[0] == "a red square"
+
+    # The training side: the pipeline's media loading and sample building, as for a training batch.
+    data_config = prompts.inference_data_config(model, checkpoint["dir"], num_frames=NUM_FRAMES)
+    media = pipeline.load_file_media(checkpoint["video"], data_config)
+    turns = []
+    for question, answer, batch in zip(questions, answers, fed):
+        first = not turns
+        turns += [(conversation.USER_ROLE, conversation.first_user_message(question, Modality.AUDIO_VISUAL) if first else question),
+                  (conversation.ASSISTANT_ROLE, answer)]
+        sample = pipeline.build_sample(turns, media, Modality.AUDIO_VISUAL, data_config, tokenizer,
+                                       rng=np.random.default_rng(0), max_length=data_config.max_text_length)
+        ids, labels = sample["input_ids"], sample["labels"]
+        prompt = np.asarray(batch["input_ids"][0])[np.asarray(batch["token_mask"][0])]
+        cut = prompt.size
+        np.testing.assert_array_equal(prompt, ids[:cut])
+        assert ids.size > cut and tokenizer.decode(ids[:cut]).endswith(f"{conversation.ASSISTANT_ROLE}:")
+        labelled = np.flatnonzero(labels != IGNORE_INDEX)
+        answer_starts = labelled[np.r_[0, np.flatnonzero(np.diff(labelled) > 1) + 1]]
+        assert len(answer_starts) == len(turns) // 2 and answer_starts[-1] == cut
+        np.testing.assert_array_equal(np.asarray(batch["labels"][0])[: cut], labels[:cut])  # earlier answers only
+        for key in ("frames", "audio_features", "audio_is_longer", "has_visual", "has_audio"):
+            np.testing.assert_array_equal(np.asarray(batch[key][0]), sample[key], err_msg=key)
 
 
 def test_forced_modality_needs_its_stream(checkpoint):

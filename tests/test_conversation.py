@@ -142,7 +142,7 @@ MALFORMED = {
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_malformed_line_names_file_and_line(tmp_path, name):
     path = write_jsonl(tmp_path / "bad.jsonl", [record(), MALFORMED[name]])
-    with pytest.raises(conv.MalformedSampleError, match=f"bad.jsonl:2: "):
+    with pytest.raises(conv.MalformedSampleError, match="bad.jsonl:2: "):
         conv.read_samples(path)
 
 

@@ -332,53 +332,45 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
                        str(media), "--out", str(tmp_path / "other")])
 
 
-def stub(monkeypatch, module_name, name, function):
-    """Replaces `module_name.name` for one test; a module that cannot be imported (yet) is stood in
-    for by one holding only `function`."""
-    import importlib
-    import sys
-    import types
-
-    try:
-        monkeypatch.setattr(importlib.import_module(module_name), name, function)
-    except ImportError:
-        monkeypatch.setitem(sys.modules, module_name, types.SimpleNamespace(**{name: function}))
-
-
 def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, monkeypatch):
     """The command line's answer function with the model and generation stubbed out: real files
-    are decoded with the requested sizes, and an undecodable one costs only its own answer."""
+    are decoded with the requested sizes and the data config's audio sample rate, and an
+    undecodable one costs only its own answer."""
     import numpy as np
 
     from avllm_jax import evaluate
     from avllm_jax.data.synthetic import write_media
 
     data, media = write_msrvtt(tmp_path, qa_records(3), [])
-    for i in (0, 1):
-        write_media(media / f"video{i}.mp4", frames=np.full((6, 32, 32, 3), 40 * (i + 1), np.uint8), fps=6)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
+    for i in (0, 1):  # one second; video0 with a 48 kHz tone
+        write_media(media / f"video{i}.mp4", frames=np.full((6, 32, 32, 3), 40 * (i + 1), np.uint8), fps=6,
+                    audio=tone if i == 0 else None)
     (media / "video2.mp4").write_text("this is not a video\n" * 20)
 
-    seen = []
+    seen, audio = [], []
 
     def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0,
                          data_config=None):
         assert (model, tokenizer, max_new_tokens, temperature) == ("model", "tokenizer", 5, 0.0)
         assert (data_config.num_frames, data_config.image_size) == (2, 16)
         seen.extend((m.frames.shape, int(m.frames.mean()), q, modality) for m, q in zip(media_list, questions))
+        audio.extend(None if m.audio is None else m.audio.shape for m in media_list)
         return [f"answer {q.split()[1][:-1]}" for q in questions]
 
-    stub(monkeypatch, "avllm_jax.inference.generate", "answer_questions", answer_questions)
-    stub(monkeypatch, "avllm_jax.training.checkpointing", "load_model", lambda path: "model")
-    stub(monkeypatch, "avllm_jax.data.conversation", "load_tokenizer", lambda path: "tokenizer")
+    # String targets: a module that fails to import, or lacks the name, fails the test.
+    monkeypatch.setattr("avllm_jax.inference.prompts.answer_questions", answer_questions)
+    monkeypatch.setattr("avllm_jax.checkpoint.load_model", lambda path: "model")
+    monkeypatch.setattr("avllm_jax.data.conversation.load_tokenizer", lambda path: "tokenizer")
 
     def inference_data_config(model, checkpoint, **overrides):
         from avllm_jax.data.pipeline import default_data_config
 
         config = default_data_config()
-        config.update(overrides)
+        config.update(overrides, audio_sample_rate=16000)
         return config
 
-    stub(monkeypatch, "avllm_jax.inference.generate", "inference_data_config", inference_data_config)
+    monkeypatch.setattr("avllm_jax.inference.prompts.inference_data_config", inference_data_config)
     answer_fn = evaluate.model_answer_fn("ckpt", num_frames=2, num_audio_segments=4, image_size=16, max_new_tokens=5)
     summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", answer_fn, batch_size=4)
 
@@ -389,3 +381,5 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     assert [(shape, q, modality) for shape, _, q, modality in seen] == [
         ((2, 16, 16, 3), "question 0?", None), ((2, 16, 16, 3), "question 1?", None)]
     assert abs(seen[0][1] - 40) <= 3 and abs(seen[1][1] - 80) <= 3  # each question got its own video
+    # Resampled to the config's 16 kHz (AAC adds a few hundred samples of padding), in 4 segments.
+    assert audio[1] is None and audio[0][0] == 4 and abs(audio[0][0] * audio[0][1] - 16000) < 1000

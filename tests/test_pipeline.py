@@ -203,6 +203,18 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
     assert iterator.get_state()["num_bad"] == 2
 
 
+def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer, media_dir):
+    """An audio stream with fewer samples than segments counts as no audio: nothing to re-route to."""
+    synthetic.write_media(tmp_path / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
+    records = [chat("<AUD>\nwhat is it?", audio=str(tmp_path / "blip.flac")), chat("<AUD>\nwhat is it?", audio="sound.flac")]
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    config = data_config((path, 1.0), num_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)
+    config.sources[0]["media_root"] = str(media_dir)
+    batches = list(pipeline.make_train_iterator(config, tokenizer, global_batch_size=1, process_index=0, process_count=1))
+    assert len(batches) == 1 and batches[0]["has_audio"].all()
+    assert sum(int(b["num_skipped_media"].sum()) for b in batches) == 1
+
+
 def test_bad_fraction_limit_stops_the_job_listing_the_failures(tmp_path, tokenizer, media_dir):
     records = [chat("<VIS>\nwhat is it?", video="silent.mp4"), chat("<VIS>\nwhat is it?", video="broken.mp4")] * 4
     path = write_jsonl(tmp_path / "data.jsonl", records)

@@ -31,22 +31,23 @@ def tiny_model(tokenizer, seed=0) -> avllm.AVLLM:
     return avllm.AVLLM(tiny_config(tokenizer), rngs=nnx.Rngs(seed))
 
 
+TEXT = "text"  # a sample kind beside the modalities: no media, no modality token
 QUESTIONS = {
-    "visual": "What colour is the square?",
-    "audio": "How many beeps do you hear?",
-    "audio_visual": "the circle moves left and the tone is high?",
-    "text": "What colour is the square?",
+    Modality.VISUAL: "What colour is the square?",
+    Modality.AUDIO: "How many beeps do you hear?",
+    Modality.AUDIO_VISUAL: "the circle moves left and the tone is high?",
+    TEXT: "What colour is the square?",
 }
-ANSWERS = {"visual": "red", "audio": "three", "audio_visual": "the triangle moves up", "text": "blue"}
+ANSWERS = {Modality.VISUAL: "red", Modality.AUDIO: "three", Modality.AUDIO_VISUAL: "the triangle moves up", TEXT: "blue"}
 
 
-def sample_arrays(tokenizer, modality, rng, image_size=32):
-    """One sample's fields; media are random, the prompt follows the Vicuna template."""
-    question = QUESTIONS[modality]
-    if modality != "text":
-        question = Modality(modality).token + "\n" + question
+def sample_arrays(tokenizer, kind, rng, image_size=32):
+    """One sample's fields (`kind`: a modality or TEXT); media are random, the prompt follows
+    the Vicuna template."""
+    modality = None if kind == TEXT else Modality(kind)
+    question = QUESTIONS[kind] if modality is None else conversation.first_user_message(QUESTIONS[kind], modality)
     ids, labels = conversation.tokenize_turns(
-        [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[modality])], tokenizer
+        [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[kind])], tokenizer
     )
     return dict(
         input_ids=ids,
@@ -54,8 +55,8 @@ def sample_arrays(tokenizer, modality, rng, image_size=32):
         frames=rng.randint(0, 256, (NUM_FRAMES, image_size, image_size, 3)).astype(np.uint8),
         audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
         audio_is_longer=np.zeros(NUM_SEGMENTS, bool),
-        has_visual=np.bool_(modality in ("visual", "audio_visual")),
-        has_audio=np.bool_(modality in ("audio", "audio_visual")),
+        has_visual=np.bool_(modality is not None and modality.has_visual),
+        has_audio=np.bool_(modality is not None and modality.has_audio),
     )
 
 
@@ -73,6 +74,6 @@ def collate(samples, length=None):
     return batch
 
 
-def mixed_batch(tokenizer, modalities=("visual", "audio", "audio_visual", "text"), seed=0, pad_to=None):
+def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None):
     rng = np.random.RandomState(seed)
     return collate([sample_arrays(tokenizer, m, rng) for m in modalities], pad_to)

@@ -68,14 +68,16 @@ def run_training(args, data_dir, tokenizer_dir, workdir) -> float:
 
 
 def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, float]:
-    """Greedy answers to every held-out question; exact match per modality, printed as a table."""
+    """Greedy answers to every held-out question; exact match per modality, printed as a table.
+
+    Each held-out conversation is the prompt, its answer cut off: built as training builds it."""
     import tqdm
 
     import avllm_jax
+    from avllm_jax.checkpoint import read_data_config
     from avllm_jax.data import conversation, pipeline
     from avllm_jax.evaluation.metrics import exact_match
-    from avllm_jax.inference.generate import answer_questions
-    from avllm_jax.checkpoint import read_data_config
+    from avllm_jax.inference.prompts import answer_conversations
 
     model = avllm_jax.load_model(workdir)
     tokenizer = conversation.load_tokenizer(workdir)
@@ -85,13 +87,12 @@ def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, fl
     examples = {}
     for begin in tqdm.trange(0, len(items), batch_size, desc="evaluating held-out split", unit="batch"):
         chunk = items[begin : begin + batch_size]
-        questions = [sample.turns[0][1].split("\n", 1)[-1] for sample, _ in chunk]
-        answers = answer_questions(
-            model, tokenizer, [media for _, media in chunk], questions,
-            modality=[sample.modality for sample, _ in chunk], max_new_tokens=8, data_config=data_config,
+        answers = answer_conversations(
+            model, tokenizer, [media for _, media in chunk], [sample.turns[:-1] for sample, _ in chunk],
+            [sample.modality for sample, _ in chunk], max_new_tokens=8, data_config=data_config,
         )
-        for (sample, _), question, answer in zip(chunk, questions, answers):
-            reference = sample.turns[1][1]
+        for (sample, _), answer in zip(chunk, answers):
+            question, reference = sample.turns[-2][1], sample.turns[-1][1]
             total[sample.modality] += 1
             correct[sample.modality] += exact_match(answer, [reference])
             examples.setdefault(sample.modality, (question, reference, answer))
@@ -105,12 +106,12 @@ def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, fl
 
 def chat_once(workdir: str, eval_path: str) -> None:
     """One question about the first held-out audio-visual clip, through `python -m avllm_jax.chat`."""
-    import json
     import subprocess
 
-    with open(eval_path) as f:
-        record = next(r for r in map(json.loads, f) if r["modality"] == "audio_visual")
-    media = os.path.join(os.path.dirname(eval_path), record["video"])
+    from avllm_jax.data import conversation
+
+    samples, _ = conversation.read_samples(eval_path)
+    media = next(s.media_path for s in samples if s.modality == Modality.AUDIO_VISUAL)
     question = "What colour is the shape and is the tone high or low?"
     print(f"\n$ python -m avllm_jax.chat --checkpoint {workdir} --media {media} --question {question!r}", flush=True)
     subprocess.run([sys.executable, "-m", "avllm_jax.chat", "--checkpoint", workdir, "--media", media, "--question", question], check=True)

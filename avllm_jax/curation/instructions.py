@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from avllm_jax.curation.client import ChatClient, ChatError
-from avllm_jax.data.conversation import MEDIA_KEYS
+from avllm_jax.data.conversation import MEDIA_KEYS, first_user_message
 from avllm_jax.modality import MODALITY_TOKENS, Modality
 
 TASKS = ("conversation", "description", "reasoning")
@@ -155,7 +155,6 @@ def sample_id(context_id: str, task: str, modality: str) -> str:
 
 def reply_to_sample(reply: str, context: dict, task: str, modality: str, rules: dict) -> dict:
     """One training sample in the data pipeline's format (media path as in `context`), or Rejected."""
-    token = Modality(modality).token
     if task == "description":
         questions = rules["description_questions"][modality]
         question = questions[zlib.crc32(context["id"].encode()) % len(questions)]
@@ -166,7 +165,7 @@ def reply_to_sample(reply: str, context: dict, task: str, modality: str, rules: 
         check_rules([text for pair in pairs for text in pair], task, modality, rules)
     conversations = []
     for i, (question, answer) in enumerate(pairs):
-        conversations.append({"from": "human", "value": f"{token}\n{question}" if i == 0 else question})
+        conversations.append({"from": "human", "value": first_user_message(question, modality) if i == 0 else question})
         conversations.append({"from": "gpt", "value": answer})
     media_key = next(key for key in MEDIA_KEYS if key in context)
     return {

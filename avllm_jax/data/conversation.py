@@ -18,7 +18,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
 
-
 def add_modality_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
     """Adds the modality tokens as special tokens (a no-op for those present); returns their ids."""
     missing = [t for t in MODALITY_TOKENS if t not in tokenizer.get_vocab()]
@@ -84,6 +83,10 @@ _ROLES = {"human": USER_ROLE, "user": USER_ROLE, "gpt": ASSISTANT_ROLE, "assista
 
 class MalformedSampleError(ValueError):
     """An instruction sample that cannot be used; the message starts with `file:line`."""
+
+
+class PromptTooLongError(ValueError):
+    """A conversation whose modality token falls past the length its ids are cut to."""
 
 
 @dataclasses.dataclass
@@ -192,6 +195,11 @@ def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bo
     return samples, malformed
 
 
+def first_user_message(question: str, modality: Modality) -> str:
+    """The first user turn of a sample about media: the modality token, a newline, the question."""
+    return f"{Modality(modality).token}\n{question}"
+
+
 def with_modality(turns: list[tuple[str, str]], modality: Modality) -> list[tuple[str, str]]:
     """The turns with the first turn's modality token rewritten to `modality`'s (after re-routing)."""
     (role, text), rest = turns[0], turns[1:]
@@ -219,9 +227,11 @@ def render_prompt(turns: list[tuple[str, str]], eos_token: str = "</s>") -> tupl
 def tokenize_turns(turns, tokenizer, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int32 (input_ids, labels) of the rendered turns; labels are IGNORE_INDEX outside the answers.
 
-    Labels are aligned with the ids (the loss shifts them). The conversation is tokenised in
-    one piece, so the ids of a prompt are exactly those a generation prompt gets. Truncation
-    cuts the end; a sample whose modality token would be cut raises ValueError.
+    labels[i] is the label of ids[i], not of ids[i + 1]: the model shifts them
+    (`AVLLM.embed_inputs`). The conversation is tokenised in one piece, as a generation prompt
+    is; with a tokenizer that splits words at spaces (LLaMA's, ours) a prompt's ids are the
+    ids of its conversation with the answer cut off after "ASSISTANT:".
+    Truncation cuts the end; a sample whose modality token would be cut raises PromptTooLongError.
     """
     text, spans = render_prompt(turns, tokenizer.eos_token)
     encoding = tokenizer(text, return_offsets_mapping=True)
@@ -234,6 +244,6 @@ def tokenize_turns(turns, tokenizer, max_length: int | None = None) -> tuple[np.
         modality_ids = [tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS]
         positions = np.flatnonzero(np.isin(ids, modality_ids))
         if positions.size and positions[0] >= max_length:
-            raise ValueError(f"the modality token sits at position {positions[0]}, past max_length {max_length}")
+            raise PromptTooLongError(f"the modality token sits at position {positions[0]}, past max_length {max_length}")
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels

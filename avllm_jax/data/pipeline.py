@@ -2,8 +2,9 @@
 
     sources (JSONL / LLaVA / Valley files), each shuffled by seed and epoch and repeated
       -> mixed by weight -> this host's shard (every process_count-th sample)
-      -> decode + features + tokenise, drop and count failures, stop past the bad fraction
-      -> batches of global_batch_size / process_count   (all of this in worker processes)
+      -> decode + features + tokenise (build_sample, as inference builds a prompt),
+         drop and count failures, stop past the bad fraction
+      -> batches of global_batch_size / process_count   (in worker processes unless worker_count is 0)
 
 Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
 
@@ -15,10 +16,10 @@ Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
     has_audio         bool    [B]
     input_ids         int32   [B, L]           right-padded with the pad (or EOS) id
     labels            int32   [B, L]           IGNORE_INDEX except on answers and their EOS;
-                                               aligned with input_ids (the loss shifts)
+                                               aligned with input_ids (the model shifts them)
     token_mask        bool    [B, L]           True on real tokens
     num_skipped_media int32   [B]              samples dropped just before this one because
-                                               their file raised MediaError or had no stream left
+                                               their file raised MediaError or had no stream
     num_skipped_text  int32   [B]              ... because the prompt did not fit max_text_length
     num_rerouted      int32   [B]              1 when this sample's modality was changed to
                                                the streams its file has
@@ -95,9 +96,10 @@ def audio_frames(config) -> int:
     return 1 + int(round(config.audio_max_length_s * config.audio_sample_rate)) // features.HOP_LENGTH
 
 
-def load_sample_media(sample: conversation.Sample, config) -> Media:
+def load_file_media(path: str | os.PathLike, config) -> Media:
+    """The media of `path`, decoded with the data config's frame count, image size and audio settings."""
     return load_media(
-        sample.media_path,
+        path,
         num_frames=config.num_frames,
         image_size=config.image_size,
         num_audio_segments=config.num_audio_segments,
@@ -128,6 +130,50 @@ def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True
                 has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
 
 
+def build_sample(
+    turns: list[tuple[str, str]],
+    media: Media | None,
+    modality: Modality | None,
+    config,
+    tokenizer,
+    *,
+    rng: np.random.Generator,
+    max_length: int | None = None,
+) -> dict:
+    """One sample's media arrays, unpadded int32 input_ids and labels, and num_rerouted.
+
+    Training builds its samples and inference its prompts here: turns that end with an answer
+    make a training sample, turns that end with a user turn a prompt whose ids end with
+    "ASSISTANT:". `modality` is what the first turn's token asks for (None: text only); when
+    `media` lacks a stream it needs, the sample is re-routed to the streams the file has and
+    its token rewritten (num_rerouted 1). `rng` draws the audio crop. Raises MediaError when
+    the file has no stream, PromptTooLongError when the modality token falls past `max_length`.
+    """
+    rerouted = 0
+    if modality is not None:
+        used = Modality.from_flags(modality.has_visual and media.has_visual, modality.has_audio and media.has_audio)
+        if used != modality:
+            used = used or Modality.from_flags(media.has_visual, media.has_audio)
+            if used is None:  # an audio stream with fewer samples than segments counts as none
+                raise MediaError("the file has no video or audio stream to use")
+            turns, rerouted = conversation.with_modality(turns, used), 1
+        arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)
+    else:
+        arrays = media_arrays(None, config)
+    ids, labels = conversation.tokenize_turns(turns, tokenizer, max_length)
+    return dict(arrays, input_ids=ids, labels=labels, num_rerouted=np.int32(rerouted))
+
+
+def pad_text(sample: dict, length: int, tokenizer) -> dict:
+    """`sample` with input_ids and labels right-padded to `length` and its token_mask."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = np.full(length, pad_id, np.int32)
+    padded_labels = np.full(length, IGNORE_INDEX, np.int32)
+    input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
+    return dict(sample, input_ids=input_ids, labels=padded_labels, token_mask=np.arange(length) < ids.size)
+
+
 @dataclasses.dataclass
 class _Failure:
     """Stands in for a sample that could not be prepared; dropped and counted downstream."""
@@ -138,7 +184,7 @@ class _Failure:
 
 @dataclasses.dataclass
 class _PrepareSample:
-    """Decodes, computes features and tokenises one Sample; a _Failure if it cannot."""
+    """Decodes and builds one Sample at the config's fixed text length; a _Failure if it cannot."""
 
     config: ml_collections.ConfigDict
     tokenizer: object
@@ -147,37 +193,16 @@ class _PrepareSample:
     def __call__(self, index: int, sample: conversation.Sample) -> dict | _Failure:
         config = self.config
         rng = np.random.default_rng((config.seed, self.process_index, index))
-        media, turns, rerouted = None, sample.turns, 0
-        if sample.modality is not None:
-            try:
-                media = load_sample_media(sample, config)
-            except MediaError as e:
-                return _Failure("num_skipped_media", f"{sample.origin}: {e}")
-            wanted = sample.modality
-            used = Modality.from_flags(wanted.has_visual and media.has_visual, wanted.has_audio and media.has_audio)
-            if used != wanted:
-                used = used or Modality.from_flags(media.has_visual, media.has_audio)  # re-route to the streams the file has
-                turns, rerouted = conversation.with_modality(turns, used), 1
-            arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)
-        else:
-            arrays = media_arrays(None, config)
         try:
-            ids, labels = conversation.tokenize_turns(turns, self.tokenizer, config.max_text_length)
-        except ValueError as e:
+            media = load_file_media(sample.media_path, config) if sample.modality is not None else None
+            built = build_sample(sample.turns, media, sample.modality, config, self.tokenizer, rng=rng,
+                                 max_length=config.max_text_length)
+        except MediaError as e:
+            return _Failure("num_skipped_media", f"{sample.origin}: {e}")
+        except conversation.PromptTooLongError as e:
             return _Failure("num_skipped_text", f"{sample.origin}: {e}")
-        length = config.max_text_length
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = np.full(length, pad_id, np.int32)
-        padded_labels = np.full(length, IGNORE_INDEX, np.int32)
-        input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
-        return dict(
-            arrays,
-            input_ids=input_ids,
-            labels=padded_labels,
-            token_mask=np.arange(length) < ids.size,
-            num_rerouted=np.int32(rerouted),
-            **{counter: np.int32(0) for counter in _SKIP_COUNTERS},
-        )
+        padded = pad_text(built, config.max_text_length, self.tokenizer)
+        return dict(padded, **{counter: np.int32(0) for counter in _SKIP_COUNTERS})
 
 
 class _SkipBadSamples(grain.IterDataset):
@@ -330,4 +355,4 @@ def iterate_eval(path: str | os.PathLike, data_config, media_root=None):
     """
     samples, _ = conversation.read_samples(path, media_root)
     for sample in samples:
-        yield sample, (load_sample_media(sample, data_config) if sample.media_path is not None else None)
+        yield sample, (load_file_media(sample.media_path, data_config) if sample.media_path is not None else None)

@@ -59,11 +59,12 @@ AUDIO_VISUAL_QUESTIONS = {
     ("shape", "beeps"): ("Which shape is shown and how many beeps play?",),
     ("direction", "pitch"): ("Where does the shape move and what is the pitch?",),
 }
+QUESTIONS = {Modality.VISUAL: VISUAL_QUESTIONS, Modality.AUDIO: AUDIO_QUESTIONS, Modality.AUDIO_VISUAL: AUDIO_VISUAL_QUESTIONS}
 # Encoder settings that write a demo clip in about 10 ms instead of 40-60 ms.
 _FAST_AAC = {"aac_coder": "fast"}
 _FAST_VP9 = {"deadline": "realtime", "cpu-used": "8"}
-# Fractions of files of each kind.
-FILE_KINDS = {"audio_visual": 0.5, "visual": 0.25, "audio": 0.25}
+# Fractions of files with each set of streams.
+FILE_KINDS = {Modality.AUDIO_VISUAL: 0.5, Modality.VISUAL: 0.25, Modality.AUDIO: 0.25}
 
 
 def write_media(
@@ -189,7 +190,7 @@ def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, se
 
 
 def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int) -> dict:
-    kind = rng.choice(list(FILE_KINDS), p=list(FILE_KINDS.values()))
+    kind = Modality(rng.choice(list(FILE_KINDS), p=list(FILE_KINDS.values())))
     attributes = {
         "colour": rng.choice(list(COLOURS)),
         "shape": rng.choice(SHAPES),
@@ -197,12 +198,12 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tur
         "pitch": rng.choice(list(PITCHES)),
         "beeps": int(rng.choice(list(BEEP_COUNTS))),
     }
-    frames = None if kind == "audio" else draw_clip(attributes["colour"], attributes["shape"], attributes["direction"], rng)
-    audio = None if kind == "visual" else tone_pattern(attributes["pitch"], attributes["beeps"], rng)
-    if kind == "audio":
+    frames = draw_clip(attributes["colour"], attributes["shape"], attributes["direction"], rng) if kind.has_visual else None
+    audio = tone_pattern(attributes["pitch"], attributes["beeps"], rng) if kind.has_audio else None
+    if kind == Modality.AUDIO:
         path = f"media/{name}" + rng.choice([".flac", ".m4a"])
         write_media(out_dir / path, audio=audio, audio_codec="flac" if path.endswith(".flac") else "aac", audio_options=_FAST_AAC)
-    elif kind == "visual":
+    elif kind == Modality.VISUAL:
         path = f"media/{name}" + rng.choice([".mp4", ".webm"])
         if path.endswith(".mp4"):
             write_media(out_dir / path, frames=frames)
@@ -212,9 +213,9 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tur
         path = f"media/{name}.mp4"
         write_media(out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC)
 
-    modality = kind if kind != "audio_visual" else rng.choice(["visual", "audio", "audio_visual"])
+    modality = Modality(rng.choice(list(Modality))) if kind == Modality.AUDIO_VISUAL else kind
     words = {**attributes, "beeps": BEEP_COUNTS[attributes["beeps"]]}
-    table = {"visual": VISUAL_QUESTIONS, "audio": AUDIO_QUESTIONS, "audio_visual": AUDIO_VISUAL_QUESTIONS}[str(modality)]
+    table = QUESTIONS[modality]
     asked = list(table)
     conversations = []
     for index in rng.permutation(len(asked))[:turns]:
@@ -222,15 +223,15 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tur
         question = rng.choice(table[attribute])
         answer = " ".join(words[a] for a in attribute) if isinstance(attribute, tuple) else words[attribute]
         if not conversations:
-            question = f"{Modality(modality).token}\n{question}"
+            question = conversation.first_user_message(question, modality)
         conversations += [{"from": "human", "value": str(question)}, {"from": "gpt", "value": str(answer)}]
-    media_key = "audio" if kind == "audio" else "video"
-    return {"id": name, media_key: path, "modality": str(modality), "conversations": conversations}
+    media_key = "video" if kind.has_visual else "audio"
+    return {"id": name, media_key: path, "modality": modality.value, "conversations": conversations}
 
 
 def demo_tokenizer_corpus() -> list[str]:
     """Every piece of text the demo can produce, for training its tokenizer."""
-    questions = [q for table in (VISUAL_QUESTIONS, AUDIO_QUESTIONS, AUDIO_VISUAL_QUESTIONS) for qs in table.values() for q in qs]
+    questions = [q for table in QUESTIONS.values() for qs in table.values() for q in qs]
     answers = [*COLOURS, *SHAPES, *DIRECTIONS, *PITCHES, *BEEP_COUNTS.values()]
     roles = f"{conversation.USER_ROLE}: {conversation.ASSISTANT_ROLE}:"
     return [conversation.SYSTEM_PROMPT, roles, "\n".join(questions), *questions, *answers]  # the join adds "\n"

@@ -19,6 +19,7 @@ import tqdm
 from avllm_jax.evaluation import metrics, report
 from avllm_jax.evaluation.judge import judge_messages, parse_verdict
 from avllm_jax.evaluation.tasks import TASKS, Sample, index_media, load_task, resolve_media
+from avllm_jax.modality import Modality
 
 PROBLEM_KINDS = ("no_question", "no_answer", "missing_media", "answer_failed", "judge_failed")
 
@@ -30,7 +31,7 @@ class Query:
     sample_id: str
     media_path: str
     question: str
-    modality: str | None  # None: whatever streams the file has
+    modality: Modality | None  # None: whatever streams the file has
 
 
 AnswerFn = Callable[[list[Query]], list[str]]
@@ -211,7 +212,8 @@ def run_evaluation(
             usable.append(s)
             media_of[s.id] = path
 
-    predictions = _answer(usable, media_of, answer_fn, modality or task.modality, out_dir, batch_size, problems)
+    forced = modality or task.modality
+    predictions = _answer(usable, media_of, answer_fn, Modality(forced) if forced else None, out_dir, batch_size, problems)
     verdicts = {}
     if judge is not None and task.judge_dimensions:
         verdicts = _judge(usable, predictions, task.judge_dimensions, judge, out_dir, problems)

@@ -10,8 +10,8 @@ mixed-modality batch generates what it generates alone.
                                          when every row has produced EOS
     stream_tokens(model, batch, ...)     one token at a time (for chat): a per-token step function
                                          jitted once, the host reads each token as it comes
-    answer_questions(model, tokenizer, media, questions)
-                                         the Vicuna prompt around each question, batched, decoded
+
+Prompt batches about media are built in avllm_jax/inference/prompts.py.
 """
 from __future__ import annotations
 
@@ -22,20 +22,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from avllm_jax.checkpoint import read_data_config
-from avllm_jax.data import conversation, pipeline
-from avllm_jax.data.media import Media
-from avllm_jax.modality import Modality
 from avllm_jax.models.avllm import AVLLM
 from avllm_jax.models.llama import KVCache, Llama, kept_positions
 
-# Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
-# length share one compiled program.
-PROMPT_BUCKET = 32
 MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "has_visual", "has_audio", "input_ids", "token_mask")
 
 
@@ -186,7 +178,8 @@ def generate(
 ) -> Generated:
     """Up to `max_new_tokens` new tokens for each prompt of a right-padded batch.
 
-    model: an AVLLM (batch: the pipeline's arrays, see avllm_jax/data/pipeline.py) or a Llama
+    model: an AVLLM (batch: the pipeline's arrays, see avllm_jax/data/pipeline.py; extra keys
+    such as labels are ignored) or a Llama
     alone (batch: `input_ids` and optional `token_mask`). A row stops at its first EOS
     (`eos_token_id`: one id, several, or None for never); the loop stops when all rows have.
     rng: a jax.random key for sampling (default key 0); unused when greedy.
@@ -243,123 +236,3 @@ def stream_tokens(
         rng, step_rng = jax.random.split(rng)
         token, cache = _step_compiled(llm_graphdef, llm_state, cache, token, positions, step_rng, sampling=sampling)
         positions = positions + 1
-
-
-# -- prompts about media --------------------------------------------------------------------------
-
-
-def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **overrides) -> ml_collections.ConfigDict:
-    """The media settings the model is fed with at inference.
-
-    A training workdir's saved data settings when `checkpoint_dir` is one; otherwise the
-    pipeline's defaults with the vision encoder's input size and the audio truncation its HTSAT
-    takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise). Then `overrides`
-    (None values are ignored).
-    """
-    config = read_data_config(checkpoint_dir) if checkpoint_dir else None
-    if config is None:
-        config = pipeline.default_data_config()
-        if model.config.vision is not None:
-            config.image_size = model.config.vision.image_size
-        if model.config.audio is not None:
-            config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    return config
-
-
-def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:
-    """Frame count, image size and audio segment count as the media were decoded (all alike)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    seen = {
-        "num_frames": {m.frames.shape[0] for m in media if m.has_visual and m.frames.shape[0] > 1},
-        "image_size": {m.frames.shape[1] for m in media if m.has_visual},
-        "num_audio_segments": {m.audio.shape[0] for m in media if m.has_audio},
-    }
-    for name, values in seen.items():
-        if len(values) > 1:
-            raise ValueError(f"the media of one batch were decoded with different {name}: {sorted(values)}")
-        if values:
-            setattr(config, name, values.pop())
-    return config
-
-
-def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> Modality:
-    """The modality a prompt about `media` uses: `forced`, or the streams the file has."""
-    if forced is None:
-        return Modality.from_flags(media.has_visual, media.has_audio)
-    if forced not in list(Modality):
-        raise ValueError(f"unknown modality {forced!r}; expected one of {[m.value for m in Modality]}")
-    forced = Modality(forced)
-    streams = (("a video stream", forced.has_visual, media.has_visual), ("an audio stream", forced.has_audio, media.has_audio))
-    missing = [stream for stream, need, has in streams if need and not has]
-    if missing:
-        raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
-    return forced
-
-
-def first_user_message(question: str, modality: Modality) -> str:
-    """The first user turn: the modality token, a newline, the question (the training layout)."""
-    return f"{Modality(modality).token}\n{question}"
-
-
-def conversation_batch(
-    model: AVLLM,
-    tokenizer,
-    media: Sequence[Media],
-    turns: Sequence[list[tuple[str, str]]],
-    modalities: Sequence[str],
-    data_config: ml_collections.ConfigDict | None = None,
-) -> dict:
-    """A right-padded model batch of conversations (each ending with a user turn) about media."""
-    config = _fit_config_to_media(data_config or inference_data_config(model), media)
-    rows = []
-    for item, item_turns, modality in zip(media, turns, modalities, strict=True):
-        modality = Modality(modality)
-        arrays = pipeline.media_arrays(item, config, use_visual=modality.has_visual, use_audio=modality.has_audio, rng=np.random.default_rng(0))
-        text, _ = conversation.render_prompt(item_turns, tokenizer.eos_token)
-        rows.append((arrays, np.asarray(tokenizer(text)["input_ids"], np.int32)))
-    length = -(-max(ids.size for _, ids in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = np.full((len(rows), length), pad_id, np.int32)
-    token_mask = np.zeros((len(rows), length), bool)
-    for i, (_, ids) in enumerate(rows):
-        input_ids[i, : ids.size], token_mask[i, : ids.size] = ids, True
-    batch = {k: np.stack([arrays[k] for arrays, _ in rows]) for k in rows[0][0]}
-    return batch | {"input_ids": input_ids, "token_mask": token_mask}
-
-
-def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
-    return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
-
-
-def answer_questions(
-    model: AVLLM,
-    tokenizer,
-    media: Sequence[Media],
-    questions: Sequence[str],
-    *,
-    modality: Sequence[str] | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    rng: jax.Array | None = None,
-    data_config: ml_collections.ConfigDict | None = None,
-) -> list[str]:
-    """One answer per (media, question), generated in one batch with the Vicuna v1.1 prompt.
-
-    modality: per item 'visual', 'audio' or 'audio_visual'; None follows each file's streams.
-    A forced modality whose stream the file lacks raises ValueError.
-    """
-    if len(media) != len(questions) or (modality is not None and len(modality) != len(media)):
-        raise ValueError(f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number")
-    if not media:
-        return []
-    modalities = [resolve_modality(m, None if modality is None else modality[i], f"media item {i}") for i, m in enumerate(media)]
-    turns = [[(conversation.USER_ROLE, first_user_message(q, m))] for q, m in zip(questions, modalities)]
-    batch = conversation_batch(model, tokenizer, media, turns, modalities, data_config)
-    tokens, lengths = jax.device_get(generate(
-        model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, rng=rng,
-        temperature=temperature, top_k=top_k, top_p=top_p,
-    ))
-    return [decode_answer(tokenizer, row[:length]) for row, length in zip(tokens, lengths)]

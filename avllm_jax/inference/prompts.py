@@ -1,0 +1,156 @@
+"""Prompts about media: each row is built as a training sample is (`pipeline.build_sample`),
+from a conversation that stops before the answer, so its ids are the training ids up to the
+last "ASSISTANT:".
+
+    inference_data_config(model, checkpoint_dir)
+                        the media settings the model is fed with
+    resolve_modality(media, forced)
+                        the modality of a prompt about one file
+    conversation_batch(model, tokenizer, media, turns, modalities)
+                        a right-padded model batch of conversations that end with a question
+    answer_conversations(...), answer_questions(model, tokenizer, media, questions)
+                        those prompts answered in one `generate` batch, decoded
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from avllm_jax.checkpoint import read_data_config
+from avllm_jax.data import conversation, pipeline
+from avllm_jax.data.media import Media
+from avllm_jax.inference.generate import generate
+from avllm_jax.modality import Modality
+from avllm_jax.models.avllm import AVLLM
+
+# Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
+# length share one compiled program.
+PROMPT_BUCKET = 32
+
+
+def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **overrides) -> ml_collections.ConfigDict:
+    """The media settings the model is fed with at inference.
+
+    A training workdir's saved data settings when `checkpoint_dir` is one; otherwise the
+    pipeline's defaults with the vision encoder's input size and the audio truncation its HTSAT
+    takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise). Then `overrides`
+    (None values are ignored).
+    """
+    config = read_data_config(checkpoint_dir) if checkpoint_dir else None
+    if config is None:
+        config = pipeline.default_data_config()
+        if model.config.vision is not None:
+            config.image_size = model.config.vision.image_size
+        if model.config.audio is not None:
+            config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:
+    """Frame count, image size and audio segment count as the media were decoded (all alike)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    seen = {
+        "num_frames": {m.frames.shape[0] for m in media if m.has_visual and m.frames.shape[0] > 1},
+        "image_size": {m.frames.shape[1] for m in media if m.has_visual},
+        "num_audio_segments": {m.audio.shape[0] for m in media if m.has_audio},
+    }
+    for name, values in seen.items():
+        if len(values) > 1:
+            raise ValueError(f"the media of one batch were decoded with different {name}: {sorted(values)}")
+        if values:
+            setattr(config, name, values.pop())
+    return config
+
+
+def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> Modality:
+    """The modality a prompt about `media` uses: `forced`, or the streams the file has."""
+    if forced is None:
+        modality = Modality.from_flags(media.has_visual, media.has_audio)
+        if modality is None:
+            raise ValueError(f"{name} has no video or audio stream to use")
+        return modality
+    if forced not in list(Modality):
+        raise ValueError(f"unknown modality {forced!r}; expected one of {[m.value for m in Modality]}")
+    forced = Modality(forced)
+    streams = (("a video stream", forced.has_visual, media.has_visual), ("an audio stream", forced.has_audio, media.has_audio))
+    missing = [stream for stream, need, has in streams if need and not has]
+    if missing:
+        raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
+    return forced
+
+
+def conversation_batch(
+    model: AVLLM,
+    tokenizer,
+    media: Sequence[Media],
+    turns: Sequence[list[tuple[str, str]]],
+    modalities: Sequence[str],
+    data_config: ml_collections.ConfigDict | None = None,
+) -> dict:
+    """A right-padded model batch of conversations about media, each ending with a user turn.
+
+    A modality the file lacks raises ValueError (a training sample would be re-routed; a
+    prompt is refused). Rows are padded to a multiple of PROMPT_BUCKET; the batch keeps the
+    training sample's other arrays (labels, on earlier answers; num_rerouted), which
+    `generate` ignores.
+    """
+    config = _fit_config_to_media(data_config or inference_data_config(model), media)
+    rows = []
+    for i, (item, item_turns, modality) in enumerate(zip(media, turns, modalities, strict=True)):
+        if item_turns[-1][0] != conversation.USER_ROLE:
+            raise ValueError(f"conversation {i} ends with an answer; a prompt ends with a user turn")
+        modality = resolve_modality(item, modality, f"media item {i}")
+        # A fixed seed: the same audio crop every time the same prompt is asked.
+        rows.append(pipeline.build_sample(item_turns, item, modality, config, tokenizer, rng=np.random.default_rng(0)))
+    length = -(-max(row["input_ids"].size for row in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+    rows = [pipeline.pad_text(row, length, tokenizer) for row in rows]
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
+def answer_conversations(
+    model: AVLLM,
+    tokenizer,
+    media: Sequence[Media],
+    turns: Sequence[list[tuple[str, str]]],
+    modalities: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    data_config: ml_collections.ConfigDict | None = None,
+) -> list[str]:
+    """The next answer of each conversation (see conversation_batch), generated in one batch."""
+    if not media:
+        return []
+    batch = conversation_batch(model, tokenizer, media, turns, modalities, data_config)
+    tokens, lengths = jax.device_get(generate(
+        model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+    ))
+    return [decode_answer(tokenizer, row[:length]) for row, length in zip(tokens, lengths)]
+
+
+def answer_questions(
+    model: AVLLM, tokenizer, media: Sequence[Media], questions: Sequence[str], *, modality: Sequence[str] | None = None, **options
+) -> list[str]:
+    """One answer per (media, question), each question the first user turn of a conversation.
+
+    modality: per item 'visual', 'audio' or 'audio_visual'; None follows each file's streams.
+    A forced modality whose stream the file lacks raises ValueError. `options`: those of
+    answer_conversations (max_new_tokens, temperature, top_k, top_p, rng, data_config).
+    """
+    if len(media) != len(questions) or (modality is not None and len(modality) != len(media)):
+        raise ValueError(f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number")
+    modalities = [resolve_modality(m, None if modality is None else modality[i], f"media item {i}") for i, m in enumerate(media)]
+    turns = [[(conversation.USER_ROLE, conversation.first_user_message(q, m))] for q, m in zip(questions, modalities)]
+    return answer_conversations(model, tokenizer, media, turns, modalities, **options)
