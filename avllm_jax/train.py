@@ -9,18 +9,19 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
 from avllm_jax.data import conversation, pipeline
-from avllm_jax.models import avllm, clip_vision, htsat, llama
+from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
+from avllm_jax.training import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model config.")
@@ -33,36 +34,73 @@ class SetupError(RuntimeError):
 def resolve_model(config):
     """(model config, tokenizer, directory to load weights from or None) for a run.
 
-    With `init_checkpoint`, the model is the one stored there (a converted checkpoint, or the
-    workdir of an earlier stage) with `config.model` fields overriding its parts (compute
-    dtype, remat, attention). Without it, the model is built from `config.model` alone with
+    `config.model.parts` names the parts; the fields set in `config.model.<part>` override
+    (see avllm_jax/training/config.py), and those set for a part it does not name are printed
+    as unused. With `init_checkpoint`, each part is the one stored there (a converted
+    checkpoint, or the workdir of an earlier stage), which must hold exactly the named parts.
+    Without it, each named part is its config dataclass's defaults plus the overrides, with
     random weights and the tokenizer from `config.tokenizer` (the demo does this).
     """
-    overrides = {part: dict(fields) for part, fields in config.model.items() if fields}
+    overrides = {}
+    for part, fields in config_lib.model_overrides(config).items():
+        if part in config.model.parts:
+            overrides[part] = fields
+        elif fields:
+            print(f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name {part!r}", flush=True)
     if config.init_checkpoint:
         if not os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
+            raise SetupError(f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n{_MAKE_INIT_CHECKPOINT}")
+        stored = checkpoint.read_model_config(config.init_checkpoint)
+        stored_parts = tuple(part for part in config_lib.MODEL_PARTS if getattr(stored, part))
+        if set(stored_parts) != set(config.model.parts):
             raise SetupError(
-                f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n"
-                f"{config.get('init_checkpoint_help', 'Make it with tools/convert_hf_weights.py (see README).')}"
+                f"config.model.parts={tuple(config.model.parts)!r} but init_checkpoint {config.init_checkpoint!r} "
+                f"holds {stored_parts!r}: name exactly the parts it holds, e.g. --config.model.parts=\"{stored_parts!r}\""
             )
-        model_config = checkpoint.read_model_config(config.init_checkpoint).replace(**overrides)
+        model_config = stored.replace(**overrides)
+        _check_same_weight_shapes(stored, model_config, overrides)
         return model_config, conversation.load_tokenizer(config.init_checkpoint), config.init_checkpoint
-    if not config.get("tokenizer"):
+    if not config.tokenizer:
         raise SetupError("set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)")
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer)
     token_ids = tuple(conversation.add_modality_tokens(tokenizer))
-    parts = {
-        "vision": clip_vision.CLIPVisionConfig(**overrides["vision"]) if "vision" in overrides else None,
-        "audio": htsat.HTSATConfig(**_tuples(overrides["audio"])) if "audio" in overrides else None,
-        "llm": llama.LlamaConfig(**{**overrides["llm"], "vocab_size": len(tokenizer)}),
-    }
+    vocab_size = overrides["llm"].setdefault("vocab_size", len(tokenizer))
+    if vocab_size != len(tokenizer):
+        raise SetupError(
+            f"config.model.llm.vocab_size={vocab_size} but the tokenizer {config.tokenizer!r} has {len(tokenizer)} "
+            "tokens; without init_checkpoint leave it unset (it is the tokenizer's size)"
+        )
+    parts = {part: config_lib.MODEL_PARTS[part](**fields) for part, fields in overrides.items()}
     return avllm.AVLLMConfig(**parts, modality_token_ids=token_ids), tokenizer, None
 
 
-def _tuples(fields: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+def _check_same_weight_shapes(stored, model_config, overrides):
+    # Restoring does not check shapes: weights of another shape would load under a config
+    # that does not describe them.
+    before, after = _weight_shapes(stored), _weight_shapes(model_config)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if changed:
+        fields = ", ".join(f"model.{part}.{k}" for part, set_fields in overrides.items() for k in sorted(set_fields))
+        raise SetupError(
+            f"with init_checkpoint, the overrides ({fields}) change the shapes of its weights, e.g. {changed[0]} "
+            f"{before.get(changed[0])} -> {after.get(changed[0])}; only fields that keep them (dtype, remat_policy, "
+            "attention_implementation) can change"
+        )
+
+
+def _weight_shapes(model_config) -> dict[str, tuple]:
+    _, state = checkpoint.abstract_model(model_config)
+    return {optim.path_name(path): variable.get_value().shape for path, variable in nnx.to_flat_state(state)}
+
+
+_MAKE_INIT_CHECKPOINT = (
+    "It is either a converted checkpoint, made by tools/convert_hf_weights.py --out DIR (README, "
+    "'Converting weights'; configs/pretrain.py starts from one), or the workdir of an earlier stage "
+    "(configs/sft.py starts from the workdir of configs/pretrain.py: run that stage first). Each config "
+    "file's docstring shows its commands; point --config.init_checkpoint at the directory."
+)
 
 
 def check_data_matches_model(data_config, model_config):
@@ -85,63 +123,9 @@ def total_steps(config) -> int:
     return max(1, math.floor(config.num_epochs * num_samples / config.global_batch_size))
 
 
-class MetricsLog:
-    """Averages step metrics between log lines; throughput, MFU and an ETA line."""
-
-    def __init__(self, writer, *, flops_per_sample, peak_flops, global_batch_size, total, start_step):
-        self.writer, self.flops_per_sample, self.peak_flops = writer, flops_per_sample, peak_flops
-        self.global_batch_size, self.total = global_batch_size, total
-        self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
-        self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
-
-    def add(self, metrics, counters):
-        self.pending.append(metrics)
-        for name, value in counters.items():
-            self.counters[name] += int(value)
-
-    def flush(self, step_number, learning_rate):
-        metrics = jax.device_get(self.pending)
-        self.pending = []
-        now = time.time()
-        steps = step_number - self.last_step
-        seconds = max(now - self.last_time, 1e-9)
-        row = {}
-        for key in metrics[0]:
-            values = np.array([m[key] for m in metrics], np.float64)
-            values = values[~np.isnan(values)]
-            if values.size:
-                row[key] = float(values.sum() if key == "target_tokens" else values.mean())
-        samples_per_second = steps * self.global_batch_size / seconds
-        row.update(
-            learning_rate=float(learning_rate),
-            steps_per_second=steps / seconds,
-            target_tokens_per_second=row.pop("target_tokens", 0.0) / seconds,
-            tflops_per_device=samples_per_second * self.flops_per_sample / jax.device_count() / 1e12,
-        )
-        if self.peak_flops:
-            row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
-        row.update({f"data/{k}": float(v) for k, v in self.counters.items()})
-        self.writer.write_scalars(step_number, row)
-        done = step_number - self.start_step
-        eta = (now - self.start_time) / max(done, 1) * (self.total - step_number)
-        mfu = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
-        print(
-            f"step {step_number}/{self.total} loss {row.get('loss', float('nan')):.4f} "
-            f"{row['steps_per_second']:.2f} steps/s {row['target_tokens_per_second']:.0f} answer tok/s "
-            f"{row['tflops_per_device']:.3f} TFLOP/s/device{mfu} eta {_duration(eta)}",
-            flush=True,
-        )
-        self.last_time, self.last_step = now, step_number
-        return row
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    config_lib.check_config(config)
     try:
         training_cpus, worker_cpus = runtime.split_cpus(config.data)
     except ValueError as error:
@@ -152,8 +136,6 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
-    from flax import nnx
-
     if worker_cpus:
         print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
     model_config, tokenizer, init_dir = resolve_model(config)
@@ -205,7 +187,10 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
         )
         peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
         writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
-        log = MetricsLog(writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size, total=num_steps, start_step=start)
+        log = metrics.MetricsLog(
+            writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size,
+            num_devices=jax.device_count(), total=num_steps, start_step=start,
+        )
         row = {}
         for step_number in range(start + 1, num_steps + 1):
             host_batch = next(data_iterator)
@@ -242,7 +227,7 @@ def main(argv):
     os.makedirs(_WORKDIR.value, exist_ok=True)
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (SetupError, pipeline.DataError) as error:
+    except (config_lib.ConfigError, SetupError, pipeline.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

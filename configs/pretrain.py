@@ -12,7 +12,7 @@ from avllm_jax.training.config import accelerator_model_overrides, base_config
 
 def get_config():
     config = base_config()
-    config.init_checkpoint = "checkpoints/avllm-init"
+    config.init_checkpoint = "checkpoints/avllm-init"  # converted; it must hold all three model.parts
     config.model.update(accelerator_model_overrides())
     config.trainable = (r"(temporal|spatial|audio)_proj\..*",)
     config.global_batch_size = 256

@@ -10,12 +10,7 @@ from avllm_jax.training.config import accelerator_model_overrides, base_config
 
 def get_config():
     config = base_config()
-    config.init_checkpoint = "runs/pretrain"
-    config.init_checkpoint_help = (
-        "SFT starts from the pretraining result: run `python -m avllm_jax.train --config=configs/pretrain.py "
-        "--workdir=runs/pretrain` first (it needs the converted checkpoint made by tools/convert_hf_weights.py), "
-        "or point --config.init_checkpoint at another workdir or converted checkpoint."
-    )
+    config.init_checkpoint = "runs/pretrain"  # stage 1's workdir
     config.model.update(accelerator_model_overrides())
     config.trainable = (r"(temporal|spatial|audio)_proj\..*", r"llm\..*")
     config.global_batch_size = 128

@@ -1,12 +1,15 @@
-"""CIDEr-D on worked examples computed by hand, exact-match normalisation, SPICE availability."""
+"""CIDEr-D on worked examples computed by hand, exact-match normalisation, SPICE availability;
+the training log line and its TensorBoard row on known inputs."""
 import math
 import os
 import stat
 import sys
 
+import numpy as np
 import pytest
 
 from avllm_jax.evaluation import metrics
+from avllm_jax.training import metrics as training_metrics
 
 L = math.log(2.0)  # the IDF of an n-gram found in the references of 1 of 2 clips: log(2 / 1)
 
@@ -95,3 +98,56 @@ def test_spice_reads_the_jar_output(monkeypatch, tmp_path):
     corpus, per_clip = metrics.spice(["a b", "x"], [["a b"], ["c d"]])
     assert per_clip == [1.0, 0.25]
     assert corpus == pytest.approx(0.625)
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.rows = []
+
+    def write_scalars(self, step, scalars):
+        self.rows.append((step, dict(scalars)))
+
+
+def step_metrics(loss, visual, audio_visual, grad_norm=0.5, tokens=80):
+    nan = float("nan")  # a loss group absent from the step's batch
+    return {
+        "loss": np.float32(loss), "grad_norm": np.float32(grad_norm), "target_tokens": np.int32(tokens),
+        "loss/visual": np.float32(visual), "loss/audio": np.float32(nan),
+        "loss/audio_visual": np.float32(audio_visual), "loss/text": np.float32(nan),
+    }
+
+
+def test_training_log_line_and_row(monkeypatch, capsys):
+    clock = [100.0]
+    monkeypatch.setattr(training_metrics.time, "time", lambda: clock[0])
+    writer = RecordingWriter()
+    log = training_metrics.MetricsLog(
+        writer, flops_per_sample=1e12, peak_flops=10e12, global_batch_size=4, num_devices=2, total=100, start_step=10
+    )
+    nan = float("nan")
+    for step in range(11, 21):  # losses 2 and 3 alternate; visual on even steps, audio_visual on odd
+        even = step % 2 == 0
+        log.add(step_metrics(2.0 if even else 3.0, 2.0 if even else nan, nan if even else 3.0),
+                {"num_skipped_media": 1 if step == 11 else 0, "num_rerouted": 1 if step in (12, 13) else 0})
+    clock[0] = 105.0  # 10 steps in 5 s
+    row = log.flush(20, learning_rate=1e-3)
+    line = capsys.readouterr().out.strip()
+    # 10 steps / 5 s; 800 answer tokens / 5 s; 8 samples/s * 1 TFLOP / 2 devices = 4 TFLOP/s,
+    # 40% of 10; eta 5 s / 10 steps * 80 steps left = 40 s.
+    assert line == (
+        "step 20/100 | loss 2.5000 (visual 2.0000, audio_visual 3.0000) | lr 1.00e-03 | grad norm 0.5"
+        " | 2.00 steps/s, 160 answer tok/s, 4.000 TFLOP/s/device, mfu 40.0% | eta 0m40s"
+        " | skipped_media 1, skipped_text 0, rerouted 2"
+    )
+    assert writer.rows == [(20, row)]
+    assert "loss/audio" not in row and "loss/text" not in row
+    assert row["data/num_rerouted"] == 2.0 and row["target_tokens_per_second"] == 160.0 and row["mfu"] == pytest.approx(0.4)
+
+    # The counts are totals; without a known device peak MFU is n/a; a step that had text only.
+    log.peak_flops = None
+    log.add(step_metrics(1.0, nan, nan) | {"loss/text": np.float32(1.0)}, {"num_skipped_text": 3})
+    clock[0] = 106.0
+    log.flush(21, learning_rate=5e-4)
+    line = capsys.readouterr().out.strip()
+    assert "loss 1.0000 (text 1.0000) | lr 5.00e-04" in line and "mfu n/a" in line
+    assert line.endswith("| skipped_media 1, skipped_text 3, rerouted 2")

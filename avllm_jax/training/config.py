@@ -2,22 +2,53 @@
 
 A config file starts from `base_config()` and sets what its experiment needs, so the file
 plus this function is the whole record of a run. Any field can be overridden on the command
-line, e.g. `--config.optim.learning_rate=1e-4 --config.mesh.tensor=2`.
+line, e.g. `--config.optim.learning_rate=1e-4 --config.mesh.tensor=2`. `check_config` (run
+first by `train`) rejects a field that `base_config()` does not declare, however it came in.
+
+The model (`config.model`): `parts` names the parts the model has, and `config.model.<part>`
+declares every field of that part's config dataclass (`MODEL_PARTS`), each None ("not set")
+by default. A field that is set overrides, and the rule is the same with or without a
+starting checkpoint:
+
+- without `init_checkpoint`, each named part is its dataclass's defaults plus the fields set
+  (the LLM's `vocab_size` comes from the tokenizer);
+- with `init_checkpoint`, each named part is the checkpoint's plus the fields set, and the
+  checkpoint must hold exactly the named parts: a part named but absent, or present but not
+  named, is an error. So is a field that changes a weight's shape (sizes, `enable_fusion`):
+  such a run overrides what keeps the weights (compute dtype, remat, attention, norm eps).
+
+Fields set for a part that `parts` does not name are unused (training prints them): a config
+file's settings for an encoder do not stop a run without it. A model without 'llm' is an error.
 """
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+
 import ml_collections
+from ml_collections import config_dict
 
 from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.models import clip_vision, htsat, llama
+
+# The parts a model may have (AVLLMConfig's fields), and the dataclass configuring each.
+MODEL_PARTS = {"vision": clip_vision.CLIPVisionConfig, "audio": htsat.HTSATConfig, "llm": llama.LlamaConfig}
+
+
+class ConfigError(ValueError):
+    """A config that names a field or model part that does not exist."""
 
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # A converted checkpoint (tools/convert_hf_weights.py) or an earlier stage's workdir.
+    # A converted checkpoint (tools/convert_hf_weights.py) or an earlier stage's workdir; "":
+    # random weights and the tokenizer below.
     config.init_checkpoint = ""
-    config.init_checkpoint_help = "Make it with tools/convert_hf_weights.py (see README, 'Converting weights')."
-    # Without init_checkpoint: a tokenizer directory, and config.model holds whole part configs.
+    # Without init_checkpoint: the tokenizer directory (with one, the checkpoint's is used).
     config.tokenizer = ""
-    # Per-part overrides of the model config (fields of CLIPVisionConfig, HTSATConfig, LlamaConfig).
-    config.model = ml_collections.ConfigDict(dict(vision={}, audio={}, llm={}))
+    # The model's parts and per-part field overrides (see the module docstring).
+    config.model = _model_config()
     # Regexes over dotted parameter names (e.g. 'llm.layers.q_proj'); the rest is frozen.
     config.trainable = (r"(temporal|spatial|audio)_proj\..*",)
     config.data = default_data_config()
@@ -29,21 +60,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 2e-5
-    config.optim.warmup_fraction = 0.03
+    config.optim.learning_rate = 2e-5  # the peak, reached after the warmup
+    config.optim.warmup_fraction = 0.03  # of the steps, linear from 0
+    config.optim.final_learning_rate = 0.0  # where the cosine decay ends, at the last step
     config.optim.beta1 = 0.9
     config.optim.beta2 = 0.98
     config.optim.eps = 1e-8
-    config.optim.weight_decay = 0.0
-    config.optim.max_grad_norm = 1.0
+    config.optim.weight_decay = 0.0  # AdamW's, on weight matrices only
+    config.optim.max_grad_norm = 1.0  # clip by global norm
 
     # Device mesh: sizes of ('data', 'fsdp', 'tensor'); -1 takes the rest of the devices.
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    config.log_every = 10
-    config.checkpoint_every = 500
+    config.log_every = 10  # steps between log lines (stdout and TensorBoard)
+    config.checkpoint_every = 500  # steps between checkpoints; the last step always saves
     config.keep_checkpoints = 3
     # Peak FLOP/s of one device for MFU; None looks it up from the device kind.
-    config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
+    config.peak_flops_per_device = config_dict.placeholder(float)
     return config
 
 
@@ -54,3 +86,66 @@ def accelerator_model_overrides() -> dict:
         audio=dict(dtype="bfloat16"),
         llm=dict(dtype="bfloat16", remat_policy="dots", attention_implementation="auto"),
     )
+
+
+def _model_config() -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
+    model.parts = tuple(MODEL_PARTS)
+    for part, cls in MODEL_PARTS.items():
+        hints = typing.get_type_hints(cls)
+        model[part] = ml_collections.ConfigDict(
+            {field.name: config_dict.placeholder(_flag_type(hints[field.name])) for field in dataclasses.fields(cls)}
+        )
+    return model
+
+
+def _flag_type(hint) -> type:
+    """The type a field's value is checked and parsed (on the command line) as."""
+    if hint in (bool, int, float, str):
+        return hint
+    if typing.get_origin(hint) is tuple:
+        return tuple
+    return object  # e.g. `dict | None`: config_flags parses a Python literal
+
+
+def model_overrides(config) -> dict[str, dict]:
+    """{part: {field: value}}: the fields set in each part's block, named in parts or not."""
+    return {part: {k: v for k, v in config.model[part].items() if v is not None} for part in MODEL_PARTS}
+
+
+def check_config(config) -> None:
+    """Raises ConfigError listing every field `base_config()` does not declare (with the
+    nearest declared name), every declared block that is missing or was replaced by one
+    lacking fields, and `config.model.parts` naming a part that does not exist, one twice, or
+    no 'llm'."""
+    problems = list(_compare(config, base_config(), "config"))
+    if not problems:
+        parts = config.model.parts
+        problems += [f"config.model.parts names {p!r}, not a part ({_nearest(p, MODEL_PARTS)})" for p in parts if p not in MODEL_PARTS]
+        if len(set(parts)) != len(parts):
+            problems.append(f"config.model.parts={parts!r} names a part twice")
+        if "llm" not in parts:
+            problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
+    if problems:
+        raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _compare(config, reference, prefix):
+    for key in config.keys():
+        name = f"{prefix}.{key}"
+        if key not in reference:
+            yield f"{name} is not a field ({_nearest(key, reference.keys())})"
+        elif isinstance(reference[key], ml_collections.ConfigDict):
+            if isinstance(config[key], ml_collections.ConfigDict):
+                yield from _compare(config[key], reference[key], name)
+            else:
+                yield f"{name} must be a block of fields ({', '.join(sorted(reference[key].keys()))}), not {config[key]!r}"
+    missing = sorted(set(reference.keys()) - set(config.keys()))
+    if missing:
+        # A block replaced wholesale loses base_config()'s fields: set them on it instead.
+        yield f"{prefix} lacks {', '.join(missing)}: update base_config()'s fields rather than replacing {prefix}"
+
+
+def _nearest(name: str, choices) -> str:
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(sorted(choices))}"

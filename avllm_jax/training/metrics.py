@@ -1,14 +1,20 @@
-"""Scalar metrics to TensorBoard event files (read with `tensorboard --logdir WORKDIR/logs`).
+"""Training metrics: averaged between log lines, printed as one line and written to
+TensorBoard event files (read with `tensorboard --logdir WORKDIR/logs`).
 
-clu's metric writers would do this, but clu 0.0.12 imports TensorFlow as soon as its
+clu's metric writers would do the writing, but clu 0.0.12 imports TensorFlow as soon as its
 metric_writers package is imported; the tensorboard package alone writes the same files.
 """
 from __future__ import annotations
 
 import time
 
+import jax
+import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from avllm_jax.data import pipeline
+from avllm_jax.training.step import LOSS_GROUPS
 
 
 class TensorBoardWriter:
@@ -24,3 +30,72 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class MetricsLog:
+    """Averages the step metrics between log lines; each `flush` writes the interval's row to
+    TensorBoard and prints it as one line:
+
+        step 20/100 | loss 2.3456 (visual 2.1000, audio_visual 2.4000) | lr 1.00e-03 | grad norm 0.512
+        | 2.00 steps/s, 160 answer tok/s, 0.064 TFLOP/s/device, mfu 12.8% | eta 0m40s
+        | skipped_media 1, skipped_text 0, rerouted 2
+
+    (one line when printed). A modality with no answer token in the interval has no loss
+    there; MFU is n/a when the device's peak is unknown (set config.peak_flops_per_device);
+    the sample counts are totals since this process started.
+    """
+
+    def __init__(self, writer, *, flops_per_sample, peak_flops, global_batch_size, num_devices, total, start_step):
+        self.writer, self.flops_per_sample, self.peak_flops = writer, flops_per_sample, peak_flops
+        self.global_batch_size, self.num_devices, self.total = global_batch_size, num_devices, total
+        self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
+        self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
+
+    def add(self, metrics, counters):
+        self.pending.append(metrics)
+        for name, value in counters.items():
+            self.counters[name] += int(value)
+
+    def flush(self, step_number, learning_rate) -> dict:
+        metrics = jax.device_get(self.pending)
+        self.pending = []
+        now = time.time()
+        steps = step_number - self.last_step
+        seconds = max(now - self.last_time, 1e-9)
+        row = {}
+        for key in metrics[0]:
+            values = np.array([m[key] for m in metrics], np.float64)
+            values = values[~np.isnan(values)]  # NaN: a loss group absent from that step's batch
+            if values.size:
+                row[key] = float(values.sum() if key == "target_tokens" else values.mean())
+        samples_per_second = steps * self.global_batch_size / seconds
+        row.update(
+            learning_rate=float(learning_rate),
+            steps_per_second=steps / seconds,
+            target_tokens_per_second=row.pop("target_tokens", 0.0) / seconds,
+            tflops_per_device=samples_per_second * self.flops_per_sample / self.num_devices / 1e12,
+        )
+        if self.peak_flops:
+            row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
+        row.update({f"data/{k}": float(v) for k, v in self.counters.items()})
+        self.writer.write_scalars(step_number, row)
+        eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
+        print(self._line(step_number, row, eta), flush=True)
+        self.last_time, self.last_step = now, step_number
+        return row
+
+    def _line(self, step_number, row, eta) -> str:
+        groups = ", ".join(f"{g} {row[f'loss/{g}']:.4f}" for g in LOSS_GROUPS if f"loss/{g}" in row)
+        mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
+        counts = ", ".join(f"{name.removeprefix('num_')} {count}" for name, count in self.counters.items())
+        return (
+            f"step {step_number}/{self.total} | loss {row.get('loss', float('nan')):.4f}"
+            f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm {row.get('grad_norm', float('nan')):.3g}"
+            f" | {row['steps_per_second']:.2f} steps/s, {row['target_tokens_per_second']:.0f} answer tok/s,"
+            f" {row['tflops_per_device']:.3f} TFLOP/s/device, mfu {mfu} | eta {_duration(eta)} | {counts}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

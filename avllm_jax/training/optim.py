@@ -27,14 +27,14 @@ def trainable_filter(patterns: list[str] | tuple[str, ...]):
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_fraction` of the steps, then cosine decay to zero."""
+    """Linear warmup over `warmup_fraction` of the steps, then cosine decay to `final_learning_rate`."""
     warmup_steps = max(1, math.ceil(optim_config.warmup_fraction * total_steps))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=optim_config.learning_rate,
         warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=optim_config.get("final_learning_rate", 0.0),
+        end_value=optim_config.final_learning_rate,
     )
 
 
