@@ -124,7 +124,7 @@ def test_encoders_never_change_and_hold_no_optimizer_state(model, tokenizer):
     graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
     encoders_before = jax.tree.map(np.array, nnx.to_pure_dict(frozen))
     optim_config = ml_collections.ConfigDict(
-        dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
+        dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, final_learning_rate=0.0)
     )
     optimizer = optim.make_optimizer(optim_config, total_steps=3, params=trainable)
     # The step donates its state: keep `trainable` to compare with.

@@ -46,7 +46,7 @@ def test_hidden_states_match_hf(tmp_path, name, hf_config, batch):
     assert_parity(last, reference.last_hidden_state.numpy(), f"clip {name} last hidden state")
     penultimate = with_config(model, select_layer=-2)(jnp.asarray(pixels))
     assert_parity(penultimate, reference.hidden_states[-2].numpy(), f"clip {name} hidden_states[-2]")
-    pooled = model.post_layernorm(last[:, 0])
+    pooled = model.post_norm(last[:, 0])
     assert_parity(pooled, reference.pooler_output.numpy(), f"clip {name} pooled (post-layernorm CLS)")
 
 
@@ -65,6 +65,14 @@ def test_full_clip_model_checkpoint_drops_text_tower(tmp_path):
     with torch.no_grad():
         reference = hf_model.vision_model(torch.tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
     assert_parity(model(jnp.asarray(pixels)), reference, "clip (from CLIPModel) last hidden state")
+
+
+def test_config_from_hf_overrides_win():
+    hf = transformers.CLIPVisionConfig(image_size=224, patch_size=14).to_dict()
+    config = clip_vision.CLIPVisionConfig.from_hf(hf, image_size=336, select_layer=-2)
+    assert (config.image_size, config.patch_size, config.select_layer) == (336, 14, -2)
+    with pytest.raises(TypeError, match="CLIPVisionConfig has no field.*num_hidden_layers"):
+        clip_vision.CLIPVisionConfig.from_hf(hf, num_hidden_layers=2)
 
 
 def test_wrong_image_size_is_an_error():

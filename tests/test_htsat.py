@@ -5,6 +5,8 @@ Tolerance: max |ours - HF| <= 1e-4 * max |HF| for the pooled output and the last
 HF's own initialisation leaves biases, relative position tables and batch-norm statistics at
 0/1, so every float tensor is re-drawn before saving, or a mapping mistake could hide.
 """
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -96,7 +98,7 @@ def test_full_size_matches_hf(fused, tmp_path):
     whose text tower and projections the rules drop."""
     hf_model = _save(dict(enable_fusion=fused), tmp_path, full_clap=fused)
     model = _convert(tmp_path)
-    assert model.config == (htsat.CLAP_HTSAT_FUSED if fused else htsat.CLAP_HTSAT_UNFUSED)
+    assert model.config == htsat.PRESETS["clap_htsat_fused" if fused else "clap_htsat_unfused"]
     features, is_longer = _segments("fusion" if fused else "rand_trunc")
     assert features.shape == (2, 4 if fused else 1, 1001, 64) and is_longer.tolist() == [True, False]
     _assert_matches_hf(model, hf_model, features, is_longer, "full size " + ("fused" if fused else "unfused"))
@@ -125,14 +127,22 @@ def test_small_config_matches_hf(name, tmp_path):
 
 def test_config_from_hf():
     unfused = transformers.ClapAudioConfig().to_dict()
-    assert htsat.HTSATConfig.from_hf(unfused) == htsat.CLAP_HTSAT_UNFUSED
+    assert htsat.HTSATConfig.from_hf(unfused) == htsat.PRESETS["clap_htsat_unfused"]
     fused_clap = transformers.ClapConfig(audio_config=dict(enable_fusion=True), text_config=SMALL_TEXT).to_dict()
-    assert htsat.HTSATConfig.from_hf(fused_clap) == htsat.CLAP_HTSAT_FUSED
-    assert htsat.CLAP_HTSAT_UNFUSED.num_features == 768
+    assert htsat.HTSATConfig.from_hf(fused_clap) == htsat.PRESETS["clap_htsat_fused"]
+    assert htsat.PRESETS["clap_htsat_unfused"].num_features == 768
     with pytest.raises(ValueError, match="channel_map"):
         htsat.HTSATConfig.from_hf(dict(unfused, enable_fusion=True, fusion_type="channel_map"))
     with pytest.raises(ValueError, match="window_size"):
         htsat.HTSATConfig(spec_size=64, window_size=8)  # the last stage would be 2x2 patches
+
+
+def test_config_from_hf_overrides_win():
+    unfused = transformers.ClapAudioConfig().to_dict()  # sets enable_fusion=False
+    config = htsat.HTSATConfig.from_hf(unfused, enable_fusion=True, param_dtype="bfloat16")
+    assert config == dataclasses.replace(htsat.PRESETS["clap_htsat_fused"], param_dtype="bfloat16")
+    with pytest.raises(TypeError, match="HTSATConfig has no field.*fusion"):
+        htsat.HTSATConfig.from_hf(unfused, fusion=True)
 
 
 def test_checkpoint_that_does_not_fit_is_named(tmp_path):

@@ -116,3 +116,11 @@ def test_segment_zero_rows_do_not_change_real_tokens(tiny_pair):
     out = model(padded, positions=positions, segment_ids=keep)
     kept = np.asarray(keep[0]).astype(bool)
     np.testing.assert_allclose(np.asarray(out)[:, kept], np.asarray(alone), atol=1e-5, rtol=0)
+
+
+def test_config_from_hf_overrides_win():
+    hf = transformers.LlamaConfig(**TINY_GQA).to_dict()
+    config = llama.LlamaConfig.from_hf(hf, vocab_size=259, param_dtype="bfloat16")
+    assert (config.vocab_size, config.hidden_size, config.param_dtype) == (259, 64, "bfloat16")
+    with pytest.raises(TypeError, match="LlamaConfig has no field.*num_hidden_layers"):
+        llama.LlamaConfig.from_hf(hf, num_hidden_layers=1)

@@ -9,7 +9,7 @@ from flax import nnx
 from avllm_jax.training import optim, sharding, step
 from tiny_models import mixed_batch, tiny_model, tiny_tokenizer
 
-OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0))
+OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, final_learning_rate=0.0))
 TRAINABLE = (r".*_proj\..*", r"llm\..*")
 
 

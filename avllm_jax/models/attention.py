@@ -1,4 +1,6 @@
-"""The one attention function every model calls.
+"""Attention for CLIP and LLaMA: one function, `dot_product_attention`, over several kernels.
+(HTSAT's window attention, with its additive relative-position bias and shift mask, is
+computed in `models/swin.py`: segment ids cannot express it.)
 
 Layout is [batch, sequence, heads, head_dim] for queries, keys and values. Keys and values may
 have fewer heads than queries (grouped-query attention); each group of queries shares one head.
@@ -16,8 +18,9 @@ Implementations (the config field `attention_implementation`):
   'pallas'  Pallas flash attention: the Triton kernel of `jax.experimental.pallas.ops.gpu` on
             GPUs, splash attention on TPUs, and the GPU kernel in interpret mode on CPU (slow;
             it exists so that tests can check the kernel against 'xla').
-  'auto'    'cudnn' on NVIDIA GPUs, 'pallas' (splash) on TPUs, 'xla' on CPU; 'xla' also for
-            single-token decoding and for float32 inputs on GPU, which cuDNN does not take.
+  'auto'    'cudnn' on NVIDIA GPUs, 'pallas' (splash) on TPUs, 'xla' elsewhere; 'xla' also
+            for single-token decoding and for float32 inputs on NVIDIA GPUs, which cuDNN does
+            not take.
 """
 from __future__ import annotations
 

@@ -59,25 +59,16 @@ def _dataclass_from_dict(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in d.items()})
 
 
-class Projector(nnx.Module):
-    """Linear with bias, from an encoder's width to the LLM's."""
-
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-        self.kernel = layers.param(rngs, (in_features, out_features), (None, "embed"), stddev=in_features**-0.5)
-        self.bias = layers.param(rngs, (out_features,), ("embed",), init="zeros")
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
-
-
-def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, Projector]:
-    """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder and an LLM."""
+def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.Dense]:
+    """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder and an LLM:
+    linear with bias, from an encoder's width to the LLM's (float32 parameters)."""
+    projector = lambda in_features: layers.Dense(in_features, config.llm.hidden_size, (None, "embed"), rngs=rngs)  # noqa: E731
     projectors = {}
     if config.llm and config.vision:
-        projectors["temporal_proj"] = Projector(config.vision.hidden_size, config.llm.hidden_size, rngs=rngs)
-        projectors["spatial_proj"] = Projector(config.vision.hidden_size, config.llm.hidden_size, rngs=rngs)
+        projectors["temporal_proj"] = projector(config.vision.hidden_size)
+        projectors["spatial_proj"] = projector(config.vision.hidden_size)
     if config.llm and config.audio:
-        projectors["audio_proj"] = Projector(config.audio.num_features, config.llm.hidden_size, rngs=rngs)
+        projectors["audio_proj"] = projector(config.audio.num_features)
     return projectors
 
 

@@ -1,5 +1,5 @@
 """CLIP ViT vision tower: patch embedding, class token, position embeddings, pre-layernorm,
-pre-norm transformer layers (scanned) with a quick-GELU MLP, post-layernorm.
+pre-norm transformer layers (scanned) with a quick-GELU (or GELU) MLP, post-layernorm.
 
 The model takes CLIP-normalised pixels (`normalize_frames`, the input contract of every CLIP
 checkpoint) and returns the hidden states after a chosen layer, [B, 1+N, D]: row 0 is the
@@ -9,6 +9,7 @@ into the spatial tokens by the composite model).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from avllm_jax.models import attention, layers
-from avllm_jax.models.conversion import Rule, transpose
+from avllm_jax.models.conversion import Rule, config_from_hf, transpose
 
 # The pixel statistics every CLIP checkpoint was trained with (its image processor's).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -51,7 +52,8 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "CLIPVisionConfig":
-        """From a CLIPVisionConfig dict, or a CLIPConfig dict (its `vision_config`)."""
+        """From a CLIPVisionConfig dict, or a CLIPConfig dict (its `vision_config`); `overrides`
+        set any field, over what the checkpoint says."""
         hf = hf.get("vision_config", hf)
         fields = dict(
             image_size=hf.get("image_size", 224),
@@ -65,8 +67,7 @@ class CLIPVisionConfig:
         )
         if fields["hidden_act"] not in ACTIVATIONS:
             raise ValueError(f"CLIP hidden_act {fields['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
-        fields.update(overrides)
-        return cls(**fields)
+        return config_from_hf(cls, fields, overrides)
 
 
 PRESETS = {
@@ -90,34 +91,30 @@ class EncoderLayer(nnx.Module):
         self.config = config
         c, dtype = config, layers.dtype_of(config.param_dtype)
         head_dim = c.hidden_size // c.num_heads
-        residual_stddev = c.hidden_size**-0.5  # fan-in scaled, as in CLIPVision
-        self.norm1_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
-        self.norm1_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        stddev = c.hidden_size**-0.5  # fan-in scaled, as in CLIPVision (fc1/fc2: Dense's default)
+        norm = functools.partial(layers.LayerNorm, c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        self.norm1 = norm()
+        # q/k/v/o are [embed, heads, head_dim] kernels, not Dense: 'tensor' splits whole heads.
         for name in ("q", "k", "v"):
-            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=residual_stddev))
+            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=stddev))
             setattr(self, f"{name}_bias", layers.param(rngs, (c.num_heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros"))
-        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype, stddev=residual_stddev)
+        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype, stddev=stddev)
         self.o_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
-        self.norm2_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
-        self.norm2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
-        self.fc1 = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype, stddev=residual_stddev)
-        self.fc1_bias = layers.param(rngs, (c.intermediate_size,), ("mlp",), dtype=dtype, init="zeros")
-        self.fc2 = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype, stddev=c.intermediate_size**-0.5)
-        self.fc2_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        self.norm2 = norm()
+        self.fc1 = layers.Dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), param_dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, x.dtype
         cast = lambda p: p[...].astype(dtype)  # noqa: E731
-        h = layers.layer_norm(x, self.norm1_scale[...], self.norm1_bias[...], c.layer_norm_eps)
+        h = self.norm1(x)
         q, k, v = (
             jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias"))
             for n in ("q", "k", "v")
         )
         out = attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation)
         x = x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias)
-        h = layers.layer_norm(x, self.norm2_scale[...], self.norm2_bias[...], c.layer_norm_eps)
-        h = ACTIVATIONS[c.hidden_act](jnp.einsum("bsd,dm->bsm", h, cast(self.fc1)) + cast(self.fc1_bias))
-        return x + jnp.einsum("bsm,md->bsd", h, cast(self.fc2)) + cast(self.fc2_bias)
+        return x + self.fc2(ACTIVATIONS[c.hidden_act](self.fc1(self.norm2(x))))
 
 
 class CLIPVision(nnx.Module):
@@ -135,11 +132,10 @@ class CLIPVision(nnx.Module):
         )
         self.class_embed = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, stddev=1.0)
         self.position_embed = layers.param(rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype, stddev=1.0)
-        self.pre_norm_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
-        self.pre_norm_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        self.pre_norm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
         self.layers = layers.stacked(c.num_layers, lambda r: EncoderLayer(c, rngs=r), rngs)
-        self.post_norm_scale = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
-        self.post_norm_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
+        # HF applies it to the pooled class token; `apply_post_layernorm` applies it to every row.
+        self.post_norm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels: float32 [B, H, W, 3], CLIP-normalised. Returns [B, 1+N, D]."""
@@ -155,18 +151,13 @@ class CLIPVision(nnx.Module):
         x = patches @ self.patch_embed[...].astype(dtype).reshape(p * p * 3, c.hidden_size)
         class_token = jnp.broadcast_to(self.class_embed[...].astype(dtype), (batch, 1, c.hidden_size))
         x = jnp.concatenate([class_token, x], axis=1) + self.position_embed[...].astype(dtype)
-        x = layers.layer_norm(x, self.pre_norm_scale[...], self.pre_norm_bias[...], c.layer_norm_eps)
+        x = self.pre_norm(x)
         num_layers = c.select_layer % (c.num_layers + 1)
         if num_layers:
             x, _ = layers.scan_layers(
                 self.layers, x, call=lambda layer, h, _: (layer(h), None), remat_policy=c.remat_policy, num_layers=num_layers
             )
-        if c.apply_post_layernorm:
-            x = self.post_layernorm(x)
-        return x
-
-    def post_layernorm(self, x: jax.Array) -> jax.Array:
-        return layers.layer_norm(x, self.post_norm_scale[...], self.post_norm_bias[...], self.config.layer_norm_eps)
+        return self.post_norm(x) if c.apply_post_layernorm else x
 
 
 def hf_rules(config: CLIPVisionConfig) -> list[Rule]:
@@ -184,24 +175,21 @@ def hf_rules(config: CLIPVisionConfig) -> list[Rule]:
         Rule(tower + r"embeddings\.patch_embedding\.weight", "patch_embed", lambda w: w.transpose(2, 3, 1, 0)),
         Rule(tower + r"embeddings\.position_embedding\.weight", "position_embed"),
         Rule(tower + r"embeddings\.position_ids", None),
-        Rule(tower + r"pre_layrnorm\.weight", "pre_norm_scale"),
-        Rule(tower + r"pre_layrnorm\.bias", "pre_norm_bias"),
-        Rule(tower + r"post_layernorm\.weight", "post_norm_scale"),
-        Rule(tower + r"post_layernorm\.bias", "post_norm_bias"),
+        Rule(tower + r"pre_layrnorm\.weight", "pre_norm.scale"),
+        Rule(tower + r"pre_layrnorm\.bias", "pre_norm.bias"),
+        Rule(tower + r"post_layernorm\.weight", "post_norm.scale"),
+        Rule(tower + r"post_layernorm\.bias", "post_norm.bias"),
         Rule(layer + r"self_attn\.out_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, head_dim, c.hidden_size)),
         Rule(layer + r"self_attn\.out_proj\.bias", "layers.o_bias"),
-        Rule(layer + r"layer_norm1\.weight", "layers.norm1_scale"),
-        Rule(layer + r"layer_norm1\.bias", "layers.norm1_bias"),
-        Rule(layer + r"layer_norm2\.weight", "layers.norm2_scale"),
-        Rule(layer + r"layer_norm2\.bias", "layers.norm2_bias"),
-        Rule(layer + r"mlp\.fc1\.weight", "layers.fc1", transpose),
-        Rule(layer + r"mlp\.fc1\.bias", "layers.fc1_bias"),
-        Rule(layer + r"mlp\.fc2\.weight", "layers.fc2", transpose),
-        Rule(layer + r"mlp\.fc2\.bias", "layers.fc2_bias"),
         # A full CLIPModel checkpoint also holds the text tower and the contrastive heads.
         Rule(r"(text_model|text_projection|visual_projection|logit_scale).*", None),
     ]
     for name in ("q", "k", "v"):
         rules.append(Rule(layer + rf"self_attn\.{name}_proj\.weight", f"layers.{name}_proj", heads))
         rules.append(Rule(layer + rf"self_attn\.{name}_proj\.bias", f"layers.{name}_bias", head_bias))
+    for i in (1, 2):
+        rules.append(Rule(layer + rf"layer_norm{i}\.weight", f"layers.norm{i}.scale"))
+        rules.append(Rule(layer + rf"layer_norm{i}\.bias", f"layers.norm{i}.bias"))
+        rules.append(Rule(layer + rf"mlp\.fc{i}\.weight", f"layers.fc{i}.kernel", transpose))
+        rules.append(Rule(layer + rf"mlp\.fc{i}\.bias", f"layers.fc{i}.bias"))
     return rules

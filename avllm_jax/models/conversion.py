@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints into our parameter trees: reading tensors and mapping names.
+"""Hugging Face checkpoints into our parameter trees: reading tensors and configs, mapping names.
 
 Each model file defines a table of `Rule`s. A rule's regex full-matches an HF tensor name;
 its target is the dotted path of our parameter, and may use the regex's named groups
@@ -37,6 +37,16 @@ class Rule:
 def transpose(x: np.ndarray) -> np.ndarray:
     """torch Linear [out, in] -> our kernel [in, out]."""
     return x.T
+
+
+def config_from_hf(cls, fields: dict, overrides: dict):
+    """`cls(**fields)` with `overrides` winning: `fields` are read from an HF config, and an
+    override may name any field of the dataclass `cls`, read from the config or not."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; it has {', '.join(sorted(known))}")
+    return cls(**(fields | overrides))
 
 
 def checkpoint_files(directory: str | os.PathLike, *, allow_pickle: bool = False) -> list[str]:

@@ -4,24 +4,13 @@ Input: CLAP log-mel features [B, C, frames, 64] (`data/features.py`; C = 4 for t
 model, 1 otherwise). The model normalises each mel bin (a frozen BatchNorm), stretches the
 frames to `spec_size * freq_ratio` (bicubic), folds the spectrogram into a square image (time
 cut into `freq_ratio` pieces stacked along the frequency axis), embeds 4x4 patches and runs a
-Swin Transformer: stages of window attention with a relative position bias, every second
-block on windows shifted by half a window (with a mask that keeps the wrapped-around regions
-apart), and patch merging between stages. Output: the mean over the last stage's positions,
-the 768-d embedding CLAP projects (and the paper's E_a row), and on request the last hidden
-state. The fused model adds attentional feature fusion (AFF): the three window-long crops are
-embedded with a wider kernel and mixed into the patches of the shrunk whole clip, for the
-segments flagged `is_longer`; it is computed for every segment and selected per segment,
-so that shapes stay static.
-
-Structure: stages differ in width, so they are a Python loop of 4; the blocks of a stage are
-stacked on a leading axis and run with `jax.lax.scan` (`layers.scan_layers`). A block's
-shift is a per-layer input of the scan (0 for even blocks, 1 for odd ones) that scales the
-roll and the shift mask, so one scanned body serves both kinds of block and odd depths.
-
-Attention is computed here rather than through `models/attention.py`: Swin attention runs
-over many small windows (64 tokens) with an additive per-head relative position bias and an
-additive per-window mask, which the shared function's segment-id interface does not express.
-It is a plain einsum with the softmax in float32.
+Swin Transformer (`models/swin.py`: window attention, shifted windows, patch merging; the
+stages differ in width, so they are a Python loop, of 4 in CLAP). Output: the mean over the last stage's
+positions, the 768-d embedding CLAP projects (and the paper's E_a row), and on request the
+last hidden state. The fused model adds attentional feature fusion (AFF): the three
+window-long crops are embedded with a wider kernel and mixed into the patches of the shrunk
+whole clip, for the segments flagged `is_longer`; it is computed for every segment and
+selected per segment, so that shapes stay static.
 
 Weights: `hf_rules` maps a `ClapAudioModel` or `ClapModel` checkpoint (text tower and
 projections dropped on purpose); `HTSATConfig.from_hf` reads its config.
@@ -30,18 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avllm_jax.models.conversion import Rule, transpose
-from avllm_jax.models.layers import dtype_of, layer_norm, param, scan_layers, stacked
+from avllm_jax.models.conversion import Rule, config_from_hf, transpose
+from avllm_jax.models.layers import Dense, LayerNorm, dtype_of, param
+from avllm_jax.models.swin import Stage
 
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which CLAP keeps
-SHIFT_MASK_VALUE = -100.0  # what Swin adds between regions that a cyclic shift brought together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +81,8 @@ class HTSATConfig:
 
     @classmethod
     def from_hf(cls, config: dict, **overrides) -> HTSATConfig:
-        """From the dict of a ClapConfig (its 'audio_config') or of a bare ClapAudioConfig."""
+        """From the dict of a ClapConfig (its 'audio_config') or of a bare ClapAudioConfig;
+        `overrides` set any field, over what the checkpoint says."""
         config = config.get("audio_config", config)
         if config.get("enable_fusion") and config.get("fusion_type") == "channel_map":
             raise ValueError("HTSAT fusion_type 'channel_map' is not supported (CLAP checkpoints use 'aff_2d')")
@@ -103,7 +92,7 @@ class HTSATConfig:
                 raise ValueError(f"HTSAT config {key}={config[key]!r} is not supported (only {supported!r})")
         pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
         defaults = cls()
-        return cls(
+        fields = dict(
             num_mel_bins=config.get("num_mel_bins", defaults.num_mel_bins),
             spec_size=config.get("spec_size", defaults.spec_size),
             patch_size=pair(config.get("patch_size", defaults.patch_size)),
@@ -118,25 +107,14 @@ class HTSATConfig:
             patch_layer_norm=config.get("enable_patch_layer_norm", defaults.patch_layer_norm),
             enable_fusion=config.get("enable_fusion", defaults.enable_fusion),
             fusion_reduction=config.get("aff_block_r", defaults.fusion_reduction),
-            **overrides,
         )
+        return config_from_hf(cls, fields, overrides)
 
 
-CLAP_HTSAT_UNFUSED = HTSATConfig()
-CLAP_HTSAT_FUSED = HTSATConfig(enable_fusion=True)
-
-
-class Dense(nnx.Module):
-    """x @ kernel + bias; also a 1x1 convolution over the channels-last axis."""
-
-    def __init__(self, features_in, features_out, axes, *, bias=True, config: HTSATConfig, rngs: nnx.Rngs):
-        dtype = dtype_of(config.param_dtype)
-        self.kernel = param(rngs, (features_in, features_out), axes, dtype=dtype, stddev=features_in**-0.5)
-        self.bias = param(rngs, (features_out,), (axes[1],), dtype=dtype, init="zeros") if bias else None
-
-    def __call__(self, x):
-        y = x @ self.kernel[...].astype(x.dtype)
-        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+PRESETS = {
+    "clap_htsat_unfused": HTSATConfig(),
+    "clap_htsat_fused": HTSATConfig(enable_fusion=True),
+}
 
 
 class Conv(nnx.Module):
@@ -157,17 +135,6 @@ class Conv(nnx.Module):
             x, self.kernel[...].astype(x.dtype), self.stride, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         return y + self.bias[...].astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, features, *, eps, config: HTSATConfig, rngs: nnx.Rngs):
-        dtype = dtype_of(config.param_dtype)
-        self.scale = param(rngs, (features,), (None,), dtype=dtype, init="ones")
-        self.bias = param(rngs, (features,), (None,), dtype=dtype, init="zeros")
-        self.eps = eps
-
-    def __call__(self, x):
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class BatchNorm(nnx.Module):
@@ -193,7 +160,7 @@ class FeatureFusion(nnx.Module):
 
     def __init__(self, config: HTSATConfig, *, rngs: nnx.Rngs):
         width, inner = config.embed_dim, config.embed_dim // config.fusion_reduction
-        dense = functools.partial(Dense, config=config, rngs=rngs)
+        dense = functools.partial(Dense, param_dtype=dtype_of(config.param_dtype), rngs=rngs)  # 1x1 convolutions
         norm = functools.partial(BatchNorm, config=config, rngs=rngs)
         self.local_in, self.local_in_norm = dense(width, inner, ("embed", None)), norm(inner)
         self.local_out, self.local_out_norm = dense(inner, width, (None, "embed")), norm(width)
@@ -207,87 +174,6 @@ class FeatureFusion(nnx.Module):
         global_gate = self.global_out_norm(self.global_out(jax.nn.relu(self.global_in_norm(self.global_in(pooled)))))
         gate = jax.nn.sigmoid(local_gate + global_gate)
         return 2.0 * global_patches * gate + 2.0 * local_patches * (1.0 - gate)
-
-
-class SwinBlock(nnx.Module):
-    """Window attention then MLP, both pre-norm residual, on [B, H, W, C]."""
-
-    def __init__(self, width, heads, window, shift, config: HTSATConfig, *, rngs: nnx.Rngs):
-        dense = functools.partial(Dense, config=config, rngs=rngs)
-        norm = functools.partial(LayerNorm, eps=config.layer_norm_eps, config=config, rngs=rngs)
-        hidden = int(config.mlp_ratio * width)
-        self.attn_norm = norm(width)
-        self.query = dense(width, width, ("embed", "heads"), bias=config.qkv_bias)
-        self.key = dense(width, width, ("embed", "heads"), bias=config.qkv_bias)
-        self.value = dense(width, width, ("embed", "heads"), bias=config.qkv_bias)
-        self.relative_position_bias = param(
-            rngs, ((2 * window - 1) ** 2, heads), (None, None), dtype=dtype_of(config.param_dtype), init="zeros"
-        )
-        self.attn_out = dense(width, width, ("heads", "embed"))
-        self.mlp_norm = norm(width)
-        self.mlp_in = dense(width, hidden, ("embed", "mlp"))
-        self.mlp_out = dense(hidden, width, ("mlp", "embed"))
-        self.heads, self.window, self.shift = heads, window, shift
-
-    def __call__(self, x, shifted):
-        """`shifted` (0 or 1, traced) turns on this block's cyclic shift and its mask."""
-        batch, height, width, channels = x.shape
-        window, shift = self.window, self.shift * shifted
-        h = self.attn_norm(x)
-        h = jnp.pad(h, ((0, 0), (0, -height % window), (0, -width % window), (0, 0)))
-        padded_height, padded_width = h.shape[1:3]
-        h = jnp.roll(h, (-shift, -shift), axis=(1, 2))
-        rows, cols = padded_height // window, padded_width // window
-        h = h.reshape(batch, rows, window, cols, window, channels).transpose(0, 1, 3, 2, 4, 5)
-        h = h.reshape(batch, rows * cols, window * window, channels)
-        bias = self.relative_position_bias[...][_relative_position_index(window)]  # [N, N, heads]
-        mask = _shift_mask(padded_height, padded_width, window, self.shift) * shifted  # [windows, N, N]
-        h = self._attention(h, bias.transpose(2, 0, 1)[None, None] + mask[None, :, None])
-        h = h.reshape(batch, rows, cols, window, window, channels).transpose(0, 1, 3, 2, 4, 5)
-        h = h.reshape(batch, padded_height, padded_width, channels)
-        h = jnp.roll(h, (shift, shift), axis=(1, 2))[:, :height, :width]
-        x = x + h
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False))
-
-    def _attention(self, windows, additive):
-        """windows [B, W, N, C]; additive [B | 1, W, heads, N, N] bias and mask."""
-        *lead, channels = windows.shape
-        split = lambda t: t.reshape(*lead, self.heads, channels // self.heads)  # noqa: E731
-        query, key, value = split(self.query(windows)), split(self.key(windows)), split(self.value(windows))
-        scores = jnp.einsum("bwqhd,bwkhd->bwhqk", query, key, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(channels // self.heads) + additive.astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-        out = jnp.einsum("bwhqk,bwkhd->bwqhd", probs, value)
-        return self.attn_out(out.reshape(*lead, channels))
-
-
-class Stage(nnx.Module):
-    """Swin blocks at one resolution, then (except in the last stage) 2x2 patch merging."""
-
-    def __init__(self, index: int, config: HTSATConfig, *, rngs: nnx.Rngs):
-        width, resolution = config.embed_dim * 2**index, config.resolutions[index]
-        # A stage no larger than one window attends over all of it, unshifted (as Swin does).
-        fits_one_window = min(resolution) <= config.window_size
-        window = min(resolution) if fits_one_window else config.window_size
-        shift = 0 if fits_one_window else config.window_size // 2
-        self.depth = config.depths[index]
-        self.blocks = stacked(
-            self.depth, lambda r: SwinBlock(width, config.num_heads[index], window, shift, config, rngs=r), rngs
-        )
-        if index < len(config.depths) - 1:
-            self.merge_norm = LayerNorm(4 * width, eps=config.layer_norm_eps, config=config, rngs=rngs)
-            self.merge = Dense(4 * width, 2 * width, (None, "embed"), bias=False, config=config, rngs=rngs)
-        else:
-            self.merge_norm = self.merge = None
-
-    def __call__(self, x):
-        shifted = jnp.arange(self.depth) % 2  # blocks alternate unshifted, shifted
-        x, _ = scan_layers(self.blocks, x, shifted, call=lambda block, h, s: (block(h, s), None))
-        if self.merge is None:
-            return x
-        x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
-        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        return self.merge(self.merge_norm(x))
 
 
 class HTSAT(nnx.Module):
@@ -305,9 +191,17 @@ class HTSAT(nnx.Module):
             self.fusion = FeatureFusion(config, rngs=rngs)
         else:
             self.fusion_embed = self.fusion = None
-        norm = functools.partial(LayerNorm, eps=config.layer_norm_eps, config=config, rngs=rngs)
+        dtype = dtype_of(config.param_dtype)
+        norm = functools.partial(LayerNorm, eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs)
         self.patch_norm = norm(width) if config.patch_layer_norm else None
-        self.stages = nnx.List([Stage(i, config, rngs=rngs) for i in range(len(config.depths))])
+        self.stages = nnx.List([
+            Stage(
+                width * 2**i, config.resolutions[i], config.depths[i], config.num_heads[i],
+                window_size=config.window_size, merge=i + 1 < len(config.depths), mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
+                eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs,
+            )
+            for i in range(len(config.depths))
+        ])
         self.norm = norm(config.num_features)
 
     def __call__(self, features, is_longer=None, *, return_last_hidden_state=False):
@@ -371,31 +265,6 @@ class HTSAT(nnx.Module):
         patches = patches.reshape(batch, 3, rows, columns, features).transpose(0, 2, 1, 3, 4)
         patches = patches.reshape(batch, rows, 3 * columns, features)[:, :, :patch_columns]
         return jnp.pad(patches, ((0, 0), (0, 0), (0, patch_columns - patches.shape[2]), (0, 0)))
-
-
-@functools.cache
-def _relative_position_index(window: int) -> np.ndarray:
-    """[N, N] row of the bias table for each (query, key) pair of a window's N = window^2 positions."""
-    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
-    delta = coords[:, :, None] - coords[:, None, :] + window - 1  # [2, N, N], each in [0, 2w-2]
-    return delta[0] * (2 * window - 1) + delta[1]
-
-
-@functools.cache
-def _shift_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
-    """[windows, N, N] additive mask for a cyclically shifted map: after the roll, the last
-    window of each row/column holds pieces from opposite edges; they must not attend to each other."""
-    if shift == 0:
-        return np.zeros(((height // window) * (width // window), window * window, window * window), np.float32)
-
-    def regions(size):
-        index = np.arange(size)
-        return (index >= size - window).astype(int) + (index >= size - shift)
-
-    region = regions(height)[:, None] * 3 + regions(width)[None, :]
-    region = region.reshape(height // window, window, width // window, window).transpose(0, 2, 1, 3)
-    region = region.reshape(-1, window * window)
-    return np.where(region[:, :, None] != region[:, None, :], SHIFT_MASK_VALUE, 0.0).astype(np.float32)
 
 
 @functools.cache

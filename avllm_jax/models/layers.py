@@ -1,4 +1,5 @@
-"""Building blocks shared by the networks: parameter initialisers, norms, stacked layers."""
+"""Building blocks shared by the networks: parameters with logical axes, Dense, LayerNorm,
+RMSNorm, and stacked (scanned) layers."""
 from __future__ import annotations
 
 import functools
@@ -38,19 +39,57 @@ def param(
     return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, as LLaMA does, then cast back."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+class Dense(nnx.Module):
+    """x @ kernel + bias over the last axis (so also a 1x1 convolution of a channels-last map),
+    computed in x's dtype. kernel [in, out], normal with stddev 1/sqrt(in) unless given."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        logical_axes: tuple[str | None, str | None],
+        *,
+        bias: bool = True,
+        stddev: float | None = None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        stddev = in_features**-0.5 if stddev is None else stddev
+        self.kernel = param(rngs, (in_features, out_features), logical_axes, dtype=param_dtype, stddev=stddev)
+        self.bias = param(rngs, (out_features,), logical_axes[1:], dtype=param_dtype, init="zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    x32 = (x32 - mean) * jax.lax.rsqrt(variance + eps)
-    return (x32 * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32, returned in the input's dtype."""
+
+    def __init__(self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="ones")
+        self.bias = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="zeros")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        x32 = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in float32 as LLaMA does, returned in the input's dtype."""
+
+    def __init__(self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def stacked(num_layers: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:

@@ -8,6 +8,7 @@ A `KVCache` makes decoding one token at a time cost one layer pass per token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from avllm_jax.models import attention, layers
-from avllm_jax.models.conversion import Rule, transpose
+from avllm_jax.models.conversion import Rule, config_from_hf, transpose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-        """From a LlamaConfig's config.json dict."""
+        """From a LlamaConfig's config.json dict; `overrides` set any field, over what the
+        checkpoint says."""
         num_heads = hf["num_attention_heads"]
         fields = dict(
             vocab_size=hf["vocab_size"],
@@ -60,8 +62,7 @@ class LlamaConfig:
             raise ValueError("LLaMA checkpoints with attention_bias or mlp_bias are not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
-        fields.update(overrides)
-        return cls(**fields)
+        return config_from_hf(cls, fields, overrides)
 
 
 def _hf_rope_scaling(hf: dict) -> dict | None:
@@ -150,15 +151,18 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         c, dtype = config, layers.dtype_of(config.param_dtype)
-        self.input_norm = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        norm = functools.partial(layers.RMSNorm, c.hidden_size, eps=c.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        dense = functools.partial(layers.Dense, bias=False, stddev=0.02, param_dtype=dtype, rngs=rngs)
+        self.input_norm = norm()
+        # q/k/v/o are [embed, heads, head_dim] kernels, not Dense: 'tensor' splits whole heads.
         self.q_proj = layers.param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
         self.k_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
         self.v_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
         self.o_proj = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype)
-        self.post_attention_norm = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="ones")
-        self.gate_proj = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
-        self.up_proj = layers.param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), dtype=dtype)
-        self.down_proj = layers.param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), dtype=dtype)
+        self.post_attention_norm = norm()
+        self.gate_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
+        self.up_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
+        self.down_proj = dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"))
 
     def __call__(self, x, positions, inv_freq, query_segment_ids, kv_cache=None, kv_segment_ids=None, cache_length=0):
         """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, max_length, G, D] or None.
@@ -168,7 +172,7 @@ class DecoderLayer(nnx.Module):
         cache made the scan copy the entire cache at every decoding step.
         """
         c, dtype = self.config, x.dtype
-        h = layers.rms_norm(x, self.input_norm[...], c.rms_norm_eps)
+        h = self.input_norm(x)
         q = jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dtype))
         k = jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dtype))
         v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dtype))
@@ -193,10 +197,8 @@ class DecoderLayer(nnx.Module):
             implementation=implementation,
         )
         x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype))
-        h = layers.rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
-        gate = jnp.einsum("bsd,dm->bsm", h, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("bsd,dm->bsm", h, self.up_proj[...].astype(dtype))
-        x = x + jnp.einsum("bsm,md->bsd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))
+        h = self.post_attention_norm(x)
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
         return x, (None if kv_cache is None else (k, v))
 
 
@@ -206,7 +208,9 @@ class Llama(nnx.Module):
         dtype = layers.dtype_of(config.param_dtype)
         self.embed = layers.param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype=dtype)
         self.layers = layers.stacked(config.num_layers, lambda r: DecoderLayer(config, rngs=r), rngs)
-        self.final_norm = layers.param(rngs, (config.hidden_size,), ("embed",), dtype=dtype, init="ones")
+        self.final_norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        # Not a Dense: the logits are accumulated in float32, and with tied embeddings they
+        # come from `embed` transposed.
         if not config.tie_word_embeddings:
             self.lm_head = layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype=dtype)
 
@@ -260,7 +264,7 @@ class Llama(nnx.Module):
             keys = jax.lax.dynamic_update_slice(cache.keys, new_keys, start)
             values = jax.lax.dynamic_update_slice(cache.values, new_values, start)
             cache = KVCache(keys, values, kv_segment_ids, cache_length + length)
-        x = layers.rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+        x = self.final_norm(x)
         outputs = x if return_hidden_states else self.logits(x)
         return outputs if cache is None else (outputs, cache)
 
@@ -278,17 +282,15 @@ def hf_rules(config: LlamaConfig) -> list[Rule]:
     heads = lambda n: lambda w: w.T.reshape(c.hidden_size, n, c.head_dim)  # noqa: E731
     return [
         Rule(r"model\.embed_tokens\.weight", "embed"),
-        Rule(layer + r"input_layernorm\.weight", "layers.input_norm"),
+        Rule(layer + r"input_layernorm\.weight", "layers.input_norm.scale"),
         Rule(layer + r"self_attn\.q_proj\.weight", "layers.q_proj", heads(c.num_heads)),
         Rule(layer + r"self_attn\.k_proj\.weight", "layers.k_proj", heads(c.num_kv_heads)),
         Rule(layer + r"self_attn\.v_proj\.weight", "layers.v_proj", heads(c.num_kv_heads)),
         Rule(layer + r"self_attn\.o_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
         # Older checkpoints (Vicuna v0/v1.1) saved the rotary buffer; it is recomputed here.
         Rule(layer + r"self_attn\.rotary_emb\.inv_freq", None),
-        Rule(layer + r"post_attention_layernorm\.weight", "layers.post_attention_norm"),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers.gate_proj", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers.up_proj", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers.down_proj", transpose),
-        Rule(r"model\.norm\.weight", "final_norm"),
+        Rule(layer + r"post_attention_layernorm\.weight", "layers.post_attention_norm.scale"),
+        *(Rule(layer + rf"mlp\.{name}\.weight", f"layers.{name}.kernel", transpose) for name in ("gate_proj", "up_proj", "down_proj")),
+        Rule(r"model\.norm\.weight", "final_norm.scale"),
         Rule(r"lm_head\.weight", None if c.tie_word_embeddings else "lm_head", transpose),
     ]

@@ -31,7 +31,7 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_model = transformers.ClapAudioModel(transformers.ClapAudioConfig(enable_fusion=args.fused)).eval()
-    config = htsat.CLAP_HTSAT_FUSED if args.fused else htsat.CLAP_HTSAT_UNFUSED
+    config = htsat.PRESETS["clap_htsat_fused" if args.fused else "clap_htsat_unfused"]
     model = nnx.eval_shape(lambda: htsat.HTSAT(config, rngs=nnx.Rngs(0)))
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)

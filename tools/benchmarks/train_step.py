@@ -46,7 +46,7 @@ def run(args):
     )
     if args.llm_layers:
         llm_config = dataclasses.replace(llm_config, num_layers=args.llm_layers)
-    audio_base = htsat.CLAP_HTSAT_FUSED if args.audio == "fused" else htsat.CLAP_HTSAT_UNFUSED
+    audio_base = htsat.PRESETS[f"clap_htsat_{args.audio}"]
     config = avllm.AVLLMConfig(
         vision=dataclasses.replace(clip_vision.PRESETS[args.vision], param_dtype=dtype, dtype="bfloat16", attention_implementation=args.attention),
         audio=dataclasses.replace(audio_base, param_dtype=dtype, dtype="bfloat16"),
