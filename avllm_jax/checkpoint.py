@@ -104,7 +104,8 @@ def load_model(path: str | os.PathLike, *, config_overrides: dict | None = None,
     """The model stored at `path` (converted checkpoint or training workdir), with its weights.
 
     config_overrides: e.g. {'llm': {'dtype': 'bfloat16'}}; shardings: an optional pytree of
-    `jax.sharding.Sharding` matching the parameter state, to restore straight onto a mesh.
+    `jax.sharding.Sharding` matching the parameter state, to restore straight onto a mesh
+    (default: this process's first device).
     """
     path = os.fspath(path)
     config = read_model_config(path)
@@ -112,8 +113,14 @@ def load_model(path: str | os.PathLike, *, config_overrides: dict | None = None,
         config = config.replace(**config_overrides)
     graphdef, abstract_state = abstract_model(config)
     target = nnx.to_pure_dict(abstract_state)
-    if shardings is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, nnx.to_pure_dict(shardings))
+    if shardings is None:
+        # Onto this process's first device, whatever topology wrote the checkpoint (a pod's
+        # training run loads on a laptop).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, target)
+    else:
+        shardings = nnx.to_pure_dict(shardings)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
     else:

@@ -1,13 +1,30 @@
-"""Where the training process and its data workers run: splitting this host's CPUs between them.
+"""Where a job runs: its processes (hosts) and, on each host, its CPUs.
 
-On a CPU host (the demo, tests) XLA's thread pool and the decoding processes compete for the
-same cores, and XLA's threads stall waiting for one another; giving each side its own CPUs
-avoids that (see README, Pipeline).
+Processes: a job runs on several processes when it is told so (`--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`, or the environment variables `AVLLM_COORDINATOR_ADDRESS`,
+`AVLLM_NUM_PROCESSES`, `AVLLM_PROCESS_ID`) or when JAX can find the cluster itself: a SLURM
+step or an Open MPI job of several tasks, or a Cloud TPU slice of several hosts. Otherwise it
+is one process and `initialize_distributed` starts nothing.
+
+Preemption: the scheduler sends SIGTERM. One process notes it and stops after its current
+step. Several processes must stop at the same step (each saves its part of one checkpoint),
+so they ask JAX's preemption sync point, which the coordination service answers alike for
+all of them at a step after any of them got the signal.
+
+CPUs: on a CPU host (the demo, tests) XLA's thread pool and the decoding processes compete for
+the same cores, and XLA's threads stall waiting for one another; giving each side its own
+CPUs avoids that (see README, Pipeline).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import time
+
+import jax
+from jax.experimental import multihost_utils
 
 
 def split_cpus(data_config) -> tuple[set[int] | None, set[int] | None]:
@@ -49,3 +66,123 @@ def pin_process(cpus: set[int]) -> None:
             os.sched_setaffinity(int(thread_id), cpus)
         except ProcessLookupError:  # the thread ended meanwhile
             pass
+
+
+ENVIRONMENT = {
+    "coordinator_address": "AVLLM_COORDINATOR_ADDRESS",
+    "num_processes": "AVLLM_NUM_PROCESSES",
+    "process_id": "AVLLM_PROCESS_ID",
+}
+
+
+class DistributedError(RuntimeError):
+    """The processes of a job cannot find each other; the message says which and where."""
+
+
+def settings(coordinator_address=None, num_processes=None, process_id=None) -> dict:
+    """The three settings from the arguments, each falling back on its environment variable."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    for name, variable in ENVIRONMENT.items():
+        if given[name] is None and os.environ.get(variable):
+            given[name] = os.environ[variable]
+    try:
+        for name in ("num_processes", "process_id"):
+            given[name] = None if given[name] is None else int(given[name])
+    except ValueError as error:
+        raise DistributedError(f"num_processes and process_id must be integers ({error})") from None
+    return given
+
+
+def cluster_detected() -> bool:
+    """Whether the environment is a multi-process job that `jax.distributed.initialize()` finds alone."""
+    def count(variable):
+        value = os.environ.get(variable, "")
+        return int(value) if value.isdigit() else 0
+
+    return (
+        count("SLURM_STEP_NUM_TASKS") > 1
+        or count("SLURM_NTASKS") > 1
+        or count("OMPI_COMM_WORLD_SIZE") > 1
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    )
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300) -> bool:
+    """Starts `jax.distributed` when the job has several processes; returns whether it did.
+
+    Call it before anything else uses JAX. Every wait is bounded by `timeout_s`: a coordinator
+    that cannot be reached is a DistributedError, and a coordinator whose other processes do
+    not all join in time ends the job (JAX aborts it, after the message printed here).
+    """
+    given = settings(coordinator_address, num_processes, process_id)
+    explicit = {name: value for name, value in given.items() if value is not None}
+    if explicit:
+        missing = [f"--{name} (or ${ENVIRONMENT[name]})" for name in given if given[name] is None]
+        if missing:
+            raise DistributedError(f"a multi-process job needs all three settings; {', '.join(missing)} not set")
+        if given["num_processes"] == 1:
+            return False
+        if not 0 <= given["process_id"] < given["num_processes"]:
+            raise DistributedError(f"process_id {given['process_id']} is not in [0, {given['num_processes']})")
+    elif not cluster_detected():
+        return False
+    # Collectives between CPU devices of different processes (tests, CPU clusters) need gloo;
+    # GPU and TPU collectives do not read this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if given["process_id"] == 0:
+            print(
+                f"coordinating {given['num_processes']} processes at {given['coordinator_address']}; "
+                f"waiting up to {timeout_s:.0f} s for all to join",
+                flush=True,
+            )
+        else:
+            _wait_for_coordinator(given["coordinator_address"], given["process_id"], given["num_processes"], timeout_s)
+    jax.distributed.initialize(**explicit, initialization_timeout=max(1, int(timeout_s)))
+    return True
+
+
+def _wait_for_coordinator(address: str, process_id: int, num_processes: int, timeout_s: float) -> None:
+    # JAX's own client aborts the process with a bare DEADLINE_EXCEEDED when the coordinator
+    # never answers; trying the port first gives the user an error that says what is wrong.
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"coordinator_address {address!r} is not HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"process {process_id} of {num_processes} could not reach the coordinator at {address} within "
+                    f"{timeout_s:.0f} s ({error}); start process 0 there, or check the address and port"
+                ) from None
+            time.sleep(0.5)
+
+
+class PreemptionWatch:
+    """`should_stop(step)` is True at the step where the job should save and stop: after a
+    SIGTERM, at the same step on every process."""
+
+    def __init__(self):
+        self.multi_process = jax.process_count() > 1
+        self.signalled = False
+        self._previous_handler = None
+        if not self.multi_process:  # with several processes, JAX's coordination service listens
+            self._previous_handler = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def should_stop(self, step: int) -> bool:
+        if self.multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signalled
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None

@@ -3,9 +3,14 @@
 The config file is the whole record of the run (see configs/). Rerunning the same command on
 the same workdir resumes from its latest checkpoint: parameters, optimizer state, step and
 the data iterator's position, so the run continues exactly where it stopped.
+
+On several hosts, the same command runs on each (see avllm_jax/runtime.py for how the
+processes find each other). On SIGTERM (preemption) the run saves at the end of its current
+step, on every host at the same step, and exits with status 143.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -25,6 +30,15 @@ from avllm_jax.training import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process job ($AVLLM_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process job ($AVLLM_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 ($AVLLM_PROCESS_ID).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout_s", 300, "How long the processes of a multi-process job wait for each other to start."
+)
+PREEMPTED_EXIT_STATUS = 143  # what a process ended by SIGTERM returns: the job did not finish
 
 
 class SetupError(RuntimeError):
@@ -124,7 +138,8 @@ def total_steps(config) -> int:
 
 
 def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+    """Runs (or resumes) training; returns the last logged metrics, and `preempted_at`: the
+    step it saved and stopped at after a SIGTERM (None when it ran to the end)."""
     config_lib.check_config(config)
     try:
         training_cpus, worker_cpus = runtime.split_cpus(config.data)
@@ -167,7 +182,10 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
         if start:
             abstract_full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
             abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
-            params, opt_state = checkpointing.restore_train_state(manager, start, abstract_full, abstract_opt, data_iterator)
+            try:
+                params, opt_state = checkpointing.restore_train_state(manager, start, abstract_full, abstract_opt, data_iterator)
+            except ValueError as error:
+                raise SetupError(str(error)) from error
             full_state = nnx.state(model)
             nnx.replace_by_pure_dict(full_state, params)
             nnx.update(model, full_state)
@@ -191,23 +209,31 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
             writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size,
             num_devices=jax.device_count(), total=num_steps, start_step=start,
         )
-        row = {}
+        row, preempted_at = {}, None
+        preemption = runtime.PreemptionWatch()
         for step_number in range(start + 1, num_steps + 1):
             host_batch = next(data_iterator)
             counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
             state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
             log.add(step_metrics, counters)
-            if step_number % config.log_every == 0 or step_number == num_steps:
+            preempted = preemption.should_stop(step_number)
+            if step_number % config.log_every == 0 or step_number == num_steps or preempted:
                 row = log.flush(step_number, schedule(step_number - 1))
-            if step_number % config.checkpoint_every == 0 or step_number == num_steps:
+            if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
                 checkpointing.save_train_state(
                     manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, force=True
                 )
+            if preempted:
+                preempted_at = step_number
+                break
+        preemption.close()
         manager.wait_until_finished()
         manager.close()
         data_iterator.close()  # stops grain's worker processes and frees their shared memory
         writer.close()
-    return row
+    if preempted_at is not None:
+        print(f"preempted: saved step {preempted_at} of {num_steps} in {workdir}; rerun the same command to continue", flush=True)
+    return row | {"preempted_at": preempted_at}
 
 
 def _num_modality_rows(model_config, data_config) -> int:
@@ -224,12 +250,24 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
     try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, SetupError, pipeline.DataError) as error:
+        runtime.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout_s=_DISTRIBUTED_TIMEOUT.value
+        )
+    except runtime.DistributedError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    # Process 0 speaks for the job on stdout; every process writes its own TensorBoard log.
+    quiet = jax.process_index() > 0
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
+        try:
+            result = train(_CONFIG.value, _WORKDIR.value)
+        except (config_lib.ConfigError, SetupError, pipeline.DataError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+    if result["preempted_at"] is not None:
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

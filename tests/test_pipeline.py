@@ -179,6 +179,20 @@ def test_hosts_read_disjoint_shards(tmp_path, tokenizer):
     assert sorted(shards[0] + shards[1]) == sorted(f"a item{i}" for i in range(12))
 
 
+def test_hosts_batches_side_by_side_are_the_single_process_batch(tmp_path, tokenizer):
+    path = text_source(tmp_path / "a.jsonl", "a", 12)
+    config = data_config((path, 1.0), num_epochs=1)
+    alone = [prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(config, tokenizer, global_batch_size=6)]
+    hosts = [
+        [prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(
+            config, tokenizer, global_batch_size=6, process_index=host, process_count=3)]
+        for host in range(3)
+    ]
+    assert len(alone) == 2 and all(len(batches) == 2 for batches in hosts)
+    for step, batch in enumerate(alone):
+        assert hosts[0][step] + hosts[1][step] + hosts[2][step] == batch
+
+
 def test_mixture_proportions_hold(tmp_path, tokenizer):
     a = text_source(tmp_path / "a.jsonl", "a", 7)
     b = text_source(tmp_path / "b.jsonl", "b", 5)

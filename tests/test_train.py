@@ -1,8 +1,10 @@
-"""`python -m avllm_jax.train` end to end: exact resume after a kill, load_model on a workdir,
-and a clear message when the converted checkpoint is missing."""
+"""`python -m avllm_jax.train` end to end: exact resume after a kill and after SIGTERM (with data
+worker processes), two processes with gloo collectives equal to one, load_model on a workdir,
+and clear messages when a converted checkpoint or the coordinator is missing."""
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,10 +41,34 @@ def train_command(demo_files, workdir, *extra):
     ]
 
 
-def environment():
+def environment(devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_files, tmp_path_factory):
+    """The final parameters of a run that nothing stops (one process, one device)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(train_command(demo_files, workdir), check=True, env=environment(), capture_output=True, timeout=600)
+    return final_params(workdir)
+
+
+def max_difference(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+def wait_for_line(process, text, timeout_s):
+    """Reads the process's stdout until a line holds `text`; False when it ends or time runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            return False
+        if text in line:
+            return True
+    return False
 
 
 def final_params(workdir):
@@ -52,10 +78,7 @@ def final_params(workdir):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
-def test_killed_run_resumes_exactly(demo_files, tmp_path):
-    uninterrupted = tmp_path / "uninterrupted"
-    subprocess.run(train_command(demo_files, uninterrupted), check=True, env=environment(), capture_output=True)
-
+def test_killed_run_resumes_exactly(demo_files, uninterrupted, tmp_path):
     # Kill the second run with SIGKILL while it writes a checkpoint after the first one.
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(demo_files, killed), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,10 +101,111 @@ def test_killed_run_resumes_exactly(demo_files, tmp_path):
 
     result = subprocess.run(train_command(demo_files, killed), check=True, env=environment(), capture_output=True, text=True)
     assert f"resumed from step {step}" in result.stdout
-    expected, resumed = final_params(uninterrupted), final_params(killed)
-    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), expected, resumed)))
+    worst = max_difference(uninterrupted, final_params(killed))
     print(f"resume after kill at step {step}: max |param diff| = {worst:.2e}")
     assert worst <= 1e-6
+
+
+def test_sigterm_saves_the_step_and_resumes_exactly_with_data_workers(demo_files, uninterrupted, tmp_path):
+    workdir = tmp_path / "preempted"
+    command = train_command(demo_files, workdir, "--config.data.worker_count=1", "--config.checkpoint_every=100")
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_line(process, "step 2/", timeout_s=300), "the run ended before step 2"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, output
+    stopped = int(output.split("preempted: saved step ")[1].split()[0])
+    assert 2 <= stopped < STEPS and checkpoint.latest_step(str(workdir)) == stopped
+    assert (workdir / checkpoint.CHECKPOINTS_DIR / str(stopped)).is_dir()
+
+    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {stopped}" in result.stdout
+    worst = max_difference(uninterrupted, final_params(workdir))
+    print(f"SIGTERM at step {stopped}, resumed with a data worker: max |param diff| = {worst:.2e}")
+    assert worst <= 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(demo_files, workdir, port, count=2, devices=2):
+    """`count` training processes on this machine, `devices` CPU devices each, gloo collectives."""
+    return [
+        subprocess.Popen(
+            train_command(demo_files, workdir, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                          f"--process_id={index}", "--distributed_timeout_s=120", "--config.checkpoint_every=100"),
+            env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for index in range(count)
+    ]
+
+
+def finish(processes, timeout_s=600) -> list[tuple[int, str]]:
+    results = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=timeout_s)
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            process.kill()
+    return results
+
+
+def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_path):
+    one = tmp_path / "one_process"
+    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100"), check=True, env=environment(4),
+                   capture_output=True, timeout=600)
+    two = tmp_path / "two_processes"
+    results = finish(start_processes(demo_files, two, free_port()))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "step 6/6" in results[0][1] and "step 6/6" not in results[1][1]  # process 0 alone logs
+    assert (two / "logs" / "process_1").is_dir()
+    worst = max_difference(final_params(one), final_params(two))
+    print(f"2 processes x 2 devices against 1 process x 4 devices: max |param diff| = {worst:.2e}")
+    assert worst <= 1e-6
+
+    # SIGTERM to one process stops both at the same step; both save their parts and resume.
+    preempted = tmp_path / "preempted"
+    processes = start_processes(demo_files, preempted, free_port())
+    try:
+        assert wait_for_line(processes[0], "step 2/", timeout_s=300), "the run ended before step 2"
+        processes[1].send_signal(signal.SIGTERM)
+    finally:
+        results = finish(processes)
+    assert [code for code, _ in results] == [143, 143], results[0][0:1] + results[1][0:1]
+    stopped = int(results[0][1].split("preempted: saved step ")[1].split()[0])
+    assert stopped < STEPS and checkpoint.latest_step(str(preempted)) == stopped
+    results = finish(start_processes(demo_files, preempted, free_port()))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:]
+    assert f"resumed from step {stopped}" in results[0][1]
+    worst = max_difference(final_params(two), final_params(preempted))
+    print(f"2 processes, SIGTERM at step {stopped} and resumed: max |param diff| = {worst:.2e} against uninterrupted")
+    assert worst == 0.0
+
+    # A checkpoint written by two processes cannot resume on one: its iterator states are per process.
+    result = subprocess.run(train_command(demo_files, preempted, "--config.num_steps=8"), env=environment(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "written by 2 process(es), but this run has 1" in result.stderr
+
+
+def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(demo_files, tmp_path):
+    start = time.time()
+    result = subprocess.run(
+        train_command(demo_files, tmp_path / "run", f"--coordinator_address=127.0.0.1:{free_port()}",
+                      "--num_processes=2", "--process_id=1", "--distributed_timeout_s=3"),
+        env=environment(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "process 1 of 2 could not reach the coordinator at 127.0.0.1:" in result.stderr
+    assert time.time() - start < 60
 
 
 def test_sft_without_converted_checkpoint_says_how_to_make_it(tmp_path):

@@ -1,7 +1,7 @@
 """The grain input pipeline: instruction samples -> decoded, tokenised, fixed-shape batches.
 
     sources (JSONL / LLaVA / Valley files), each shuffled by seed and epoch and repeated
-      -> mixed by weight -> this host's shard (every process_count-th sample)
+      -> mixed by weight -> this host's shard (its part of every global batch)
       -> decode + features + tokenise (build_sample, as inference builds a prompt),
          drop and count failures, stop past the bad fraction
       -> batches of global_batch_size / process_count   (in worker processes unless worker_count is 0)
@@ -188,11 +188,12 @@ class _PrepareSample:
 
     config: ml_collections.ConfigDict
     tokenizer: object
-    process_index: int
 
     def __call__(self, index: int, sample: conversation.Sample) -> dict | _Failure:
+        """`index`: the sample's place in the whole job's stream, so that its random crops do
+        not depend on how many processes read the stream."""
         config = self.config
-        rng = np.random.default_rng((config.seed, self.process_index, index))
+        rng = np.random.default_rng((config.seed, index))
         try:
             media = load_file_media(sample.media_path, config) if sample.modality is not None else None
             built = build_sample(sample.turns, media, sample.modality, config, self.tokenizer, rng=rng,
@@ -203,6 +204,23 @@ class _PrepareSample:
             return _Failure("num_skipped_text", f"{sample.origin}: {e}")
         padded = pad_text(built, config.max_text_length, self.tokenizer)
         return dict(padded, **{counter: np.int32(0) for counter in _SKIP_COUNTERS})
+
+
+class _HostShard(grain.MapDataset):
+    """This process's samples: its run of `per_host` samples in each global batch, so that the
+    processes' batches side by side are the batch one process would read, in its order."""
+
+    def __init__(self, parent: grain.MapDataset, per_host: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self.per_host, self.process_index, self.process_count = per_host, process_index, process_count
+        self._length = len(parent) // (per_host * process_count) * per_host  # whole global batches
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):
+        batch, offset = divmod(index, self.per_host)
+        return self._parent[(batch * self.process_count + self.process_index) * self.per_host + offset]
 
 
 class _SkipBadSamples(grain.IterDataset):
@@ -314,9 +332,9 @@ def make_train_iterator(
         datasets.append(dataset)
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
-    dataset = dataset[process_index::process_count]
-    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, process_index))
     batch_size = global_batch_size // process_count
+    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer))  # lazy: runs on this host's samples only
+    dataset = _HostShard(dataset, batch_size, process_index, process_count)
     # Threads within each process overlap file reads with decoding; keep the read-ahead to
     # about a batch so that memory stays bounded with many workers.
     read_options = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=batch_size)

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -42,7 +43,7 @@ class MetricsLog:
 
     (one line when printed). A modality with no answer token in the interval has no loss
     there; MFU is n/a when the device's peak is unknown (set config.peak_flops_per_device);
-    the sample counts are totals since this process started.
+    the sample counts are totals over all processes since they started.
     """
 
     def __init__(self, writer, *, flops_per_sample, peak_flops, global_batch_size, num_devices, total, start_step):
@@ -77,17 +78,25 @@ class MetricsLog:
         )
         if self.peak_flops:
             row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
-        row.update({f"data/{k}": float(v) for k, v in self.counters.items()})
+        counts = self._job_counts()
+        row.update({f"data/{k}": float(v) for k, v in counts.items()})
         self.writer.write_scalars(step_number, row)
         eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
-        print(self._line(step_number, row, eta), flush=True)
+        print(self._line(step_number, row, eta, counts), flush=True)
         self.last_time, self.last_step = now, step_number
         return row
 
-    def _line(self, step_number, row, eta) -> str:
+    def _job_counts(self) -> dict[str, int]:
+        """The sample counts of all processes (each counts the samples it decodes)."""
+        if jax.process_count() == 1:
+            return dict(self.counters)
+        totals = multihost_utils.process_allgather(np.array(list(self.counters.values()), np.int64)).sum(axis=0)
+        return dict(zip(self.counters, totals.tolist()))
+
+    def _line(self, step_number, row, eta, counts) -> str:
         groups = ", ".join(f"{g} {row[f'loss/{g}']:.4f}" for g in LOSS_GROUPS if f"loss/{g}" in row)
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
-        counts = ", ".join(f"{name.removeprefix('num_')} {count}" for name, count in self.counters.items())
+        counts = ", ".join(f"{name.removeprefix('num_')} {count}" for name, count in counts.items())
         return (
             f"step {step_number}/{self.total} | loss {row.get('loss', float('nan')):.4f}"
             f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm {row.get('grad_norm', float('nan')):.3g}"
