@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -92,6 +93,45 @@ def abstract_model(config: AVLLMConfig):
     return nnx.split(nnx.eval_shape(lambda: AVLLM(config, rngs=nnx.Rngs(0))))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the step or directory and why."""
+
+
+def describe_error(error: BaseException) -> str:
+    """The root cause of a (chained) exception in one line: orbax and tensorstore bury the
+    file that is missing or damaged under several wrappers."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:400]}"
+
+
+def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):
+    """(step, restore(step)) for the newest step that `restore` reads without an error.
+
+    Each step that fails is reported in one line (to stderr unless `report` is given), naming
+    the step and the cause; with none intact the CheckpointError says what to delete.
+    """
+    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return step, restore(step)
+        except CheckpointMismatch:
+            raise
+        except Exception as error:  # a damaged step: fall back to the one before
+            report(f"checkpoint step {step} in {manager.directory} cannot be restored: {describe_error(error)}")
+    raise CheckpointError(
+        f"no intact checkpoint in {manager.directory} (steps {steps} all failed, see above): delete the "
+        f"damaged steps, or the whole directory to start over"
+    )
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint that this run cannot continue (another process count, another
+    schedule): falling back to an older step would not help."""
+
+
 def latest_step(workdir: str) -> int | None:
     checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(checkpoints):
@@ -122,12 +162,19 @@ def load_model(path: str | os.PathLike, *, config_overrides: dict | None = None,
         shardings = nnx.to_pure_dict(shardings)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+        params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+        try:
+            restored = ocp.StandardCheckpointer().restore(params_dir, target)
+        except Exception as error:  # orbax raises many kinds; the message names the file
+            raise CheckpointError(f"{params_dir} cannot be restored: {describe_error(error)}") from None
     else:
-        step = latest_step(path)
-        if step is None:
+        if latest_step(path) is None:
             raise FileNotFoundError(f"{path} has neither {PARAMS_DIR}/ nor a training checkpoint under {CHECKPOINTS_DIR}/")
         with ocp.CheckpointManager(os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))) as manager:
-            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            step, restored = newest_intact_step(
+                manager, lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            )
+            if step != manager.latest_step():
+                print(f"loaded step {step} of {path}, the newest intact one", file=sys.stderr, flush=True)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)

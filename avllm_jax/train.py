@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
     "distributed_timeout_s", 300, "How long the processes of a multi-process job wait for each other to start."
 )
+_NEW_SCHEDULE = flags.DEFINE_bool(
+    "allow_new_schedule", False,
+    "Resume a checkpoint whose num_steps or optim settings differ from the config's, under the config's schedule.",
+)
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error ($AVLLM_DEBUG=1 too).")
 PREEMPTED_EXIT_STATUS = 143  # what a process ended by SIGTERM returns: the job did not finish
 
 
@@ -130,29 +136,64 @@ def check_data_matches_model(data_config, model_config):
             )
 
 
-def total_steps(config) -> int:
+def total_steps(config, per_source) -> int:
     if config.num_steps > 0:
         return config.num_steps
-    num_samples = sum(len(samples) for samples in pipeline.read_sources(config.data))
+    num_samples = sum(len(samples) for samples in per_source)
     return max(1, math.floor(config.num_epochs * num_samples / config.global_batch_size))
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics, and `preempted_at`: the
-    step it saved and stopped at after a SIGTERM (None when it ran to the end)."""
+def train(config, workdir: str, *, new_schedule_ok: bool = False) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics, and `stopped_at`: the step
+    it saved and stopped at after a SIGTERM (None when it ran to the end).
+
+    new_schedule_ok: resume a checkpoint whose schedule (num_steps, optim) differs from the
+    config's, under the config's; otherwise that is an error.
+    """
     config_lib.check_config(config)
+    _check_writable(workdir)
     try:
         training_cpus, worker_cpus = runtime.split_cpus(config.data)
     except ValueError as error:
         raise SetupError(str(error)) from error
     # Pinned before JAX first runs here: XLA sizes its CPU thread pool by the CPUs it may use.
     with runtime.pinned_to(training_cpus):
-        return _train(config, workdir, worker_cpus)
+        return _train(config, workdir, worker_cpus, new_schedule_ok)
 
 
-def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
+def _check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise SetupError(f"cannot write to the workdir {workdir!r}: {error.strerror or error}") from None
+
+
+def _check_batch_divides(config, mesh) -> None:
+    """Before any data is read or weights loaded: every micro-batch splits evenly over the
+    devices that share the batch, and the global batch over the processes."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_step = config.global_batch_size
+    if per_step % (config.num_microbatches * batch_devices) or per_step % jax.process_count():
+        raise SetupError(
+            f"global_batch_size={per_step} does not split into num_microbatches={config.num_microbatches} "
+            f"micro-batches over the mesh's {batch_devices} batch devices (data x fsdp of {dict(mesh.shape)}) and "
+            f"{jax.process_count()} process(es): use a multiple of {config.num_microbatches * batch_devices}"
+        )
+
+
+def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: bool) -> dict:
     if worker_cpus:
         print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
+    per_source = pipeline.read_sources(config.data)  # first: a malformed line stops the run before any weights load
+    num_steps = total_steps(config, per_source)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    _check_batch_divides(config, mesh)
+    done = checkpoint.latest_step(workdir)
+    if done is not None and done >= num_steps:
+        print(f"the run in {workdir} is finished: it saved step {done} of {num_steps}; nothing to do", flush=True)
+        return {"stopped_at": None}
     model_config, tokenizer, init_dir = resolve_model(config)
     check_data_matches_model(config.data, model_config)
     if jax.process_index() == 0:
@@ -161,8 +202,6 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
         tokenizer.save_pretrained(workdir)
         with open(os.path.join(workdir, "train_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    num_steps = total_steps(config)
-    mesh = sharding.make_mesh(dict(config.mesh))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
 
     with jax.set_mesh(mesh):
@@ -174,66 +213,85 @@ def _train(config, workdir: str, worker_cpus: set[int] | None) -> dict:
         print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
         optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
         opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
-        data_iterator = pipeline.make_train_iterator(
-            config.data, tokenizer, global_batch_size=config.global_batch_size, worker_cpus=worker_cpus
-        )
-        manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-        start = manager.latest_step() or 0
-        if start:
-            abstract_full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
-            abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
-            try:
-                params, opt_state = checkpointing.restore_train_state(manager, start, abstract_full, abstract_opt, data_iterator)
-            except ValueError as error:
-                raise SetupError(str(error)) from error
-            full_state = nnx.state(model)
-            nnx.replace_by_pure_dict(full_state, params)
-            nnx.update(model, full_state)
-            graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
-            print(f"resumed from step {start} in {workdir}", flush=True)
-        state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
-        train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
-        schedule = optim.learning_rate_schedule(config.optim, num_steps)
-
-        sequence_length = config.data.max_text_length - 1 + _num_modality_rows(model_config, config.data)
-        flops_per_sample = flops.sample_flops(
-            model_config,
-            sequence_length=sequence_length,
-            num_frames=config.data.num_frames,
-            num_audio_segments=config.data.num_audio_segments,
-            llm_trains=any(p.startswith("llm") for p in config.trainable),
-        )
-        peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
-        writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
-        log = metrics.MetricsLog(
-            writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size,
-            num_devices=jax.device_count(), total=num_steps, start_step=start,
-        )
-        row, preempted_at = {}, None
-        preemption = runtime.PreemptionWatch()
-        for step_number in range(start + 1, num_steps + 1):
-            host_batch = next(data_iterator)
-            counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
-            state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
-            log.add(step_metrics, counters)
-            preempted = preemption.should_stop(step_number)
-            if step_number % config.log_every == 0 or step_number == num_steps or preempted:
-                row = log.flush(step_number, schedule(step_number - 1))
-            if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
-                checkpointing.save_train_state(
-                    manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, force=True
+        run = checkpointing.run_record(num_steps, config.optim)
+        with contextlib.ExitStack() as cleanup:
+            data_iterator = pipeline.make_train_iterator(
+                config.data, tokenizer, global_batch_size=config.global_batch_size, worker_cpus=worker_cpus,
+                per_source=per_source,
+            )
+            cleanup.callback(data_iterator.close)  # stops grain's worker processes, frees their shared memory
+            manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+            cleanup.callback(manager.close)
+            # Whatever ends the run (the last step, SIGTERM, a data error, a failing step,
+            # Ctrl-C), the save in flight completes: the newest checkpoint stays loadable.
+            cleanup.callback(manager.wait_until_finished)
+            start = 0
+            if manager.latest_step() is not None:
+                abstract_full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
+                abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
+                start, params, opt_state = checkpointing.restore_train_state(
+                    manager, abstract_full, abstract_opt, data_iterator, run, new_schedule_ok=new_schedule_ok
                 )
-            if preempted:
-                preempted_at = step_number
-                break
-        preemption.close()
-        manager.wait_until_finished()
-        manager.close()
-        data_iterator.close()  # stops grain's worker processes and frees their shared memory
-        writer.close()
-    if preempted_at is not None:
-        print(f"preempted: saved step {preempted_at} of {num_steps} in {workdir}; rerun the same command to continue", flush=True)
-    return row | {"preempted_at": preempted_at}
+                full_state = nnx.state(model)
+                nnx.replace_by_pure_dict(full_state, params)
+                nnx.update(model, full_state)
+                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+                print(f"resumed from step {start} in {workdir}", flush=True)
+            state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
+            train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
+            schedule = optim.learning_rate_schedule(config.optim, num_steps)
+
+            sequence_length = config.data.max_text_length - 1 + _num_modality_rows(model_config, config.data)
+            flops_per_sample = flops.sample_flops(
+                model_config,
+                sequence_length=sequence_length,
+                num_frames=config.data.num_frames,
+                num_audio_segments=config.data.num_audio_segments,
+                llm_trains=any(p.startswith("llm") for p in config.trainable),
+            )
+            peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
+            writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
+            cleanup.callback(writer.close)
+            log = metrics.MetricsLog(
+                writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size,
+                num_devices=jax.device_count(), total=num_steps, start_step=start,
+            )
+            preemption = runtime.PreemptionWatch()
+            cleanup.callback(preemption.close)
+            skips = metrics.SkipReport()
+            cleanup.callback(_report_skips, skips, log.counters, workdir)
+            row, stopped_at = {}, None
+            for step_number in range(start + 1, num_steps + 1):
+                host_batch = next(data_iterator)
+                skips.add(host_batch.pop("skipped_reasons"))
+                counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
+                state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
+                log.add(step_metrics, counters)
+                preempted = preemption.should_stop(step_number)
+                if step_number % config.log_every == 0 or step_number == num_steps or preempted:
+                    row = log.flush(step_number, schedule(step_number - 1))
+                if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
+                    checkpointing.save_train_state(
+                        manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, run,
+                        force=True,
+                    )
+                if preempted:
+                    stopped_at = step_number
+                    break
+    if stopped_at is not None:
+        print(f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue", flush=True)
+    return row | {"stopped_at": stopped_at}
+
+
+def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None:
+    """Prints what this process dropped or re-routed and writes it to the workdir."""
+    summary = skips.summary(counts)
+    if summary is None:
+        return
+    path = os.path.join(workdir, f"skipped_samples_process_{jax.process_index()}.txt")
+    with open(path, "w") as f:
+        f.write(summary + "\n")
+    print(f"{summary}\n(written to {path})", flush=True)
 
 
 def _num_modality_rows(model_config, data_config) -> int:
@@ -245,6 +303,39 @@ def _num_modality_rows(model_config, data_config) -> int:
     return rows
 
 
+USER_ERRORS = (
+    config_lib.ConfigError, SetupError, pipeline.DataError, conversation.MalformedSampleError,
+    checkpoint.CheckpointError, runtime.DistributedError,
+)
+
+
+def _debug() -> bool:
+    return _DEBUG.value or os.environ.get("AVLLM_DEBUG") == "1"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config mistake told in a line: an unknown field with its
+    nearest names, a config file that is missing or fails to load."""
+    debug = "--debug" in argv or os.environ.get("AVLLM_DEBUG") == "1"
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        config_file = argv[argv.index("--config") + 1]
+    if config_file is not None and not os.path.isfile(config_file.split(":")[0]):
+        print(f"error: the config file {config_file} does not exist (No such file)", file=sys.stderr)
+        sys.exit(2)
+    for arg in argv[1:]:
+        if arg.startswith("--config.") and (problem := config_lib.unknown_field(arg[len("--config."):].split("=")[0])):
+            print(f"error: {arg.split('=')[0]}: {problem}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # absl's and ml_collections' parse errors, a failing config file
+        if debug:
+            raise
+        print(f"error: {f'config file {config_file}: ' if config_file else ''}{checkpoint.describe_error(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -254,21 +345,23 @@ def main(argv):
         runtime.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout_s=_DISTRIBUTED_TIMEOUT.value
         )
-    except runtime.DistributedError as error:
+        # Process 0 speaks for the job on stdout; every process writes its own TensorBoard log.
+        quiet = jax.process_index() > 0
+        with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
+            result = train(_CONFIG.value, _WORKDIR.value, new_schedule_ok=_NEW_SCHEDULE.value)
+    except USER_ERRORS as error:
+        if _debug():
+            raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    # Process 0 speaks for the job on stdout; every process writes its own TensorBoard log.
-    quiet = jax.process_index() > 0
-    with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
-        try:
-            result = train(_CONFIG.value, _WORKDIR.value)
-        except (config_lib.ConfigError, SetupError, pipeline.DataError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
-    if result["preempted_at"] is not None:
+    except KeyboardInterrupt:
+        saved = checkpoint.latest_step(_WORKDIR.value)
+        print(f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}",
+              file=sys.stderr)
+        sys.exit(130)
+    if result["stopped_at"] is not None:
         sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -18,9 +18,7 @@ def get_config():
     config.global_batch_size = 256
     config.num_epochs = 3.0
     config.optim.learning_rate = 2e-3
-    config.data.num_frames = 32
-    config.data.num_audio_segments = 4
-    config.data.image_size = 224
-    config.data.audio_truncation = "fusion"  # laion/clap-htsat-fused
+    # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments
+    # for the fused HTSAT of laion/clap-htsat-fused.
     config.data.max_text_length = 256
     return config

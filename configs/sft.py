@@ -16,9 +16,7 @@ def get_config():
     config.global_batch_size = 128
     config.num_epochs = 1.0
     config.optim.learning_rate = 2e-5
-    config.data.num_frames = 32
-    config.data.num_audio_segments = 4
-    config.data.image_size = 224
-    config.data.audio_truncation = "fusion"
+    # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments
+    # for the fused HTSAT of laion/clap-htsat-fused.
     config.data.max_text_length = 512
     return config

@@ -94,6 +94,7 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
         "has_visual": (np.bool_, (b,)), "has_audio": (np.bool_, (b,)),
         "input_ids": (np.int32, (b, TEXT)), "labels": (np.int32, (b, TEXT)), "token_mask": (np.bool_, (b, TEXT)),
         **{k: (np.int32, (b,)) for k in pipeline.COUNTERS},
+        "skipped_reasons": (np.str_, (b,)),
     }
     assert {k: (v.dtype.type, v.shape) for k, v in batch.items()} == expected
     token_ids = {tokenizer.convert_tokens_to_ids(m.token): (m.has_visual, m.has_audio) for m in Modality}
@@ -215,6 +216,9 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
     assert sum(int(b["num_skipped_media"].sum()) for b in batches) == 2
     assert all(b["has_visual"].all() for b in batches)
     assert iterator.get_state()["num_bad"] == 2
+    # The reasons travel with the next good sample, naming the line and the file.
+    reasons = [line for b in batches for text in b["skipped_reasons"] for line in str(text).splitlines()]
+    assert len(reasons) == 2 and all(r.startswith(f"{path}:6: ") and "broken.mp4" in r for r in reasons)
 
 
 def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer, media_dir):

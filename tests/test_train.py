@@ -2,49 +2,22 @@
 worker processes), two processes with gloo collectives equal to one, load_model on a workdir,
 and clear messages when a converted checkpoint or the coordinator is missing."""
 import os
-import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
 import avllm_jax
-from avllm_jax.data import conversation, synthetic
 from avllm_jax import checkpoint
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS, SAVE_EVERY = 6, 2
-
+from training_runs import (
+    REPO, STEPS, environment, final_params, free_port, make_demo_files, max_difference, train_command, wait_for_line,
+)
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    synthetic.make_demo_split(root / "data", "train", 24, seed=0)
-    conversation.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=700).save_pretrained(root / "tokenizer")
-    return root
-
-
-def train_command(demo_files, workdir, *extra):
-    return [
-        sys.executable, "-m", "avllm_jax.train", "--config", str(REPO / "configs/demo.py"), "--workdir", str(workdir),
-        f"--config.tokenizer={demo_files / 'tokenizer'}",
-        f"--config.data.sources=({{'path': '{demo_files / 'data/train.jsonl'}', 'weight': 1.0}},)",
-        f"--config.num_steps={STEPS}", f"--config.checkpoint_every={SAVE_EVERY}", "--config.keep_checkpoints=2",
-        "--config.global_batch_size=4", "--config.log_every=1", "--config.data.worker_count=0",
-        "--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64", "--config.model.llm.head_dim=8",
-        *extra,
-    ]
-
-
-def environment(devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    return make_demo_files(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +26,6 @@ def uninterrupted(demo_files, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(train_command(demo_files, workdir), check=True, env=environment(), capture_output=True, timeout=600)
     return final_params(workdir)
-
-
-def max_difference(a, b) -> float:
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
-
-
-def wait_for_line(process, text, timeout_s):
-    """Reads the process's stdout until a line holds `text`; False when it ends or time runs out."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            return False
-        if text in line:
-            return True
-    return False
-
-
-def final_params(workdir):
-    model = avllm_jax.load_model(workdir)
-    from flax import nnx
-
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
 def test_killed_run_resumes_exactly(demo_files, uninterrupted, tmp_path):
@@ -129,18 +79,13 @@ def test_sigterm_saves_the_step_and_resumes_exactly_with_data_workers(demo_files
     assert worst <= 1e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_processes(demo_files, workdir, port, count=2, devices=2):
     """`count` training processes on this machine, `devices` CPU devices each, gloo collectives."""
     return [
         subprocess.Popen(
             train_command(demo_files, workdir, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
-                          f"--process_id={index}", "--distributed_timeout_s=120", "--config.checkpoint_every=100"),
+                          f"--process_id={index}", "--distributed_timeout_s=120", "--config.checkpoint_every=100",
+                          "--config.global_batch_size=8"),
             env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for index in range(count)
@@ -160,9 +105,11 @@ def finish(processes, timeout_s=600) -> list[tuple[int, str]]:
 
 
 def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_path):
+    # One process with 4 devices at global batch 8 and the demo model 32 wide: the case that
+    # once aborted in an all-reduce rendezvous (README, "Several hosts").
     one = tmp_path / "one_process"
-    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100"), check=True, env=environment(4),
-                   capture_output=True, timeout=600)
+    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100", "--config.global_batch_size=8"),
+                   check=True, env=environment(4), capture_output=True, timeout=600)
     two = tmp_path / "two_processes"
     results = finish(start_processes(demo_files, two, free_port()))
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]

@@ -23,9 +23,12 @@ Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
     num_skipped_text  int32   [B]              ... because the prompt did not fit max_text_length
     num_rerouted      int32   [B]              1 when this sample's modality was changed to
                                                the streams its file has
+    skipped_reasons   str     [B]              "file:line: reason" of each sample dropped just
+                                               before this one, one a line ("" for none)
 
-Summing a counter over batches gives the total for this host (the counters travel in the
-batch because the worker processes that count them share nothing with the trainer). Each sample's prompt holds
+Summing a counter over batches gives the total for this host (the counters and reasons
+travel in the batch because the worker processes that find them share nothing with the
+trainer). Each sample's prompt holds
 one modality token matching (has_visual, has_audio), or none for a text-only sample.
 Malformed lines are found when the files are read, before training starts.
 """
@@ -244,12 +247,14 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         super().__init__(parent)
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.pending = dict.fromkeys(_SKIP_COUNTERS, 0)  # failures since the last good sample
+        self.pending_reasons: list[str] = []
         self.num_good, self.num_bad = 0, 0
         self.first_failures: list[str] = []
 
     def __next__(self):
         while isinstance(element := next(self._parent), _Failure):
             self.pending[element.counter] += 1
+            self.pending_reasons.append(element.reason)
             self.num_bad += 1
             if len(self.first_failures) < _MAX_LISTED_FAILURES:
                 self.first_failures.append(element.reason)
@@ -257,7 +262,8 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self.num_good += 1
         self._check()
         element.update({k: np.int32(v) for k, v in self.pending.items()})
-        self.pending = dict.fromkeys(_SKIP_COUNTERS, 0)
+        element["skipped_reasons"] = np.array("\n".join(self.pending_reasons))
+        self.pending, self.pending_reasons = dict.fromkeys(_SKIP_COUNTERS, 0), []
         return element
 
     def _check(self):
@@ -273,6 +279,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         return {
             "parent": self._parent.get_state(),
             "pending": dict(self.pending),
+            "pending_reasons": list(self.pending_reasons),
             "num_good": self.num_good,
             "num_bad": self.num_bad,
             "first_failures": list(self.first_failures),
@@ -282,6 +289,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self.pending, self.num_good, self.num_bad = dict(state["pending"]), state["num_good"], state["num_bad"]
         self.first_failures = list(state["first_failures"])
+        self.pending_reasons = list(state.get("pending_reasons", []))
 
 
 def read_sources(data_config) -> list[list[conversation.Sample]]:
@@ -308,9 +316,11 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
 
 
 def make_train_iterator(
-    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None
+    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None, per_source=None
 ):
     """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
+
+    `per_source`: the sources' samples when the caller has read them (`read_sources`).
 
     `worker_cpus`: the CPUs the decoding processes are pinned to (see `runtime.split_cpus`); None
     leaves them where the scheduler puts them.
@@ -326,7 +336,7 @@ def make_train_iterator(
         raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
 
     datasets = []
-    for index, samples in enumerate(read_sources(data_config)):
+    for index, samples in enumerate(per_source if per_source is not None else read_sources(data_config)):
         dataset = grain.MapDataset.source(samples)
         dataset = dataset.shuffle(seed=data_config.seed + index).repeat(data_config.num_epochs)
         datasets.append(dataset)

@@ -146,6 +146,18 @@ def _compare(config, reference, prefix):
         yield f"{prefix} lacks {', '.join(missing)}: update base_config()'s fields rather than replacing {prefix}"
 
 
+def unknown_field(path: str) -> str | None:
+    """For a dotted override path ('optim.lr'), what in it base_config() does not declare, or None."""
+    node, walked = base_config(), "config"
+    for key in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"{walked} is a value, not a block of fields"
+        if key not in node:
+            return f"{walked}.{key} is not a field ({_nearest(key, node.keys())})"
+        node, walked = node[key], f"{walked}.{key}"
+    return None
+
+
 def _nearest(name: str, choices) -> str:
     near = difflib.get_close_matches(name, list(choices), n=1)
     return f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(sorted(choices))}"

@@ -108,3 +108,25 @@ class MetricsLog:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class SkipReport:
+    """The samples this process dropped: how many of each kind, and the first few reasons."""
+
+    MAX_LISTED = 10
+
+    def __init__(self):
+        self.reasons: list[str] = []
+
+    def add(self, batch_reasons) -> None:
+        for text in batch_reasons:
+            self.reasons.extend(line for line in str(text).splitlines() if line)
+        del self.reasons[self.MAX_LISTED:]
+
+    def summary(self, counts: dict[str, int]) -> str | None:
+        """None when nothing was skipped or re-routed."""
+        if not any(counts.values()):
+            return None
+        lines = ["samples " + ", ".join(f"{name.removeprefix('num_').replace('_', ' ')}: {n}" for name, n in counts.items())]
+        lines += [f"  {reason}" for reason in self.reasons]
+        return "\n".join(lines)

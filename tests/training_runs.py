@@ -1,0 +1,68 @@
+"""Running `python -m avllm_jax.train` in subprocesses on the demo data, for the end-to-end tests."""
+import os
+import pathlib
+import socket
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import avllm_jax
+from avllm_jax.data import conversation, synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 6, 2
+
+
+def make_demo_files(root):
+    """24 demo clips and a tokenizer under `root`."""
+    synthetic.make_demo_split(root / "data", "train", 24, seed=0)
+    conversation.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=700).save_pretrained(root / "tokenizer")
+    return root
+
+
+def train_command(demo_files, workdir, *extra):
+    return [
+        sys.executable, "-m", "avllm_jax.train", "--config", str(REPO / "configs/demo.py"), "--workdir", str(workdir),
+        f"--config.tokenizer={demo_files / 'tokenizer'}",
+        f"--config.data.sources=({{'path': '{demo_files / 'data/train.jsonl'}', 'weight': 1.0}},)",
+        f"--config.num_steps={STEPS}", f"--config.checkpoint_every={SAVE_EVERY}", "--config.keep_checkpoints=2",
+        "--config.global_batch_size=4", "--config.log_every=1", "--config.data.worker_count=0",
+        "--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64", "--config.model.llm.head_dim=8",
+        *extra,
+    ]
+
+
+def environment(devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def final_params(workdir):
+    model = avllm_jax.load_model(workdir)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+def max_difference(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+def wait_for_line(process, text, timeout_s):
+    """Reads the process's stdout until a line holds `text`; False when it ends or time runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            return False
+        if text in line:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
