@@ -120,7 +120,8 @@ def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):
         except CheckpointMismatch:
             raise
         except Exception as error:  # a damaged step: fall back to the one before
-            report(f"checkpoint step {step} in {manager.directory} cannot be restored: {describe_error(error)}")
+            reason = str(error) if isinstance(error, CheckpointError) else describe_error(error)  # ours already say it
+            report(f"checkpoint step {step} in {manager.directory} cannot be restored: {reason}")
     raise CheckpointError(
         f"no intact checkpoint in {manager.directory} (steps {steps} all failed, see above): delete the "
         f"damaged steps, or the whole directory to start over"

@@ -87,9 +87,9 @@ def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
     result = run(train_command(
         demo_files, tmp_path / "run", "--config.num_steps=40", "--config.checkpoint_every=1",
         f"--config.data.sources=({{'path': '{data / 'train.jsonl'}', 'weight': 1.0}},)",
-        "--config.data.min_samples_before_bad_check=20", "--config.data.max_bad_fraction=0.2",
+        "--config.data.min_samples_before_bad_check=20", "--config.data.max_bad_fraction=0.1",
     ))
-    assert_short_error(result, "could not be used", "more than max_bad_fraction=0.2")
+    assert_short_error(result, "could not be used", "more than max_bad_fraction=0.1")
     saved = checkpoint.latest_step(str(tmp_path / "run"))
     assert saved is not None and saved >= 1, result.stdout[-2000:]
     assert not [e for e in os.listdir(tmp_path / "run" / "checkpoints") if "tmp" in e]
