@@ -186,7 +186,12 @@ def _check_batch_divides(config, mesh) -> None:
 def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: bool) -> dict:
     if worker_cpus:
         print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
-    per_source = pipeline.read_sources(config.data)  # first: a malformed line stops the run before any weights load
+    model_config, tokenizer, init_dir = resolve_model(config)
+    check_data_matches_model(config.data, model_config)
+    try:  # before any weights load: a malformed line or a missing file stops the run here
+        per_source = pipeline.read_sources(config.data)
+    except (ValueError, OSError) as error:
+        raise SetupError(str(error)) from error
     num_steps = total_steps(config, per_source)
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch_divides(config, mesh)
@@ -194,8 +199,6 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
     if done is not None and done >= num_steps:
         print(f"the run in {workdir} is finished: it saved step {done} of {num_steps}; nothing to do", flush=True)
         return {"stopped_at": None}
-    model_config, tokenizer, init_dir = resolve_model(config)
-    check_data_matches_model(config.data, model_config)
     if jax.process_index() == 0:
         checkpoint.write_model_config(workdir, model_config)
         checkpoint.write_data_config(workdir, config.data)
