@@ -1,9 +1,13 @@
-# `make demo` and `make test` work on a fresh machine: each creates .venv and installs what it needs.
+# `make demo`, `make test` and `make web` work on a fresh machine: each creates .venv and installs what
+# it needs (`make test` also Debian's chromium, for the browser test). `make web` serves the model
+# `make demo` trained; WEB_ARGS adds flags, e.g. make web WEB_ARGS="--host 0.0.0.0 --port 8000".
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DEMO_OUT := demo_out
+WEB_ARGS ?=
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test web browser install install-dev clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +21,21 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev browser
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
 
-test: $(VENV)/.installed-dev
+# Checked on every run (a no-op when chromium is there), so a machine that lost it gets it back.
+browser:
+	bash tools/install_browser.sh
+
+test: $(VENV)/.installed-dev browser
 	$(PY) -m pytest -q tests
+
+web: $(VENV)/.installed
+	@test -f $(DEMO_OUT)/run/config.json || { echo "make web serves the model that make demo trains: run make demo first"; exit 1; }
+	$(PY) -m avllm_jax.web --checkpoint $(DEMO_OUT)/run --examples $(wildcard $(DEMO_OUT)/data/media/eval_0000[0-5].*) $(WEB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
