@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-tpu.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 

@@ -51,12 +51,16 @@ def _print_once(message: str) -> None:
         print(message, flush=True)
 
 
-def _backend() -> tuple[str, jax.Device]:
-    """('nvidia', 'tpu', 'gpu' for a non-NVIDIA GPU, or 'cpu'), and the first device."""
-    device = jax.devices()[0]
+def _backend():
+    """('nvidia', 'tpu', 'gpu' for a non-NVIDIA GPU, or 'cpu'), and the device the program is
+    compiled for: the mesh's when one is set (`jax.set_mesh`, or the abstract mesh of a target
+    compiled ahead of time, as `avllm_jax.plan` does for a TPU from a CPU host), else this
+    process's first device. Both have `platform` and `device_kind`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = mesh.abstract_device if not mesh.empty and mesh.abstract_device is not None else jax.devices()[0]
     if device.platform == "gpu":
-        platform_version = getattr(device.client, "platform_version", "")
-        return ("nvidia" if "cuda" in platform_version.lower() else "gpu"), device
+        # An abstract device has only its kind: 'NVIDIA H100 80GB HBM3', 'Tesla V100-SXM2-16GB'.
+        return ("nvidia" if device.device_kind.startswith(("NVIDIA", "Tesla")) else "gpu"), device
     return device.platform, device
 
 

@@ -87,6 +87,7 @@ class AVLLM(nnx.Module):
         """frames uint8 [B, T, S, S, 3] -> [B, T+N, D_llm] (temporal, then spatial)."""
         batch, num_frames = frames.shape[:2]
         pixels = clip_vision.normalize_frames(frames.reshape(batch * num_frames, *frames.shape[2:]))
+        pixels = layers.constrain(pixels, ("batch", None, None, None))  # the frames of a device's own samples
         # No stop_gradient: when the encoder is frozen it is not among the differentiated
         # parameters, so no backward pass is built for it; when a config trains it, it trains.
         hidden = self.vision(pixels)  # [B*T, 1+N, Dv]
@@ -99,7 +100,8 @@ class AVLLM(nnx.Module):
     def audio_tokens(self, audio_features: jax.Array, audio_is_longer: jax.Array) -> jax.Array:
         """audio_features [B, K, C, F, 64] -> [B, K, D_llm]."""
         batch, num_segments = audio_features.shape[:2]
-        pooled = self.audio(audio_features.reshape(batch * num_segments, *audio_features.shape[2:]), audio_is_longer.reshape(-1))
+        features = layers.constrain(audio_features.reshape(batch * num_segments, *audio_features.shape[2:]), ("batch", None, None, None))
+        pooled = self.audio(features, audio_is_longer.reshape(-1))
         pooled = pooled.reshape(batch, num_segments, -1)
         return self.audio_proj(pooled.astype(layers.dtype_of(self.config.llm.dtype)))
 
@@ -153,6 +155,7 @@ class AVLLM(nnx.Module):
         inputs_embeds = jnp.where(
             row_is_kept_modality[..., None], modality_rows, jnp.where(in_modality[..., None], 0, text_rows)
         )
+        inputs_embeds = layers.constrain(inputs_embeds, layers.RESIDUAL)
         positions = llama.kept_positions(kept)
         out = {"inputs_embeds": inputs_embeds, "positions": positions, "segment_ids": kept.astype(jnp.int32)}
         if "labels" in batch:

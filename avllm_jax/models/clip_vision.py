@@ -107,14 +107,16 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, x.dtype
         cast = lambda p: p[...].astype(dtype)  # noqa: E731
+        x = layers.constrain(x, layers.RESIDUAL)
         h = self.norm1(x)
         q, k, v = (
-            jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias"))
+            layers.constrain(jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias")), layers.HEADS)
             for n in ("q", "k", "v")
         )
-        out = attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation)
-        x = x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias)
-        return x + self.fc2(ACTIVATIONS[c.hidden_act](self.fc1(self.norm2(x))))
+        out = layers.constrain(attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation), layers.HEADS)
+        x = layers.constrain(x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias), layers.RESIDUAL)
+        hidden = layers.constrain(ACTIVATIONS[c.hidden_act](self.fc1(self.norm2(x))), layers.MLP)
+        return layers.constrain(x + self.fc2(hidden), layers.RESIDUAL)
 
 
 class CLIPVision(nnx.Module):
@@ -151,7 +153,7 @@ class CLIPVision(nnx.Module):
         x = patches @ self.patch_embed[...].astype(dtype).reshape(p * p * 3, c.hidden_size)
         class_token = jnp.broadcast_to(self.class_embed[...].astype(dtype), (batch, 1, c.hidden_size))
         x = jnp.concatenate([class_token, x], axis=1) + self.position_embed[...].astype(dtype)
-        x = self.pre_norm(x)
+        x = self.pre_norm(layers.constrain(x, layers.RESIDUAL))
         num_layers = c.select_layer % (c.num_layers + 1)
         if num_layers:
             x, _ = layers.scan_layers(

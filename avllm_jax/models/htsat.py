@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from avllm_jax.models.conversion import Rule, config_from_hf, transpose
-from avllm_jax.models.layers import Dense, LayerNorm, dtype_of, param
-from avllm_jax.models.swin import Stage
+from avllm_jax.models.layers import Dense, LayerNorm, constrain, dtype_of, param
+from avllm_jax.models.swin import MAP, Stage
 
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which CLAP keeps
 
@@ -219,8 +219,8 @@ class HTSAT(nnx.Module):
             )
         if config.enable_fusion and is_longer is None:
             raise ValueError("the fused HTSAT needs is_longer [B] (from clap_audio_features)")
-        image = self._spectrogram_image(self.mel_norm(features.astype(dtype_of(config.dtype))))
-        x = self.patch_embed(image[..., :1])
+        image = constrain(self._spectrogram_image(self.mel_norm(features.astype(dtype_of(config.dtype)))), MAP)
+        x = constrain(self.patch_embed(image[..., :1]), MAP)
         if config.enable_fusion:
             fused = self.fusion(x, self._crop_patches(image, x.shape[2]))
             x = jnp.where(jnp.reshape(is_longer, (-1, 1, 1, 1)), fused, x)

@@ -1,7 +1,9 @@
-"""Building blocks shared by the networks: parameters with logical axes, Dense, LayerNorm,
-RMSNorm, and stacked (scanned) layers."""
+"""Building blocks shared by the networks: parameters with logical axes, sharding constraints
+on activations, Dense, LayerNorm, RMSNorm, and stacked (scanned) layers."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 
@@ -14,6 +16,36 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
 }
+
+
+# Logical names of the activations every network has (training/sharding.py maps them).
+RESIDUAL = ("batch", "length", "activation_embed")
+HEADS = ("batch", "length", "heads", "kv")
+MLP = ("batch", "length", "mlp")
+
+# (logical axes, shape) -> PartitionSpec or None, set by training (`activation_sharding`).
+_ACTIVATION_SPEC: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_spec", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(logical_to_spec: Callable):
+    """Within it, `constrain` lays activations out by `logical_to_spec(logical_axes, shape)`
+    (training/sharding.py's rules); outside it `constrain` does nothing, so the models stay
+    free of any mesh."""
+    token = _ACTIVATION_SPEC.set(logical_to_spec)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SPEC.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """x with a sharding constraint from its dimensions' logical names, e.g. ('batch',
+    'length', 'activation_embed'). Without it XLA may keep weights sharded and replicate the
+    batch instead, which gives the right numbers with every device computing every sample."""
+    to_spec = _ACTIVATION_SPEC.get()
+    spec = None if to_spec is None else to_spec(tuple(logical_axes), x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def param(

@@ -128,20 +128,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer for `max_length` slots; slots at or after `length` are empty."""
+    """Keys and values of every layer for `max_length` slots; slots at or after `length` are empty.
 
-    keys: jax.Array  # [L, B, max_length, G, D]
-    values: jax.Array  # [L, B, max_length, G, D]
+    One array per layer, heads before slots. Decoding then writes each token in place and the
+    attention matmuls read the arrays as they are. A stacked [L, B, max_length, G, D] array was
+    copied whole at every step (the layer scan slices it) and transposed for the matmuls.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer [B, G, max_length, D]
+    values: tuple[jax.Array, ...]  # per layer [B, G, max_length, D]
     segment_ids: jax.Array  # [B, max_length]; 0 for empty slots and padding
     length: jax.Array  # int32 scalar: slots filled so far
 
     @classmethod
     def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
         dtype = dtype or layers.dtype_of(config.dtype)
-        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         return cls(
-            keys=jnp.zeros(shape, dtype),
-            values=jnp.zeros(shape, dtype),
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
             segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
             length=jnp.zeros((), jnp.int32),
         )
@@ -165,26 +170,30 @@ class DecoderLayer(nnx.Module):
         self.down_proj = dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"))
 
     def __call__(self, x, positions, inv_freq, query_segment_ids, kv_cache=None, kv_segment_ids=None, cache_length=0):
-        """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, max_length, G, D] or None.
+        """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, G, max_length, D] or None.
 
-        Returns the new hidden state and, when a cache is given, this call's (keys, values)
-        [B, S, G, D] for the caller to write into it: each layer returning its whole updated
-        cache made the scan copy the entire cache at every decoding step.
+        Returns the new hidden state and, when a cache is given, the layer's (keys, values)
+        with this call's rows written at `cache_length`.
         """
         c, dtype = self.config, x.dtype
+        x = layers.constrain(x, layers.RESIDUAL)
         h = self.input_norm(x)
         q = jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dtype))
         k = jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dtype))
         v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dtype))
+        q, k, v = (layers.constrain(t, layers.HEADS) for t in (q, k, v))
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if kv_cache is None:
             keys, values, kv_segment_ids = k, v, query_segment_ids
         else:
-            k, v = k.astype(kv_cache[0].dtype), v.astype(kv_cache[1].dtype)
-            start = (0, cache_length, 0, 0)
-            keys = jax.lax.dynamic_update_slice(kv_cache[0], k, start)
-            values = jax.lax.dynamic_update_slice(kv_cache[1], v, start)
+            # k, v become the updated cache arrays (returned below); attention reads them through
+            # a transposed view, which XLA folds into its matmuls.
+            k, v = (
+                jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), (0, 0, cache_length, 0))
+                for cached, new in zip(kv_cache, (k, v))
+            )
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         implementation = c.attention_implementation
         out = attention.dot_product_attention(
             q,
@@ -196,9 +205,11 @@ class DecoderLayer(nnx.Module):
             query_offset=cache_length,
             implementation=implementation,
         )
-        x = x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype))
+        out = layers.constrain(out, layers.HEADS)
+        x = layers.constrain(x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype)), layers.RESIDUAL)
         h = self.post_attention_norm(x)
-        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        hidden = layers.constrain(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), layers.MLP)
+        x = layers.constrain(x + self.down_proj(hidden), layers.RESIDUAL)
         return x, (None if kv_cache is None else (k, v))
 
 
@@ -226,17 +237,19 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden_states: bool = False,
+        unstacked: list[DecoderLayer] | None = None,
     ):
         """Logits [B, S, V] (float32), and the updated cache when one is given.
 
         positions default to 0..S-1 after the cached slots; segment_ids default to all ones.
         With `return_hidden_states`, the final-norm hidden states replace the logits, so that
         a caller applies `logits` to the rows it needs only (generation: each prompt's last).
+        `unstacked`: this model's `unstack_layers()`, for one-token steps with a cache.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x.astype(layers.dtype_of(self.config.dtype))
+        x = layers.constrain(x.astype(layers.dtype_of(self.config.dtype)), layers.RESIDUAL)
         batch, length = x.shape[:2]
         cache_length = 0 if cache is None else cache.length
         if segment_ids is None:
@@ -254,25 +267,42 @@ class Llama(nnx.Module):
             )
         else:
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length))
-            x, (new_keys, new_values) = layers.scan_layers(
-                self.layers,
-                x,
-                (cache.keys, cache.values),
-                call=lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length),
-            )
-            start = (0, 0, cache_length, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache.keys, new_keys, start)
-            values = jax.lax.dynamic_update_slice(cache.values, new_values, start)
+            call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)  # noqa: E731
+            if length == 1:
+                # Decoding: layers unrolled, so that each updates its own cache arrays in place; a
+                # scan would copy every layer's cache out of a stacked array at every token.
+                keys, values = [], []
+                for i, layer in enumerate(unstacked or self.unstack_layers()):
+                    x, (k, v) = call(layer, x, (cache.keys[i], cache.values[i]))
+                    keys.append(k)
+                    values.append(v)
+                keys, values = tuple(keys), tuple(values)
+            else:
+                # A prompt: one scanned layer, so compile time does not grow with depth; stacking
+                # copies the cache once per call, which is small beside the prompt's compute.
+                x, (stacked_keys, stacked_values) = layers.scan_layers(
+                    self.layers, x, (jnp.stack(cache.keys), jnp.stack(cache.values)), call=call
+                )
+                keys, values = tuple(stacked_keys), tuple(stacked_values)
             cache = KVCache(keys, values, kv_segment_ids, cache_length + length)
         x = self.final_norm(x)
         outputs = x if return_hidden_states else self.logits(x)
         return outputs if cache is None else (outputs, cache)
 
+    def unstack_layers(self) -> list[DecoderLayer]:
+        """The layers one by one. A decoding loop takes them once, before it starts: XLA on CPU
+        copies a layer's weights out of the stacked arrays at every step otherwise (at batch 1
+        that made a step 1.5x slower). Pass them as `__call__(..., unstacked=...)`."""
+        graphdef, stacked = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda w: w[i], stacked)) for i in range(self.config.num_layers)]
+
     def logits(self, hidden_states: jax.Array) -> jax.Array:
         dtype = hidden_states.dtype
         if self.config.tie_word_embeddings:
-            return jnp.einsum("bsd,vd->bsv", hidden_states, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("bsd,dv->bsv", hidden_states, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bsd,vd->bsv", hidden_states, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bsd,dv->bsv", hidden_states, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        return layers.constrain(logits, ("batch", "length", "vocab"))
 
 
 def hf_rules(config: LlamaConfig) -> list[Rule]:

@@ -22,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avllm_jax.models.layers import Dense, LayerNorm, param, scan_layers, stacked
+from avllm_jax.models.layers import Dense, LayerNorm, constrain, param, scan_layers, stacked
 
 SHIFT_MASK_VALUE = -100.0  # what Swin adds between regions that a cyclic shift brought together
+# Logical names of a [B, H, W, C] feature map and of its MLP's hidden units.
+MAP = ("batch", None, None, "activation_embed")
+MAP_MLP = ("batch", None, None, "mlp")
 
 
 class SwinBlock(nnx.Module):
@@ -49,6 +52,7 @@ class SwinBlock(nnx.Module):
         """`shifted` (0 or 1, traced) turns on this block's cyclic shift and its mask."""
         batch, height, width, channels = x.shape
         window, shift = self.window, self.shift * shifted
+        x = constrain(x, MAP)
         h = self.attn_norm(x)
         h = jnp.pad(h, ((0, 0), (0, -height % window), (0, -width % window), (0, 0)))
         padded_height, padded_width = h.shape[1:3]
@@ -62,8 +66,9 @@ class SwinBlock(nnx.Module):
         h = h.reshape(batch, rows, cols, window, window, channels).transpose(0, 1, 3, 2, 4, 5)
         h = h.reshape(batch, padded_height, padded_width, channels)
         h = jnp.roll(h, (shift, shift), axis=(1, 2))[:, :height, :width]
-        x = x + h
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False))
+        x = constrain(x + h, MAP)
+        hidden = constrain(jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False), MAP_MLP)
+        return constrain(x + self.mlp_out(hidden), MAP)
 
     def _attention(self, windows, additive):
         """windows [B, W, N, C]; additive [B | 1, W, heads, N, N] bias and mask."""

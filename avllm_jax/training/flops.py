@@ -14,8 +14,18 @@ Conventions (one multiply-add = 2 FLOPs; only matrix products are counted):
 
 So a sample of S LLM tokens with N LLM matmul weights costs (2 + 2 + 2·trainable)·N·S plus
 attention, the usual 6·N·S when the LLM trains.
+
+`hlo_matmul_flops` counts the same thing in a compiled program (the planner's compiled
+figure): XLA's own cost analysis counts the body of a loop once, whatever its trip count,
+so for a step with scanned layers and micro-batches it reports a small fraction of the work.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
 
 from avllm_jax.models.avllm import AVLLMConfig
 
@@ -28,6 +38,7 @@ PEAK_FLOPS_PER_DEVICE = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # what a v5p calls itself (after 'TPU v5 lite', the v5e)
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
@@ -42,13 +53,24 @@ def peak_flops_per_device(device) -> float | None:
     return None
 
 
+def llm_attention_flops(config, sequence_length: int) -> float:
+    """Causal attention, forward and backward (2x forward)."""
+    c = config
+    return 3 * c.num_layers * 2 * 2 * sequence_length**2 * c.num_heads * c.head_dim / 2
+
+
 def llm_flops(config, sequence_length: int, *, weights_train: bool) -> float:
     c = config
     per_layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
     matmul_weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size  # + LM head
     passes = 2 + 2 + (2 if weights_train else 0)  # forward, input gradient, weight gradient
-    attention_forward = c.num_layers * 2 * 2 * sequence_length**2 * c.num_heads * c.head_dim / 2
-    return passes * matmul_weights * sequence_length + 3 * attention_forward
+    return passes * matmul_weights * sequence_length + llm_attention_flops(c, sequence_length)
+
+
+def vision_attention_flops(config, num_frames: int) -> float:
+    """Bidirectional attention, forward only (the encoder is frozen)."""
+    c = config
+    return num_frames * c.num_layers * 2 * 2 * (c.num_patches + 1) ** 2 * c.hidden_size
 
 
 def vision_flops(config, num_frames: int) -> float:
@@ -56,8 +78,7 @@ def vision_flops(config, num_frames: int) -> float:
     tokens = c.num_patches + 1
     per_layer = 4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size
     patch_embed = c.patch_size**2 * 3 * c.hidden_size * c.num_patches
-    attention = c.num_layers * 2 * 2 * tokens**2 * c.hidden_size
-    return num_frames * (2 * (c.num_layers * per_layer * tokens + patch_embed) + attention)
+    return num_frames * 2 * (c.num_layers * per_layer * tokens + patch_embed) + vision_attention_flops(c, num_frames)
 
 
 def audio_flops(config, num_segments: int) -> float:
@@ -87,3 +108,196 @@ def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, 
         total += audio_flops(config.audio, num_audio_segments)
         total += 3 * 2 * config.audio.num_features * config.llm.hidden_size * num_audio_segments
     return total
+
+
+def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
+    """LLM rows of a training sample: the text (its modality token replaced) plus T+N+K slots."""
+    rows = data_config.max_text_length - 1
+    if model_config.vision:
+        rows += data_config.num_frames + model_config.vision.num_patches
+    if model_config.audio:
+        rows += data_config.num_audio_segments
+    return rows
+
+
+def run_sample_flops(model_config: AVLLMConfig, config) -> float:
+    """`sample_flops` for a training run's config (its data settings and trainable patterns)."""
+    return sample_flops(
+        model_config,
+        sequence_length=llm_sequence_length(model_config, config.data),
+        num_frames=config.data.num_frames,
+        num_audio_segments=config.data.num_audio_segments,
+        llm_trains=any(pattern.startswith("llm") for pattern in config.trainable),
+    )
+
+
+def run_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ...]) -> float:
+    """The attention share of `run_sample_flops` for the named parts ('llm', 'vision')."""
+    total = 0.0
+    if "llm" in parts:
+        total += llm_attention_flops(model_config.llm, llm_sequence_length(model_config, config.data))
+    if "vision" in parts and model_config.vision:
+        total += vision_attention_flops(model_config.vision, config.data.num_frames)
+    return total
+
+
+@dataclasses.dataclass
+class HloFlops:
+    flops: float  # matmul FLOPs of one device's program, loops counted trip-count times
+    custom_calls: dict[str, int]  # target -> count of the kernels, whose work the HLO does not show
+    unknown_trip_counts: int  # loops counted once because their trip count could not be read
+
+
+_HEADER = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s+(?P<root>ROOT )?%(?P<name>\S+) = (?P<rest>.*)$")
+_ARRAY = re.compile(r"^\w+\[(?P<dims>[\d,]*)\]")
+_CALLED = re.compile(r"\b(?P<kind>calls|body|to_apply)=%(?P<name>[^\s,}]+)")
+_CALLED_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{(?P<names>[^}]*)\}")
+# Custom calls that are compute kernels (Mosaic on TPU, cuDNN, Triton); the others move data.
+_KERNEL_CUSTOM_CALLS = ("tpu_custom_call", "__cudnn$", "__gpu$xla.gpu.triton")
+
+
+@dataclasses.dataclass
+class _Computation:
+    instructions: dict[str, str]  # name -> the text after '=': type, op, operands, attributes
+    root: str = ""
+
+
+def hlo_matmul_flops(hlo_text: str) -> HloFlops:
+    """Matmul FLOPs (dot and convolution, 2 per multiply-add) of a compiled HLO module, as
+    `Compiled.as_text()` prints it, with each loop's body counted as many times as it runs.
+
+    After SPMD partitioning this is one device's program: the shapes are per-device shards.
+    """
+    computations: dict[str, _Computation] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if header := _HEADER.match(line):
+            current = computations.setdefault(header["name"], _Computation({}))
+            entry = header["name"] if line.startswith("ENTRY") else entry
+        elif current is not None and (instruction := _INSTRUCTION.match(line)):
+            current.instructions[instruction["name"]] = instruction["rest"]
+            current.root = instruction["name"] if instruction["root"] else current.root
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    result = HloFlops(0.0, {}, 0)
+    memo: dict[str, float] = {}
+
+    def computation_flops(name: str) -> float:
+        if name in memo:
+            return memo[name]
+        memo[name] = 0.0  # a computation that (impossibly) calls itself adds nothing
+        computation = computations.get(name, _Computation({}))
+        shape = lambda instruction: _dims(computation.instructions[instruction])  # noqa: E731
+        total = 0.0
+        for rest in computation.instructions.values():
+            op, operands = _op_and_operands(rest)
+            if op == "dot":
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)[1]
+                lhs = shape(operands[0])
+                total += 2 * math.prod(_dims(rest)) * math.prod(lhs[int(i)] for i in contracting.split(",") if i)
+            elif op == "convolution":
+                total += _convolution_flops(rest, shape(operands[0]), shape(operands[1]))
+            elif op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]*)"', rest)
+                key = target[1] if target else "?"
+                if key.startswith(_KERNEL_CUSTOM_CALLS):
+                    result.custom_calls[key] = result.custom_calls.get(key, 0) + 1
+            for called in _CALLED.finditer(rest):
+                times = 1
+                if called["kind"] == "body":
+                    times = _trip_count(rest, computation, computations)
+                    result.unknown_trip_counts += times is None
+                total += (times or 1) * computation_flops(called["name"])
+            for called in _CALLED_LISTS.finditer(rest):
+                total += sum(computation_flops(n.strip().lstrip("%")) for n in called["names"].split(",") if n.strip())
+        memo[name] = total
+        return total
+
+    result.flops = computation_flops(entry)
+    return result
+
+
+def _convolution_flops(rest: str, lhs: tuple[int, ...], kernel: tuple[int, ...]) -> float:
+    """2 x output batch x output features x kernel input features x the (output position,
+    window tap) pairs of each spatial dimension that land on an input element: TPUs write
+    matmuls as convolutions, batch dimensions as windows dilated so that one tap is real."""
+    lhs_labels, kernel_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest).groups()
+    out = _dims(rest)
+    size = lambda dims, labels, label: dims[labels.index(label)]  # noqa: E731
+    total = 2.0 * size(out, out_labels, "b") * size(out, out_labels, "f") * size(kernel, kernel_labels, "i")
+    window = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(field.split("=") for field in window[1].split()) if window else {}
+    for axis, label in enumerate(sorted(label for label in out_labels if label.isdigit())):
+        def value(key, default, part=0):
+            return int(fields[key].split("x")[axis].split("_")[part]) if key in fields else default
+
+        lhs_dilate, rhs_dilate, stride = value("lhs_dilate", 1), value("rhs_dilate", 1), value("stride", 1)
+        taps = np.arange(value("size", 1))[:, None] * rhs_dilate - value("pad", 0) + np.arange(size(out, out_labels, label))[None, :] * stride
+        extent = (size(lhs, lhs_labels, label) - 1) * lhs_dilate + 1
+        total *= int(np.sum((taps >= 0) & (taps < extent) & (taps % lhs_dilate == 0)))
+    return total
+
+
+def _dims(rest: str) -> tuple[int, ...]:
+    array = _ARRAY.match(rest)
+    return tuple(int(d) for d in array["dims"].split(",") if d) if array else ()
+
+
+def _balanced(text: str) -> int:
+    """Index just past the parenthesised group `text` starts with."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return index + 1
+    return len(text)
+
+
+def _op_and_operands(rest: str) -> tuple[str, list[str]]:
+    """'f32[8,64]{1,0} dot(%a, %b), ...' -> ('dot', ['a', 'b']); a tuple type is skipped whole."""
+    rest = rest[_balanced(rest):] if rest.startswith("(") else rest.partition(" ")[2]
+    op, paren, arguments = rest.strip().partition("(")
+    return op, re.findall(r"%([^\s,)]+)", (paren + arguments)[: _balanced(paren + arguments)])
+
+
+def _constant(computation: _Computation, name: str) -> int | None:
+    """The integer constant `name` is, through copies and bitcasts; None if it is not one."""
+    rest = computation.instructions.get(name, "")
+    op, operands = _op_and_operands(rest)
+    if op in ("copy", "bitcast", "convert") and len(operands) == 1:
+        return _constant(computation, operands[0])
+    found = re.search(r"\bconstant\((-?\d+)\)", rest)
+    return int(found[1]) if found else None
+
+
+def _trip_count(while_rest: str, parent: _Computation, computations: dict[str, _Computation]) -> int | None:
+    """A while loop's trip count: XLA's annotation, else read from the loop: its condition
+    compares a counter (a tuple element) with a constant bound, its body adds a constant step
+    to it, and it starts at the constant its operand tuple holds, or 0 (TPU programs carry no
+    annotation, and their windowed matmul loops step by 2). None when it cannot be read."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_rest)
+    if known:
+        return int(known[1])
+    names = dict(re.findall(r"\b(condition|body)=%([^\s,}]+)", while_rest))
+    condition, body = computations.get(names.get("condition")), computations.get(names.get("body"))
+    if condition is None or body is None:
+        return None
+    compare = condition.instructions.get(condition.root, "")
+    op, operands = _op_and_operands(compare)
+    if op != "compare" or "direction=LT" not in compare or len(operands) != 2:
+        return None
+    index = re.search(r"get-tuple-element\(.*index=(\d+)", condition.instructions.get(operands[0], ""))
+    bound = _constant(condition, operands[1])
+    if index is None or bound is None:
+        return None
+    index = int(index[1])
+    _, outputs = _op_and_operands(body.instructions.get(body.root, ""))
+    op, increment = _op_and_operands(body.instructions.get(outputs[index], "")) if index < len(outputs) else ("", [])
+    steps = [_constant(body, name) for name in increment] if op == "add" else []
+    step = next((s for s in steps if s), None)
+    _, initial = _op_and_operands(parent.instructions.get(_op_and_operands(while_rest)[1][0], ""))
+    start = (_constant(parent, initial[index]) if index < len(initial) else None) or 0
+    if step is None or step <= 0:
+        return None
+    return max(0, -(-(bound - start) // step))

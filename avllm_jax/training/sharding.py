@@ -1,6 +1,7 @@
 """The device mesh and the one table that maps logical axis names to it.
 
-Parameters carry logical axis names (`nnx.Param(..., logical_axes=('embed', 'mlp'))`).
+Parameters carry logical axis names (`nnx.Param(..., logical_axes=('embed', 'mlp'))`), and
+the models name the dimensions of their activations (`models.layers.constrain`).
 `LOGICAL_AXIS_RULES` says which mesh axis each name is split over: 'fsdp' shards parameters
 and optimizer state (ZeRO-3 style: each device holds 1/fsdp of every matrix and XLA gathers
 a layer's weights when it runs), 'tensor' splits heads and the MLP (Megatron style), and the
@@ -29,6 +30,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("layers", None),
+    # Activations: each device keeps its own samples, and the width of the residual stream
+    # stays whole, so that a layer's weights are gathered to the batch, not the batch to them.
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("activation_embed", None),
 )
 
 
@@ -65,6 +71,13 @@ def logical_to_spec(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES) -> Part
         used.update(mesh_axes)
         spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
     return PartitionSpec(*spec)
+
+
+def activation_spec(logical_axes, shape) -> PartitionSpec | None:
+    """The layout of an activation on the mesh being traced for (jax.set_mesh or an abstract
+    mesh); None without one. What `models.layers.activation_sharding` takes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else logical_to_spec(logical_axes, shape, mesh)
 
 
 def state_shardings(state, mesh):

@@ -15,6 +15,8 @@ import optax
 from flax import nnx
 
 from avllm_jax.modality import IGNORE_INDEX, Modality
+from avllm_jax.models import layers
+from avllm_jax.training import sharding
 
 # Per-sample groups reported as separate losses: each modality, then text-only samples.
 LOSS_GROUPS = (*(m.value for m in Modality), "text")
@@ -66,17 +68,40 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def compute_copy(params: nnx.State, dtype) -> nnx.State:
+    """The LLM's and the projectors' weight matrices in `dtype` (the LLM's compute dtype), as
+    their layers cast them before use; norm scales (used in float32) and biases stay as stored.
+
+    Differentiating this copy gives a micro-batch's gradients in that dtype, with the values the
+    bfloat16 matmuls produce anyway, so they take half the memory of float32 gradients beside
+    the float32 sum: on 8 devices this is the 1.5 GiB that brings the 7B SFT under 24 GiB.
+    """
+    def cast(path, variable):
+        value = variable.get_value()
+        axes = variable.get_metadata().get("logical_axes") or ()
+        narrower = jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits > jnp.finfo(dtype).bits
+        is_matrix = sum(axis != "layers" for axis in axes) >= 2
+        # The encoders compute in their own dtypes.
+        return variable.replace(value.astype(dtype)) if narrower and is_matrix and path[0] not in ("vision", "audio") else variable
+
+    return nnx.map_state(cast, params)
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1):
     """train_step(state, frozen, batch) -> (state, metrics), jitted, the state donated."""
 
     def train_step(state: TrainState, frozen: nnx.State, batch: dict):
+        compute_dtype = layers.dtype_of(nnx.merge(graphdef, state.params, frozen).config.llm.dtype)
+
         def microbatch_grads(params, microbatch):
             def loss_fn(trainable):
                 return loss_sums(nnx.merge(graphdef, trainable, frozen), microbatch)
 
-            return jax.grad(loss_fn, has_aux=True)(params)
+            return jax.grad(loss_fn, has_aux=True)(compute_copy(params, compute_dtype))
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        # Summed in float32 whatever the parameters' dtype; the optimizer gets them back in it,
+        # so that its moments keep their dtype from step to step.
+        zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), state.params)
         zero_aux = {
             "loss_sum": jnp.zeros((), jnp.float32),
             "target_tokens": jnp.zeros((), jnp.int32),
@@ -86,16 +111,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
 
         def accumulate(carry, microbatch):
             grads, aux = microbatch_grads(state.params, microbatch)
-            return jax.tree.map(jnp.add, carry, (grads, aux)), None
+            return jax.tree.map(lambda total, x: total + x.astype(total.dtype), carry, (grads, aux)), None
 
         (grad_sums, aux), _ = jax.lax.scan(accumulate, (zero_grads, zero_aux), split_microbatches(batch, num_microbatches))
         num_tokens = jnp.maximum(aux["target_tokens"], 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / num_tokens, grad_sums)
+        grads = jax.tree.map(lambda g, p: (g / num_tokens).astype(p.dtype), grad_sums, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": aux["loss_sum"] / num_tokens,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": optax.tree.norm(grad_sums) / num_tokens,  # in float32
             "target_tokens": aux["target_tokens"],
         }
         group_loss = aux["group_loss_sum"] / jnp.maximum(aux["group_tokens"], 1)
@@ -104,4 +129,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
             metrics[f"loss/{name}"] = jnp.where(aux["group_tokens"][index] > 0, group_loss[index], jnp.nan)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    def sharded_train_step(state, frozen, batch):
+        # The models' activations are laid out by the mesh's rules: without them XLA kept the
+        # weights sharded and gave every device the whole batch.
+        with layers.activation_sharding(sharding.activation_spec):
+            return train_step(state, frozen, batch)
+
+    return jax.jit(sharded_train_step, donate_argnums=(0,))

@@ -1,0 +1,360 @@
+"""Whether a run fits, before launching it:
+
+    python -m avllm_jax.plan --config=configs/sft.py --topology=v5p-32 [--search] [--config.FIELD=VALUE ...]
+
+It builds the config's train state from shapes alone (the converted checkpoint's config.json
+when `init_checkpoint` has one, else each model part's defaults; no weights are read), lays
+it out on the topology's mesh with training's shardings, and compiles the real train step
+ahead of time for that topology: a TPU slice with libtpu's compiler on this CPU host
+(`pip install -r requirements-tpu.txt`), `cpu:N` on N host devices, and a GPU machine
+(`a100-40gb-8`, `h100-80gb-8`, ...) with the CPU compiler as an estimate for that mesh.
+Attention resolves for the target ('auto' is splash attention on a TPU), not for this host.
+
+It prints the per-device memory the compiler reports against the chip's HBM, the compiled
+FLOPs against training/flops.py's analytic figure, and ends with one line:
+
+    plan: v5p-32 fits: 21.3 GiB of 95.0 GiB per device, compiled/analytic FLOPs 1.12
+
+`--search` compiles for each micro-batch count that splits the batch evenly (a bisection)
+and reports the fewest that fit, i.e. the largest per-device batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from avllm_jax import checkpoint
+from avllm_jax.data import pipeline
+from avllm_jax.modality import MODALITY_TOKENS
+from avllm_jax.models import attention
+from avllm_jax.models.avllm import AVLLMConfig
+from avllm_jax.training import config as config_lib
+from avllm_jax.training import flops, optim, sharding, step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8.")
+_SEARCH = flags.DEFINE_bool("search", False, "Find the fewest micro-batches (largest per-device batch) that fit.")
+_HLO_DUMP = flags.DEFINE_string("hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file.")
+
+GIB = 2**30
+REQUIREMENTS_TPU = "requirements-tpu.txt"
+# The CPU compiler plans memory before LLVM runs, and a plan never runs the program: skipping
+# LLVM's optimisations halves the compile and leaves the memory figures the same.
+_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class PlanError(RuntimeError):
+    """A plan that cannot be made (unknown topology, missing compiler, bad batch split)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    platform: str  # what compiles it: 'tpu' (libtpu) or 'cpu' (host devices, also for GPUs)
+    chips: int
+    hbm_gib: float | None  # per chip; None for cpu:N
+    libtpu_name: str = ""  # e.g. 'v5:2x2x4'
+    chips_per_host: tuple[int, int, int] = (1, 1, 1)
+    chip_config: str = "default"  # 'megacore': a chip's two TensorCores are one device
+    note: str = ""
+
+
+# Cloud TPU names count TensorCores on v4 and v5p (2 per chip) and chips on v5e and v6e.
+_TPU_GENERATIONS = {  # name: (libtpu name, HBM GiB per chip, cores per chip in the name)
+    "v4": ("v4", 32.0, 2),
+    "v5p": ("v5", 95.0, 2),
+    "v5e": ("v5e", 16.0, 1),
+    "v6e": ("v6e", 32.0, 1),
+}
+_CUBE_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+_PLANE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_GPU_HBM_GIB = {"a100-40gb": 40.0, "a100-80gb": 80.0, "h100-80gb": 80.0, "h200-141gb": 141.0}
+
+
+def _tpu_topologies() -> dict[str, Topology]:
+    table = {}
+    for generation, (libtpu, hbm, cores) in _TPU_GENERATIONS.items():
+        for chips, shape in (_CUBE_SHAPES if cores == 2 else _PLANE_SHAPES).items():
+            # Hosts hold 4 chips (2x2); single-host v5e/v6e slices hold up to 8.
+            per_host = (2, 2, 1) if chips >= 4 else (1, 1, 1)
+            if cores == 1 and chips == 8:
+                per_host = (2, 4, 1)
+            table[f"{generation}-{chips * cores}"] = Topology(
+                f"{generation}-{chips * cores}", "tpu", chips, hbm, f"{libtpu}:{shape}", per_host, "megacore" if cores == 2 else "default"
+            )
+    return table
+
+
+TPU_TOPOLOGIES = _tpu_topologies()
+
+
+def topology(name: str) -> Topology:
+    """The target a name stands for; an unknown name lists the valid ones."""
+    if name in TPU_TOPOLOGIES:
+        return TPU_TOPOLOGIES[name]
+    if match := re.fullmatch(r"cpu:(\d+)", name):
+        return Topology(name, "cpu", int(match[1]), None)
+    if (match := re.fullmatch(r"(.+)-(\d+)", name)) and match[1] in _GPU_HBM_GIB:
+        return Topology(name, "cpu", int(match[2]), _GPU_HBM_GIB[match[1]],
+                        note="the CPU compiler's estimate for this mesh; a GPU compiler lays memory out differently")
+    raise PlanError(
+        f"unknown topology {name!r}; valid: {', '.join(TPU_TOPOLOGIES)}, cpu:N (N host devices), "
+        f"and GPU machines {', '.join(f'{gpu}-N' for gpu in _GPU_HBM_GIB)} (N GPUs)"
+    )
+
+
+def libtpu_installed() -> bool:
+    """Whether libtpu (the TPU compiler) can be imported; nothing is loaded."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(target: Topology) -> list:
+    if target.platform == "tpu":
+        if not libtpu_installed():
+            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: pip install -r {REQUIREMENTS_TPU}")
+        from jax.experimental import topologies
+
+        # libtpu locks the host's chips against a second process; compiling uses none, and
+        # without this two plans (or a plan beside a test) could not run at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        return topologies.get_topology_desc(
+            target.libtpu_name, "tpu", chip_config_name=target.chip_config, chips_per_host_bounds=target.chips_per_host, num_slices=1,
+        ).devices
+    devices = jax.devices("cpu")
+    if len(devices) < target.chips:
+        raise PlanError(f"{target.name} needs {target.chips} host devices, this process has {len(devices)} "
+                        "(the planner sets jax_num_cpu_devices before JAX starts; XLA_FLAGS can override it)")
+    return devices[: target.chips]
+
+
+def planned_model_config(config) -> tuple[AVLLMConfig, str]:
+    """The model a run of `config` builds, from shapes alone, and where they came from.
+
+    With a converted checkpoint (or earlier workdir) at `init_checkpoint`, its config.json
+    plus the config's overrides, as training reads it. Without one, each part's defaults set
+    for the run's data (image size, fused HTSAT for 'fusion' audio) plus the overrides, and a
+    vocabulary of LLaMA's 32000 tokens and the 3 modality tokens conversion adds.
+    """
+    overrides = {part: fields for part, fields in config_lib.model_overrides(config).items() if part in config.model.parts}
+    if config.init_checkpoint and os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
+        source = os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)
+        return checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), source
+    data = config.data
+    defaults = {
+        "vision": {"image_size": data.image_size},
+        "audio": {"enable_fusion": data.audio_truncation == "fusion"},
+        "llm": {"vocab_size": config_lib.MODEL_PARTS["llm"]().vocab_size + len(MODALITY_TOKENS)},
+    }
+    parts = {part: config_lib.MODEL_PARTS[part](**(defaults[part] | overrides[part])) for part in config.model.parts}
+    missing = f"{config.init_checkpoint!r} holds no config.json" if config.init_checkpoint else "no init_checkpoint"
+    return AVLLMConfig(**parts), f"each part's defaults and the config's overrides ({missing})"
+
+
+def abstract_inputs(config, model_config, mesh, num_microbatches: int):
+    """(train_step, state, frozen, batch): the compiled function and its arguments as
+    ShapeDtypeStructs with training's shardings."""
+    def placed(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    model = nnx.merge(*checkpoint.abstract_model(model_config))
+    graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(list(config.trainable)), ...)
+    optimizer = optim.make_optimizer(config.optim, max(config.num_steps, 1), trainable)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = step.TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        placed(trainable, sharding.state_shardings(trainable, mesh)),
+        placed(opt_state, sharding.optimizer_shardings(optimizer, trainable, mesh)),
+    )
+    sample = pipeline.media_arrays(None, config.data)
+    text = np.zeros(config.data.max_text_length, np.int32)
+    sample |= dict(input_ids=text, labels=text, token_mask=text.astype(bool))
+    batch = {k: jax.ShapeDtypeStruct((config.global_batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding.batch_sharding(mesh))
+             for k, v in sample.items()}
+    train_step = step.make_train_step(graphdef, optimizer, num_microbatches=num_microbatches)
+    return train_step, state, placed(frozen, sharding.state_shardings(frozen, mesh)), batch
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: Topology
+    mesh_shape: dict
+    num_microbatches: int
+    samples_per_device: float  # per micro-batch
+    memory: dict[str, float]  # GiB per device: arguments, outputs, aliased, temporaries, total
+    fits: bool
+    compiled_flops: float | None  # per step, all devices (None when the compile ran out of memory)
+    analytic_flops: float
+    xla_flops: float | None  # XLA's cost analysis, all devices: each loop body counted once
+    kernel_attention_flops: float  # analytic attention of the parts whose attention is a kernel
+    compile_seconds: float
+    kernel_calls: int = 0  # attention kernels (custom calls) in the program
+    hlo_text: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.compiled_flops is None else self.compiled_flops / self.analytic_flops
+
+    def summary(self) -> str:
+        fits = "fits" if self.fits else "does not fit"
+        hbm = f"{self.topology.hbm_gib:.1f} GiB" if self.topology.hbm_gib else "host memory (no HBM)"
+        ratio = "n/a (did not compile)" if self.ratio is None else f"{self.ratio:.2f}"
+        return f"plan: {self.topology.name} {fits}: {self.memory['total']:.1f} GiB of {hbm} per device, compiled/analytic FLOPs {ratio}"
+
+
+def compile_plan(config, target: Topology, num_microbatches: int | None = None) -> Plan:
+    """Compiles the train step of `config` for `target` and reads its memory and FLOPs."""
+    num_microbatches = num_microbatches or config.num_microbatches
+    model_config, _ = planned_model_config(config)
+    mesh = sharding.make_mesh(dict(config.mesh), devices=topology_devices(target))
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = config.global_batch_size
+    if global_batch % num_microbatches or global_batch % batch_shards:
+        raise PlanError(f"global_batch_size {global_batch} does not split into {num_microbatches} micro-batches "
+                        f"and over {batch_shards} batch shards (mesh {dict(mesh.shape)})")
+    inputs = abstract_inputs(config, model_config, mesh, num_microbatches)
+    started = time.perf_counter()
+    # An abstract mesh, not jax.set_mesh: a topology's devices cannot run the constants that
+    # tracing makes eagerly (splash attention's mask tables).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        lowered = inputs[0].lower(*inputs[1:])
+        kernel_parts = tuple(part for part in ("vision", "llm") if getattr(model_config, part)
+                             and attention.resolve_implementation(getattr(model_config, part).attention_implementation) != "xla")
+    analytic = flops.run_sample_flops(model_config, config) * global_batch
+    plan = Plan(target, dict(mesh.shape), num_microbatches, global_batch / num_microbatches / batch_shards, {}, False,
+                None, analytic, None, 0.0, 0.0)
+    try:
+        compiled = lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS if target.platform == "cpu" else None)
+    except jax.errors.JaxRuntimeError as error:
+        # libtpu: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for
+        # HLO temporaries (270.90G) exceeds available HBM (15.75G)."
+        needed = re.search(r"RESOURCE_EXHAUSTED.*temporaries \(([\d.]+)([KMGT])\)", str(error))
+        if not needed:
+            raise
+        arguments = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(inputs[1:])) / GIB
+        temporaries = float(needed[1]) * {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}[needed[2]]
+        plan.memory = {"arguments": arguments, "temporaries": temporaries, "total": arguments + temporaries}
+        plan.compile_seconds = time.perf_counter() - started
+        return plan
+    plan.compile_seconds = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+    plan.memory = {k: v / GIB for k, v in sizes.items()}
+    plan.fits = target.hbm_gib is None or plan.memory["total"] <= target.hbm_gib
+    plan.hlo_text = compiled.as_text()
+    devices = math.prod(mesh.shape.values())
+    counted = flops.hlo_matmul_flops(plan.hlo_text)
+    plan.kernel_calls = sum(counted.custom_calls.values())
+    if plan.kernel_calls:  # the kernels' work is not in the HLO: count their attention analytically
+        plan.kernel_attention_flops = flops.run_attention_flops(model_config, config, kernel_parts) * global_batch
+    plan.compiled_flops = counted.flops * devices + plan.kernel_attention_flops
+    cost = compiled.cost_analysis()
+    plan.xla_flops = cost.get("flops", 0.0) * devices if cost else None
+    return plan
+
+
+def search(config, target: Topology, report=print) -> tuple[Plan | None, list[Plan]]:
+    """The plan with the fewest micro-batches that fits (None if even the most do not), and
+    every plan compiled on the way. Candidates split the batch evenly over the batch shards;
+    memory falls as micro-batches shrink, so a bisection finds it."""
+    shards = math.prod(sharding.make_mesh(dict(config.mesh), devices=topology_devices(target)).shape[a] for a in ("data", "fsdp"))
+    per_shard = config.global_batch_size // shards
+    candidates = [count for count in range(1, per_shard + 1) if per_shard % count == 0]
+    if not candidates or config.global_batch_size % shards:
+        raise PlanError(f"global_batch_size {config.global_batch_size} does not split over {shards} batch shards")
+    tried: list[Plan] = []
+    low, high, best = 0, len(candidates) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        plan = compile_plan(config, target, candidates[middle])
+        tried.append(plan)
+        report(f"  {plan.num_microbatches} micro-batches of {plan.samples_per_device:g} per device: "
+               f"{plan.memory['total']:.1f} GiB, {'fits' if plan.fits else 'does not fit'} ({plan.compile_seconds:.0f} s)")
+        if plan.fits:
+            best, high = plan, middle - 1
+        else:
+            low = middle + 1
+    return best, tried
+
+
+def describe(plan: Plan, config, model_source: str) -> str:
+    t, m = plan.topology, plan.memory
+    hosts = math.prod(t.chips_per_host)
+    where = "libtpu's compiler on this CPU host" if t.platform == "tpu" else "the CPU compiler"
+    lines = [
+        f"topology {t.name}: {t.chips} {'chips' if t.platform == 'tpu' else 'devices'}"
+        + (f" in {t.chips // hosts} host(s) of {hosts}" if t.platform == "tpu" else "")
+        + (f", {t.hbm_gib:.1f} GiB HBM each" if t.hbm_gib else "") + f"; compiled with {where}" + (f" ({t.note})" if t.note else ""),
+        f"model: {model_source}",
+        f"mesh {plan.mesh_shape}; global batch {config.global_batch_size} in {plan.num_microbatches} micro-batch(es): "
+        f"{plan.samples_per_device:g} sample(s) per device per micro-batch",
+    ]
+    if plan.compiled_flops is None:
+        lines.append(f"the compiler ran out of memory: temporaries {_size(m['temporaries'])} and arguments "
+                     f"{_size(m['arguments'])} per device, total {_size(m['total'])}")
+    else:
+        lines.append(f"memory per device: arguments {_size(m['arguments'])}, outputs {_size(m['outputs'])} "
+                     f"({_size(m['aliased'])} aliased to the arguments), temporaries {_size(m['temporaries'])}, total {_size(m['total'])}")
+        kernel = (f" + {plan.kernel_attention_flops:.3e} of attention in {plan.kernel_calls} kernel calls, counted analytically"
+                  if plan.kernel_calls else "")
+        lines.append(f"FLOPs per step: compiled {plan.compiled_flops:.3e} (matmuls of the HLO, each loop body times its trip "
+                     f"count, x devices{kernel}), analytic {plan.analytic_flops:.3e} (training/flops.py); "
+                     f"XLA's cost analysis {plan.xla_flops or 0:.3e} (each loop body once)")
+    lines.append(f"compile: {plan.compile_seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.2f} MiB"
+
+
+def main(argv):
+    del argv
+    if _TOPOLOGY.value is None:
+        raise app.UsageError("--topology is required (e.g. v5p-32, cpu:8)")
+    try:
+        target = topology(_TOPOLOGY.value)
+        if target.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            jax.config.update("jax_num_cpu_devices", target.chips)
+        config = _CONFIG.value
+        config_lib.check_config(config)
+        _, model_source = planned_model_config(config)
+        if _SEARCH.value:
+            print(f"search on {target.name}: global batch {config.global_batch_size}", flush=True)
+            plan, tried = search(config, target)
+            if plan is None:
+                print(describe(tried[-1], config, model_source))
+                print(f"search: even {tried[-1].num_microbatches} micro-batches do not fit")
+                plan = tried[-1]
+            else:
+                print(describe(plan, config, model_source))
+                print(f"search: fewest micro-batches that fit: {plan.num_microbatches} "
+                      f"({plan.samples_per_device:g} sample(s) per device per micro-batch); --config.num_microbatches={plan.num_microbatches}")
+        else:
+            plan = compile_plan(config, target)
+            print(describe(plan, config, model_source))
+        if _HLO_DUMP.value and plan.hlo_text:
+            with open(_HLO_DUMP.value, "w") as f:
+                f.write(plan.hlo_text)
+    except (PlanError, config_lib.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(plan.summary(), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
