@@ -8,6 +8,12 @@ an offline normalised exact match; the video-chat benchmark needs the judge; cap
 CIDEr-D (and SPIDEr where SPICE runs). The judge's API key is read from an environment
 variable (OPENAI_API_KEY unless --judge-key-env names another), never from the command line,
 and is never logged. Rerunning into the same --out directory fills only what is missing.
+
+Questions are answered in batches of --batch-size, each split over this process's devices
+(the model copied onto each). Several processes, started like training's
+(`--coordinator_address HOST:PORT --num_processes N --process_id I`, or the AVLLM_*
+environment variables; see avllm_jax/runtime.py), split the questions: each answers its
+share, and process 0 gathers the answers, judges them and writes every output file.
 """
 from __future__ import annotations
 
@@ -15,35 +21,54 @@ import argparse
 import os
 import sys
 
+from avllm_jax import runtime
+from avllm_jax.evaluation.processes import ProcessGroup, ProcessGroupError
 from avllm_jax.evaluation.runner import AnswerFn, Query, run_evaluation
 from avllm_jax.evaluation.tasks import TASKS
 from avllm_jax.modality import Modality
 
 
 def model_answer_fn(
-    checkpoint: str, *, num_frames: int | None, num_audio_segments: int | None, image_size: int | None, max_new_tokens: int
+    checkpoint: str, *, num_frames: int | None, num_audio_segments: int | None, image_size: int | None, max_new_tokens: int,
 ) -> AnswerFn:
-    """Answers queries with the model in `checkpoint`: decodes each media file, then generates greedily.
+    """Answers queries with the model in `checkpoint`: decodes the batch's media files (several
+    at a time: PyAV and numpy release the GIL), then generates greedily, the batch split over
+    this process's devices.
+
+    The model is copied onto each device: decoding then moves nothing between devices. (Laid
+    out as in training, FSDP, every token would gather every layer's weights.)
 
     Media settings left None come from the checkpoint: a training workdir's data settings, else
     the defaults fitted to its encoders (see inference.prompts.inference_data_config)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+
     from avllm_jax.checkpoint import load_model
     from avllm_jax.data.conversation import load_tokenizer
     from avllm_jax.data.pipeline import load_file_media
+    from avllm_jax.inference.generate import replicate
     from avllm_jax.inference.prompts import answer_questions, inference_data_config
 
     model = load_model(checkpoint)
+    devices = jax.local_devices()
+    mesh = None
+    if len(devices) > 1:
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        model = replicate(model, mesh)
     tokenizer = load_tokenizer(checkpoint)
     data_config = inference_data_config(
         model, checkpoint, num_frames=num_frames, num_audio_segments=num_audio_segments, image_size=image_size
     )
 
+    decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+
     def answer(queries: list[Query]) -> list[str]:
-        media = [load_file_media(q.media_path, data_config) for q in queries]
+        media = list(decoders.map(lambda q: load_file_media(q.media_path, data_config), queries))
         forced = [q.modality for q in queries]
         return answer_questions(
             model, tokenizer, media, [q.question for q in queries], modality=None if None in forced else forced,
-            max_new_tokens=max_new_tokens, temperature=0.0, data_config=data_config,
+            max_new_tokens=max_new_tokens, temperature=0.0, data_config=data_config, mesh=mesh,
         )
 
     return answer
@@ -72,26 +97,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training setting, else the vision encoder's input size")
     parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
                         help="force one modality (default: the task's, else the streams each file has)")
+    # The multi-process flags of python -m avllm_jax.train, spelt the same.
+    parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 ($AVLLM_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num_processes", type=int, default=None, help="processes sharing the run ($AVLLM_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)")
+    parser.add_argument("--distributed_timeout_s", type=float, default=300,
+                        help="how long a process waits for the others: to start, and then for answers or progress")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if TASKS[args.task].kind == "videochat" and not args.judge_endpoint:
         sys.exit(f"error: task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)")
+    try:
+        runtime.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                       timeout_s=args.distributed_timeout_s)
+    except runtime.DistributedError as error:
+        sys.exit(f"error: {error}")
+    group = ProcessGroup.of_this_job(args.distributed_timeout_s)
     judge = None
     if args.judge_endpoint:
         from avllm_jax.curation.client import ChatClient, api_key_from_env
 
         api_key = api_key_from_env(args.judge_key_env)
-        if api_key is None:
+        if api_key is None and (group is None or group.is_leader):
             print(f"note: ${args.judge_key_env} is not set; judge requests go without an API key", file=sys.stderr)
         judge = ChatClient(args.judge_endpoint, args.judge_model, api_key, temperature=0.0,
                            max_concurrency=args.judge_concurrency, max_retries=args.judge_retries)
     answer_fn = model_answer_fn(args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments,
                                 image_size=args.image_size, max_new_tokens=args.max_new_tokens)
-    summary = run_evaluation(args.task, args.data, args.media_root, args.out, answer_fn, judge=judge,
-                             checkpoint=args.checkpoint, batch_size=args.batch_size, modality=args.modality)
+    try:
+        summary = run_evaluation(args.task, args.data, args.media_root, args.out, answer_fn, judge=judge,
+                                 checkpoint=args.checkpoint, batch_size=args.batch_size, modality=args.modality, group=group)
+    except ProcessGroupError as error:
+        sys.exit(f"error: {error}")
+    if summary is None:
+        print(f"process {group.index} of {group.count}: answered its share; process 0 writes {args.out}")
+        return None
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["counts"].items() if v)
     scores = ", ".join(
         f"{name} {key} {value:.4f}" if isinstance(value, float) else f"{name} {key} {value}"

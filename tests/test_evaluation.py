@@ -4,6 +4,7 @@ import json
 import math
 import re
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -336,6 +337,7 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     """The command line's answer function with the model and generation stubbed out: real files
     are decoded with the requested sizes and the data config's audio sample rate, and an
     undecodable one costs only its own answer."""
+    import jax
     import numpy as np
 
     from avllm_jax import evaluate
@@ -351,8 +353,9 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     seen, audio = [], []
 
     def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0,
-                         data_config=None):
-        assert (model, tokenizer, max_new_tokens, temperature) == ("model", "tokenizer", 5, 0.0)
+                         data_config=None, mesh=None):
+        assert (model, tokenizer, max_new_tokens, temperature) == ("model copied onto the mesh", "tokenizer", 5, 0.0)
+        assert mesh.devices.size == len(jax.local_devices()) == 8  # the batch is split over every local device
         assert (data_config.num_frames, data_config.image_size) == (2, 16)
         seen.extend((m.frames.shape, int(m.frames.mean()), q, modality) for m, q in zip(media_list, questions))
         audio.extend(None if m.audio is None else m.audio.shape for m in media_list)
@@ -361,6 +364,7 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     # String targets: a module that fails to import, or lacks the name, fails the test.
     monkeypatch.setattr("avllm_jax.inference.prompts.answer_questions", answer_questions)
     monkeypatch.setattr("avllm_jax.checkpoint.load_model", lambda path: "model")
+    monkeypatch.setattr("avllm_jax.inference.generate.replicate", lambda model, mesh: f"{model} copied onto the mesh")
     monkeypatch.setattr("avllm_jax.data.conversation.load_tokenizer", lambda path: "tokenizer")
 
     def inference_data_config(model, checkpoint, **overrides):
@@ -383,3 +387,190 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     assert abs(seen[0][1] - 40) <= 3 and abs(seen[1][1] - 80) <= 3  # each question got its own video
     # Resampled to the config's 16 kHz (AAC adds a few hundred samples of padding), in 4 segments.
     assert audio[1] is None and audio[0][0] == 4 and abs(audio[0][0] * audio[0][1] - 16000) < 1000
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+class FakeStore:
+    """The coordination service's key-value store, in memory, for processes played by threads."""
+
+    def __init__(self):
+        self.values, self.lock = {}, threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            assert allow_overwrite or key not in self.values, f"{key} set twice"
+            self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        with self.lock:
+            return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+    def key_value_delete(self, key):
+        with self.lock:
+            del self.values[key]
+
+
+def run_processes(count, run, timeout_s=30.0):
+    """`run(group)` in `count` threads, one ProcessGroup each over one FakeStore; their results."""
+    from avllm_jax.evaluation.processes import ProcessGroup
+
+    store, results = FakeStore(), [None] * count
+
+    def target(index):
+        results[index] = run(ProcessGroup(index, count, store, timeout_s))
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def test_processes_split_the_questions_and_the_leader_writes_what_one_process_writes(tmp_path, judge):
+    records = qa_records(9)
+    data, media = write_msrvtt(tmp_path, records, [f"video{i}.mp4" for i in range(9) if i != 4])  # 4: missing media
+    answers = {f"question {i}?": f"answer {i}" if i % 2 else "no idea" for i in range(9)}
+    alone = run_evaluation("msrvtt_qa", data, media, tmp_path / "alone", scripted_answers(answers), judge=judge.client(),
+                           checkpoint="ckpt", batch_size=2)
+
+    # Resume too: the cache already holds two answers, which nobody asks again.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    lines = (tmp_path / "alone" / report.PREDICTIONS_FILE).read_text().splitlines()
+    (shared / report.PREDICTIONS_FILE).write_text("\n".join(lines[:2]) + "\n")
+    (shared / report.RUN_FILE).write_text((tmp_path / "alone" / report.RUN_FILE).read_text())
+    asked = [scripted_answers(answers) for _ in range(3)]
+    summaries = run_processes(3, lambda group: run_evaluation(
+        "msrvtt_qa", data, media, shared, asked[group.index], judge=judge.client(), checkpoint="ckpt", batch_size=2,
+        group=group))
+
+    assert summaries[1:] == [None, None] and summaries[0] == alone
+    shares = [sorted(q for call in a.calls for q in call) for a in asked]
+    assert all(shares) and sorted(sum(shares, [])) == [f"question {i}?" for i in (2, 3, 5, 6, 7, 8)]
+    for name in (report.SUMMARY_MD, report.PER_QUESTION_FILE):
+        assert (shared / name).read_text() == (tmp_path / "alone" / name).read_text()
+    key = lambda r: r["id"]  # noqa: E731  (the shares arrive in any order)
+    assert sorted(report.read_jsonl(shared / report.PREDICTIONS_FILE)[0], key=key) == \
+        sorted(report.read_jsonl(tmp_path / "alone" / report.PREDICTIONS_FILE)[0], key=key)
+
+
+def test_a_silent_process_costs_only_its_share_and_waits_are_bounded(tmp_path):
+    from avllm_jax.evaluation.processes import ProcessGroup, ProcessGroupError
+
+    data, media = write_msrvtt(tmp_path, qa_records(4), [f"video{i}.mp4" for i in range(4)])
+    answers = {f"question {i}?": f"answer {i}" for i in range(4)}
+    start = time.monotonic()
+    # Process 1 of 2 never answers: after 1 s without a word from it, the leader scores the rest.
+    summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", scripted_answers(answers), batch_size=1,
+                             group=ProcessGroup(0, 2, FakeStore(), timeout_s=1.0))
+    assert time.monotonic() - start < 20
+    assert summary["counts"]["answered"] == 2 and summary["counts"]["answer_failed"] == 2
+    assert {p["id"]: p["detail"] for p in summary["problems"]} == {
+        "1": "process 1 sent no answers for 1 s", "3": "process 1 sent no answers for 1 s"}
+    # The rerun, with both processes, asks only for those two.
+    asked = [scripted_answers(answers) for _ in range(2)]
+    summaries = run_processes(2, lambda group: run_evaluation(
+        "msrvtt_qa", data, media, tmp_path / "out", asked[group.index], batch_size=1, group=group))
+    assert summaries[0]["counts"]["answered"] == 4 and summaries[0]["problems"] == []
+    assert sorted(q for a in asked for call in a.calls for q in call) == ["question 1?", "question 3?"]
+    # A process whose leader never comes gives up with a message.
+    start = time.monotonic()
+    with pytest.raises(ProcessGroupError, match="process 1 of 2 waited 1 s for the list of unanswered samples"):
+        run_evaluation("msrvtt_qa", data, media, tmp_path / "other", scripted_answers(answers),
+                       group=ProcessGroup(1, 2, FakeStore(), timeout_s=1.0))
+    assert time.monotonic() - start < 20 and not (tmp_path / "other").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_benchmark(tmp_path_factory):
+    """A tiny random model saved as a workdir (media settings it takes in data_config.json),
+    and an MSRVTT-style benchmark over real clips: video with sound, silent video, sound alone.
+    Its weights are large, so that its answers differ from one question to the next."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from avllm_jax import checkpoint
+    from avllm_jax.data.pipeline import default_data_config
+    from avllm_jax.data.synthetic import write_media
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("benchmark")
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 1.0, x.shape).astype(np.float32), nnx.to_pure_dict(nnx.state(model)))
+    checkpoint.save_params(str(root / "model" / checkpoint.PARAMS_DIR), params)
+    checkpoint.write_model_config(str(root / "model"), model.config)
+    tokenizer.save_pretrained(root / "model")
+    data_config = default_data_config()
+    data_config.update(num_frames=2, image_size=32, num_audio_segments=2, audio_max_length_s=0.4, audio_truncation="rand_trunc")
+    checkpoint.write_data_config(str(root / "model"), data_config)
+    media = root / "media"
+    media.mkdir()
+    for i in range(6):
+        frames = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) if i % 3 != 2 else None
+        tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * i) * np.arange(48000) / 48000)).astype(np.float32) if i % 3 else None
+        write_media(media / (f"video{i}.mp4" if frames is not None else f"video{i}.flac"), frames=frames, fps=6, audio=tone,
+                    **({} if frames is not None else {"audio_codec": "flac"}))
+    questions = ["What colour is the square?", "How many beeps do you hear?", "Is the tone high?", "Does the circle move left?",
+                 "Is the sound low?", "What moves up?", "What colour is the circle?", "Is the triangle high?", "What do you hear?"]
+    records = [{"id": i, "video_id": i % 6, "question": q, "answer": "red"} for i, q in enumerate(questions)]
+    (root / "qa.json").write_text(json.dumps(records))
+    return root
+
+
+def evaluate_command(root, out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "avllm_jax.evaluate", "--checkpoint", str(root / "model"), "--task", "msrvtt_qa",
+            "--data", str(root / "qa.json"), "--media-root", str(root / "media"), "--out", str(out),
+            "--batch-size", "2", "--max-new-tokens", "4", *extra]
+
+
+def test_two_processes_give_what_one_gives(tiny_benchmark, tmp_path):
+    """The real command line: one process over 2 devices, then 2 processes of 1 device each
+    (gloo on 127.0.0.1), which split the questions; process 0 writes the same files."""
+    import os
+    import socket
+    import subprocess
+
+    def environment(devices):
+        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+    one = tmp_path / "one"
+    result = subprocess.run(evaluate_command(tiny_benchmark, one), env=environment(2), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    processes = [
+        subprocess.Popen(evaluate_command(tiny_benchmark, two, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                          f"--process_id={i}", "--distributed_timeout_s=120"),
+                         env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "answering (process 1 of 2): 100%|██████████| 4/4" in outputs[1][1]  # questions 1, 3, 5, 7
+    assert "process 1 of 2: answered its share; process 0 writes" in outputs[1][0]
+    assert "exact_match accuracy" in outputs[0][0] and "exact_match" not in outputs[1][0]
+
+    summary = json.loads((one / report.SUMMARY_JSON).read_text())
+    assert summary["counts"]["answered"] == 9 and not summary["problems"]
+    assert json.loads((two / report.SUMMARY_JSON).read_text()) == summary
+    assert (two / report.PER_QUESTION_FILE).read_text() == (one / report.PER_QUESTION_FILE).read_text()
+    predictions = [sorted(report.read_jsonl(d / report.PREDICTIONS_FILE)[0], key=lambda r: r["id"]) for d in (one, two)]
+    assert predictions[0] == predictions[1]
+    answers = [r["predictions"][0] for r in predictions[0]]
+    print("2 processes = 1 process:", answers)
+    assert len(set(answers)) >= 3  # answers that differ, so that a mix-up would show

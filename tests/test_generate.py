@@ -139,3 +139,31 @@ def test_empty_prompt_row_is_refused(llama_pair):
     batch["token_mask"][2] = False
     with pytest.raises(ValueError, match=r"prompt rows \[2\] have no tokens"):
         gen.generate(model, batch, max_new_tokens=2, eos_token_id=None)
+
+
+def test_rows_split_over_devices_give_what_one_device_gives(llama_pair):
+    """3 rows over 8 devices (padded to 8 by repeating the last row): the same tokens as on one."""
+    _, model = llama_pair
+    _, batch = padded_prompts()
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    alone = gen.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=None)
+    split = gen.generate(gen.replicate(model, mesh), batch, max_new_tokens=MAX_NEW, eos_token_id=None, mesh=mesh)
+    assert len(split.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(alone.tokens))
+    np.testing.assert_array_equal(np.asarray(split.lengths), np.asarray(alone.lengths))
+
+
+def test_a_model_laid_out_as_in_training_gives_what_one_device_gives(llama_pair):
+    """FSDP over 8 devices (each holding 1/8 of every matrix), the rows split over them too."""
+    from avllm_jax.training import sharding
+
+    _, model = llama_pair
+    _, batch = padded_prompts()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    graphdef, state = nnx.split(model)
+    laid_out = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    assert laid_out.layers.q_proj.get_value().sharding.spec[1] == "fsdp"
+    alone = gen.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=None)
+    split = gen.generate(laid_out, batch, max_new_tokens=MAX_NEW, eos_token_id=None, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(alone.tokens))
+    np.testing.assert_array_equal(np.asarray(split.lengths), np.asarray(alone.lengths))

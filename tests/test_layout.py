@@ -17,7 +17,7 @@ LAYERS = {
     "data": 1,
     "models": 2,
     "checkpoint": 3, "curation": 3,
-    "training": 4, "inference": 4, "evaluation": 4, "convert": 4,
+    "training": 4, "inference": 4, "evaluation": 4, "convert": 4, "export": 4,
     "train": 5, "chat": 5, "evaluate": 5, "plan": 5, "web": 5,
 }
 

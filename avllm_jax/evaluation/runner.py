@@ -9,6 +9,7 @@ failing is counted and listed in the summary, and everything else is still score
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import tqdm
 
 from avllm_jax.evaluation import metrics, report
 from avllm_jax.evaluation.judge import judge_messages, parse_verdict
+from avllm_jax.evaluation.processes import ProcessGroup
 from avllm_jax.evaluation.tasks import TASKS, Sample, index_media, load_task, resolve_media
 from avllm_jax.modality import Modality
 
@@ -55,43 +57,79 @@ def _answer_batch(answer_fn: AnswerFn, batch: list[Query]) -> list[str | Excepti
     return [str(a).strip() for a in answers]
 
 
-def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problems) -> dict[str, list[str]]:
-    """Predictions per sample id: the cached ones, then the rest asked of `answer_fn`."""
+def _cached_predictions(samples, media_of, out_dir) -> tuple[dict[str, list[str]], list[Sample]]:
+    """(predictions per sample id read from the answer cache, the samples still to answer)."""
     path = out_dir / report.PREDICTIONS_FILE
     records, unreadable = report.read_jsonl(path)
     if unreadable:
         print(f"{path}: {unreadable} unreadable line(s) ignored; those questions are answered again", file=sys.stderr)
     cached = {r["id"]: r for r in records}
-    predictions = {}
-    pending = []
+    predictions, pending = {}, []
     for s in samples:
         record = cached.get(s.id)
         if record and record["questions"] == list(s.questions) and record["media"] == media_of[s.id]:
             predictions[s.id] = record["predictions"]
         else:
             pending.append(s)
-    queries = [Query(s.id, media_of[s.id], q, modality) for s in pending for q in s.questions]
-    by_id = {s.id: s for s in pending}
+    return predictions, pending
+
+
+def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problems, group) -> dict[str, list[str]]:
+    """Predictions per sample id: the cached ones, then the rest asked of `answer_fn`. With a
+    process group, each process asks for its share and the leader writes and returns them all."""
+    leader = group is None or group.is_leader
+    predictions, pending = _cached_predictions(samples, media_of, out_dir) if leader else ({}, [])
+    by_id = {s.id: s for s in samples}
+    if group is not None:
+        pending = [by_id[i] for i in group.broadcast_pending([s.id for s in pending] if leader else None)]
+    mine = pending if group is None else group.share(pending)
+    queries = [Query(s.id, media_of[s.id], q, modality) for s in mine for q in s.questions]
     partial: dict[str, list[str]] = {}
     failed: set[str] = set()
-    with report.JsonlAppender(path) as out, tqdm.tqdm(total=len(queries), desc="answering", unit="question") as bar:
+    total = sum(len(s.questions) for s in (pending if leader else mine))
+    where = "" if group is None else f" (process {group.index} of {group.count})"
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(report.JsonlAppender(out_dir / report.PREDICTIONS_FILE)) if leader else None
+        bar = stack.enter_context(tqdm.tqdm(total=total, desc=f"answering{where}", unit="question"))
+
+        def take(records, batch_problems):
+            """The leader's side: a finished batch (its own or another process's) is kept."""
+            for record in records:
+                out.write(record)
+                predictions[record["id"]] = record["predictions"]
+            problems.extend(batch_problems)
+            failed.update(sample_id for sample_id, _, _ in batch_problems)
+            bar.update(sum(len(by_id[i].questions) for i in [r["id"] for r in records] + [p[0] for p in batch_problems]))
+
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
+            records, batch_problems = [], []
             for query, answer in zip(batch, _answer_batch(answer_fn, batch)):
                 if query.sample_id in failed:
                     continue
                 if isinstance(answer, Exception):
                     failed.add(query.sample_id)
-                    problems.append((query.sample_id, "answer_failed", f"{query.media_path}: {_describe(answer)}"))
+                    batch_problems.append((query.sample_id, "answer_failed", f"{query.media_path}: {_describe(answer)}"))
                     continue
                 sample = by_id[query.sample_id]
                 answers = partial.setdefault(sample.id, [])
                 answers.append(answer)
                 if len(answers) == len(sample.questions):
-                    predictions[sample.id] = answers
-                    out.write({"id": sample.id, "media": query.media_path, "questions": list(sample.questions),
-                               "answers": list(sample.answers), "predictions": answers})
-            bar.update(len(batch))
+                    records.append({"id": sample.id, "media": query.media_path, "questions": list(sample.questions),
+                                    "answers": list(sample.answers), "predictions": answers})
+            if leader:
+                take(records, batch_problems)
+            else:
+                bar.update(len(batch))
+            if group is not None:
+                group.send(records, batch_problems)
+                if leader:
+                    group.collect(take)
+        if group is not None:
+            silent = group.finish(take)
+            for index in silent:
+                lost = [s.id for s in group.share(pending, index) if s.id not in predictions and s.id not in failed]
+                take([], [(i, "answer_failed", f"process {index} sent no answers for {group.timeout_s:.0f} s") for i in lost])
     return predictions
 
 
@@ -181,11 +219,15 @@ def run_evaluation(
     checkpoint: str = "",
     batch_size: int = 8,
     modality: str | None = None,
-) -> dict:
+    group: ProcessGroup | None = None,
+) -> dict | None:
     """Evaluates benchmark `task_name` on the annotation file `data_path` and returns the summary.
 
     `judge` is a `curation.client.ChatClient` (or anything with `.model` and `.complete_many`);
     without one, QA tasks report exact match only. `modality` overrides the task's default.
+    `group`: the processes sharing the run (evaluation/processes.py). Each reads the annotation
+    file and the media; each answers its share; only the leader touches `out_dir`, judges and
+    returns the summary (the others return None once the leader has their answers).
     """
     samples = load_task(task_name, data_path)
     task = TASKS[task_name]
@@ -194,8 +236,9 @@ def run_evaluation(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report.check_run(out_dir, {"task": task_name, "data": str(Path(data_path).resolve()), "checkpoint": str(checkpoint)})
+    if group is None or group.is_leader:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report.check_run(out_dir, {"task": task_name, "data": str(Path(data_path).resolve()), "checkpoint": str(checkpoint)})
 
     problems: list[tuple[str, str, str]] = []  # (sample id, kind, detail)
     media_index = index_media(media_root)
@@ -213,7 +256,11 @@ def run_evaluation(
             media_of[s.id] = path
 
     forced = modality or task.modality
-    predictions = _answer(usable, media_of, answer_fn, Modality(forced) if forced else None, out_dir, batch_size, problems)
+    predictions = _answer(usable, media_of, answer_fn, Modality(forced) if forced else None, out_dir, batch_size, problems, group)
+    if group is not None:
+        group.close()
+        if not group.is_leader:
+            return None
     verdicts = {}
     if judge is not None and task.judge_dimensions:
         verdicts = _judge(usable, predictions, task.judge_dimensions, judge, out_dir, problems)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from avllm_jax.models.avllm import AVLLM
 from avllm_jax.models.llama import KVCache, Llama, kept_positions
@@ -92,9 +93,10 @@ def _prefill(model, batch, rng, *, max_new_tokens: int, sampling: Sampling):
     return llm, sample_tokens(logits, rng, sampling), cache, kept.sum(axis=1).astype(jnp.int32)
 
 
-def _decode_step(llm: Llama, cache: KVCache, tokens, positions, rng, sampling: Sampling):
-    """Feeds one token per row at `positions`; returns the sampled next tokens and the cache."""
-    logits, cache = llm(tokens[:, None], positions=positions[:, None], cache=cache)
+def _decode_step(llm: Llama, cache: KVCache, tokens, positions, rng, sampling: Sampling, unstacked=None):
+    """Feeds one token per row at `positions`; returns the sampled next tokens and the cache.
+    `unstacked`: the decoder's layers taken out of their stack before a loop of steps."""
+    logits, cache = llm(tokens[:, None], positions=positions[:, None], cache=cache, unstacked=unstacked)
     return sample_tokens(logits[:, 0], rng, sampling), cache
 
 
@@ -104,6 +106,7 @@ def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_
     model = nnx.merge(graphdef, state)
     rng, prefill_rng = jax.random.split(rng)
     llm, first, cache, positions = _prefill(model, batch, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling)
+    unstacked = llm.unstack_layers()  # once, outside the loop (see Llama.unstack_layers)
     is_eos = lambda t: jnp.isin(t, eos_ids)  # noqa: E731
     tokens = jnp.full((first.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -114,7 +117,7 @@ def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_
     def decode(carry):
         step, previous, positions, done, tokens, cache, rng = carry
         rng, step_rng = jax.random.split(rng)
-        token, cache = _decode_step(llm, cache, previous, positions, step_rng, sampling)
+        token, cache = _decode_step(llm, cache, previous, positions, step_rng, sampling, unstacked)
         token = jnp.where(done, pad_id, token)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         return step + 1, token, positions + 1, done | is_eos(token), tokens, cache, rng
@@ -158,6 +161,22 @@ def _model_batch(batch: dict) -> dict:
     return inputs
 
 
+def replicate(model: AVLLM | Llama, mesh: jax.sharding.Mesh) -> AVLLM | Llama:
+    """The model with every parameter copied onto each device of `mesh`, as `generate(...,
+    mesh=mesh)` takes it."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+
+
+def _split_rows(inputs: dict, mesh: jax.sharding.Mesh) -> dict:
+    """The batch's rows split over the mesh's devices, padded to a multiple of their number by
+    repeating the last row (whose extra results are dropped)."""
+    rows = inputs["input_ids"].shape[0]
+    extra = -rows % mesh.size
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    return {k: jax.device_put(jnp.concatenate([v, jnp.repeat(v[-1:], extra, axis=0)]) if extra else v, sharding) for k, v in inputs.items()}
+
+
 def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
@@ -175,6 +194,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     pad_token_id: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generated:
     """Up to `max_new_tokens` new tokens for each prompt of a right-padded batch.
 
@@ -184,6 +204,8 @@ def generate(
     (`eos_token_id`: one id, several, or None for never); the loop stops when all rows have.
     rng: a jax.random key for sampling (default key 0); unused when greedy.
     pad_token_id: fills the slots after EOS (default: the first EOS id, else 0).
+    mesh: splits the rows over its devices; the model is on the same mesh, copied onto each
+    device (`replicate`) or laid out by training's shardings (each step then gathers weights).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -191,11 +213,13 @@ def generate(
     eos_ids = _eos_tuple(eos_token_id)
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     graphdef, state = nnx.split(model)
+    inputs = _model_batch(batch)
+    rows = inputs["input_ids"].shape[0]
     tokens, lengths = _generate_compiled(
-        graphdef, state, _model_batch(batch), jax.random.key(0) if rng is None else rng,
+        graphdef, state, inputs if mesh is None else _split_rows(inputs, mesh), jax.random.key(0) if rng is None else rng,
         jnp.asarray(eos_ids or (-1,), jnp.int32), jnp.int32(pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
     )
-    return Generated(tokens, lengths)
+    return Generated(tokens[:rows], lengths[:rows])
 
 
 def stream_tokens(

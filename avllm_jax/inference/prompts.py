@@ -128,14 +128,16 @@ def answer_conversations(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     data_config: ml_collections.ConfigDict | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[str]:
-    """The next answer of each conversation (see conversation_batch), generated in one batch."""
+    """The next answer of each conversation (see conversation_batch), generated in one batch
+    (its rows split over `mesh`'s devices when given; see `generate`)."""
     if not media:
         return []
     batch = conversation_batch(model, tokenizer, media, turns, modalities, data_config)
     tokens, lengths = jax.device_get(generate(
         model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, rng=rng,
-        temperature=temperature, top_k=top_k, top_p=top_p,
+        temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
     ))
     return [decode_answer(tokenizer, row[:length]) for row, length in zip(tokens, lengths)]
 
@@ -147,7 +149,7 @@ def answer_questions(
 
     modality: per item 'visual', 'audio' or 'audio_visual'; None follows each file's streams.
     A forced modality whose stream the file lacks raises ValueError. `options`: those of
-    answer_conversations (max_new_tokens, temperature, top_k, top_p, rng, data_config).
+    answer_conversations (max_new_tokens, temperature, top_k, top_p, rng, data_config, mesh).
     """
     if len(media) != len(questions) or (modality is not None and len(modality) != len(media)):
         raise ValueError(f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number")
