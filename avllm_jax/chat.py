@@ -40,8 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled from a video (default: the data config's)")
-    parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments (default: the data config's)")
+    prompts.add_media_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -68,10 +67,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)
-    data_config = prompts.inference_data_config(
-        model, args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments
-    )
     try:
+        data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
         media = pipeline.load_file_media(args.media, data_config)
         modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:

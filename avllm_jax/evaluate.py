@@ -25,12 +25,15 @@ from avllm_jax import runtime
 from avllm_jax.evaluation.processes import ProcessGroup, ProcessGroupError
 from avllm_jax.evaluation.runner import AnswerFn, Query, run_evaluation
 from avllm_jax.evaluation.tasks import TASKS
+from avllm_jax.inference.prompts import add_media_arguments, media_overrides
 from avllm_jax.modality import Modality
 
+FAILURE_KINDS = ("answer_failed", "judge_failed")
+DATA_PROBLEM_KINDS = ("missing_media", "no_question", "no_answer")
+FAILURES_SHOWN = 5
 
-def model_answer_fn(
-    checkpoint: str, *, num_frames: int | None, num_audio_segments: int | None, image_size: int | None, max_new_tokens: int,
-) -> AnswerFn:
+
+def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: int) -> AnswerFn:
     """Answers queries with the model in `checkpoint`: decodes the batch's media files (several
     at a time: PyAV and numpy release the GIL), then generates greedily, the batch split over
     this process's devices.
@@ -38,8 +41,9 @@ def model_answer_fn(
     The model is copied onto each device: decoding then moves nothing between devices. (Laid
     out as in training, FSDP, every token would gather every layer's weights.)
 
-    Media settings left None come from the checkpoint: a training workdir's data settings, else
-    the defaults fitted to its encoders (see inference.prompts.inference_data_config)."""
+    `media_settings` (`inference.prompts.media_overrides`) left None come from the checkpoint: a
+    training workdir's data settings, else the defaults fitted to its encoders (see
+    inference.prompts.inference_data_config)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import jax
@@ -57,9 +61,7 @@ def model_answer_fn(
         mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         model = replicate(model, mesh)
     tokenizer = load_tokenizer(checkpoint)
-    data_config = inference_data_config(
-        model, checkpoint, num_frames=num_frames, num_audio_segments=num_audio_segments, image_size=image_size
-    )
+    data_config = inference_data_config(model, checkpoint, **media_settings)
 
     decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
 
@@ -92,11 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge-retries", type=int, default=5, help="retries on 429 / 5xx before a verdict fails")
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered per model call")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the checkpoint's training setting, else 32)")
-    parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments per clip (default: the checkpoint's, else 4)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training setting, else the vision encoder's input size")
+    add_media_arguments(parser)
     parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
                         help="force one modality (default: the task's, else the streams each file has)")
+    parser.add_argument("--max-failed-fraction", type=float, default=None,
+                        help="exit with an error when more than this share of the samples fail (no answer or no verdict); "
+                             "all failing always is one. Failures are listed either way")
     # The multi-process flags of python -m avllm_jax.train, spelt the same.
     parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 ($AVLLM_COORDINATOR_ADDRESS)")
     parser.add_argument("--num_processes", type=int, default=None, help="processes sharing the run ($AVLLM_NUM_PROCESSES)")
@@ -125,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"note: ${args.judge_key_env} is not set; judge requests go without an API key", file=sys.stderr)
         judge = ChatClient(args.judge_endpoint, args.judge_model, api_key, temperature=0.0,
                            max_concurrency=args.judge_concurrency, max_retries=args.judge_retries)
-    answer_fn = model_answer_fn(args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments,
-                                image_size=args.image_size, max_new_tokens=args.max_new_tokens)
+    try:
+        answer_fn = model_answer_fn(args.checkpoint, media_settings=media_overrides(args), max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
     try:
         summary = run_evaluation(args.task, args.data, args.media_root, args.out, answer_fn, judge=judge,
                                  checkpoint=args.checkpoint, batch_size=args.batch_size, modality=args.modality, group=group)
@@ -141,7 +146,34 @@ def main(argv: list[str] | None = None) -> dict | None:
         for name, metric in summary["metrics"].items() for key, value in metric.items() if key != "n"
     )
     print(f"{args.task}: {scores}\n{counts}\nreport: {os.path.join(args.out, 'summary.md')}")
+    failures, too_many = failure_report(summary, args.max_failed_fraction)
+    if failures:
+        print(failures, file=sys.stderr)
+    if too_many:
+        sys.exit(1)
     return summary
+
+
+def failure_report(summary: dict, max_failed_fraction: float | None) -> tuple[str, bool]:
+    """(what failed, with the first few reasons; whether that many failures make the run fail).
+
+    A failure is a sample that had its media and question but no answer or no verdict. All
+    samples failing (or none usable) always fails the run; `max_failed_fraction` sets a
+    lower bar. Data problems (missing media, annotations without a question or answer) are
+    counted in the summary, not here."""
+    failed = [p for p in summary["problems"] if p["kind"] in FAILURE_KINDS]
+    failed_ids = {p["id"] for p in failed}
+    usable = summary["counts"]["questions"] - sum(summary["counts"].get(kind, 0) for kind in DATA_PROBLEM_KINDS)
+    if usable <= 0:
+        return "error: no sample had both its media and its annotation, so nothing was evaluated", True
+    fraction = len(failed_ids) / usable
+    too_many = len(failed_ids) == usable or (max_failed_fraction is not None and fraction > max_failed_fraction)
+    if not failed:
+        return "", False
+    first = "\n".join(f"  {p['id']}: {p['kind']}: {p['detail']}" for p in failed[:FAILURES_SHOWN])
+    more = f"\n  ... and {len(failed) - FAILURES_SHOWN} more in summary.json" if len(failed) > FAILURES_SHOWN else ""
+    verdict = "error" if too_many else "warning"
+    return f"{verdict}: {len(failed_ids)} of {usable} samples failed ({fraction:.0%}); the first:\n{first}{more}", too_many
 
 
 if __name__ == "__main__":

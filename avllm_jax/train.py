@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
-from avllm_jax.data import conversation, pipeline
+from avllm_jax.data import conversation, features, pipeline
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
@@ -126,14 +126,9 @@ _MAKE_INIT_CHECKPOINT = (
 def check_data_matches_model(data_config, model_config):
     if model_config.vision and data_config.image_size != model_config.vision.image_size:
         raise SetupError(f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px")
-    if model_config.audio:
-        wants_fusion = data_config.audio_truncation == "fusion"
-        if wants_fusion != model_config.audio.enable_fusion:
-            raise SetupError(
-                f"data.audio_truncation={data_config.audio_truncation!r} but the audio encoder is "
-                f"{'fused' if model_config.audio.enable_fusion else 'unfused'}; use "
-                f"{'fusion' if model_config.audio.enable_fusion else 'rand_trunc'}"
-            )
+    if model_config.audio and (problem := features.audio_settings_problem(
+            data_config, fused_encoder=model_config.audio.enable_fusion, max_frames=model_config.audio.max_frames)):
+        raise SetupError(f"data.{problem}")
 
 
 def total_steps(config, per_source) -> int:

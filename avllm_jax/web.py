@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", nargs="*", default=[], help="media files offered as examples")
     parser.add_argument("--max-duration-s", type=float, default=600.0, help="longest media accepted, in seconds")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the page's default and upper limit per answer")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled from a video (default: the data config's)")
-    parser.add_argument("--num-audio-segments", type=int, default=None, help="audio segments (default: the data config's)")
+    prompts.add_media_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -252,10 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = load_model(args.checkpoint)
         tokenizer = conversation.load_tokenizer(args.checkpoint)
+        data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    data_config = prompts.inference_data_config(
-        model, args.checkpoint, num_frames=args.num_frames, num_audio_segments=args.num_audio_segments)
     page = build(App(model, tokenizer, data_config, args))
     allowed = sorted({os.path.dirname(os.path.abspath(path)) for path in args.examples})
     page.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=allowed, theme=THEME,

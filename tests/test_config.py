@@ -189,3 +189,23 @@ def test_missing_init_checkpoint_says_how_to_make_it(tmp_path):
     message = str(error.value)
     assert "does not exist" in message and "tools/convert_hf_weights.py" in message
     assert "configs/sft.py starts from the workdir of configs/pretrain.py" in message
+
+
+def test_the_data_settings_must_suit_the_encoders():
+    """Checked before any data is read: the truncation the HTSAT takes, and an audio window its
+    spectrogram image holds (a 64-pixel HTSAT: 64 frames, 0.63 s; CLAP's 10 s is 1001)."""
+    from avllm_jax.data import pipeline
+    from avllm_jax.train import check_data_matches_model
+
+    small = htsat.HTSATConfig(spec_size=64, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=16, mlp_ratio=2.0)
+    model_config = avllm.AVLLMConfig(audio=small)
+    data = pipeline.default_data_config()
+    data.audio_truncation = "rand_trunc"
+    with pytest.raises(SetupError, match=r"^data.audio_max_length_s=10 gives 1001 spectrogram frames and the audio encoder takes "
+                                         r"at most 64: use a window of 0.63 s or less$"):
+        check_data_matches_model(data, model_config)
+    data.audio_max_length_s = 0.63
+    check_data_matches_model(data, model_config)
+    data.audio_truncation = "fusion"
+    with pytest.raises(SetupError, match=r"data.audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"):
+        check_data_matches_model(data, model_config)

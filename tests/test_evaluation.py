@@ -317,8 +317,8 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
     summary = evaluate.main(["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root",
                              str(media), "--out", str(out), "--judge-endpoint", judge.endpoint, "--judge-model", "m-2",
                              "--judge-key-env", "MY_JUDGE_KEY", "--num-frames", "8"])
-    assert built == {"checkpoint": "ckpt", "num_frames": 8, "num_audio_segments": None, "image_size": None,
-                     "max_new_tokens": 128}
+    assert built == {"checkpoint": "ckpt", "max_new_tokens": 128, "media_settings": {
+        "num_frames": 8, "num_audio_segments": None, "image_size": None, "audio_max_length_s": None, "audio_truncation": None}}
     assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
     assert {r["model"] for r in judge.requests} == {"m-2"}
     assert summary["metrics"]["judge"]["accuracy"] == 0.5
@@ -375,7 +375,7 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
         return config
 
     monkeypatch.setattr("avllm_jax.inference.prompts.inference_data_config", inference_data_config)
-    answer_fn = evaluate.model_answer_fn("ckpt", num_frames=2, num_audio_segments=4, image_size=16, max_new_tokens=5)
+    answer_fn = evaluate.model_answer_fn("ckpt", media_settings=dict(num_frames=2, num_audio_segments=4, image_size=16), max_new_tokens=5)
     summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", answer_fn, batch_size=4)
 
     assert summary["counts"]["answered"] == 2 and summary["metrics"]["exact_match"]["accuracy"] == 1.0
@@ -574,3 +574,47 @@ def test_two_processes_give_what_one_gives(tiny_benchmark, tmp_path):
     answers = [r["predictions"][0] for r in predictions[0]]
     print("2 processes = 1 process:", answers)
     assert len(set(answers)) >= 3  # answers that differ, so that a mix-up would show
+
+
+def test_the_command_line_fails_when_every_answer_fails_and_lists_the_first_failures(tmp_path, monkeypatch, capsys):
+    """All failing is an error (exit 1); some failing is a warning, or an error past
+    --max-failed-fraction; missing media do not count as failures."""
+    from avllm_jax import evaluate
+
+    data, media = write_msrvtt(tmp_path, qa_records(8), [f"video{i}.mp4" for i in range(7)])  # video7: missing
+    failing = set()
+
+    def model_answer_fn(checkpoint, **settings):
+        def answer(batch):
+            if any(q.question in failing for q in batch):
+                raise ValueError(f"CLIP expects 32x32 pixels, got 64x64 in {batch[0].media_path}")
+            return ["an answer"] * len(batch)
+        return answer
+
+    monkeypatch.setattr(evaluate, "model_answer_fn", model_answer_fn)
+
+    def run(out, *extra):
+        argv = ["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root", str(media), "--out", str(tmp_path / out), *extra]
+        try:
+            evaluate.main(argv)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        return code, capsys.readouterr().err
+
+    failing.update(f"question {i}?" for i in range(7))
+    code, err = run("all")
+    assert code == 1
+    assert "error: 7 of 7 samples failed (100%); the first:\n  0: answer_failed: " in err and "CLIP expects 32x32 pixels, got 64x64" in err
+    assert err.count("answer_failed") == 5 and "... and 2 more in summary.json" in err
+
+    failing.clear()
+    failing.add("question 3?")
+    code, err = run("one")
+    assert code == 0 and re.search(r"warning: 1 of 7 samples failed \(14%\); the first:\n  3: answer_failed: \S+video3.mp4: ValueError: CLIP", err)
+    code, err = run("strict", "--max-failed-fraction", "0.1")
+    assert code == 1 and "error: 1 of 7 samples failed (14%)" in err
+
+    failing.clear()
+    code, err = run("none", "--max-failed-fraction", "0")
+    assert code == 0 and "failed" not in err

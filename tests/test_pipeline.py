@@ -9,7 +9,7 @@ import pytest
 
 from avllm_jax import runtime
 from avllm_jax.data import conversation as conv
-from avllm_jax.data import pipeline, synthetic
+from avllm_jax.data import features, pipeline, synthetic
 from avllm_jax.data.media import MediaError
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
@@ -86,7 +86,7 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
     config.sources[0]["media_root"] = str(media_dir)
     batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=6, process_index=0, process_count=1))
 
-    b, frames_f = 6, pipeline.audio_frames(config)
+    b, frames_f = 6, features.audio_frames(config)
     expected = {
         "frames": (np.uint8, (b, FRAMES, SIZE, SIZE, 3)),
         "audio_features": (np.float32, (b, SEGMENTS, 1, frames_f, 64)),

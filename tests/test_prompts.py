@@ -65,6 +65,17 @@ def test_inference_data_config_follows_the_encoders(tiny_avllm):
     assert prompts.inference_data_config(nnx.eval_shape(lambda: avllm.AVLLM(fused, rngs=nnx.Rngs(0)))).audio_truncation == "fusion"
 
 
+def test_a_converted_checkpoint_gets_the_longest_audio_window_its_htsat_takes(tiny_avllm):
+    """SMALL_HTSAT's 128-pixel image holds 2 x 128 = 256 frames: 255 hops of 10 ms, not CLAP's 10 s."""
+    model, _, _ = tiny_avllm
+    assert prompts.inference_data_config(model).audio_max_length_s == pytest.approx(2.55)
+    with pytest.raises(ValueError, match=r"audio_max_length_s=2.56 gives 257 spectrogram frames and the audio encoder takes at "
+                                         r"most 256: use a window of 2.55 s or less \(--audio-window-s"):
+        prompts.inference_data_config(model, audio_max_length_s=2.56)
+    with pytest.raises(ValueError, match=r"audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"):
+        prompts.inference_data_config(model, audio_truncation="fusion")
+
+
 def test_mixed_modality_batch_rows_equal_rows_alone(tiny_avllm):
     model, tokenizer, data_config = tiny_avllm
     media = [random_media(0, audio=False), random_media(1, visual=False), random_media(2)]

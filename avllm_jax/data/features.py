@@ -174,3 +174,31 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
     np.add.at(matrix, (np.arange(out_size), high), frac)
     return matrix
+
+
+# The features a data config (pipeline.default_data_config) asks for, and whether an HTSAT takes them.
+
+
+def audio_channels(config) -> int:
+    return 4 if config.audio_truncation == "fusion" else 1
+
+
+def audio_frames(config) -> int:
+    return 1 + int(round(config.audio_max_length_s * config.audio_sample_rate)) // HOP_LENGTH
+
+
+def longest_audio_window_s(max_frames: int, config) -> float:
+    """The longest audio window, in seconds, whose spectrogram has at most `max_frames` frames."""
+    return (max_frames - 1) * HOP_LENGTH / config.audio_sample_rate
+
+
+def audio_settings_problem(config, *, fused_encoder: bool, max_frames: int) -> str | None:
+    """Why the audio settings of `config` do not suit an HTSAT (fused or not, whose spectrogram
+    image takes at most `max_frames` frames); None when they do."""
+    if (config.audio_truncation == "fusion") != fused_encoder:
+        return (f"audio_truncation={config.audio_truncation!r} but the audio encoder is {'fused' if fused_encoder else 'unfused'}; "
+                f"use {'fusion' if fused_encoder else 'rand_trunc'!r}")
+    if (frames := audio_frames(config)) > max_frames:
+        return (f"audio_max_length_s={config.audio_max_length_s:g} gives {frames} spectrogram frames and the audio encoder takes "
+                f"at most {max_frames}: use a window of {longest_audio_window_s(max_frames, config):g} s or less")
+    return None

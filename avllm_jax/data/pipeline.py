@@ -91,14 +91,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     return config
 
 
-def audio_channels(config) -> int:
-    return 4 if config.audio_truncation == "fusion" else 1
-
-
-def audio_frames(config) -> int:
-    return 1 + int(round(config.audio_max_length_s * config.audio_sample_rate)) // features.HOP_LENGTH
-
-
 def load_file_media(path: str | os.PathLike, config) -> Media:
     """The media of `path`, decoded with the data config's frame count, image size and audio settings."""
     return load_media(
@@ -114,7 +106,7 @@ def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True
     """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
     t, s, k = config.num_frames, config.image_size, config.num_audio_segments
     frames = np.zeros((t, s, s, 3), np.uint8)
-    audio_features = np.zeros((k, audio_channels(config), audio_frames(config), features.NUM_MEL_BINS), np.float32)
+    audio_features = np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32)
     is_longer = np.zeros((k,), bool)
     has_visual = bool(media is not None and media.has_visual and use_visual)
     has_audio = bool(media is not None and media.has_audio and use_audio)

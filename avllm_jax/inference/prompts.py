@@ -4,6 +4,8 @@ last "ASSISTANT:".
 
     inference_data_config(model, checkpoint_dir)
                         the media settings the model is fed with
+    add_media_arguments(parser), media_overrides(args)
+                        the command-line flags that override them (chat, web, evaluate)
     resolve_modality(media, forced)
                         the modality of a prompt about one file
     conversation_batch(model, tokenizer, media, turns, modalities)
@@ -13,6 +15,7 @@ last "ASSISTANT:".
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from avllm_jax.checkpoint import read_data_config
-from avllm_jax.data import conversation, pipeline
+from avllm_jax.data import conversation, features, pipeline
 from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
@@ -35,19 +38,43 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
     """The media settings the model is fed with at inference.
 
     A training workdir's saved data settings when `checkpoint_dir` is one; otherwise the
-    pipeline's defaults with the vision encoder's input size and the audio truncation its HTSAT
-    takes ('fusion', 4 channels, for a fused one; 'rand_trunc' otherwise). Then `overrides`
-    (None values are ignored).
+    pipeline's defaults fitted to the encoders: the vision encoder's input size, the audio
+    truncation its HTSAT takes ('fusion', 4 channels, for a fused one; 'rand_trunc'
+    otherwise), and CLAP's 10 s window, or the longest the HTSAT's spectrogram takes when that
+    is shorter. Then `overrides` (None values are ignored). Audio settings the HTSAT cannot
+    take are a ValueError that names the fitting ones.
     """
     config = read_data_config(checkpoint_dir) if checkpoint_dir else None
+    audio = model.config.audio
     if config is None:
         config = pipeline.default_data_config()
         if model.config.vision is not None:
             config.image_size = model.config.vision.image_size
-        if model.config.audio is not None:
-            config.audio_truncation = "fusion" if model.config.audio.enable_fusion else "rand_trunc"
+        if audio is not None:
+            config.audio_truncation = "fusion" if audio.enable_fusion else "rand_trunc"
+            config.audio_max_length_s = min(config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config))
     config.update({k: v for k, v in overrides.items() if v is not None})
+    if audio is not None and (problem := features.audio_settings_problem(config, fused_encoder=audio.enable_fusion, max_frames=audio.max_frames)):
+        raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
+
+
+def add_media_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that override each media setting of `inference_data_config`."""
+    default = "default: the checkpoint's training setting, else"
+    parser.add_argument("--num-frames", type=int, default=None, help=f"frames sampled from a video ({default} 32)")
+    parser.add_argument("--num-audio-segments", type=int, default=None, help=f"audio segments per clip ({default} 4)")
+    parser.add_argument("--image-size", type=int, default=None, help=f"frame size in pixels ({default} the vision encoder's input size)")
+    parser.add_argument("--audio-window-s", type=float, default=None,
+                        help=f"seconds of audio per segment ({default} CLAP's 10 s, or the longest the HTSAT takes)")
+    parser.add_argument("--audio-truncation", choices=["fusion", "rand_trunc"], default=None,
+                        help=f"how a long segment is cut ({default} what the HTSAT takes: fusion for a fused one)")
+
+
+def media_overrides(args: argparse.Namespace) -> dict:
+    """`add_media_arguments`' flags as `inference_data_config` overrides."""
+    return dict(num_frames=args.num_frames, num_audio_segments=args.num_audio_segments, image_size=args.image_size,
+                audio_max_length_s=args.audio_window_s, audio_truncation=args.audio_truncation)
 
 
 def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:

@@ -70,6 +70,11 @@ class HTSATConfig:
         return self.spec_size // self.num_mel_bins
 
     @property
+    def max_frames(self) -> int:
+        """The most spectrogram frames its square image takes (fewer are stretched to fit)."""
+        return self.spec_size * self.freq_ratio
+
+    @property
     def num_features(self) -> int:
         """Width of the output (768 for CLAP)."""
         return self.embed_dim * 2 ** (len(self.depths) - 1)
@@ -244,7 +249,7 @@ class HTSAT(nnx.Module):
         config = self.config
         batch, channels, frames, bins = mel.shape
         ratio = config.freq_ratio
-        target_frames, target_bins = config.spec_size * ratio, config.spec_size // ratio
+        target_frames, target_bins = config.max_frames, config.spec_size // ratio
         if frames > target_frames or bins > target_bins:
             raise ValueError(f"{frames} frames x {bins} mel bins do not fit HTSAT's {target_frames} x {target_bins}")
         if frames < target_frames:

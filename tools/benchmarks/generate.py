@@ -170,7 +170,7 @@ def evaluation_throughput(args):
         print(f"\nevaluation: {args.eval_questions} held-out demo questions, {'the trained demo model ' + checkpoint if trained else 'the demo model with random weights (no ' + args.demo_checkpoint + ')'}, "
               f"greedy, at most {DEMO_MAX_NEW_TOKENS} new tokens, {len(jax.local_devices())} device(s)")
         print(f"{'batch':>5} {'questions/s':>11} {'answered':>8} {'first run s (compiles)':>22}")
-        answer_fn = evaluate.model_answer_fn(checkpoint, num_frames=None, num_audio_segments=None, image_size=None,
+        answer_fn = evaluate.model_answer_fn(checkpoint, media_settings={},
                                              max_new_tokens=DEMO_MAX_NEW_TOKENS)
         for batch in args.eval_batch:
             seconds = []
