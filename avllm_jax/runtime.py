@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import socket
 import time
 
@@ -163,26 +164,43 @@ def _wait_for_coordinator(address: str, process_id: int, num_processes: int, tim
 
 
 class PreemptionWatch:
-    """`should_stop(step)` is True at the step where the job should save and stop: after a
-    SIGTERM, at the same step on every process."""
+    """`should_stop(step)` is True at the step where the job should stop: after a SIGTERM (to
+    save, at the same step on every process), or after a first Ctrl-C in a single-process job
+    (`interrupted`: to stop without saving, every worker and save closed cleanly; a second
+    Ctrl-C interrupts at once)."""
 
     def __init__(self):
         self.multi_process = jax.process_count() > 1
         self.signalled = False
-        self._previous_handler = None
-        if not self.multi_process:  # with several processes, JAX's coordination service listens
-            self._previous_handler = signal.signal(signal.SIGTERM, self._note)
+        self.interrupted = False
+        self._previous_handlers = {}
+        if not self.multi_process:
+            # With several processes, JAX's coordination service listens for SIGTERM; a Ctrl-C
+            # stops at once (one process stopping alone at a step boundary would leave the
+            # others waiting in their collectives).
+            self._previous_handlers = {
+                signal.SIGTERM: signal.signal(signal.SIGTERM, self._note_term),
+                signal.SIGINT: signal.signal(signal.SIGINT, self._note_interrupt),
+            }
 
-    def _note(self, signum, frame):
+    def _note_term(self, signum, frame):
         del signum, frame
         self.signalled = True
 
+    def _note_interrupt(self, signum, frame):
+        del signum, frame
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupting after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
     def should_stop(self, step: int) -> bool:
+        if self.interrupted:
+            return True
         if self.multi_process:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.signalled
 
     def close(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

@@ -84,7 +84,13 @@ def resolve_model(config):
         raise SetupError("set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)")
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer)
+    except OSError as error:  # neither a local directory nor a model id the hub (or its cache) has
+        raise SetupError(
+            f"config.tokenizer={config.tokenizer!r} is not a tokenizer directory here, and no Hugging Face model id "
+            f"that could be fetched: {str(error).splitlines()[0]}"
+        ) from None
     token_ids = tuple(conversation.add_modality_tokens(tokenizer))
     vocab_size = overrides["llm"].setdefault("vocab_size", len(tokenizer))
     if vocab_size != len(tokenizer):
@@ -193,7 +199,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
     done = checkpoint.latest_step(workdir)
     if done is not None and done >= num_steps:
         print(f"the run in {workdir} is finished: it saved step {done} of {num_steps}; nothing to do", flush=True)
-        return {"stopped_at": None}
+        return {"stopped_at": None, "interrupted": False}
     if jax.process_index() == 0:
         checkpoint.write_model_config(workdir, model_config)
         checkpoint.write_data_config(workdir, config.data)
@@ -265,7 +271,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
                 state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
                 log.add(step_metrics, counters)
-                preempted = preemption.should_stop(step_number)
+                stop = preemption.should_stop(step_number)
+                preempted = stop and not preemption.interrupted  # SIGTERM: save; Ctrl-C: stop without saving
                 if step_number % config.log_every == 0 or step_number == num_steps or preempted:
                     row = log.flush(step_number, schedule(step_number - 1))
                 if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
@@ -273,12 +280,15 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                         manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, run,
                         force=True,
                     )
-                if preempted:
+                if stop:
                     stopped_at = step_number
                     break
-    if stopped_at is not None:
+    if stopped_at is not None and not preemption.interrupted:
         print(f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue", flush=True)
-    return row | {"stopped_at": stopped_at}
+    # An interruption is reported by main, the workers and the save in flight finished. (Raising
+    # KeyboardInterrupt here instead kept this frame's batch alive in the traceback, and with it
+    # the grain workers' shared memory, which then leaked.)
+    return row | {"stopped_at": stopped_at, "interrupted": preemption.interrupted}
 
 
 def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None:
@@ -334,6 +344,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _exit_interrupted():
+    saved = checkpoint.latest_step(_WORKDIR.value)
+    print(f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}", file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -352,11 +368,10 @@ def main(argv):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        saved = checkpoint.latest_step(_WORKDIR.value)
-        print(f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
+        _exit_interrupted()
+    if result["interrupted"]:
+        _exit_interrupted()
     if result["stopped_at"] is not None:
         sys.exit(PREEMPTED_EXIT_STATUS)
 

@@ -133,6 +133,15 @@ def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(toke
         resolve_model(config)
 
 
+def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path):
+    """Not the hub's 30 s of retries and a traceback (the tests run with HF_HUB_OFFLINE=1)."""
+    config = load_config_file("demo")
+    config.tokenizer = str(tmp_path / "demo_out" / "tokenizer")
+    with pytest.raises(SetupError, match=r"^config.tokenizer='.*demo_out/tokenizer' is not a tokenizer directory here, and no "
+                                         r"Hugging Face model id that could be fetched: [^\n]+$"):
+        resolve_model(config)
+
+
 @pytest.fixture
 def init_checkpoint(tmp_path, tokenizer_dir):
     """A converted checkpoint's config and tokenizer, with vision and LLM but no audio encoder."""

@@ -1,5 +1,6 @@
 """Instruction samples: reading our JSONL, LLaVA and Valley files; the Vicuna v1.1 template; labels."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -136,6 +137,9 @@ MALFORMED = {
     "roles out of order": {"video": "v.mp4", "conversations": [{"from": "gpt", "value": "<VIS>"}, {"from": "human", "value": "x"}]},
     "audio token on an image": record(key="image", media="i.jpg", modality=None, prompt="<AUD>\nWhat?"),
     "unknown modality": record(modality="smell"),
+    "media path not a string": record(media=5),
+    "conversations not a list": {"video": "v.mp4", "conversations": "<VIS>\nWhat is it? A dog."},
+    "a turn's value not a string": {"video": "v.mp4", "conversations": [{"from": "human", "value": "<VIS>"}, {"from": "gpt", "value": 3}]},
 }
 
 
@@ -144,6 +148,22 @@ def test_malformed_line_names_file_and_line(tmp_path, name):
     path = write_jsonl(tmp_path / "bad.jsonl", [record(), MALFORMED[name]])
     with pytest.raises(conv.MalformedSampleError, match="bad.jsonl:2: "):
         conv.read_samples(path)
+
+
+@pytest.mark.parametrize("media", ["../secret/clip.mp4", "/etc/clip.mp4", "a/../../clip.mp4"])
+def test_a_path_outside_a_given_media_root_names_both(tmp_path, media):
+    root = tmp_path / "media"
+    path = write_jsonl(tmp_path / "bad.jsonl", [record(), record(media=media)])
+    with pytest.raises(conv.MalformedSampleError, match=rf"bad.jsonl:2: media path '{re.escape(media)}' lies outside media_root {re.escape(str(root))}"):
+        conv.read_samples(path, media_root=root)
+
+
+def test_paths_that_stay_inside_or_are_relative_to_the_file_are_kept(tmp_path):
+    root = tmp_path / "media"
+    assert conv.read_samples(write_jsonl(tmp_path / "in.jsonl", [record(media="a/../b.mp4")]), media_root=root)[0][0].media_path == str(root / "a/../b.mp4")
+    assert conv.read_samples(write_jsonl(tmp_path / "abs.jsonl", [record(media="/etc/clip.mp4")]), media_root="/")[0][0].media_path == "/etc/clip.mp4"
+    # Without media_root, paths are relative to the file and may go up (a curated file beside its videos' directory).
+    assert conv.read_samples(write_jsonl(tmp_path / "up.jsonl", [record(media="../videos/c.mp4")]))[0][0].media_path == str(tmp_path / "../videos/c.mp4")
 
 
 def test_malformed_lines_are_skipped_and_counted_when_asked(tmp_path):

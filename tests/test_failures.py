@@ -74,6 +74,16 @@ def test_malformed_instruction_line_is_named(demo_files, tmp_path):
     command = train_command(demo_files, tmp_path / "run", f"--config.data.sources=({{'path': '{source}', 'media_root': '{demo_files / 'data'}', 'weight': 1.0}},)")
     assert_short_error(run(command), f"{source}:4: not valid JSON")
 
+    # A line whose media path leaves the source's media_root, and a file with no samples at all.
+    record = json.loads(lines[5])
+    key = next(k for k in ("video", "audio", "image") if k in record)
+    record[key] = "../" + record[key]
+    lines[3] = json.dumps(record)
+    source.write_text("\n".join(lines) + "\n")
+    assert_short_error(run(command), f"{source}:4: media path '{record[key]}' lies outside media_root {demo_files / 'data'}")
+    source.write_text("\n\n")
+    assert_short_error(run(command), f"{source}: no usable samples")
+
 
 def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
     # Every third sample's media is broken: past max_bad_fraction the run stops with a
@@ -142,6 +152,23 @@ def test_ctrl_c_leaves_a_loadable_checkpoint(demo_files, tmp_path):
         _, err = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130 and "interrupted; the newest checkpoint is step" in err, err[-3000:]
+    # The first Ctrl-C ends the step under way; the grain workers and the save in flight finish.
+    assert process.returncode == 130 and "interrupting after this step (Ctrl-C again to stop at once)" in err, err[-3000:]
+    assert f"interrupted; the newest checkpoint is step {checkpoint.latest_step(str(workdir))} in" in err and "Traceback" not in err
     assert not [e for e in os.listdir(workdir / "checkpoints") if "tmp" in e]
+    avllm_jax.load_model(workdir)
+
+    # A second one stops at once, and what was saved still loads.
+    process = subprocess.Popen(
+        train_command(demo_files, workdir, "--config.num_steps=200", "--config.checkpoint_every=1"),
+        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_for_line(process, "resumed from step", timeout_s=300)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "interrupted; the newest checkpoint is step" in err, err[-3000:]
     avllm_jax.load_model(workdir)

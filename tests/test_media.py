@@ -1,6 +1,7 @@
 """load_media on files written here with PyAV: every container/codec, stills, odd geometry, bad files."""
 import struct
 
+import av
 import numpy as np
 import pytest
 
@@ -195,13 +196,34 @@ def _write_bad(tmp_path, name):
         mp4 = tmp_path / "good.mp4"
         write_media(mp4, frames=ramp_frames(10), fps=3)
         bad.write_bytes(mp4.read_bytes()[: mp4.stat().st_size // 2])
+    elif name == "zero_frames.mkv":  # a video stream's header and not one frame
+        with av.open(str(bad), "w") as container:
+            stream = container.add_stream("ffv1", rate=3)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            container.start_encoding()
+    elif name == "unknown_codec.mp4":  # H.264 with its codec tags renamed: no decoder claims it
+        mp4 = tmp_path / "good.mp4"
+        write_media(mp4, frames=ramp_frames(10), fps=3)
+        bad.write_bytes(mp4.read_bytes().replace(b"avc1", b"zzz1").replace(b"avcC", b"zzzC"))
     return bad
 
 
 @pytest.mark.parametrize("name", ["empty.mp4", "noise.mp4", "notes.txt", "truncated.mkv", "truncated.flac", "truncated.mp4",
-                                  "missing.mp4"])
+                                  "missing.mp4", "zero_frames.mkv", "unknown_codec.mp4"])
 def test_unreadable_files_raise_media_error_naming_the_file(tmp_path, name):
     bad = _write_bad(tmp_path, name)
     with pytest.raises(MediaError, match=name.replace(".", r"\.")) as error:
         load_media(bad, num_frames=4, image_size=SIZE)
     assert isinstance(error.value, ValueError)
+
+
+def test_zero_length_audio_counts_as_no_audio(tmp_path):
+    """An audio stream without a sample: the file loads with neither stream, which the
+    pipeline skips as bad media and chat refuses (no stream to use)."""
+    path = tmp_path / "silence.flac"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("flac", rate=48000)
+        stream.layout = "mono"
+        container.start_encoding()
+    media = load_media(path, num_frames=4, image_size=SIZE)
+    assert not media.has_audio and not media.has_visual

@@ -223,8 +223,8 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
 
 def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer, media_dir):
     """An audio stream with fewer samples than segments counts as no audio: nothing to re-route to."""
-    synthetic.write_media(tmp_path / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
-    records = [chat("<AUD>\nwhat is it?", audio=str(tmp_path / "blip.flac")), chat("<AUD>\nwhat is it?", audio="sound.flac")]
+    synthetic.write_media(media_dir / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
+    records = [chat("<AUD>\nwhat is it?", audio="blip.flac"), chat("<AUD>\nwhat is it?", audio="sound.flac")]
     path = write_jsonl(tmp_path / "data.jsonl", records)
     config = data_config((path, 1.0), num_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)
     config.sources[0]["media_root"] = str(media_dir)

@@ -104,8 +104,10 @@ class Sample:
     origin: str  # "file:line", for error messages
 
 
-def parse_sample(record, origin: str, media_root: str | os.PathLike | None = None) -> Sample:
-    """Validates one record in our format, LLaVA's or Valley's; raises MalformedSampleError naming `origin`."""
+def parse_sample(record, origin: str, media_root: str | os.PathLike | None = None, *, confined: bool = False) -> Sample:
+    """Validates one record in our format, LLaVA's or Valley's; raises MalformedSampleError naming `origin`.
+
+    Media paths are joined to `media_root`; `confined`: a path that leaves it is malformed."""
 
     def fail(reason):
         raise MalformedSampleError(f"{origin}: {reason}")
@@ -149,8 +151,13 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
         fail(f"'modality' is {modality!r} but the prompt holds {found[0]}")
     if record.get("image") and token_modality.has_audio:
         fail(f"an image has no audio, yet the prompt holds {found[0]}")
-    media_path = str(record[media_keys[0]])
+    media_path = record[media_keys[0]]
+    if not isinstance(media_path, str):
+        fail(f"{media_keys[0]!r} must be a path (a string), got {type(media_path).__name__}")
     if media_root is not None:
+        root = os.path.normpath(os.path.abspath(media_root))
+        if confined and os.path.commonpath([root, os.path.normpath(os.path.join(root, media_path))]) != root:
+            fail(f"media path {media_path!r} lies outside media_root {root} (set the source's media_root to a directory that holds it)")
         media_path = os.path.join(media_root, media_path)
     return Sample(str(record.get("id", origin)), media_path, token_modality, turns, origin)
 
@@ -158,11 +165,15 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
 def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bool = False):
     """Reads a JSONL file (one sample a line) or a JSON array (LLaVA, Valley).
 
-    Media paths are relative to `media_root`, by default the file's directory. Returns
-    (samples, malformed): malformed lines raise MalformedSampleError unless `skip_malformed`,
-    in which case they are left out and their errors returned.
+    Media paths are relative to `media_root`, by default the file's directory. A media_root
+    given confines them: a path that leaves it ('../x', an absolute path elsewhere) is
+    malformed. (Relative to the file's directory they may go up: curated files sit beside
+    their media's directory.) Returns (samples, malformed): malformed lines raise
+    MalformedSampleError unless `skip_malformed`, in which case they are left out and their
+    errors returned.
     """
     path = os.fspath(path)
+    confined = media_root is not None
     media_root = os.path.dirname(os.path.abspath(path)) if media_root is None else os.fspath(media_root)
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -187,7 +198,7 @@ def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bo
         try:
             if json_error:
                 raise MalformedSampleError(f"{origin}: {json_error}")
-            samples.append(parse_sample(record, origin, media_root))
+            samples.append(parse_sample(record, origin, media_root, confined=confined))
         except MalformedSampleError as e:
             if not skip_malformed:
                 raise

@@ -105,6 +105,8 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
 
     streams = [s for s in (video, audio) if s is not None]
     for stream in streams:
+        if stream.codec_context is None:  # a codec this FFmpeg build cannot decode
+            raise MediaError(f"{path}: no decoder for its {stream.type} stream (an unknown or unsupported codec)")
         stream.codec_context.thread_count = 1  # parallelism comes from the pipeline's worker processes
     for packet in container.demux(streams):
         if packet.pts is not None and packet.time_base is not None:
