@@ -43,10 +43,18 @@ from avllm_jax.models.avllm import AVLLMConfig
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import flops, optim, sharding, step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8.")
-_SEARCH = flags.DEFINE_bool("search", False, "Find the fewest micro-batches (largest per-device batch) that fit.")
-_HLO_DUMP = flags.DEFINE_string("hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file.")
+
+
+def _define_flags() -> dict:
+    """The command line's flags, defined when it runs: `--config` is also training's, and a
+    process that imports both modules (the tests) may define it once."""
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True),
+        "topology": flags.DEFINE_string("topology", None, "Target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8."),
+        "search": flags.DEFINE_bool("search", False, "Find the fewest micro-batches (largest per-device batch) that fit."),
+        "hlo_dump": flags.DEFINE_string("hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file."),
+    }
+
 
 GIB = 2**30
 REQUIREMENTS_TPU = "requirements-tpu.txt"
@@ -322,18 +330,19 @@ def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.2f} MiB"
 
 
-def main(argv):
+def main(argv, flag_values: dict):
     del argv
-    if _TOPOLOGY.value is None:
+    value = {name: holder.value for name, holder in flag_values.items()}
+    if value["topology"] is None:
         raise app.UsageError("--topology is required (e.g. v5p-32, cpu:8)")
     try:
-        target = topology(_TOPOLOGY.value)
+        target = topology(value["topology"])
         if target.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             jax.config.update("jax_num_cpu_devices", target.chips)
-        config = _CONFIG.value
+        config = value["config"]
         config_lib.check_config(config)
         _, model_source = planned_model_config(config)
-        if _SEARCH.value:
+        if value["search"]:
             print(f"search on {target.name}: global batch {config.global_batch_size}", flush=True)
             plan, tried = search(config, target)
             if plan is None:
@@ -347,8 +356,8 @@ def main(argv):
         else:
             plan = compile_plan(config, target)
             print(describe(plan, config, model_source))
-        if _HLO_DUMP.value and plan.hlo_text:
-            with open(_HLO_DUMP.value, "w") as f:
+        if value["hlo_dump"] and plan.hlo_text:
+            with open(value["hlo_dump"], "w") as f:
                 f.write(plan.hlo_text)
     except (PlanError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -357,4 +366,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    defined = _define_flags()
+    app.run(lambda argv: main(argv, defined), flags_parser=config_lib.parse_flags)

@@ -321,29 +321,6 @@ def _debug() -> bool:
     return _DEBUG.value or os.environ.get("AVLLM_DEBUG") == "1"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a config mistake told in a line: an unknown field with its
-    nearest names, a config file that is missing or fails to load."""
-    debug = "--debug" in argv or os.environ.get("AVLLM_DEBUG") == "1"
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if "--config" in argv[:-1]:
-        config_file = argv[argv.index("--config") + 1]
-    if config_file is not None and not os.path.isfile(config_file.split(":")[0]):
-        print(f"error: the config file {config_file} does not exist (No such file)", file=sys.stderr)
-        sys.exit(2)
-    for arg in argv[1:]:
-        if arg.startswith("--config.") and (problem := config_lib.unknown_field(arg[len("--config."):].split("=")[0])):
-            print(f"error: {arg.split('=')[0]}: {problem}", file=sys.stderr)
-            sys.exit(2)
-    try:
-        return flags.FLAGS(argv)
-    except Exception as error:  # absl's and ml_collections' parse errors, a failing config file
-        if debug:
-            raise
-        print(f"error: {f'config file {config_file}: ' if config_file else ''}{checkpoint.describe_error(error)}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _exit_interrupted():
     saved = checkpoint.latest_step(_WORKDIR.value)
     print(f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}", file=sys.stderr)
@@ -377,4 +354,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -148,6 +148,16 @@ def test_forced_modality_needs_its_stream(checkpoint):
         chat.main(["--checkpoint", checkpoint["dir"], "--media", checkpoint["silent"], "--modality", "audio", "--question", "Hi?"])
 
 
+def test_audio_settings_the_htsat_cannot_take_are_one_line(checkpoint):
+    """A 256-pixel HTSAT holds 4 x 256 = 1024 spectrogram frames: 10.23 s, not 20."""
+    base = ["--checkpoint", checkpoint["dir"], "--media", checkpoint["video"], "--question", "Hi?"]
+    with pytest.raises(SystemExit, match=r"^error: audio_max_length_s=20 gives 2001 spectrogram frames and the audio encoder takes "
+                                         r"at most 1024: use a window of 10.23 s or less \(--audio-window-s, --audio-truncation\)$"):
+        chat.main(base + ["--audio-window-s", "20"])
+    with pytest.raises(SystemExit, match=r"audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"):
+        chat.main(base + ["--audio-truncation", "fusion"])
+
+
 def test_stream_printer_holds_back_what_may_change():
     out = io.StringIO()
     printer = chat._StreamPrinter(out)
