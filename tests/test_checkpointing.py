@@ -75,12 +75,12 @@ def two_steps(tmp_path):
     return tmp_path
 
 
-def restore(workdir):
+def restore(workdir, run=RUN):
     manager = checkpointing.checkpoint_manager(str(workdir), save_every=1, keep=3)
     params, opt_state = train_state(0.0)
     iterator = data_iterator()
     step, restored, _ = checkpointing.restore_train_state(
-        manager, jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state), iterator, RUN, new_schedule_ok=False)
+        manager, jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state), iterator, run, new_schedule_ok=False)
     manager.close()
     return step, restored, next(iterator)
 
@@ -113,3 +113,12 @@ def test_an_unfinished_save_is_not_a_step(two_steps):
     """What a process killed mid-save leaves: orbax's temporary directory, which is ignored."""
     os.rename(two_steps / checkpoint.CHECKPOINTS_DIR / "2", two_steps / checkpoint.CHECKPOINTS_DIR / "2.orbax-checkpoint-tmp-7")
     assert restore(two_steps)[0] == 1
+
+
+def test_another_process_count_is_refused_with_both_counts(two_steps):
+    """Each process saved its own iterator position: the run must resume on as many. An
+    intact step of another run is not damage, so no older step is tried either."""
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"checkpoint step 2 in .* was written by 1 process\(es\), but this "
+                                                            r"run has 2: each process saved its own data iterator position"):
+        restore(two_steps, RUN | {"process_count": 2})
+    assert (two_steps / checkpoint.CHECKPOINTS_DIR / "2").is_dir()

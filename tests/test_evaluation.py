@@ -535,19 +535,14 @@ def evaluate_command(root, out, *extra):
 def test_two_processes_give_what_one_gives(tiny_benchmark, tmp_path):
     """The real command line: one process over 2 devices, then 2 processes of 1 device each
     (gloo on 127.0.0.1), which split the questions; process 0 writes the same files."""
-    import os
-    import socket
     import subprocess
 
-    def environment(devices):
-        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    from training_runs import environment, free_port
 
     one = tmp_path / "one"
     result = subprocess.run(evaluate_command(tiny_benchmark, one), env=environment(2), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = tmp_path / "two"
     processes = [
         subprocess.Popen(evaluate_command(tiny_benchmark, two, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

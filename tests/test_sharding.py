@@ -53,7 +53,8 @@ def test_logical_rules_shard_over_fsdp_and_tensor():
     assert dict(sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 1}).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+# Pure data parallelism (8, 1, 1) is in the slow run: (2, 2, 2) splits the batch over data too.
+@pytest.mark.parametrize("mesh_shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (1, 8, 1), (2, 2, 2)])
 def test_mesh_matches_single_device(setup, mesh_shape):
     assert jax.device_count() == 8
     model, batch = setup
