@@ -27,6 +27,7 @@ from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
 CONFIG_FILE = "config.json"
 DATA_CONFIG_FILE = "data_config.json"  # the media settings the model was trained with
+TRAIN_CONFIG_FILE = "train_config.json"  # a training workdir's whole run config
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 

@@ -35,7 +35,6 @@ from avllm_jax.modality import MODALITY_TOKENS
 PROJECTORS_FILE = "avllm_projectors.safetensors"
 EXTRAS_FILE = "avllm_config.json"
 CARD_FILE = "README.md"
-TRAIN_CONFIG_FILE = "train_config.json"  # written by avllm_jax/train.py into its workdir
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PROJECTOR_INPUTS = {
     "temporal_proj": "W_t: each frame's CLS token (vision width) -> one LLM row per frame",
@@ -124,9 +123,9 @@ def training_stages(workdir: str) -> list[dict]:
     train_config.json (with `workdir`); a converted checkpoint has none."""
     stages, seen = [], set()
     path = workdir
-    while path and os.path.exists(os.path.join(path, TRAIN_CONFIG_FILE)) and os.path.abspath(path) not in seen:
+    while path and os.path.exists(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) and os.path.abspath(path) not in seen:
         seen.add(os.path.abspath(path))
-        with open(os.path.join(path, TRAIN_CONFIG_FILE)) as f:
+        with open(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) as f:
             stage = json.load(f) | {"workdir": path}
         stages.insert(0, stage)
         path = stage.get("init_checkpoint") or ""

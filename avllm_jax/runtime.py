@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import socket
+import sys
 import time
 
 import jax

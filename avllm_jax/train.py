@@ -204,7 +204,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         checkpoint.write_model_config(workdir, model_config)
         checkpoint.write_data_config(workdir, config.data)
         tokenizer.save_pretrained(workdir)
-        with open(os.path.join(workdir, "train_config.json"), "w") as f:
+        with open(os.path.join(workdir, checkpoint.TRAIN_CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
 

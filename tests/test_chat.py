@@ -38,9 +38,9 @@ def _strengthen(model, std=0.2):
     return model
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
+def write_converted_model(root):
+    """Random-weight CLIP, CLAP and (strengthened) Llama checkpoints under `root`, converted into
+    root / "model" with tools/convert_hf_weights.py's code; returns that directory."""
     build_hf(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**CLIP)).save_pretrained(root / "clip")
     build_hf(transformers.ClapAudioModel, transformers.ClapAudioConfig(**CLAP)).save_pretrained(root / "clap")
     tokenizer = save_tiny_tokenizer(root / "llm")
@@ -48,6 +48,13 @@ def checkpoint(tmp_path_factory):
     llm.save_pretrained(root / "llm")
     out = root / "model"
     convert.main(["--clip", str(root / "clip"), "--clap", str(root / "clap"), "--llm", str(root / "llm"), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    out = write_converted_model(root)
 
     rng = np.random.default_rng(0)
     frames = np.zeros((8, 48, 48, 3), np.uint8)

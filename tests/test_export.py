@@ -95,11 +95,11 @@ def test_shards_card_and_side_file(tmp_path):
     for directory in (stage1, workdir):
         directory.mkdir()
     model, _ = write_workdir(workdir, {})
-    (stage1 / export.TRAIN_CONFIG_FILE).write_text(json.dumps(demo_train_config(init_checkpoint=str(base), trainable=[r"(temporal|spatial|audio)_proj\..*"])))
+    (stage1 / checkpoint.TRAIN_CONFIG_FILE).write_text(json.dumps(demo_train_config(init_checkpoint=str(base), trainable=[r"(temporal|spatial|audio)_proj\..*"])))
     sources = [{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]
     sft = demo_train_config(init_checkpoint=str(stage1))
     sft["data"]["sources"] = sources
-    (workdir / export.TRAIN_CONFIG_FILE).write_text(json.dumps(sft))
+    (workdir / checkpoint.TRAIN_CONFIG_FILE).write_text(json.dumps(sft))
     checkpoint.write_data_config(str(workdir), ml_collections.ConfigDict(sft["data"]))
     out = tmp_path / "hf"
     export.main([str(workdir), "--out", str(out), "--base-model", "lmsys/vicuna-7b-v1.5", "--max-shard-gb", str(40_000 / 2**30)])

@@ -14,17 +14,15 @@ import urllib.request
 
 import numpy as np
 import pytest
-import transformers
 from playwright.sync_api import expect, sync_playwright
 
 import avllm_jax
-from avllm_jax import chat, convert, web
+from avllm_jax import chat, web
 from avllm_jax.data import conversation, synthetic
 from avllm_jax.data.media import MediaError, load_media
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
-from hf_reference import build_hf, save_tiny_tokenizer
-from test_chat import CLAP, CLIP, LLAMA, _strengthen
+from test_chat import write_converted_model
 
 NUM_FRAMES = 4
 MAX_NEW = 16
@@ -49,11 +47,7 @@ IDLE = "() => [...document.querySelectorAll('[data-testid=\"status-tracker\"]')]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    build_hf(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**CLIP)).save_pretrained(root / "clip")
-    build_hf(transformers.ClapAudioModel, transformers.ClapAudioConfig(**CLAP)).save_pretrained(root / "clap")
-    tokenizer = save_tiny_tokenizer(root / "llm")
-    _strengthen(build_hf(transformers.LlamaForCausalLM, transformers.LlamaConfig(vocab_size=len(tokenizer), **LLAMA))).save_pretrained(root / "llm")
-    convert.main(["--clip", str(root / "clip"), "--clap", str(root / "clap"), "--llm", str(root / "llm"), "--out", str(root / "model")])
+    write_converted_model(root)
     rng = np.random.default_rng(0)
     (root / "examples").mkdir()
     clip = root / "examples" / "red_square.mp4"

@@ -33,7 +33,6 @@ from absl import flags
 from ml_collections import config_dict
 
 from avllm_jax import checkpoint
-
 from avllm_jax.data.pipeline import default_data_config
 from avllm_jax.models import clip_vision, htsat, llama
 
