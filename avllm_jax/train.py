@@ -245,14 +245,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
             train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
             schedule = optim.learning_rate_schedule(config.optim, num_steps)
 
-            sequence_length = config.data.max_text_length - 1 + _num_modality_rows(model_config, config.data)
-            flops_per_sample = flops.sample_flops(
-                model_config,
-                sequence_length=sequence_length,
-                num_frames=config.data.num_frames,
-                num_audio_segments=config.data.num_audio_segments,
-                llm_trains=any(p.startswith("llm") for p in config.trainable),
-            )
+            flops_per_sample = flops.run_sample_flops(model_config, config)
             peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
             writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
             cleanup.callback(writer.close)
@@ -300,15 +293,6 @@ def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None
     with open(path, "w") as f:
         f.write(summary + "\n")
     print(f"{summary}\n(written to {path})", flush=True)
-
-
-def _num_modality_rows(model_config, data_config) -> int:
-    rows = 0
-    if model_config.vision:
-        rows += data_config.num_frames + model_config.vision.num_patches
-    if model_config.audio:
-        rows += data_config.num_audio_segments
-    return rows
 
 
 USER_ERRORS = (
