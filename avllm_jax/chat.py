@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from avllm_jax.data import conversation, pipeline
+from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import MediaError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     tokenizer = conversation.load_tokenizer(args.checkpoint)
     try:
         data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
-        media = pipeline.load_file_media(args.media, data_config)
+        media = samples.load_file_media(args.media, data_config)
         modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -9,6 +9,9 @@ Two kinds of directory load the same way:
   per part of the train state (`params`, `opt_state`, `data_iterator`). `load_model` takes
   the latest step's `params`.
 
+A LoRA run's parameters hold its adapters beside the frozen base weights; `load_model` folds
+them into the dense weights unless asked to keep them apart.
+
 Inference, chat and evaluation import this module, not training.
 """
 from __future__ import annotations
@@ -20,9 +23,10 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
 CONFIG_FILE = "config.json"
@@ -142,41 +146,105 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
-def load_model(path: str | os.PathLike, *, config_overrides: dict | None = None, shardings=None) -> AVLLM:
+def load_model(
+    path: str | os.PathLike, *, config_overrides: dict | None = None, shardings=None, keep_adapters: bool = False, adapter_seed: int = 0
+) -> AVLLM:
     """The model stored at `path` (converted checkpoint or training workdir), with its weights.
 
     config_overrides: e.g. {'llm': {'dtype': 'bfloat16'}}; shardings: an optional pytree of
-    `jax.sharding.Sharding` matching the parameter state, to restore straight onto a mesh
-    (default: this process's first device).
+    `jax.sharding.Sharding` matching the returned model's parameter state, to restore straight
+    onto a mesh (default: this process's first device).
+
+    LoRA: the adapters a LoRA run stored are folded into the dense weights (W + alpha / rank ·
+    A @ B), and the model has none, as inference and export want; `keep_adapters` returns them
+    apart, as trained. Overrides that set `llm.lora_rank` > 0, as a LoRA run starting from this
+    checkpoint does, ask for new adapters (B = 0, A drawn from `adapter_seed`) on the folded
+    weights; with `keep_adapters` the stored ones are kept instead and must be of that shape.
     """
     path = os.fspath(path)
-    config = read_model_config(path)
-    if config_overrides:
-        config = config.replace(**config_overrides)
+    stored = read_model_config(path)
+    config = stored.replace(**config_overrides) if config_overrides else stored
+    restore_config, fold, add = config, False, False
+    if config.llm is not None:
+        stored_lora = {name: getattr(stored.llm, name) for name in llama.LORA_FIELDS}
+        asked_lora = {name: getattr(config.llm, name) for name in llama.LORA_FIELDS}
+        if keep_adapters and asked_lora != stored_lora:
+            raise ValueError(f"{path} holds the adapters {stored_lora}, not {asked_lora}: keep_adapters keeps only "
+                             "those stored (without it they are folded, and new ones made for the overrides)")
+        restore_config = config.replace(llm=stored_lora)
+        fold = bool(stored.llm.lora_rank) and not keep_adapters
+        add = bool((config_overrides or {}).get("llm", {}).get("lora_rank")) and not keep_adapters
+        if not add and not keep_adapters:
+            defaults = llama.LlamaConfig()
+            config = config.replace(llm={name: getattr(defaults, name) for name in llama.LORA_FIELDS})
     graphdef, abstract_state = abstract_model(config)
-    target = nnx.to_pure_dict(abstract_state)
     if shardings is None:
         # Onto this process's first device, whatever topology wrote the checkpoint (a pod's
         # training run loads on a laptop).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, target)
-    else:
-        shardings = nnx.to_pure_dict(shardings)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+        shardings = jax.tree.map(lambda _: device, abstract_state)
+    shardings = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
+    params = _restore_params(path, restore_config, shardings)
+    if fold:
+        params = fold_adapters(params, restore_config.llm)
+    if add:
+        params["llm"]["layers"] |= new_adapters(config, adapter_seed, shardings)
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
+    """The pure-dict parameters of a model of `config` stored at `path`, placed by the flat
+    `shardings`; those it lacks (adapters about to be folded away) go whole onto the devices
+    of the first."""
+    target = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_model(config)[1]))
+    first = next(iter(shardings.values()))
+    whole = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if isinstance(first, jax.sharding.NamedSharding) else first
+    target = traverse_util.unflatten_dict(
+        {key: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings.get(key, whole)) for key, a in target.items()}
+    )
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
         try:
-            restored = ocp.StandardCheckpointer().restore(params_dir, target)
+            return ocp.StandardCheckpointer().restore(params_dir, target)
         except Exception as error:  # orbax raises many kinds; the message names the file
             raise CheckpointError(f"{params_dir} cannot be restored: {describe_error(error)}") from None
-    else:
-        if latest_step(path) is None:
-            raise FileNotFoundError(f"{path} has neither {PARAMS_DIR}/ nor a training checkpoint under {CHECKPOINTS_DIR}/")
-        with ocp.CheckpointManager(os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))) as manager:
-            step, restored = newest_intact_step(
-                manager, lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-            )
-            if step != manager.latest_step():
-                print(f"loaded step {step} of {path}, the newest intact one", file=sys.stderr, flush=True)
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state)
+    if latest_step(path) is None:
+        raise FileNotFoundError(f"{path} has neither {PARAMS_DIR}/ nor a training checkpoint under {CHECKPOINTS_DIR}/")
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))) as manager:
+        step, restored = newest_intact_step(
+            manager, lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+        )
+        if step != manager.latest_step():
+            print(f"loaded step {step} of {path}, the newest intact one", file=sys.stderr, flush=True)
+    return restored
+
+
+def fold_adapters(params: dict, llm_config: llama.LlamaConfig) -> dict:
+    """The pure-dict parameters of a whole model with the LLM's adapters folded into the kernels
+    they adapt (layers.merge_lora) and removed."""
+    scale = llm_config.lora_alpha / llm_config.lora_rank
+    layer = dict(params["llm"]["layers"])
+    for name, adapter in layer.pop("lora").items():
+        # On the kernel's own placement: each device computes only its shard of the update.
+        fold = jax.jit(lambda kernel, a, b: layers.merge_lora(kernel, a, b, scale), out_shardings=_kernel(layer, name).sharding)
+        folded = fold(_kernel(layer, name), adapter["a"], adapter["b"])
+        layer[name] = dict(layer[name], kernel=folded) if isinstance(layer[name], dict) else folded
+    return params | {"llm": params["llm"] | {"layers": layer}}
+
+
+def _kernel(layer: dict, name: str):
+    # Attention projections are kernels themselves; the MLP's are Dense layers holding one.
+    return layer[name]["kernel"] if isinstance(layer[name], dict) else layer[name]
+
+
+def new_adapters(config: AVLLMConfig, seed: int, shardings: dict) -> dict:
+    """The LLM's adapters (the `lora` dict of its stacked layers) as a new model of `config` has
+    them, placed by the flat `shardings`. Only they are computed: XLA drops the rest of the
+    initialisation, whose results are not returned."""
+    def init():
+        return nnx.to_pure_dict(nnx.state(AVLLM(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam))["llm"]["layers"]
+
+    structure = traverse_util.flatten_dict(jax.eval_shape(init))
+    placement = traverse_util.unflatten_dict({key: shardings[("llm", "layers", *key)] for key in structure})
+    return jax.jit(init, out_shardings=placement)()

@@ -1,14 +1,15 @@
 """Hugging Face checkpoints -> one avllm_jax model directory; `main` is tools/convert_hf_weights.py.
 
-`convert(clip=DIR, clap=DIR, llm=DIR, out=OUT)` reads each part's safetensors (PyTorch pickles
-only with `allow_pickle`), maps the tensor names with each network's rules (models/*.py,
-`hf_rules`), adds the modality tokens to the LLM's tokenizer and grows its embedding to
-match, initialises the projectors at random, and writes `config.json`, the tokenizer and
-`params/` to OUT (see avllm_jax/checkpoint.py).
+`convert(clip=DIR, clap=DIR, llm=DIR, out=OUT)` (whisper=DIR in place of clap for a Whisper audio
+tower) reads each part's safetensors (PyTorch pickles only with `allow_pickle`), maps the tensor
+names with each network's rules (models/*.py, `hf_rules`), adds the modality tokens to the
+LLM's tokenizer and grows its embedding to match, initialises the projectors at random, and
+writes `config.json`, the tokenizer and `params/` to OUT (see avllm_jax/checkpoint.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -21,11 +22,13 @@ from flax import nnx
 from avllm_jax import checkpoint
 from avllm_jax.data.conversation import add_modality_tokens
 from avllm_jax.models import avllm, clip_vision, conversion, htsat, llama
+from avllm_jax.models import whisper as whisper_encoder  # not `whisper`: convert() takes a whisper=DIR argument
 
 USAGE = """\
 Convert Hugging Face checkpoints into one avllm_jax model directory.
 
     python tools/convert_hf_weights.py --clip DIR --clap DIR --llm DIR --out OUT
+    python tools/convert_hf_weights.py --clip DIR --whisper DIR --llm DIR --out OUT
 
 Each part is optional. DIR is a local Hugging Face model directory (config.json plus
 model.safetensors, or sharded safetensors with an index; PyTorch .bin files only with
@@ -34,6 +37,8 @@ added) and `params/` (orbax). Load it with `avllm_jax.load_model(OUT)`.
 
   --clip   CLIPVisionModel or CLIPModel (e.g. openai/clip-vit-large-patch14)
   --clap   ClapModel or ClapAudioModel (e.g. laion/clap-htsat-unfused); the audio tower only
+  --whisper  WhisperModel or WhisperForConditionalGeneration (e.g. openai/whisper-small); the
+           encoder only. The model has one audio encoder: --clap or --whisper, not both.
   --llm    LlamaForCausalLM (e.g. lmsys/vicuna-7b-v1.5)
 
 The projectors W_t, W_s, W_a are initialised at random (seed --seed): pretraining learns them.
@@ -65,12 +70,35 @@ def extend_vocabulary(flat: dict[str, np.ndarray], vocab_size: int) -> None:
         flat["lm_head"] = np.concatenate([head, np.repeat(mean_column, extra, 1).astype(head.dtype)], axis=1)
 
 
-def convert(*, clip=None, clap=None, llm=None, out, tokenizer=None, dtype="float32", allow_pickle=False, seed=0) -> avllm.AVLLMConfig:
+def convert_whisper(
+    directory: str, *, dtype: str = "float32", allow_pickle: bool = False
+) -> tuple[whisper_encoder.WhisperEncoderConfig, dict[str, np.ndarray]]:
+    """The encoder of a WhisperModel / WhisperForConditionalGeneration directory: its config and
+    {our dotted path: array} (the decoder is dropped on purpose)."""
+    config = whisper_encoder.WhisperEncoderConfig.from_hf(conversion.read_hf_config(directory), param_dtype=dtype)
+    make_encoder = lambda: whisper_encoder.WhisperEncoder(config, rngs=nnx.Rngs(0))  # noqa: E731
+    part = convert_part(directory, whisper_encoder.hf_rules(config), make_encoder, dtype=dtype, allow_pickle=allow_pickle, name="whisper")
+    return config, part
+
+
+def _composite_records_audio_encoder() -> bool:
+    """Whether AVLLMConfig has the `audio_encoder` field that says its audio tower is Whisper."""
+    return "audio_encoder" in {field.name for field in dataclasses.fields(avllm.AVLLMConfig)}
+
+
+def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None, dtype="float32", allow_pickle=False, seed=0) -> avllm.AVLLMConfig:
     """Converts the given parts into the model directory `out`; returns its config.
 
     Raises ConversionError naming the tensor or directory that does not fit."""
-    if not (clip or clap or llm):
-        raise conversion.ConversionError("nothing to convert: give at least one of clip, clap, llm")
+    if not (clip or clap or whisper or llm):
+        raise conversion.ConversionError("nothing to convert: give at least one of clip, clap, whisper, llm")
+    if clap and whisper:
+        raise conversion.ConversionError("--clap and --whisper are mutually exclusive: the model has one audio encoder")
+    if whisper and not _composite_records_audio_encoder():
+        raise conversion.ConversionError(
+            "--whisper: this version's AVLLMConfig has no audio_encoder field, so a model directory cannot record "
+            "a Whisper audio tower yet; avllm_jax.convert.convert_whisper(DIR) converts the encoder alone"
+        )
     flat: dict[str, np.ndarray] = {}
     vision_config = audio_config = llm_config = None
     modality_token_ids = (-1, -1, -1)
@@ -81,6 +109,9 @@ def convert(*, clip=None, clap=None, llm=None, out, tokenizer=None, dtype="float
     if clap:
         audio_config = htsat.HTSATConfig.from_hf(conversion.read_hf_config(clap), param_dtype=dtype)
         part = convert_part(clap, htsat.hf_rules(audio_config), lambda: htsat.HTSAT(audio_config, rngs=nnx.Rngs(0)), dtype=dtype, allow_pickle=allow_pickle, name="audio")
+        flat |= {f"audio.{k}": v for k, v in part.items()}
+    if whisper:
+        audio_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
         flat |= {f"audio.{k}": v for k, v in part.items()}
     if llm:
         hf_config = conversion.read_hf_config(llm)
@@ -103,7 +134,9 @@ def convert(*, clip=None, clap=None, llm=None, out, tokenizer=None, dtype="float
         llm_config = llama.LlamaConfig.from_hf(hf_config, vocab_size=vocab_size, param_dtype=dtype)
         flat |= {f"llm.{k}": v for k, v in part.items()}
 
-    config = avllm.AVLLMConfig(vision=vision_config, audio=audio_config, llm=llm_config, modality_token_ids=modality_token_ids)
+    # Either audio tower's weights sit under `audio.`; `audio_encoder` says which one it is.
+    audio_fields = {"audio": audio_config} | ({"audio_encoder": "whisper"} if whisper else {})
+    config = avllm.AVLLMConfig(vision=vision_config, **audio_fields, llm=llm_config, modality_token_ids=modality_token_ids)
     # The projectors come from no checkpoint: they start from the model's own initialisation.
     for name, projector in avllm.make_projectors(config, rngs=nnx.Rngs(seed)).items():
         for path, leaf in nnx.to_flat_state(nnx.state(projector)):
@@ -123,7 +156,9 @@ def main(argv=None):
         prog="tools/convert_hf_weights.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clip", metavar="DIR", help="HF CLIPVisionModel/CLIPModel directory (the vision encoder)")
-    parser.add_argument("--clap", metavar="DIR", help="HF ClapModel/ClapAudioModel directory (the HTSAT audio encoder)")
+    audio = parser.add_mutually_exclusive_group()  # the model has one audio encoder
+    audio.add_argument("--clap", metavar="DIR", help="HF ClapModel/ClapAudioModel directory (the HTSAT audio encoder)")
+    audio.add_argument("--whisper", metavar="DIR", help="HF WhisperModel/WhisperForConditionalGeneration directory (its encoder as the audio encoder)")
     parser.add_argument("--llm", metavar="DIR", help="HF LlamaForCausalLM directory (Vicuna/LLaMA decoder and its tokenizer)")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, if not the --llm one")
     parser.add_argument("--out", metavar="OUT", required=True, help="output directory (created; existing params are overwritten)")
@@ -136,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the projectors' random initialisation (default 0)")
     args = parser.parse_args(argv)
     try:
-        convert(clip=args.clip, clap=args.clap, llm=args.llm, out=args.out, tokenizer=args.tokenizer, dtype=args.dtype, allow_pickle=args.allow_pickle, seed=args.seed)
+        convert(clip=args.clip, clap=args.clap, whisper=args.whisper, llm=args.llm, out=args.out, tokenizer=args.tokenizer, dtype=args.dtype, allow_pickle=args.allow_pickle, seed=args.seed)
     except conversion.ConversionError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"done: load it with avllm_jax.load_model({args.out!r})", file=sys.stderr)

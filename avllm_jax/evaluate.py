@@ -50,7 +50,7 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
 
     from avllm_jax.checkpoint import load_model
     from avllm_jax.data.conversation import load_tokenizer
-    from avllm_jax.data.pipeline import load_file_media
+    from avllm_jax.data.samples import load_file_media
     from avllm_jax.inference.generate import replicate
     from avllm_jax.inference.prompts import answer_questions, inference_data_config
 

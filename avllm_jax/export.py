@@ -3,7 +3,8 @@
 `export(workdir, out)` reads a training workdir (or a converted checkpoint) and writes to OUT:
 
     config.json, model.safetensors      the LLM as a `LlamaForCausalLM` (shards with an index
-                                        past `max_shard_bytes`), in the stored parameter dtype
+                                        past `max_shard_bytes`), in the stored parameter dtype,
+                                        with a LoRA run's adapters folded into its weights
     tokenizer files                     with <VIS>, <AUD>, <AUD_VIS>
     avllm_projectors.safetensors        W_t, W_s, W_a under our names (`temporal_proj.kernel`
                                         [D_vision, D_llm], `.bias` [D_llm], ...; y = x @ kernel + bias)
@@ -170,10 +171,14 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
         optim = stage.get("optim", {})
         steps = stage.get("num_steps", -1)
         length = f"{steps} steps" if steps and steps > 0 else f"{stage.get('num_epochs')} epochs"
+        lora = stage.get("lora") or {}
+        lora_line = [f"- LoRA on the LLM: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(f'`{t}`' for t in lora['targets'])}; "
+                     "its base weights frozen, the adapters folded into the exported weights"] if lora.get("rank") else []
         lines += [
             f"### Stage {number}: `{stage['workdir']}`",
             "",
             f"- trains: {', '.join(f'`{p}`' for p in stage.get('trainable', []))}",
+            *lora_line,
             f"- starts from: `{stage.get('init_checkpoint') or 'random weights'}`",
             f"- {length}, global batch {stage.get('global_batch_size')}, learning rate {optim.get('learning_rate')}, "
             f"AdamW betas ({optim.get('beta1')}, {optim.get('beta2')}), weight decay {optim.get('weight_decay')}",
@@ -202,9 +207,8 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
         raise ExportError(str(error)) from None
     if config.llm is None:
         raise ExportError(f"{workdir} holds no LLM (its {checkpoint.CONFIG_FILE} has only the encoders), so there is nothing to export")
-    model = checkpoint.load_model(workdir)
+    model = checkpoint.load_model(workdir)  # a LoRA run's adapters folded into the dense weights
     tokenizer = load_tokenizer(workdir)
-    # LoRA is not in avllm_jax yet; once it is, adapters are merged into these dense weights here.
     params = nnx.to_pure_dict(nnx.state(model))
     os.makedirs(out, exist_ok=True)
     shards = write_safetensors(hf_llama_tensors(params["llm"], config.llm), out, max_shard_bytes)

@@ -1,5 +1,5 @@
 """What the data side and the model side both need to agree on: the modalities and the label
-that the loss ignores. Nothing else lives here, so that both can import it.
+that the loss ignores, and the loss groups. Nothing else lives here, so that both can import it.
 
 A sample is visual-only, audio-only or audio-visual; its prompt holds the modality's token
 where the encoders' rows go (`<VIS>`: T+N visual rows, `<AUD>`: K audio rows, `<AUD_VIS>`:
@@ -52,3 +52,5 @@ class Modality(enum.StrEnum):
 
 _TOKENS = {Modality.VISUAL: "<VIS>", Modality.AUDIO: "<AUD>", Modality.AUDIO_VISUAL: "<AUD_VIS>"}
 MODALITY_TOKENS = tuple(m.token for m in Modality)
+# The per-sample groups whose losses are reported apart: each modality, then text-only samples.
+LOSS_GROUPS = (*(m.value for m in Modality), "text")

@@ -36,7 +36,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint
-from avllm_jax.data import pipeline
+from avllm_jax.data import packing, samples
 from avllm_jax.modality import MODALITY_TOKENS
 from avllm_jax.models import attention
 from avllm_jax.models.avllm import AVLLMConfig
@@ -153,12 +153,13 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
     With a converted checkpoint (or earlier workdir) at `init_checkpoint`, its config.json
     plus the config's overrides, as training reads it. Without one, each part's defaults set
     for the run's data (image size, fused HTSAT for 'fusion' audio) plus the overrides, and a
-    vocabulary of LLaMA's 32000 tokens and the 3 modality tokens conversion adds.
+    vocabulary of LLaMA's 32000 tokens and the 3 modality tokens conversion adds. Either way with
+    the run's `config.lora` adapters, as training applies them.
     """
     overrides = {part: fields for part, fields in config_lib.model_overrides(config).items() if part in config.model.parts}
     if config.init_checkpoint and os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
         source = os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)
-        return checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), source
+        return optim.apply_lora(checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), config.lora), source
     data = config.data
     defaults = {
         "vision": {"image_size": data.image_size},
@@ -167,7 +168,7 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
     }
     parts = {part: config_lib.MODEL_PARTS[part](**(defaults[part] | overrides[part])) for part in config.model.parts}
     missing = f"{config.init_checkpoint!r} holds no config.json" if config.init_checkpoint else "no init_checkpoint"
-    return AVLLMConfig(**parts), f"each part's defaults and the config's overrides ({missing})"
+    return optim.apply_lora(AVLLMConfig(**parts), config.lora), f"each part's defaults and the config's overrides ({missing})"
 
 
 def abstract_inputs(config, model_config, mesh, num_microbatches: int):
@@ -186,11 +187,9 @@ def abstract_inputs(config, model_config, mesh, num_microbatches: int):
         placed(trainable, sharding.state_shardings(trainable, mesh)),
         placed(opt_state, sharding.optimizer_shardings(optimizer, trainable, mesh)),
     )
-    sample = pipeline.media_arrays(None, config.data)
-    text = np.zeros(config.data.max_text_length, np.int32)
-    sample |= dict(input_ids=text, labels=text, token_mask=text.astype(bool))
+    element = samples.example_batch_element(config.data, packing.ModalityRows.of(model_config, config.data))
     batch = {k: jax.ShapeDtypeStruct((config.global_batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding.batch_sharding(mesh))
-             for k, v in sample.items()}
+             for k, v in element.items()}
     train_step = step.make_train_step(graphdef, optimizer, num_microbatches=num_microbatches)
     return train_step, state, placed(frozen, sharding.state_shardings(frozen, mesh)), batch
 
@@ -240,7 +239,7 @@ def compile_plan(config, target: Topology, num_microbatches: int | None = None) 
         lowered = inputs[0].lower(*inputs[1:])
         kernel_parts = tuple(part for part in ("vision", "llm") if getattr(model_config, part)
                              and attention.resolve_implementation(getattr(model_config, part).attention_implementation) != "xla")
-    analytic = flops.run_sample_flops(model_config, config) * global_batch
+    analytic = flops.slot_flops_per_step(model_config, config)
     plan = Plan(target, dict(mesh.shape), num_microbatches, global_batch / num_microbatches / batch_shards, {}, False,
                 None, analytic, None, 0.0, 0.0)
     try:
@@ -268,7 +267,7 @@ def compile_plan(config, target: Topology, num_microbatches: int | None = None) 
     counted = flops.hlo_matmul_flops(plan.hlo_text)
     plan.kernel_calls = sum(counted.custom_calls.values())
     if plan.kernel_calls:  # the kernels' work is not in the HLO: count their attention analytically
-        plan.kernel_attention_flops = flops.run_attention_flops(model_config, config, kernel_parts) * global_batch
+        plan.kernel_attention_flops = flops.step_attention_flops(model_config, config, kernel_parts)
     plan.compiled_flops = counted.flops * devices + plan.kernel_attention_flops
     cost = compiled.cost_analysis()
     plan.xla_flops = cost.get("flops", 0.0) * devices if cost else None

@@ -11,6 +11,7 @@ step, on every host at the same step, and exits with status 143.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
-from avllm_jax.data import conversation, features, pipeline
+from avllm_jax.data import conversation, features, packing, pipeline
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
@@ -137,11 +138,18 @@ def check_data_matches_model(data_config, model_config):
         raise SetupError(f"data.{problem}")
 
 
-def total_steps(config, per_source) -> int:
+def total_steps(config, per_source, tokenizer, modality_rows) -> int:
     if config.num_steps > 0:
         return config.num_steps
     num_samples = sum(len(samples) for samples in per_source)
-    return max(1, math.floor(config.num_epochs * num_samples / config.global_batch_size))
+    samples_per_step = config.global_batch_size
+    if config.data.packing.enabled:
+        weights = [float(s.get("weight", 1.0)) for s in config.data.sources]
+        budget = packing.budget_of(config.data, modality_rows)
+        per_pack = packing.estimate_samples_per_pack(per_source, weights, config.data, tokenizer, modality_rows, budget)
+        print(f"packing: about {per_pack:.2f} samples per pack (from the sources' text lengths)", flush=True)
+        samples_per_step *= per_pack
+    return max(1, math.floor(config.num_epochs * num_samples / samples_per_step))
 
 
 def train(config, workdir: str, *, new_schedule_ok: bool = False) -> dict:
@@ -188,12 +196,15 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
     if worker_cpus:
         print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
     model_config, tokenizer, init_dir = resolve_model(config)
+    # After resolve_model: the adapters are new weights, not overrides of the starting checkpoint's.
+    model_config = optim.apply_lora(model_config, config.lora)
     check_data_matches_model(config.data, model_config)
-    try:  # before any weights load: a malformed line or a missing file stops the run here
+    modality_rows = packing.ModalityRows.of(model_config, config.data)
+    try:  # before any weights load: a malformed line, a missing file or a bad budget stops the run here
         per_source = pipeline.read_sources(config.data)
+        num_steps = total_steps(config, per_source, tokenizer, modality_rows)
     except (ValueError, OSError) as error:
         raise SetupError(str(error)) from error
-    num_steps = total_steps(config, per_source)
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch_divides(config, mesh)
     done = checkpoint.latest_step(workdir)
@@ -221,7 +232,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         with contextlib.ExitStack() as cleanup:
             data_iterator = pipeline.make_train_iterator(
                 config.data, tokenizer, global_batch_size=config.global_batch_size, worker_cpus=worker_cpus,
-                per_source=per_source,
+                per_source=per_source, modality_rows=modality_rows,
             )
             cleanup.callback(data_iterator.close)  # stops grain's worker processes, frees their shared memory
             manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
@@ -245,12 +256,12 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
             train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
             schedule = optim.learning_rate_schedule(config.optim, num_steps)
 
-            flops_per_sample = flops.run_sample_flops(model_config, config)
             peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
             writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
             cleanup.callback(writer.close)
             log = metrics.MetricsLog(
-                writer, flops_per_sample=flops_per_sample, peak_flops=peak, global_batch_size=config.global_batch_size,
+                writer, useful_flops=functools.partial(flops.work_flops, model_config, llm_trains=flops.llm_trains(config)),
+                slot_flops_per_step=flops.slot_flops_per_step(model_config, config), peak_flops=peak,
                 num_devices=jax.device_count(), total=num_steps, start_step=start,
             )
             preemption = runtime.PreemptionWatch()

@@ -21,7 +21,7 @@ import av
 import gradio as gr
 import jax
 
-from avllm_jax.data import conversation, pipeline
+from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import Media, MediaError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
@@ -96,7 +96,7 @@ def load_upload(path: str, data_config, max_duration_s: float) -> Media:
     declared = declared_duration(path)
     if declared is not None and declared > max_duration_s:
         raise MediaError(too_long.format(declared))
-    media = pipeline.load_file_media(path, data_config)
+    media = samples.load_file_media(path, data_config)
     if media.duration_s > max_duration_s:
         raise MediaError(too_long.format(media.duration_s))
     return media

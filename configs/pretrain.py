@@ -1,4 +1,4 @@
-"""Stage 1, pretraining: only the projectors W_t, W_s, W_a train (lr 2e-3, batch 256, 3 epochs).
+"""Stage 1, pretraining: only the projectors W_t, W_s, W_a train (lr 2e-3, batch about 256 samples, 3 epochs).
 
     python tools/convert_hf_weights.py --clip openai/clip-vit-large-patch14 \
         --clap laion/clap-htsat-fused --llm lmsys/vicuna-7b-v1.5 --allow-pickle --out checkpoints/avllm-init
@@ -15,7 +15,11 @@ def get_config():
     config.init_checkpoint = "checkpoints/avllm-init"  # converted; it must hold all three model.parts
     config.model.update(accelerator_model_overrides())
     config.trainable = (r"(temporal|spatial|audio)_proj\..*",)
-    config.global_batch_size = 256
+    # Packed (README, Packing): 48 packs of one 2048-position row, about 5 captions each, so
+    # about the paper's 256 samples a step; the run prints the estimate. Each pack's ViT slots
+    # take up to 6 videos (192 frames) and 8 items with images, its HTSAT slots 4 clips.
+    config.global_batch_size = 48
+    config.data.packing.update(dict(enabled=True, rows=1, row_length=2048, frames=192, visual_items=8, audio_clips=4))
     config.num_epochs = 3.0
     config.optim.learning_rate = 2e-3
     # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments

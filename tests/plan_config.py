@@ -15,7 +15,7 @@ def get_config(attention="xla"):
     config = base_config()
     config.model.vision.update(dataclasses.asdict(clip_vision.PRESETS["tiny"]) | {"attention_implementation": attention})
     config.model.audio.update(dataclasses.asdict(TINY_HTSAT))
-    llm = {k: v for k, v in dataclasses.asdict(llama.PRESETS["tiny"]).items() if v is not None}
+    llm = {k: v for k, v in dataclasses.asdict(llama.PRESETS["tiny"]).items() if v is not None and k not in llama.LORA_FIELDS}
     config.model.llm.update(llm | {"attention_implementation": attention})
     # 0.63 s of audio is 64 log-mel frames, what the tiny HTSAT's 64 x 64 spectrogram takes.
     config.data.update(dict(num_frames=2, image_size=32, num_audio_segments=2, max_text_length=32,

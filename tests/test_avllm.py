@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from avllm_jax.data import packing
+from avllm_jax.models import clip_vision
 from avllm_jax.training import optim, step
-from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, tiny_model, tiny_tokenizer
+from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
 MODALITIES = ("visual", "audio", "audio_visual", "text")
 
@@ -21,21 +23,30 @@ def model(tokenizer):
     return tiny_model(tokenizer)
 
 
+def own_rows(model, sample: dict) -> list[jax.Array]:
+    """The sample's modality rows [1, rows, D] by the paper's definition, computed here from the
+    encoders and projectors: each frame's CLS through W_t, the patches averaged over the frames
+    through W_s, each segment's pooled embedding through W_a."""
+    rows = []
+    if sample["has_visual"]:
+        hidden = model.vision(clip_vision.normalize_frames(jnp.asarray(sample["frames"])))  # [T, 1+N, Dv]
+        rows.append(model.temporal_proj(hidden[:, 0])[None])
+        rows.append(model.spatial_proj(hidden[:, 1:].mean(axis=0))[None])
+    if sample["has_audio"]:
+        pooled = model.audio(jnp.asarray(sample["audio_features"]), jnp.asarray(sample["audio_is_longer"]))
+        rows.append(model.audio_proj(pooled)[None])
+    return rows
+
+
 def logits_alone(model, sample: dict) -> np.ndarray:
     """One sample, unpadded, with only its own modality's rows, assembled here by hand."""
-    ids = sample["input_ids"][sample["token_mask"]]
+    ids = sample["input_ids"][sample["token_mask"]] if "token_mask" in sample else sample["input_ids"]
     text = model.llm.embed_tokens(jnp.asarray(ids)[None])
     pieces = [text]
-    token_ids = list(model.config.modality_token_ids)
-    where = np.flatnonzero(np.isin(ids, token_ids))
+    where = np.flatnonzero(np.isin(ids, list(model.config.modality_token_ids)))
     if where.size:
         p = where[0]
-        own = []
-        if sample["has_visual"]:
-            own.append(model.visual_tokens(jnp.asarray(sample["frames"])[None]))
-        if sample["has_audio"]:
-            own.append(model.audio_tokens(jnp.asarray(sample["audio_features"])[None], jnp.asarray(sample["audio_is_longer"])[None]))
-        pieces = [text[:, :p], *own, text[:, p + 1 :]]
+        pieces = [text[:, :p], *own_rows(model, sample), text[:, p + 1 :]]
     return np.asarray(model.llm(inputs_embeds=jnp.concatenate(pieces, axis=1)))[0]
 
 
@@ -53,6 +64,32 @@ def test_mixed_batch_rows_equal_samples_alone(model, tokenizer):
         diff = np.abs(ours - alone).max()
         print(f"MAT {modality}: max|mixed - alone| = {diff:.2e}")
         assert diff <= 1e-5, modality
+
+
+# Two rows of 480 positions (the tiny tokenizer gives prompts of about 210 tokens), frames for
+# two videos and a still, two audio clips: the eight samples below (a still among them) fill
+# two packs, two samples to a row.
+BUDGET = packing.PackBudget(rows=2, row_length=480, frames=2 * NUM_FRAMES + 1, visual_items=3, audio_clips=2)
+PACKED_KINDS = ("visual", "audio", "audio_visual", "text", "visual", "audio_visual", "audio", "text")
+
+
+def test_packed_batch_samples_equal_samples_alone(model, tokenizer):
+    batch, samples, places = packed_batch(tokenizer, model.config, PACKED_KINDS, BUDGET, seed=4, stills=(4,))
+    assert batch["input_ids"].shape[0] >= 2 and max(segment for *_, segment in places) >= 2  # packs with shared rows
+    logits, inputs = model(jax.tree.map(jnp.asarray, batch))
+    logits = np.asarray(logits).reshape(*batch["input_ids"].shape, -1)
+    for sample, (pack, row, segment), kind in zip(samples, places, PACKED_KINDS):
+        ours = logits[pack, row][batch["segment_ids"][pack, row] == segment]
+        alone = logits_alone(model, sample)
+        assert ours.shape == alone.shape, (kind, ours.shape, alone.shape)
+        diff = np.abs(ours - alone).max()
+        print(f"packed MAT {kind}: max|packed - alone| = {diff:.2e}")
+        assert diff <= 1e-5, kind
+    targets = np.asarray(inputs["targets"]).reshape(batch["input_ids"].shape)
+    for sample, (pack, row, segment) in zip(samples, places):
+        answer = sample["labels"][sample["labels"] != -100]
+        mine = targets[pack, row][batch["segment_ids"][pack, row] == segment]
+        np.testing.assert_array_equal(mine[mine != -100], answer)
 
 
 def test_targets_are_the_answer_tokens(model, tokenizer):
@@ -106,9 +143,14 @@ def grads_of_projectors(model, batch):
     "modality, zero, nonzero",
     [("visual", ["audio_proj"], ["temporal_proj", "spatial_proj"]), ("audio", ["temporal_proj", "spatial_proj"], ["audio_proj"])],
 )
-def test_absent_modality_projector_gets_exactly_zero_gradient(model, tokenizer, modality, zero, nonzero):
-    batch = jax.tree.map(jnp.asarray, mixed_batch(tokenizer, (modality, modality, "text"), seed=3))
-    grads = grads_of_projectors(model, batch)
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_absent_modality_projector_gets_exactly_zero_gradient(model, tokenizer, modality, zero, nonzero, packed):
+    kinds = (modality, modality, "text")
+    if packed:  # a pack's media slots hold the other modality's zeros too
+        batch = packed_batch(tokenizer, model.config, kinds, BUDGET, seed=3)[0]
+    else:
+        batch = mixed_batch(tokenizer, kinds, seed=3)
+    grads = grads_of_projectors(model, jax.tree.map(jnp.asarray, batch))
     for name in zero:
         for leaf in jax.tree.leaves(grads[name]):
             assert np.all(np.asarray(leaf) == 0.0), name
@@ -145,13 +187,18 @@ def test_encoders_never_change_and_hold_no_optimizer_state(model, tokenizer):
     assert all(changed)
 
 
-def test_gradient_accumulation_equals_one_big_batch(model, tokenizer):
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_gradient_accumulation_equals_one_big_batch(model, tokenizer, packed):
     graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter([r".*_proj\..*", r"llm\..*"]), ...)
-    batch = jax.tree.map(jnp.asarray, mixed_batch(tokenizer, MODALITIES * 2, seed=2))
+    if packed:  # two packs of different answer-token counts: the mean is over the tokens of both
+        batch = packed_batch(tokenizer, model.config, PACKED_KINDS, BUDGET, seed=2, stills=(4,))[0]
+    else:
+        batch = mixed_batch(tokenizer, MODALITIES * 2, seed=2)
+    batch = jax.tree.map(jnp.asarray, batch)
     import optax
 
     results = []
-    for microbatches in (1, 4):
+    for microbatches in (1, 2 if packed else 4):
         optimizer = optax.sgd(1.0)
         state = step.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, trainable), optimizer.init(trainable))
         state, metrics = step.make_train_step(graphdef, optimizer, num_microbatches=microbatches)(state, frozen, batch)

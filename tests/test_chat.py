@@ -11,7 +11,7 @@ import transformers
 
 import avllm_jax
 from avllm_jax import chat, convert
-from avllm_jax.data import conversation, pipeline
+from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import load_media
 from avllm_jax.data.synthetic import write_media
 from avllm_jax.inference import generate as gen
@@ -129,13 +129,13 @@ def test_chat_feeds_the_training_ids_up_to_the_last_answer(checkpoint, capsys, m
 
     # The training side: the pipeline's media loading and sample building, as for a training batch.
     data_config = prompts.inference_data_config(model, checkpoint["dir"], num_frames=NUM_FRAMES)
-    media = pipeline.load_file_media(checkpoint["video"], data_config)
+    media = samples.load_file_media(checkpoint["video"], data_config)
     turns = []
     for question, answer, batch in zip(questions, answers, fed):
         first = not turns
         turns += [(conversation.USER_ROLE, conversation.first_user_message(question, Modality.AUDIO_VISUAL) if first else question),
                   (conversation.ASSISTANT_ROLE, answer)]
-        sample = pipeline.build_sample(turns, media, Modality.AUDIO_VISUAL, data_config, tokenizer,
+        sample = samples.build_sample(turns, media, Modality.AUDIO_VISUAL, data_config, tokenizer,
                                        rng=np.random.default_rng(0), max_length=data_config.max_text_length)
         ids, labels = sample["input_ids"], sample["labels"]
         prompt = np.asarray(batch["input_ids"][0])[np.asarray(batch["token_mask"][0])]

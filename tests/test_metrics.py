@@ -114,6 +114,7 @@ def step_metrics(loss, visual, audio_visual, grad_norm=0.5, tokens=80):
         "loss": np.float32(loss), "grad_norm": np.float32(grad_norm), "target_tokens": np.int32(tokens),
         "loss/visual": np.float32(visual), "loss/audio": np.float32(nan),
         "loss/audio_visual": np.float32(audio_visual), "loss/text": np.float32(nan),
+        "work": np.array([3.0, 4.0, 0, 0, 0, 0], np.float32),  # 3 samples, 4 LLM tokens
     }
 
 
@@ -121,8 +122,10 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     clock = [100.0]
     monkeypatch.setattr(training_metrics.time, "time", lambda: clock[0])
     writer = RecordingWriter()
+    # Useful work: 1 TFLOP per LLM token (the work vector's second entry); each step's slots: 5 TFLOP.
     log = training_metrics.MetricsLog(
-        writer, flops_per_sample=1e12, peak_flops=10e12, global_batch_size=4, num_devices=2, total=100, start_step=10
+        writer, useful_flops=lambda work: work[1] * 1e12, slot_flops_per_step=5e12, peak_flops=10e12, num_devices=2,
+        total=100, start_step=10,
     )
     nan = float("nan")
     for step in range(11, 21):  # losses 2 and 3 alternate; visual on even steps, audio_visual on odd
@@ -132,12 +135,13 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     clock[0] = 105.0  # 10 steps in 5 s
     row = log.flush(20, learning_rate=1e-3)
     line = capsys.readouterr().out.strip()
-    # 10 steps / 5 s; 800 answer tokens / 5 s; 8 samples/s * 1 TFLOP / 2 devices = 4 TFLOP/s,
-    # 40% of 10; eta 5 s / 10 steps * 80 steps left = 40 s.
+    # 10 steps / 5 s; 800 answer tokens / 5 s; 10 steps * 4 TFLOP of useful work / 5 s / 2
+    # devices = 4 TFLOP/s, 40% of 10 (slots: 10 * 5 TFLOP / 5 s / 2 = 5 TFLOP/s, 50%);
+    # eta 5 s / 10 steps * 80 steps left = 40 s.
     assert line == (
         "step 20/100 | loss 2.5000 (visual 2.0000, audio_visual 3.0000) | lr 1.00e-03 | grad norm 0.5"
-        " | 2.00 steps/s, 160 answer tok/s, 4.000 TFLOP/s/device, mfu 40.0% | eta 0m40s"
-        " | skipped_media 1, skipped_text 0, rerouted 2"
+        " | 2.00 steps/s, 6.0 samples/s, 160 answer tok/s, 4.000 TFLOP/s/device, mfu 40.0% (slots 50.0%) | eta 0m40s"
+        " | skipped_media 1, skipped_text 0, rerouted 2, truncated 0"
     )
     assert writer.rows == [(20, row)]
     assert "loss/audio" not in row and "loss/text" not in row
@@ -150,4 +154,4 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     log.flush(21, learning_rate=5e-4)
     line = capsys.readouterr().out.strip()
     assert "loss 1.0000 (text 1.0000) | lr 5.00e-04" in line and "mfu n/a" in line
-    assert line.endswith("| skipped_media 1, skipped_text 3, rerouted 2")
+    assert line.endswith("| skipped_media 1, skipped_text 3, rerouted 2, truncated 0")

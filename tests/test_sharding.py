@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from avllm_jax.data import packing
 from avllm_jax.models import avllm, layers
 from avllm_jax.training import optim, sharding, step
-from tiny_models import mixed_batch, tiny_model, tiny_tokenizer
+from tiny_models import NUM_FRAMES, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
 OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, final_learning_rate=0.0))
 TRAINABLE = (r".*_proj\..*", r"llm\..*")
@@ -23,7 +24,19 @@ def setup():
     return model, batch
 
 
-def run_one_step(model, batch, mesh_shape):
+@pytest.fixture(scope="module")
+def packed_setup(setup):
+    """Eight packs of two samples each (one row of 480 positions; the tiny prompts are about
+    210 tokens): one a device on the 8-device mesh."""
+    model, _ = setup
+    budget = packing.PackBudget(rows=1, row_length=480, frames=2 * NUM_FRAMES, visual_items=2, audio_clips=2)
+    kinds = ("visual", "audio", "audio_visual", "text", "audio", "visual", "text", "audio_visual") * 2
+    batch = packed_batch(tiny_tokenizer(), model.config, kinds, budget, seed=5)[0]
+    assert batch["input_ids"].shape[0] == 8
+    return model, batch
+
+
+def run_one_step(model, batch, mesh_shape, num_microbatches=2):
     """One AdamW step of the model laid out on a mesh (None: one device, no mesh)."""
     devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
     mesh = sharding.make_mesh(mesh_shape or (1, 1, 1), devices=devices)
@@ -36,7 +49,7 @@ def run_one_step(model, batch, mesh_shape):
         graphdef, trainable, frozen = nnx.split(sharded_model, optim.trainable_filter(TRAINABLE), ...)
         optimizer = optim.make_optimizer(OPTIM, total_steps=2, params=trainable)
         train_state = step.TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-        train_step = step.make_train_step(graphdef, optimizer, num_microbatches=2)
+        train_step = step.make_train_step(graphdef, optimizer, num_microbatches=num_microbatches)
         new_state, metrics = train_step(train_state, frozen, sharding.shard_batch(batch, mesh))
         q_proj_sharding = new_state.params["llm"]["layers"]["q_proj"].get_value().sharding
         return jax.device_get(nnx.to_pure_dict(new_state.params)), float(metrics["loss"]), q_proj_sharding
@@ -69,6 +82,16 @@ def test_mesh_matches_single_device(setup, mesh_shape):
     spec = tuple(q_proj_sharding.spec) + (None,) * 4
     # q_proj is [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor when they exist.
     assert (spec[1] == "fsdp") == (fsdp > 1) and (spec[2] == "tensor") == (tensor > 1), spec
+
+
+def test_packed_batch_on_the_mesh_matches_single_device(packed_setup):
+    model, batch = packed_setup
+    reference_params, reference_loss, _ = run_one_step(model, batch, None, num_microbatches=1)
+    params, loss, _ = run_one_step(model, batch, (2, 2, 2), num_microbatches=1)
+    np.testing.assert_allclose(loss, reference_loss, rtol=0, atol=1e-5)
+    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, reference_params)))
+    print(f"packed, mesh (2, 2, 2): |loss diff| {abs(loss - reference_loss):.2e}, max |param diff| {worst:.2e}")
+    assert worst <= 1e-5
 
 
 def test_activation_names_map_to_the_batch_and_tensor_axes():

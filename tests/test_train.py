@@ -79,13 +79,19 @@ def test_sigterm_saves_the_step_and_resumes_exactly_with_data_workers(demo_files
     assert worst <= 1e-6
 
 
+# Unpacked: then the processes' batches side by side are the batch one process reads, so two
+# processes must train exactly like one. Packed, each process packs its own samples
+# (tests/test_packing.py checks they are disjoint and cover the data).
+UNPACKED = "--config.data.packing.enabled=False"
+
+
 def start_processes(demo_files, workdir, port, count=2, devices=2):
-    """`count` training processes on this machine, `devices` CPU devices each, gloo collectives."""
+    """`count` training processes on this machine, `devices` CPU devices each, gloo collectives, unpacked."""
     return [
         subprocess.Popen(
             train_command(demo_files, workdir, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
                           f"--process_id={index}", "--distributed_timeout_s=120", "--config.checkpoint_every=100",
-                          "--config.global_batch_size=8"),
+                          "--config.global_batch_size=8", UNPACKED),
             env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for index in range(count)
@@ -108,7 +114,7 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_p
     # One process with 4 devices at global batch 8 and the demo model 32 wide: the case that
     # once aborted in an all-reduce rendezvous (README, "Several hosts").
     one = tmp_path / "one_process"
-    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100", "--config.global_batch_size=8"),
+    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100", "--config.global_batch_size=8", UNPACKED),
                    check=True, env=environment(4), capture_output=True, timeout=600)
     two = tmp_path / "two_processes"
     results = finish(start_processes(demo_files, two, free_port()))

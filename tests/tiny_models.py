@@ -77,3 +77,43 @@ def collate(samples, length=None):
 def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None):
     rng = np.random.RandomState(seed)
     return collate([sample_arrays(tokenizer, m, rng) for m in modalities], pad_to)
+
+
+def prepared_sample(sample: dict, tokenizer, still: bool = False) -> dict:
+    """A `sample_arrays` sample as the pipeline prepares it for packing: unpadded, with its
+    frames (one for a still image) and the position of its modality token."""
+    frames = sample["frames"][:1] if still else sample["frames"]
+    return dict(sample, frames=frames if sample["has_visual"] else frames[:0],
+                modality_token_at=np.int32(conversation.modality_token_position(sample["input_ids"], tokenizer)))
+
+
+def as_still(sample: dict) -> dict:
+    """The sample with a still image: its first frame repeated over the T frames, as the
+    unpacked layout holds one."""
+    return dict(sample, frames=np.repeat(sample["frames"][:1], NUM_FRAMES, axis=0))
+
+
+def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=()):
+    """`kinds` packed in order into as many packs as they need (data/packing.py), and the
+    unpacked samples (stills repeated over T) with their (pack, row, segment id) to compare
+    against. Returns (batch, samples, places)."""
+    from avllm_jax.data import packing
+
+    rng = np.random.RandomState(seed)
+    samples = [sample_arrays(tokenizer, kind, rng) for kind in kinds]
+    samples = [as_still(s) if i in stills else s for i, s in enumerate(samples)]
+    prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
+    rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
+    shapes = dict(frames=samples[0]["frames"].shape[1:], audio_features=samples[0]["audio_features"].shape)
+    packs, places, current, packer = [], [], [], packing.Packer(budget)
+    for sample in prepared:
+        if not packer.place(packing.footprint(sample, rows)):
+            packs.append(packing.assemble(current, budget, rows, 0, shapes))
+            current, packer = [], packing.Packer(budget)
+            assert packer.place(packing.footprint(sample, rows))
+        current.append(sample)
+        row = packer.placed[-1][0]
+        places.append((len(packs), row, sum(r == row for r, _ in packer.placed)))
+    packs.append(packing.assemble(current, budget, rows, 0, shapes))
+    batch = {k: np.stack([p[k] for p in packs]) for k in packs[0]}
+    return batch, samples, places

@@ -251,10 +251,20 @@ def tokenize_turns(turns, tokenizer, max_length: int | None = None) -> tuple[np.
     for i, (start, end) in enumerate(encoding["offset_mapping"]):
         if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
             labels[i] = ids[i]
-    if max_length is not None and ids.size > max_length:
-        modality_ids = [tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS]
-        positions = np.flatnonzero(np.isin(ids, modality_ids))
-        if positions.size and positions[0] >= max_length:
-            raise PromptTooLongError(f"the modality token sits at position {positions[0]}, past max_length {max_length}")
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels
+    return truncate(ids, labels, max_length, tokenizer)
+
+
+def truncate(ids: np.ndarray, labels: np.ndarray, max_length: int | None, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) cut to `max_length`; PromptTooLongError when that would cut the modality token."""
+    if max_length is None or ids.size <= max_length:
+        return ids, labels
+    position = modality_token_position(ids, tokenizer)
+    if position >= max_length:
+        raise PromptTooLongError(f"the modality token sits at position {position}, past max_length {max_length}")
+    return ids[:max_length], labels[:max_length]
+
+
+def modality_token_position(ids: np.ndarray, tokenizer) -> int:
+    """Index of the first modality token in `ids`, -1 when there is none."""
+    positions = np.flatnonzero(np.isin(ids, [tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS]))
+    return int(positions[0]) if positions.size else -1

@@ -1,4 +1,4 @@
-"""CLAP log-mel features of decoded audio (the model input HTSAT takes).
+"""Log-mel features of decoded audio: CLAP's (the input HTSAT takes) and Whisper's.
 
 `clap_audio_features` computes what `transformers.ClapFeatureExtractor` computes (48 kHz,
 64 mel bins, 1024-point Hann STFT, hop 480, power in dB), for a batch of K equal-length
@@ -14,6 +14,11 @@ segments in one vectorised pass:
 `is_longer` is True exactly for the clips that were cut. One deliberate difference from the
 HF extractor: when no clip in a 'fusion' call is longer, HF marks one at random as longer
 (a training-time trick of the original CLAP); here a clip's flag never depends on its batch.
+
+`whisper_audio_features` computes what `transformers.WhisperFeatureExtractor` computes for one
+clip (16 kHz, 400-point Hann STFT, hop 160, 80 or 128 slaney mel bins up to 8 kHz, log10 with
+a floor, an 80 dB dynamic range, then (x + 4) / 4), over the 30 s window the Whisper encoder
+takes: shorter clips are padded with silence, longer ones cut to their first 30 s.
 """
 from __future__ import annotations
 
@@ -120,9 +125,9 @@ def _log_mel(waveforms: np.ndarray, filters: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _hann_window() -> np.ndarray:
+def _hann_window(size: int = FFT_SIZE) -> np.ndarray:
     """Periodic Hann window (as torch.hann_window and librosa use)."""
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(FFT_SIZE) / FFT_SIZE)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(size) / size)
 
 
 def _hz_to_mel(hz, scale: str):
@@ -146,9 +151,15 @@ def _mel_to_hz(mel, scale: str):
 def _mel_filters(sampling_rate: int, scale: str) -> np.ndarray:
     """[FFT_SIZE // 2 + 1, 64] triangular filters. 'htk': HTK scale, peak 1 (torchaudio's
     default, used by CLAP's fusion models); 'slaney': slaney scale, area-normalised (librosa's)."""
-    edges_mel = np.linspace(_hz_to_mel(MIN_FREQUENCY_HZ, scale), _hz_to_mel(MAX_FREQUENCY_HZ, scale), NUM_MEL_BINS + 2)
+    return _triangular_filters(sampling_rate, FFT_SIZE, NUM_MEL_BINS, MIN_FREQUENCY_HZ, MAX_FREQUENCY_HZ, scale)
+
+
+@functools.cache
+def _triangular_filters(sampling_rate: int, fft_size: int, num_bins: int, min_hz: float, max_hz: float, scale: str) -> np.ndarray:
+    """[fft_size // 2 + 1, num_bins] mel filters with edges evenly spaced in mel from min_hz to max_hz."""
+    edges_mel = np.linspace(_hz_to_mel(min_hz, scale), _hz_to_mel(max_hz, scale), num_bins + 2)
     edges = _mel_to_hz(edges_mel, scale)
-    bins = np.linspace(0, sampling_rate // 2, FFT_SIZE // 2 + 1)[:, None]
+    bins = np.linspace(0, sampling_rate // 2, fft_size // 2 + 1)[:, None]
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     rising = (bins - lower) / (centre - lower)
     falling = (upper - bins) / (upper - centre)
@@ -174,6 +185,53 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
     np.add.at(matrix, (np.arange(out_size), high), frac)
     return matrix
+
+
+WHISPER_SAMPLE_RATE = 16_000
+WHISPER_FFT_SIZE = 400
+WHISPER_HOP_LENGTH = 160
+WHISPER_WINDOW_SAMPLES = 30 * WHISPER_SAMPLE_RATE  # the encoder takes exactly one 30 s window
+WHISPER_FRAMES = WHISPER_WINDOW_SAMPLES // WHISPER_HOP_LENGTH  # 3000 mel frames
+WHISPER_MEL_FRAMES_PER_ENCODER_FRAME = 2  # the stride of the encoder's second convolution
+WHISPER_MAX_HZ = 8_000.0
+WHISPER_LOG_FLOOR = 1e-10
+WHISPER_DYNAMIC_RANGE = 8.0  # log10 units below the clip's peak, i.e. 80 dB
+
+
+def whisper_audio_features(audio: np.ndarray, num_mel_bins: int = 80, *, sampling_rate: int = WHISPER_SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Whisper log-mel features of one mono clip, and how many encoder frames hold real audio.
+
+    Args:
+      audio: float [L] at 16 kHz, L >= 1. Clips longer than 30 s are cut to their first 30 s.
+      num_mel_bins: 80 (Whisper tiny ... large-v2) or 128 (large-v3).
+    Returns:
+      features float32 [num_mel_bins, 3000] (one row of HF's `input_features`), and
+      valid_frames: the encoder frames (20 ms each, 1500 per window) centred on real audio,
+      ceil(min(L, 480000) / 320), which WhisperEncoder.audio_embeddings pools over.
+    """
+    if sampling_rate != WHISPER_SAMPLE_RATE:
+        raise ValueError(f"Whisper features need 16 kHz audio; got sampling_rate={sampling_rate} (resample first)")
+    if num_mel_bins not in (80, 128):
+        raise ValueError(f"Whisper checkpoints take 80 or 128 mel bins, not {num_mel_bins}")
+    # HF reads the waveform as float32 first; the same rounding keeps float64 input in parity.
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 1 or audio.size == 0:
+        raise ValueError(f"audio must be a non-empty mono [L] array, got shape {audio.shape}")
+    real_samples = min(audio.size, WHISPER_WINDOW_SAMPLES)
+    window = np.zeros(WHISPER_WINDOW_SAMPLES)
+    window[:real_samples] = audio[:real_samples]
+    half = WHISPER_FFT_SIZE // 2
+    padded = np.pad(window, (half, half), mode="reflect")  # centred frames, as torch.stft
+    # 3001 centred frames; Whisper drops the last, so a window is exactly 3000 frames
+    frames = np.lib.stride_tricks.sliding_window_view(padded, WHISPER_FFT_SIZE)[::WHISPER_HOP_LENGTH][:WHISPER_FRAMES]
+    power = np.abs(np.fft.rfft(frames * _hann_window(WHISPER_FFT_SIZE), axis=-1)) ** 2
+    filters = _triangular_filters(WHISPER_SAMPLE_RATE, WHISPER_FFT_SIZE, num_mel_bins, 0.0, WHISPER_MAX_HZ, "slaney")
+    log_mel = np.log10(np.maximum(power @ filters, WHISPER_LOG_FLOOR))
+    log_mel = np.maximum(log_mel, log_mel.max() - WHISPER_DYNAMIC_RANGE)
+    features = ((log_mel + 4.0) / 4.0).T.astype(np.float32)
+    real_mel_frames = -(-real_samples // WHISPER_HOP_LENGTH)  # frames centred on a real sample
+    valid_frames = -(-real_mel_frames // WHISPER_MEL_FRAMES_PER_ENCODER_FRAME)
+    return features, int(valid_frames)
 
 
 # The features a data config (pipeline.default_data_config) asks for, and whether an HTSAT takes them.

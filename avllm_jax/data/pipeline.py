@@ -1,12 +1,15 @@
 """The grain input pipeline: instruction samples -> decoded, tokenised, fixed-shape batches.
 
     sources (JSONL / LLaVA / Valley files), each shuffled by seed and epoch and repeated
-      -> mixed by weight -> this host's shard (its part of every global batch)
+      -> mixed by weight -> this host's shard
       -> decode + features + tokenise (build_sample, as inference builds a prompt),
          drop and count failures, stop past the bad fraction
-      -> batches of global_batch_size / process_count   (in worker processes unless worker_count is 0)
+      -> packed (data.packing.enabled): whole samples into packs (data/packing.py, which
+         describes a packed batch), global_batch_size / process_count packs a batch
+         unpacked: batches of global_batch_size / process_count samples
+      (in worker processes unless worker_count is 0)
 
-Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
+An unpacked batch is a dict of numpy arrays, leading dimension B (the per-host batch):
 
     frames            uint8   [B, T, S, S, 3]  zeros when the sample has no picture;
                                                a still image is repeated over T
@@ -18,14 +21,18 @@ Every batch is a dict of numpy arrays, leading dimension B (the per-host batch):
     labels            int32   [B, L]           IGNORE_INDEX except on answers and their EOS;
                                                aligned with input_ids (the model shifts them)
     token_mask        bool    [B, L]           True on real tokens
+    work              float32 [B, len(WORK)]   the sample's useful work (packing.WORK), when
+                                               the iterator is given the model's modality_rows
     num_skipped_media int32   [B]              samples dropped just before this one because
                                                their file raised MediaError or had no stream
     num_skipped_text  int32   [B]              ... because the prompt did not fit max_text_length
     num_rerouted      int32   [B]              1 when this sample's modality was changed to
                                                the streams its file has
+    num_truncated     int32   [B]              1 when its text was cut to fit
     skipped_reasons   str     [B]              "file:line: reason" of each sample dropped just
                                                before this one, one a line ("" for none)
 
+A packed batch has the same counters, per pack, summed over its samples.
 Summing a counter over batches gives the total for this host (the counters and reasons
 travel in the batch because the worker processes that find them share nothing with the
 trainer). Each sample's prompt holds
@@ -46,12 +53,13 @@ import numpy as np
 import threadpoolctl
 
 from avllm_jax import runtime
-from avllm_jax.data import conversation, features
-from avllm_jax.data.media import Media, MediaError, load_media
-from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
+from avllm_jax.data import conversation, packing
+from avllm_jax.data.media import MediaError
+from avllm_jax.data.samples import build_sample, load_file_media, media_shapes, pad_text, routed_modality
+from avllm_jax.modality import MODALITY_TOKENS
 
 _SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
-COUNTERS = (*_SKIP_COUNTERS, "num_rerouted")
+COUNTERS = (*_SKIP_COUNTERS, "num_rerouted", "num_truncated")
 _MAX_LISTED_FAILURES = 10
 
 
@@ -71,7 +79,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.audio_max_length_s = 10.0  # CLAP window per segment: F = 1 + rate * length // 480
     config.audio_truncation = "fusion"  # "fusion" (4 mel channels) or "rand_trunc" (1)
     config.audio_padding = "repeatpad"  # "repeatpad", "repeat" or "pad"
-    config.max_text_length = 512
+    config.max_text_length = 512  # text tokens of a sample (the modality token's rows not counted)
+    # Packing (data/packing.py): global_batch_size then counts packs, each of `rows` LLM rows of
+    # `row_length` positions holding whole samples, with ViT slots for `frames` frames (a video
+    # takes num_frames, a still image 1) of up to `visual_items` videos and images, and
+    # `audio_clips` clips of num_audio_segments segments. Off: every sample has its own row of
+    # max_text_length - 1 + T + N + K positions and its own video and audio slots.
+    config.packing = ml_collections.ConfigDict(
+        dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6)
+    )
     config.seed = 0
     # None: repeat forever. With several sources the mixture ends when the first one has run
     # through its epochs.
@@ -92,84 +108,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     return config
 
 
-def load_file_media(path: str | os.PathLike, config) -> Media:
-    """The media of `path`, decoded with the data config's frame count, image size and audio settings."""
-    return load_media(
-        path,
-        num_frames=config.num_frames,
-        image_size=config.image_size,
-        num_audio_segments=config.num_audio_segments,
-        audio_sample_rate=config.audio_sample_rate,
-    )
-
-
-def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
-    """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
-    t, s, k = config.num_frames, config.image_size, config.num_audio_segments
-    frames = np.zeros((t, s, s, 3), np.uint8)
-    audio_features = np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32)
-    is_longer = np.zeros((k,), bool)
-    has_visual = bool(media is not None and media.has_visual and use_visual)
-    has_audio = bool(media is not None and media.has_audio and use_audio)
-    if has_visual:
-        frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
-    if has_audio:
-        audio_features, is_longer = features.clap_audio_features(
-            media.audio,
-            truncation=config.audio_truncation,
-            padding=config.audio_padding,
-            max_length_s=config.audio_max_length_s,
-            sampling_rate=config.audio_sample_rate,
-            rng=rng,
-        )
-    return dict(frames=frames, audio_features=audio_features, audio_is_longer=is_longer,
-                has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
-
-
-def build_sample(
-    turns: list[tuple[str, str]],
-    media: Media | None,
-    modality: Modality | None,
-    config,
-    tokenizer,
-    *,
-    rng: np.random.Generator,
-    max_length: int | None = None,
-) -> dict:
-    """One sample's media arrays, unpadded int32 input_ids and labels, and num_rerouted.
-
-    Training builds its samples and inference its prompts here: turns that end with an answer
-    make a training sample, turns that end with a user turn a prompt whose ids end with
-    "ASSISTANT:". `modality` is what the first turn's token asks for (None: text only); when
-    `media` lacks a stream it needs, the sample is re-routed to the streams the file has and
-    its token rewritten (num_rerouted 1). `rng` draws the audio crop. Raises MediaError when
-    the file has no stream, PromptTooLongError when the modality token falls past `max_length`.
-    """
-    rerouted = 0
-    if modality is not None:
-        used = Modality.from_flags(modality.has_visual and media.has_visual, modality.has_audio and media.has_audio)
-        if used != modality:
-            used = used or Modality.from_flags(media.has_visual, media.has_audio)
-            if used is None:  # an audio stream with fewer samples than segments counts as none
-                raise MediaError("the file has no video or audio stream to use")
-            turns, rerouted = conversation.with_modality(turns, used), 1
-        arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)
-    else:
-        arrays = media_arrays(None, config)
-    ids, labels = conversation.tokenize_turns(turns, tokenizer, max_length)
-    return dict(arrays, input_ids=ids, labels=labels, num_rerouted=np.int32(rerouted))
-
-
-def pad_text(sample: dict, length: int, tokenizer) -> dict:
-    """`sample` with input_ids and labels right-padded to `length` and its token_mask."""
-    ids, labels = sample["input_ids"], sample["labels"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = np.full(length, pad_id, np.int32)
-    padded_labels = np.full(length, IGNORE_INDEX, np.int32)
-    input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
-    return dict(sample, input_ids=input_ids, labels=padded_labels, token_mask=np.arange(length) < ids.size)
-
-
 @dataclasses.dataclass
 class _Failure:
     """Stands in for a sample that could not be prepared; dropped and counted downstream."""
@@ -180,26 +118,44 @@ class _Failure:
 
 @dataclasses.dataclass
 class _PrepareSample:
-    """Decodes and builds one Sample at the config's fixed text length; a _Failure if it cannot."""
+    """Decodes and builds one Sample; a _Failure if it cannot.
+
+    Unpacked (`modality_rows` None or packing off): padded to the config's fixed text length.
+    For packing: unpadded, a still image's one frame kept alone, the text cut to what fits a
+    row beside the sample's modality rows (and to max_text_length). Both carry the sample's
+    `work` (packing.WORK) when `modality_rows` is given."""
 
     config: ml_collections.ConfigDict
     tokenizer: object
+    modality_rows: packing.ModalityRows | None = None
 
     def __call__(self, index: int, sample: conversation.Sample) -> dict | _Failure:
         """`index`: the sample's place in the whole job's stream, so that its random crops do
         not depend on how many processes read the stream."""
-        config = self.config
+        config, rows = self.config, self.modality_rows
+        packed = config.packing.enabled
         rng = np.random.default_rng((config.seed, index))
         try:
             media = load_file_media(sample.media_path, config) if sample.modality is not None else None
-            built = build_sample(sample.turns, media, sample.modality, config, self.tokenizer, rng=rng,
-                                 max_length=config.max_text_length)
+            max_length = config.max_text_length
+            if packed:
+                used, _ = routed_modality(sample.modality, media)
+                max_length = min(max_length, config.packing.row_length - rows.count(used) + (used is not None))
+            built = build_sample(sample.turns, media, sample.modality, config, self.tokenizer, rng=rng, max_length=max_length)
         except MediaError as e:
             return _Failure("num_skipped_media", f"{sample.origin}: {e}")
         except conversation.PromptTooLongError as e:
             return _Failure("num_skipped_text", f"{sample.origin}: {e}")
-        padded = pad_text(built, config.max_text_length, self.tokenizer)
-        return dict(padded, **{counter: np.int32(0) for counter in _SKIP_COUNTERS})
+        built.update({counter: np.int32(0) for counter in _SKIP_COUNTERS})
+        if rows is not None:
+            num_frames = (1 if media.frames.shape[0] == 1 else config.num_frames) if built["has_visual"] else 0
+            # A still's one frame, as a pack holds it.
+            unpadded = dict(built, frames=built["frames"][:num_frames],
+                            modality_token_at=np.int32(conversation.modality_token_position(built["input_ids"], self.tokenizer)))
+            if packed:
+                return unpadded
+            built["work"] = packing.sample_work(packing.footprint(unpadded, rows), rows)
+        return pad_text(built, config.max_text_length, self.tokenizer)
 
 
 class _HostShard(grain.MapDataset):
@@ -309,11 +265,14 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
 
 
 def make_train_iterator(
-    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None, per_source=None
+    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None, per_source=None,
+    modality_rows: packing.ModalityRows | None = None,
 ):
     """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
 
     `per_source`: the sources' samples when the caller has read them (`read_sources`).
+    `modality_rows`: the model's rows per modality; needed for packing, and to give unpacked
+    batches their `work` (packing.WORK) for the FLOP counts.
 
     `worker_cpus`: the CPUs the decoding processes are pinned to (see `runtime.split_cpus`); None
     leaves them where the scheduler puts them.
@@ -327,6 +286,9 @@ def make_train_iterator(
     missing = [t for t in MODALITY_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
+    packed = data_config.packing.enabled
+    if packed:
+        budget = packing.budget_of(data_config, modality_rows)
 
     datasets = []
     for index, samples in enumerate(per_source if per_source is not None else read_sources(data_config)):
@@ -336,14 +298,20 @@ def make_train_iterator(
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
     batch_size = global_batch_size // process_count
-    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer))  # lazy: runs on this host's samples only
-    dataset = _HostShard(dataset, batch_size, process_index, process_count)
+    # Lazy: runs on this host's samples only.
+    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, modality_rows))
+    # Packed: every process-count-th sample is this host's, and it packs its own; unpacked: its
+    # run of samples in each global batch.
+    dataset = _HostShard(dataset, 1 if packed else batch_size, process_index, process_count)
     # Threads within each process overlap file reads with decoding; keep the read-ahead to
     # about a batch so that memory stays bounded with many workers.
     read_options = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=batch_size)
     iterable = _SkipBadSamples(
         dataset.to_iter_dataset(read_options), data_config.max_bad_fraction, data_config.min_samples_before_bad_check
     )
+    if packed:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        iterable = packing.PackSamples(iterable, budget, modality_rows, pad_id, media_shapes(data_config), COUNTERS)
     iterable = iterable.batch(batch_size, drop_remainder=True)
     if data_config.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults

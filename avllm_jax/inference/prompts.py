@@ -1,4 +1,4 @@
-"""Prompts about media: each row is built as a training sample is (`pipeline.build_sample`),
+"""Prompts about media: each row is built as a training sample is (`samples.build_sample`),
 from a conversation that stops before the answer, so its ids are the training ids up to the
 last "ASSISTANT:".
 
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from avllm_jax.checkpoint import read_data_config
-from avllm_jax.data import conversation, features, pipeline
+from avllm_jax.data import conversation, features, pipeline, samples
 from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
@@ -132,9 +132,9 @@ def conversation_batch(
             raise ValueError(f"conversation {i} ends with an answer; a prompt ends with a user turn")
         modality = resolve_modality(item, modality, f"media item {i}")
         # A fixed seed: the same audio crop every time the same prompt is asked.
-        rows.append(pipeline.build_sample(item_turns, item, modality, config, tokenizer, rng=np.random.default_rng(0)))
+        rows.append(samples.build_sample(item_turns, item, modality, config, tokenizer, rng=np.random.default_rng(0)))
     length = -(-max(row["input_ids"].size for row in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
-    rows = [pipeline.pad_text(row, length, tokenizer) for row in rows]
+    rows = [samples.pad_text(row, length, tokenizer) for row in rows]
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 

@@ -3,10 +3,12 @@
 A sample's modality rows are, in order, T temporal tokens (each frame's CLS token through
 W_t), N spatial tokens (the patch tokens averaged over time through W_s) and K audio tokens
 (each segment's pooled HTSAT embedding through W_a). They replace the modality token of the
-prompt. Every sample has slots for all T+N+K rows; the rows of an absent modality are dropped
-from attention (segment id 0) and from the position count, and are zeroed with a `where`, so
-a sample in a mixed batch computes what it computes alone and sends no gradient to the
-projector of a modality it lacks.
+prompt. A batch is made of packs (data/packing.py): the encoders run on a pack's media slots,
+their rows form the pack's modality table, and each LLM position reads either its text
+embedding or one table row. A sample reads only its own rows and attends only within its
+segment, so a sample in a packed, mixed batch computes what it computes alone and sends no
+gradient to the projector of a modality it lacks (a row nothing reads gets none). An
+unpacked batch, as inference builds it, is laid out as packs of one sample (`as_packs`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from avllm_jax.modality import IGNORE_INDEX
+from avllm_jax.modality import IGNORE_INDEX, Modality
 from avllm_jax.models import clip_vision, htsat, layers, llama
 
 
@@ -81,89 +83,126 @@ class AVLLM(nnx.Module):
         for name, projector in make_projectors(config, rngs=rngs).items():
             setattr(self, name, projector)
 
-    # -- modality rows ------------------------------------------------------------------
+    # -- the modality table --------------------------------------------------------------
 
-    def visual_tokens(self, frames: jax.Array) -> jax.Array:
-        """frames uint8 [B, T, S, S, 3] -> [B, T+N, D_llm] (temporal, then spatial)."""
-        batch, num_frames = frames.shape[:2]
-        pixels = clip_vision.normalize_frames(frames.reshape(batch * num_frames, *frames.shape[2:]))
-        pixels = layers.constrain(pixels, ("batch", None, None, None))  # the frames of a device's own samples
-        # No stop_gradient: when the encoder is frozen it is not among the differentiated
-        # parameters, so no backward pass is built for it; when a config trains it, it trains.
-        hidden = self.vision(pixels)  # [B*T, 1+N, Dv]
-        hidden = hidden.reshape(batch, num_frames, *hidden.shape[1:])
+    def modality_table(self, batch: dict) -> jax.Array:
+        """A pack's modality rows [P, M, D_llm]: F temporal rows (each frame's CLS through W_t),
+        visual_items x N spatial rows (each item's patch tokens averaged over its frames,
+        through W_s), audio_clips x K audio rows (each segment's pooled HTSAT embedding
+        through W_a); see data/packing.py."""
+        parts = []
         dtype = layers.dtype_of(self.config.llm.dtype)
-        temporal = self.temporal_proj(hidden[:, :, 0].astype(dtype))
-        spatial = self.spatial_proj(hidden[:, :, 1:].mean(axis=1).astype(dtype))
-        return jnp.concatenate([temporal, spatial], axis=1)
-
-    def audio_tokens(self, audio_features: jax.Array, audio_is_longer: jax.Array) -> jax.Array:
-        """audio_features [B, K, C, F, 64] -> [B, K, D_llm]."""
-        batch, num_segments = audio_features.shape[:2]
-        features = layers.constrain(audio_features.reshape(batch * num_segments, *audio_features.shape[2:]), ("batch", None, None, None))
-        pooled = self.audio(features, audio_is_longer.reshape(-1))
-        pooled = pooled.reshape(batch, num_segments, -1)
-        return self.audio_proj(pooled.astype(layers.dtype_of(self.config.llm.dtype)))
+        if self.vision is not None and "frames" in batch:
+            frames = batch["frames"]  # uint8 [P, F, S, S, 3]
+            packs, num_frames = frames.shape[:2]
+            pixels = clip_vision.normalize_frames(frames.reshape(packs * num_frames, *frames.shape[2:]))
+            pixels = layers.constrain(pixels, ("batch", None, None, None))  # the frames of a device's own packs
+            # No stop_gradient: when the encoder is frozen it is not among the differentiated
+            # parameters, so no backward pass is built for it; when a config trains it, it trains.
+            hidden = self.vision(pixels)  # [P*F, 1+N, Dv]
+            hidden = hidden.reshape(packs, num_frames, *hidden.shape[1:])
+            temporal = self.temporal_proj(hidden[:, :, 0].astype(dtype))
+            # Each item's mean over its frames: a [F, items] averaging matrix per pack.
+            item_frames = batch["item_frames"]  # [P, V]
+            membership = jax.nn.one_hot(batch["frame_item"], item_frames.shape[1], dtype=jnp.float32)  # empty (-1): zeros
+            weights = (membership / jnp.maximum(item_frames[:, None, :], 1)).astype(hidden.dtype)
+            patches = jnp.einsum("pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32)
+            spatial = self.spatial_proj(patches.astype(dtype)).reshape(packs, -1, temporal.shape[-1])
+            parts += [temporal, spatial]
+        if self.audio is not None and "audio_features" in batch:
+            features = batch["audio_features"]  # [P, A, K, C, Fr, 64]
+            packs, clips, segments = features.shape[:3]
+            flat = layers.constrain(features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None))
+            pooled = self.audio(flat, batch["audio_is_longer"].reshape(-1))
+            parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
+        if not parts:
+            raise ValueError("the batch has neither frames nor audio_features for the model's encoders")
+        return jnp.concatenate(parts, axis=1)
 
     # -- the multimodal sequence --------------------------------------------------------
 
     def embed_inputs(self, batch: dict) -> dict:
-        """Splices the modality rows into the text embeddings.
+        """The LLM's inputs for a packed batch (data/packing.py) or an unpacked one (the
+        pipeline's unpacked layout, which inference uses; `as_packs` lays it out as packs of one
+        row): `inputs_embeds` [P*R, L, D], `positions`, `segment_ids`, `targets` (with labels)
+        and `loss_group` [P*R, L]."""
+        if "modality_index" not in batch:
+            batch = self.as_packs(batch)
+        table = self.modality_table(batch)
+        packs, rows, length = batch["input_ids"].shape
+        text = self.llm.embed_tokens(batch["input_ids"].reshape(packs, rows * length))
+        index = batch["modality_index"].reshape(packs, rows * length)
+        gathered = jnp.take_along_axis(table, jnp.maximum(index, 0)[..., None], axis=1).astype(text.dtype)
+        # `where`, not a sum: a modality row a sample lacks is never read, so its projector gets
+        # an exactly-zero gradient from that sample.
+        inputs_embeds = jnp.where((index >= 0)[..., None], gathered, text).reshape(packs * rows, length, -1)
+        flat = lambda name: batch[name].reshape(packs * rows, length)  # noqa: E731
+        out = {"inputs_embeds": layers.constrain(inputs_embeds, layers.RESIDUAL), "positions": flat("positions"),
+               "segment_ids": flat("segment_ids"), "loss_group": flat("loss_group")}
+        if "targets" in batch:
+            out["targets"] = flat("targets")
+        return out
 
-        Returns `inputs_embeds` [B, L', D], `positions`, `segment_ids` [B, L'] and
-        `targets` [B, L'] (the next text token each row must predict, IGNORE_INDEX elsewhere),
-        with L' = L - 1 + T + N + K.
-        """
+    def as_packs(self, batch: dict) -> dict:
+        """An unpacked batch (frames [B, T, ...], audio_features [B, K, ...], input_ids [B, L]
+        with one modality token, token_mask, flags, optional labels) as B packs of one row of
+        L - 1 + T + N + K positions, one visual item and one audio clip each. The rows of a
+        modality the sample lacks stay in the row as padding (segment 0), so a prompt batch
+        keeps one static shape; positions count only the kept rows."""
         input_ids, token_mask = batch["input_ids"], batch["token_mask"]
-        text = self.llm.embed_tokens(input_ids)
-        batch_size, length, width = text.shape
-        rows, row_kept = [], []
+        batch_size, length = input_ids.shape
+        sizes, streams, packs = [], [], {}
         if self.vision is not None and "frames" in batch:
-            visual = self.visual_tokens(batch["frames"])
-            rows.append(visual)
-            row_kept.append(jnp.broadcast_to(batch["has_visual"][:, None], visual.shape[:2]))
+            num_frames = batch["frames"].shape[1]
+            packs.update(
+                frames=batch["frames"],
+                frame_item=jnp.broadcast_to(jnp.where(batch["has_visual"], 0, -1)[:, None], (batch_size, num_frames)),
+                item_frames=jnp.where(batch["has_visual"], num_frames, 0)[:, None],
+            )
+            sizes.append(num_frames + self.config.vision.num_patches)
+            streams.append(batch["has_visual"])
         if self.audio is not None and "audio_features" in batch:
-            audio = self.audio_tokens(batch["audio_features"], batch["audio_is_longer"])
-            rows.append(audio)
-            row_kept.append(jnp.broadcast_to(batch["has_audio"][:, None], audio.shape[:2]))
-        if not rows:
+            packs.update(audio_features=batch["audio_features"][:, None], audio_is_longer=batch["audio_is_longer"][:, None])
+            sizes.append(batch["audio_features"].shape[1])
+            streams.append(batch["has_audio"])
+        if not sizes:
             raise ValueError("the batch has neither frames nor audio_features for the model's encoders")
-        modality = jnp.concatenate(rows, axis=1).astype(text.dtype)
-        modality_kept = jnp.concatenate(row_kept, axis=1)
-        num_rows = modality.shape[1]
+        num_rows = sum(sizes)
+        # Whether each modality slot's stream is present.
+        stream_of_row = jnp.concatenate([jnp.full(size, i) for i, size in enumerate(sizes)])
+        row_kept = jnp.stack(streams, axis=1)[:, stream_of_row]  # [B, num_rows]
 
         # Where the modality token sits; text-only samples put the (all dropped) rows at the end.
         is_modality_token = jnp.isin(input_ids, jnp.asarray(self.config.modality_token_ids))
         has_token = is_modality_token.any(axis=1)
         token_position = jnp.where(has_token, jnp.argmax(is_modality_token, axis=1), length)[:, None]
-        modality_kept &= has_token[:, None]
+        row_kept &= has_token[:, None]
 
         out_length = length - 1 + num_rows
         slot = jnp.arange(out_length)[None, :]
         in_modality = (slot >= token_position) & (slot < token_position + num_rows)
         # The modality token itself is replaced: text after it shifts by num_rows - 1.
-        text_index = jnp.where(slot < token_position, slot, slot - num_rows + 1)
-        text_index = jnp.clip(text_index, 0, length - 1)
-        modality_index = jnp.clip(slot - token_position, 0, num_rows - 1)
-
+        text_index = jnp.clip(jnp.where(slot < token_position, slot, slot - num_rows + 1), 0, length - 1)
+        modality_offset = jnp.clip(slot - token_position, 0, num_rows - 1)
         take = lambda x, index: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
-        text_rows = take(text, text_index[..., None])
-        modality_rows = take(modality, modality_index[..., None])
-        row_is_kept_modality = in_modality & take(modality_kept, modality_index)
-        kept = jnp.where(in_modality, row_is_kept_modality, take(token_mask, text_index))
-        # `where`, not a product: an absent modality's projector gets an exactly-zero gradient.
-        inputs_embeds = jnp.where(
-            row_is_kept_modality[..., None], modality_rows, jnp.where(in_modality[..., None], 0, text_rows)
+        is_kept_modality = in_modality & take(row_kept, modality_offset)
+        kept = jnp.where(in_modality, is_kept_modality, take(token_mask, text_index))
+        group = jnp.stack([(batch["has_visual"] == m.has_visual) & (batch["has_audio"] == m.has_audio) for m in Modality]
+                          + [~batch["has_visual"] & ~batch["has_audio"]], axis=1)
+        packs.update(
+            # With one item and one clip per pack, the table rows are the modality slots in order.
+            input_ids=take(input_ids, text_index)[:, None],
+            modality_index=jnp.where(is_kept_modality, modality_offset, -1)[:, None],
+            segment_ids=kept.astype(jnp.int32)[:, None],
+            positions=llama.kept_positions(kept)[:, None],
+            loss_group=jnp.broadcast_to(jnp.argmax(group, axis=1)[:, None], kept.shape)[:, None],
         )
-        inputs_embeds = layers.constrain(inputs_embeds, layers.RESIDUAL)
-        positions = llama.kept_positions(kept)
-        out = {"inputs_embeds": inputs_embeds, "positions": positions, "segment_ids": kept.astype(jnp.int32)}
         if "labels" in batch:
             # Each text row predicts the next text token; shifting before the splice keeps the
             # target independent of which modality rows are dropped.
             next_labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full((batch_size, 1), IGNORE_INDEX)], axis=1)
-            out["targets"] = jnp.where(in_modality | ~kept, IGNORE_INDEX, take(next_labels, text_index))
-        return out
+            packs["targets"] = jnp.where(in_modality | ~kept, IGNORE_INDEX, take(next_labels, text_index))[:, None]
+        return packs
 
     def __call__(self, batch: dict, *, return_hidden_states: bool = False) -> tuple[jax.Array, dict]:
         """Logits [B, L', V] (or final hidden states) and the spliced inputs (targets included)."""

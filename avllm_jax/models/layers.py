@@ -1,10 +1,11 @@
 """Building blocks shared by the networks: parameters with logical axes, sharding constraints
-on activations, Dense, LayerNorm, RMSNorm, and stacked (scanned) layers."""
+on activations, Dense, LayerNorm, RMSNorm, LoRA adapters, and stacked (scanned) layers."""
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -93,6 +94,48 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class LoRA(nnx.Module):
+    """A low-rank adapter (Hu et al., 2021) beside a frozen projection whose kernel is
+    [*inputs, *outputs]: it adds scale · (x @ a) @ b, with a [*inputs, rank] normal (stddev
+    1/sqrt(fan-in)), b [rank, *outputs] zeros (so a new adapter changes nothing) and
+    scale = alpha / rank. a and b take the kernel's logical axes on their input and output
+    dimensions, so they are sharded as the kernel is; the rank dimension stays whole.
+
+    Not flax's nnx.LoRA: that one is 2-D only and has no alpha, while the attention kernels are
+    [embed, heads, head_dim] and [heads, head_dim, embed] and their adapters keep the heads axis
+    (laid out over 'tensor' like the kernel's, and merged without reshapes). Nor qwix's
+    LoraProvider (not a dependency), which adds adapters by intercepting the model's matmuls
+    as it runs; declared here, they are parameters of the scanned layer like any other, with
+    logical axes. The variables are flax's nnx.LoRAParam, an nnx.Param, so a filter tells
+    adapters from base weights by type.
+    """
+
+    def __init__(self, kernel: nnx.Param, num_inputs: int, *, rank: int, alpha: float, rngs: nnx.Rngs):
+        value, axes = kernel.get_value(), kernel.get_metadata()["logical_axes"]
+        shape, dtype = value.shape, value.dtype
+        stddev = math.prod(shape[:num_inputs]) ** -0.5
+        self.a = nnx.LoRAParam(stddev * jax.random.normal(rngs.params(), (*shape[:num_inputs], rank), dtype),
+                               logical_axes=(*axes[:num_inputs], None))
+        self.b = nnx.LoRAParam(jnp.zeros((rank, *shape[num_inputs:]), dtype), logical_axes=(None, *axes[num_inputs:]))
+        self.scale = alpha / rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., *inputs] -> the update [..., *outputs], computed in x's dtype."""
+        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        low = jnp.tensordot(x, a, axes=a.ndim - 1) * self.scale  # scaled at width `rank`, the cheapest place
+        return jnp.tensordot(low, b, axes=1)
+
+
+def merge_lora(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """kernel + scale · a @ b for stacked layers (kernel [L, *inputs, *outputs], a [L, *inputs,
+    rank], b [L, rank, *outputs]), in float32 at full matmul precision (TPUs multiply float32 in
+    bfloat16 passes by default), returned in the kernel's dtype."""
+    num_layers, rank = a.shape[0], a.shape[-1]
+    update = jnp.matmul(a.reshape(num_layers, -1, rank).astype(jnp.float32), b.reshape(num_layers, rank, -1).astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    return (kernel.astype(jnp.float32) + scale * update.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,11 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat_policy: str = "none"
+    # LoRA adapters (layers.LoRA, scale lora_alpha / lora_rank) on the projections whose names
+    # ('layers.q_proj', ..., 'layers.down_proj') a regex of lora_targets full-matches; rank 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
@@ -152,6 +158,32 @@ class KVCache:
         )
 
 
+# The projections an adapter can target, each with the number of its kernel's input axes.
+ADAPTABLE_PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def lora_targets(config: LlamaConfig) -> tuple[str, ...]:
+    """The projections (ADAPTABLE_PROJECTIONS' names) that get adapters. A regex that matches
+    none of them is an error naming it: it would silently train less than asked."""
+    if config.lora_rank == 0:
+        return ()
+    if config.lora_rank < 0 or not config.lora_targets:
+        raise ValueError(f"LoRA rank {config.lora_rank} with targets {config.lora_targets!r}: the rank must be "
+                         "positive and at least one target regex given (rank 0 turns LoRA off)")
+    names = {f"layers.{name}": name for name in ADAPTABLE_PROJECTIONS}
+    chosen = set()
+    for pattern in config.lora_targets:
+        try:
+            matched = {name for full, name in names.items() if re.fullmatch(pattern, full)}
+        except re.error as error:
+            raise ValueError(f"LoRA target '{pattern}' is not a regex: {error}") from None
+        if not matched:
+            raise ValueError(f"LoRA target '{pattern}' matches none of the LLM's projections: {', '.join(names)}")
+        chosen |= matched
+    return tuple(name for name in ADAPTABLE_PROJECTIONS if name in chosen)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -168,6 +200,20 @@ class DecoderLayer(nnx.Module):
         self.gate_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
         self.up_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
         self.down_proj = dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"))
+        # Beside the kernels, not in them: the base weights keep their names, so converted and
+        # trained checkpoints load into a model with adapters.
+        self.lora = nnx.Dict({
+            name: layers.LoRA(self._kernel(name), ADAPTABLE_PROJECTIONS[name], rank=c.lora_rank, alpha=c.lora_alpha, rngs=rngs)
+            for name in lora_targets(c)
+        })
+
+    def _kernel(self, name: str) -> nnx.Param:
+        projection = getattr(self, name)
+        return projection.kernel if isinstance(projection, layers.Dense) else projection
+
+    def _adapted(self, name: str, x: jax.Array, projected: jax.Array) -> jax.Array:
+        """`projected` (the projection `name` of x) plus its adapter's update, where it has one."""
+        return projected + self.lora[name](x) if name in self.lora else projected
 
     def __call__(self, x, positions, inv_freq, query_segment_ids, kv_cache=None, kv_segment_ids=None, cache_length=0):
         """x: [B, S, D]. kv_cache: this layer's (keys, values) [B, G, max_length, D] or None.
@@ -178,9 +224,8 @@ class DecoderLayer(nnx.Module):
         c, dtype = self.config, x.dtype
         x = layers.constrain(x, layers.RESIDUAL)
         h = self.input_norm(x)
-        q = jnp.einsum("bsd,dhk->bshk", h, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bsd,dhk->bshk", h, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bsd,dhk->bshk", h, self.v_proj[...].astype(dtype))
+        q, k, v = (self._adapted(name, h, jnp.einsum("bsd,dhk->bshk", h, self._kernel(name)[...].astype(dtype)))
+                   for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = (layers.constrain(t, layers.HEADS) for t in (q, k, v))
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -206,10 +251,12 @@ class DecoderLayer(nnx.Module):
             implementation=implementation,
         )
         out = layers.constrain(out, layers.HEADS)
-        x = layers.constrain(x + jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype)), layers.RESIDUAL)
+        attended = self._adapted("o_proj", out, jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype)))
+        x = layers.constrain(x + attended, layers.RESIDUAL)
         h = self.post_attention_norm(x)
-        hidden = layers.constrain(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), layers.MLP)
-        x = layers.constrain(x + self.down_proj(hidden), layers.RESIDUAL)
+        gate, up = (self._adapted(name, h, getattr(self, name)(h)) for name in ("gate_proj", "up_proj"))
+        hidden = layers.constrain(jax.nn.silu(gate) * up, layers.MLP)
+        x = layers.constrain(x + self._adapted("down_proj", hidden, self.down_proj(hidden)), layers.RESIDUAL)
         return x, (None if kv_cache is None else (k, v))
 
 

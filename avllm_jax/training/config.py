@@ -19,6 +19,10 @@ starting checkpoint:
 
 Fields set for a part that `parts` does not name are unused (training prints them): a config
 file's settings for an encoder do not stop a run without it. A model without 'llm' is an error.
+
+LoRA (`config.lora`, the paper's Table 9) is set apart from `config.model.llm`, whose LoRA
+fields stay unset: it adds weights, which an override of a starting checkpoint may not, and it
+is the run's choice, not the checkpoint's (`optim.apply_lora` puts it on the model config).
 """
 from __future__ import annotations
 
@@ -30,14 +34,17 @@ import typing
 
 import ml_collections
 from absl import flags
+from flax import nnx
 from ml_collections import config_dict
 
 from avllm_jax import checkpoint
 from avllm_jax.data.pipeline import default_data_config
 from avllm_jax.models import clip_vision, htsat, llama
+from avllm_jax.training import optim
 
 # The parts a model may have (AVLLMConfig's fields), and the dataclass configuring each.
 MODEL_PARTS = {"vision": clip_vision.CLIPVisionConfig, "audio": htsat.HTSATConfig, "llm": llama.LlamaConfig}
+LORA_ADAPTERS = r"llm\.layers\.lora\..*"  # the LLM's adapters, for config.trainable
 
 
 class ConfigError(ValueError):
@@ -55,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = _model_config()
     # Regexes over dotted parameter names (e.g. 'llm.layers.q_proj'); the rest is frozen.
     config.trainable = (r"(temporal|spatial|audio)_proj\..*",)
+    # LoRA on the LLM; rank 0 is off. With rank > 0, adapters (update alpha / rank · x A B) go on
+    # the projections whose names ('layers.q_proj', ..., 'layers.down_proj') a regex of `targets`
+    # full-matches, the LLM's base weights stay frozen, and config.trainable lists the adapters
+    # (LORA_ADAPTERS) and no other LLM weight.
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=(r"layers\.(q|k|v|o|gate|up|down)_proj",)))
     config.data = default_data_config()
 
     config.global_batch_size = 128
@@ -130,8 +142,39 @@ def check_config(config) -> None:
             problems.append(f"config.model.parts={parts!r} names a part twice")
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
+        problems += _lora_problems(config)
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _lora_problems(config) -> list[str]:
+    """LoRA fields set in config.model.llm, and with config.lora.rank > 0: a target matching no
+    projection, a non-positive alpha, and a config.trainable that trains a base weight of the LLM
+    or no adapter."""
+    problems = [f"config.model.llm.{name} is set: LoRA is set through config.lora (rank, alpha, targets)"
+                for name in llama.LORA_FIELDS if config.model.llm[name] is not None]
+    lora = config.lora
+    if not lora.rank:
+        return problems
+    if lora.alpha <= 0:
+        problems.append(f"config.lora.alpha={lora.alpha!r}: it must be positive (the update's scale is alpha / rank)")
+    # The parameter names do not depend on the sizes: the tiny LLM with the run's adapters has them all.
+    llm = dataclasses.replace(llama.PRESETS["tiny"], lora_rank=int(lora.rank), lora_alpha=1.0, lora_targets=tuple(lora.targets))
+    try:
+        state = nnx.state(nnx.eval_shape(lambda: llama.Llama(llm, rngs=nnx.Rngs(0))))
+    except ValueError as error:
+        return problems + [f"config.lora: {error}"]
+    if not config.trainable:
+        return problems  # training's trainable filter says so
+    trained = optim.trainable_regex(config.trainable)
+    names = {"llm." + optim.path_name(path): isinstance(variable, nnx.LoRAParam) for path, variable in nnx.to_flat_state(state)}
+    base = sorted(name for name, is_adapter in names.items() if not is_adapter and trained.fullmatch(name))
+    if base:
+        problems.append(f"config.lora.rank={lora.rank} freezes the LLM's base weights, but config.trainable trains "
+                        f"{base[0]} ({len(base)} in all): list the adapters, r'{LORA_ADAPTERS}', and no other LLM weight")
+    if not any(is_adapter and trained.fullmatch(name) for name, is_adapter in names.items()):
+        problems.append(f"config.lora.rank={lora.rank} but config.trainable trains no adapter: add r'{LORA_ADAPTERS}'")
+    return problems
 
 
 def _compare(config, reference, prefix):

@@ -53,18 +53,22 @@ def peak_flops_per_device(device) -> float | None:
     return None
 
 
-def llm_attention_flops(config, sequence_length: int) -> float:
-    """Causal attention, forward and backward (2x forward)."""
+def llm_attention_flops(config, sequence_length: int, *, squared_tokens: float | None = None) -> float:
+    """Causal attention, forward and backward (2x forward), of a sequence, or of sequences
+    whose lengths' squares sum to `squared_tokens`."""
     c = config
-    return 3 * c.num_layers * 2 * 2 * sequence_length**2 * c.num_heads * c.head_dim / 2
+    squared = sequence_length**2 if squared_tokens is None else squared_tokens
+    return 3 * c.num_layers * 2 * 2 * squared * c.num_heads * c.head_dim / 2
 
 
-def llm_flops(config, sequence_length: int, *, weights_train: bool) -> float:
+def llm_flops(config, sequence_length: int, *, weights_train: bool, squared_tokens: float | None = None) -> float:
+    """Of `sequence_length` tokens in one sequence, or in several whose lengths' squares sum to
+    `squared_tokens`."""
     c = config
     per_layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
     matmul_weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size  # + LM head
     passes = 2 + 2 + (2 if weights_train else 0)  # forward, input gradient, weight gradient
-    return passes * matmul_weights * sequence_length + llm_attention_flops(c, sequence_length)
+    return passes * matmul_weights * sequence_length + llm_attention_flops(c, sequence_length, squared_tokens=squared_tokens)
 
 
 def vision_attention_flops(config, num_frames: int) -> float:
@@ -97,27 +101,42 @@ def audio_flops(config, num_segments: int) -> float:
     return num_segments * total
 
 
-def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool) -> float:
-    """FLOPs of one training sample (every sample has all T+N+K slots, so all pay the same)."""
-    total = llm_flops(config.llm, sequence_length, weights_train=llm_trains)
+def work_flops(config: AVLLMConfig, work, *, llm_trains: bool) -> float:
+    """FLOPs of a step's work, a vector in packing.WORK's order: samples, LLM positions, the
+    sum of their sequences' squared lengths, ViT frames, visual items (each N spatial rows
+    through W_s), HTSAT segments."""
+    _, llm_tokens, squared_tokens, frames, visual_items, audio_segments = (float(x) for x in work)
+    total = llm_flops(config.llm, llm_tokens, weights_train=llm_trains, squared_tokens=squared_tokens)
     if config.vision:
-        total += vision_flops(config.vision, num_frames)
+        total += vision_flops(config.vision, frames)
         width = config.vision.hidden_size * config.llm.hidden_size
-        total += 3 * 2 * width * (num_frames + config.vision.num_patches)  # W_t, W_s: forward + 2 backward
+        total += 3 * 2 * width * (frames + visual_items * config.vision.num_patches)  # W_t, W_s: forward + 2 backward
     if config.audio:
-        total += audio_flops(config.audio, num_audio_segments)
-        total += 3 * 2 * config.audio.num_features * config.llm.hidden_size * num_audio_segments
+        total += audio_flops(config.audio, audio_segments)
+        total += 3 * 2 * config.audio.num_features * config.llm.hidden_size * audio_segments
     return total
 
 
+def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool) -> float:
+    """FLOPs of one unpacked training sample (every sample has all T+N+K slots, so all pay the same)."""
+    work = (1, sequence_length, sequence_length**2, num_frames if config.vision else 0, 1, num_audio_segments)
+    return work_flops(config, work, llm_trains=llm_trains)
+
+
 def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
-    """LLM rows of a training sample: the text (its modality token replaced) plus T+N+K slots."""
+    """LLM rows of an unpacked training sample: the text (its modality token replaced) plus T+N+K slots."""
     rows = data_config.max_text_length - 1
     if model_config.vision:
         rows += data_config.num_frames + model_config.vision.num_patches
     if model_config.audio:
         rows += data_config.num_audio_segments
     return rows
+
+
+def llm_trains(config) -> bool:
+    """Whether the LLM's weight gradients are computed: not with LoRA, whose adapters' own
+    (rank-sized) matmuls are left out of the count."""
+    return config.lora.rank == 0 and any(pattern.startswith("llm") for pattern in config.trainable)
 
 
 def run_sample_flops(model_config: AVLLMConfig, config) -> float:
@@ -127,18 +146,33 @@ def run_sample_flops(model_config: AVLLMConfig, config) -> float:
         sequence_length=llm_sequence_length(model_config, config.data),
         num_frames=config.data.num_frames,
         num_audio_segments=config.data.num_audio_segments,
-        llm_trains=any(pattern.startswith("llm") for pattern in config.trainable),
+        llm_trains=llm_trains(config),
     )
 
 
-def run_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ...]) -> float:
-    """The attention share of `run_sample_flops` for the named parts ('llm', 'vision')."""
+def slot_flops_per_step(model_config: AVLLMConfig, config) -> float:
+    """What a step computes, every slot counted as work: all rows at full length, every frame
+    and audio slot (the per-slot figure, against which useful_flops shows the padding)."""
+    if not config.data.packing.enabled:
+        return config.global_batch_size * run_sample_flops(model_config, config)
+    p = config.data.packing
+    length = p.rows * p.row_length
+    work = (0, length, p.rows * p.row_length**2, p.frames, p.visual_items, p.audio_clips * config.data.num_audio_segments)
+    return config.global_batch_size * work_flops(model_config, work, llm_trains=llm_trains(config))
+
+
+def step_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ...]) -> float:
+    """The attention share of `slot_flops_per_step` for the named parts ('llm', 'vision')."""
+    packing = config.data.packing
     total = 0.0
     if "llm" in parts:
-        total += llm_attention_flops(model_config.llm, llm_sequence_length(model_config, config.data))
+        if packing.enabled:
+            total += packing.rows * llm_attention_flops(model_config.llm, packing.row_length)
+        else:
+            total += llm_attention_flops(model_config.llm, llm_sequence_length(model_config, config.data))
     if "vision" in parts and model_config.vision:
-        total += vision_attention_flops(model_config.vision, config.data.num_frames)
-    return total
+        total += vision_attention_flops(model_config.vision, packing.frames if packing.enabled else config.data.num_frames)
+    return config.global_batch_size * total
 
 
 @dataclasses.dataclass

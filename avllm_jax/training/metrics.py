@@ -15,7 +15,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from avllm_jax.data import pipeline
-from avllm_jax.training.step import LOSS_GROUPS
+from avllm_jax.modality import LOSS_GROUPS
 
 
 class TensorBoardWriter:
@@ -38,17 +38,21 @@ class MetricsLog:
     TensorBoard and prints it as one line:
 
         step 20/100 | loss 2.3456 (visual 2.1000, audio_visual 2.4000) | lr 1.00e-03 | grad norm 0.512
-        | 2.00 steps/s, 160 answer tok/s, 0.064 TFLOP/s/device, mfu 12.8% | eta 0m40s
-        | skipped_media 1, skipped_text 0, rerouted 2
+        | 2.00 steps/s, 16.0 samples/s, 160 answer tok/s, 0.064 TFLOP/s/device, mfu 12.8% (slots 20.1%)
+        | eta 0m40s
+        | skipped_media 1, skipped_text 0, rerouted 2, truncated 0
 
-    (one line when printed). A modality with no answer token in the interval has no loss
-    there; MFU is n/a when the device's peak is unknown (set config.peak_flops_per_device);
-    the sample counts are totals over all processes since they started.
+    (one line when printed). TFLOP/s and MFU count useful work only: `useful_flops` of the
+    steps' summed `work` (real tokens, present media); "slots" is the MFU with every slot of
+    the step counted (`slot_flops_per_step`), padding and empty media slots included. A
+    modality with no answer token in the interval has no loss there; MFU is n/a when the
+    device's peak is unknown (set config.peak_flops_per_device); the sample counts are totals
+    over all processes since they started.
     """
 
-    def __init__(self, writer, *, flops_per_sample, peak_flops, global_batch_size, num_devices, total, start_step):
-        self.writer, self.flops_per_sample, self.peak_flops = writer, flops_per_sample, peak_flops
-        self.global_batch_size, self.num_devices, self.total = global_batch_size, num_devices, total
+    def __init__(self, writer, *, useful_flops, slot_flops_per_step, peak_flops, num_devices, total, start_step):
+        self.writer, self.useful_flops, self.slot_flops_per_step = writer, useful_flops, slot_flops_per_step
+        self.peak_flops, self.num_devices, self.total = peak_flops, num_devices, total
         self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
         self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
 
@@ -64,20 +68,24 @@ class MetricsLog:
         steps = step_number - self.last_step
         seconds = max(now - self.last_time, 1e-9)
         row = {}
+        work = np.sum([m.pop("work") for m in metrics if "work" in m], axis=0)
         for key in metrics[0]:
             values = np.array([m[key] for m in metrics], np.float64)
             values = values[~np.isnan(values)]  # NaN: a loss group absent from that step's batch
             if values.size:
                 row[key] = float(values.sum() if key == "target_tokens" else values.mean())
-        samples_per_second = steps * self.global_batch_size / seconds
+        per_device = seconds * self.num_devices
         row.update(
             learning_rate=float(learning_rate),
             steps_per_second=steps / seconds,
+            samples_per_second=float(work[0]) / seconds if work.size else 0.0,
             target_tokens_per_second=row.pop("target_tokens", 0.0) / seconds,
-            tflops_per_device=samples_per_second * self.flops_per_sample / self.num_devices / 1e12,
+            tflops_per_device=self.useful_flops(work) / per_device / 1e12,
+            slot_tflops_per_device=steps * self.slot_flops_per_step / per_device / 1e12,
         )
         if self.peak_flops:
             row["mfu"] = row["tflops_per_device"] * 1e12 / self.peak_flops
+            row["slot_mfu"] = row["slot_tflops_per_device"] * 1e12 / self.peak_flops
         counts = self._job_counts()
         row.update({f"data/{k}": float(v) for k, v in counts.items()})
         self.writer.write_scalars(step_number, row)
@@ -95,12 +103,13 @@ class MetricsLog:
 
     def _line(self, step_number, row, eta, counts) -> str:
         groups = ", ".join(f"{g} {row[f'loss/{g}']:.4f}" for g in LOSS_GROUPS if f"loss/{g}" in row)
-        mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
+        mfu = f"{row['mfu']:.1%} (slots {row['slot_mfu']:.1%})" if "mfu" in row else "n/a"
         counts = ", ".join(f"{name.removeprefix('num_')} {count}" for name, count in counts.items())
         return (
             f"step {step_number}/{self.total} | loss {row.get('loss', float('nan')):.4f}"
             f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm {row.get('grad_norm', float('nan')):.3g}"
-            f" | {row['steps_per_second']:.2f} steps/s, {row['target_tokens_per_second']:.0f} answer tok/s,"
+            f" | {row['steps_per_second']:.2f} steps/s, {row['samples_per_second']:.1f} samples/s,"
+            f" {row['target_tokens_per_second']:.0f} answer tok/s,"
             f" {row['tflops_per_device']:.3f} TFLOP/s/device, mfu {mfu} | eta {_duration(eta)} | {counts}"
         )
 

@@ -1,4 +1,5 @@
-"""Which weights train, and how: the trainable filter, AdamW, the learning-rate schedule."""
+"""Which weights train, and how: the trainable filter, LoRA adapters on the LLM, AdamW, the
+learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ import re
 import jax
 import optax
 from flax import nnx
+
+from avllm_jax.models import llama
 
 
 def path_name(path) -> str:
@@ -17,13 +20,33 @@ def path_name(path) -> str:
 def trainable_filter(patterns: list[str] | tuple[str, ...]):
     """An nnx filter selecting the parameters whose dotted name full-matches one of `patterns`.
 
-    Everything else (the encoders, and the LLM in pretraining) is frozen: it is not an
-    argument of the differentiated function and has no optimizer state.
+    Everything else (the encoders, the LLM in pretraining, its base weights under LoRA) is
+    frozen: it is not an argument of the differentiated function and has no optimizer state.
     """
+    regex = trainable_regex(patterns)
+    return nnx.All(nnx.Param, lambda path, _: regex.fullmatch(path_name(path)) is not None)
+
+
+def trainable_regex(patterns: list[str] | tuple[str, ...]) -> re.Pattern:
+    """One regex that full-matches the dotted names any of `patterns` full-matches."""
     if not patterns:
         raise ValueError("config.trainable lists no patterns: nothing would train")
-    regex = re.compile("|".join(f"(?:{p})" for p in patterns))
-    return nnx.All(nnx.Param, lambda path, _: regex.fullmatch(path_name(path)) is not None)
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def apply_lora(model_config, lora_config):
+    """The model config with the run's `config.lora` on its LLM (rank 0: no adapters, and the
+    LLM config's LoRA fields at their defaults). Training and the planner apply it after building
+    the model config from `config.model`, so that a checkpoint without adapters starts a LoRA run
+    (checkpoint.load_model adds them) and one with adapters starts a full-tuning run (folded)."""
+    if model_config.llm is None:
+        return model_config
+    if not lora_config.rank:
+        defaults = llama.LlamaConfig()
+        return model_config.replace(llm={name: getattr(defaults, name) for name in llama.LORA_FIELDS})
+    return model_config.replace(llm=dict(
+        lora_rank=int(lora_config.rank), lora_alpha=float(lora_config.alpha), lora_targets=tuple(lora_config.targets)
+    ))
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:

@@ -14,13 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from avllm_jax.modality import IGNORE_INDEX, Modality
+from avllm_jax.data.packing import WORK
+from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS
 from avllm_jax.models import layers
 from avllm_jax.training import sharding
-
-# Per-sample groups reported as separate losses: each modality, then text-only samples.
-LOSS_GROUPS = (*(m.value for m in Modality), "text")
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -30,28 +27,22 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def loss_groups(batch) -> jax.Array:
-    """float32 [B, len(LOSS_GROUPS)]: one-hot of each sample's group, from its flags."""
-    visual, audio = batch["has_visual"], batch["has_audio"]
-    columns = [(visual == m.has_visual) & (audio == m.has_audio) for m in Modality] + [~visual & ~audio]
-    return jnp.stack(columns, axis=1).astype(jnp.float32)
-
-
 def loss_sums(model, batch) -> tuple[jax.Array, dict]:
-    """Summed cross-entropy over answer tokens, and per-group sums and counts."""
+    """Summed cross-entropy over answer tokens, per-group sums and counts, and the batch's
+    useful work (packing.WORK) when it carries it."""
     hidden, inputs = model(batch, return_hidden_states=True)
     logits = model.llm.logits(hidden)
     targets = inputs["targets"]
     is_target = targets != IGNORE_INDEX
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(is_target, targets, 0))
     token_loss = jnp.where(is_target, token_loss, 0.0)
-    per_sample_loss, per_sample_count = token_loss.sum(axis=1), is_target.sum(axis=1)
-    groups = loss_groups(batch)
+    groups = jax.nn.one_hot(inputs["loss_group"], len(LOSS_GROUPS), dtype=jnp.float32)  # [rows, L, groups]
     aux = {
-        "loss_sum": per_sample_loss.sum(),
-        "target_tokens": per_sample_count.sum().astype(jnp.int32),
-        "group_loss_sum": per_sample_loss @ groups,
-        "group_tokens": per_sample_count.astype(jnp.float32) @ groups,
+        "loss_sum": token_loss.sum(),
+        "target_tokens": is_target.sum().astype(jnp.int32),
+        "group_loss_sum": jnp.einsum("rl,rlg->g", token_loss, groups),
+        "group_tokens": jnp.einsum("rl,rlg->g", is_target.astype(jnp.float32), groups),
+        "work": batch["work"].sum(axis=0) if "work" in batch else jnp.zeros(len(WORK), jnp.float32),
     }
     return aux["loss_sum"], aux
 
@@ -107,6 +98,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
             "target_tokens": jnp.zeros((), jnp.int32),
             "group_loss_sum": jnp.zeros(len(LOSS_GROUPS), jnp.float32),
             "group_tokens": jnp.zeros(len(LOSS_GROUPS), jnp.float32),
+            "work": jnp.zeros(len(WORK), jnp.float32),
         }
 
         def accumulate(carry, microbatch):
@@ -122,6 +114,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, num_mi
             "loss": aux["loss_sum"] / num_tokens,
             "grad_norm": optax.tree.norm(grad_sums) / num_tokens,  # in float32
             "target_tokens": aux["target_tokens"],
+            "work": aux["work"],  # summed over the global batch: what flops.useful_flops counts
         }
         group_loss = aux["group_loss_sum"] / jnp.maximum(aux["group_tokens"], 1)
         for index, name in enumerate(LOSS_GROUPS):

@@ -1,11 +1,21 @@
-"""Training-step throughput and MFU of the full model on random weights and random batches.
+"""Training-step throughput and MFU of the full model on random weights.
 
     python tools/benchmark.py train_step --stage pretrain --llm vicuna_7b --batch 8
     python tools/benchmark.py train_step --stage sft --llm-layers 8 --batch 8 --remat dots
+    python tools/benchmark.py train_step --data mix --reduced --text-length 512      # padded vs packed
 
-Random weights (nothing is loaded), bfloat16 parameters and compute for the networks,
-float32 projectors; the step is the real jitted one from avllm_jax/training/step.py. FLOPs
-follow avllm_jax/training/flops.py.
+`--data random` (default): one batch of `--batch` unpacked samples, every one with all
+T+N+K slots and `--text-length` tokens; MFU counts every slot.
+`--data mix`: samples drawn from a modality mixture (`--mix`, default the paper's data) with
+text lengths measured on an instruction file (`--instructions`, default the demo data),
+timed in today's padded layout (`--batch` samples a step) and packed (`--packs` packs of the
+`--rows`/`--row-length`/`--pack-*` budget), from the same sample stream. It prints useful
+answer tokens/s and useful MFU (real tokens and present media only, flops.work_flops) beside
+the per-slot MFU of each layout.
+
+Random weights (nothing is loaded), bfloat16 parameters and compute for the networks unless
+`--reduced` (float32 on CPU), float32 projectors; the step is the real jitted one from
+avllm_jax/training/step.py. Compile time is reported apart from the timed steps.
 """
 
 
@@ -15,47 +25,54 @@ def add_arguments(parser):
     parser.add_argument("--llm-layers", type=int, default=None, help="override the LLM depth (to fit SFT in memory)")
     parser.add_argument("--vision", default="vit_l14", help="clip_vision preset")
     parser.add_argument("--audio", default="fused", choices=("fused", "unfused"), help="CLAP HTSAT variant")
-    parser.add_argument("--batch", type=int, default=8, help="global batch size")
+    parser.add_argument("--reduced", action="store_true",
+                        help="the paper's shapes (224 px, patch 14, HTSAT's 256 spectrogram) at small widths, float32: for a CPU")
+    parser.add_argument("--batch", type=int, default=8, help="global batch size (samples; padded layout)")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--segments", type=int, default=4)
-    parser.add_argument("--text-length", type=int, default=256)
+    parser.add_argument("--text-length", type=int, default=256, help="text tokens of an unpacked sample")
     parser.add_argument("--remat", default="dots", help="LLM remat policy: none, dots, full")
     parser.add_argument("--attention", default="auto", help="attention implementation")
     parser.add_argument("--param-dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    mix = parser.add_argument_group("--data mix")
+    mix.add_argument("--data", choices=("random", "mix"), default="random")
+    mix.add_argument("--mix", default=None, help="KIND=WEIGHT,... over visual, image, audio, audio_visual (default: the paper's)")
+    mix.add_argument("--instructions", default=None, help="JSONL whose text lengths the samples take (default: the demo data)")
+    mix.add_argument("--packs", type=int, default=2, help="packs a step")
+    mix.add_argument("--rows", type=int, default=1, help="LLM rows a pack")
+    mix.add_argument("--row-length", type=int, default=2048)
+    mix.add_argument("--pack-frames", type=int, default=128, help="ViT frames a pack")
+    mix.add_argument("--pack-items", type=int, default=8, help="videos and images a pack")
+    mix.add_argument("--pack-clips", type=int, default=4, help="audio clips a pack")
 
 
-def run(args):
+def model_config(args):
     import dataclasses
-    import time
-
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
-    import numpy as np
-    from flax import nnx
 
     from avllm_jax.models import avllm, clip_vision, htsat, llama
-    from avllm_jax.training import flops, optim, sharding, step
 
-    dtype = args.param_dtype
-    llm_config = dataclasses.replace(
-        llama.PRESETS[args.llm], vocab_size=32003, param_dtype=dtype, dtype="bfloat16", remat_policy=args.remat,
-        attention_implementation=args.attention,
-    )
+    if args.reduced:
+        dtypes = dict(param_dtype="float32", dtype="float32")
+        vision = dataclasses.replace(clip_vision.PRESETS[args.vision], hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+        audio = dataclasses.replace(htsat.PRESETS[f"clap_htsat_{args.audio}"], embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+        llm = dataclasses.replace(llama.PRESETS["tiny"], hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=8,
+                                  head_dim=32, max_position_embeddings=4096)
+    else:
+        dtypes = dict(param_dtype=args.param_dtype, dtype="bfloat16")
+        vision, audio, llm = clip_vision.PRESETS[args.vision], htsat.PRESETS[f"clap_htsat_{args.audio}"], llama.PRESETS[args.llm]
+    llm = dataclasses.replace(llm, vocab_size=32003, remat_policy=args.remat, attention_implementation=args.attention, **dtypes)
     if args.llm_layers:
-        llm_config = dataclasses.replace(llm_config, num_layers=args.llm_layers)
-    audio_base = htsat.PRESETS[f"clap_htsat_{args.audio}"]
-    config = avllm.AVLLMConfig(
-        vision=dataclasses.replace(clip_vision.PRESETS[args.vision], param_dtype=dtype, dtype="bfloat16", attention_implementation=args.attention),
-        audio=dataclasses.replace(audio_base, param_dtype=dtype, dtype="bfloat16"),
-        llm=llm_config,
-        modality_token_ids=(32000, 32001, 32002),
+        llm = dataclasses.replace(llm, num_layers=args.llm_layers)
+    return avllm.AVLLMConfig(
+        vision=dataclasses.replace(vision, attention_implementation=args.attention, **dtypes),
+        audio=dataclasses.replace(audio, **dtypes), llm=llm, modality_token_ids=(32000, 32001, 32002),
     )
-    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    trainable_patterns = [r"(temporal|spatial|audio)_proj\..*"] + ([r"llm\..*"] if args.stage == "sft" else [])
-    optim_config = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_fraction=0.03, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0))
+
+
+def random_batch(args, config):
+    import numpy as np
 
     channels = 4 if config.audio.enable_fusion else 1
     rng = np.random.default_rng(0)
@@ -63,7 +80,7 @@ def run(args):
     input_ids = rng.integers(0, 32000, (b, length)).astype(np.int32)
     input_ids[:, min(40, length // 4)] = 32002  # <AUD_VIS> after the system prompt
     labels = np.where(np.arange(length) > length // 2, input_ids, -100).astype(np.int32)
-    batch = dict(
+    return dict(
         frames=rng.integers(0, 256, (b, args.frames, config.vision.image_size, config.vision.image_size, 3), dtype=np.uint8),
         audio_features=rng.standard_normal((b, args.segments, channels, 1001, 64), dtype=np.float32),
         audio_is_longer=np.ones((b, args.segments), bool),
@@ -73,6 +90,23 @@ def run(args):
         labels=labels,
         token_mask=np.ones((b, length), bool),
     )
+
+
+def time_step(config, args, batch, label):
+    """(seconds a step, work summed over the batch, loss) of the real step on `batch`."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from flax import nnx
+
+    from avllm_jax.training import optim, sharding, step
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    trainable_patterns = [r"(temporal|spatial|audio)_proj\..*"] + ([r"llm\..*"] if args.stage == "sft" else [])
+    optim_config = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_fraction=0.03, beta1=0.9, beta2=0.98, eps=1e-8,
+                                                  weight_decay=0.0, max_grad_norm=1.0, final_learning_rate=0.0))
     with jax.set_mesh(mesh):
         start = time.time()
         model = sharding.create_sharded_model(config, None, mesh, seed=0)
@@ -82,26 +116,91 @@ def run(args):
         state = step.TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
         train_step = step.make_train_step(graphdef, optimizer, num_microbatches=args.microbatches)
         device_batch = sharding.shard_batch(batch, mesh)
-        print(f"init {time.time() - start:.1f} s; trainable {sum(x.size for x in jax.tree.leaves(trainable)):,}, "
+        print(f"[{label}] init {time.time() - start:.1f} s; trainable {sum(x.size for x in jax.tree.leaves(trainable)):,}, "
               f"frozen {sum(x.size for x in jax.tree.leaves(frozen)):,} parameters", flush=True)
         start = time.time()
         state, metrics = train_step(state, frozen, device_batch)
         jax.block_until_ready(metrics["loss"])
-        print(f"compile + first step {time.time() - start:.1f} s, loss {float(metrics['loss']):.3f}", flush=True)
+        print(f"[{label}] compile + first step {time.time() - start:.1f} s, loss {float(metrics['loss']):.3f}", flush=True)
         start = time.time()
         for _ in range(args.steps):
             state, metrics = train_step(state, frozen, device_batch)
         jax.block_until_ready(metrics["loss"])
-        seconds = (time.time() - start) / args.steps
+        return (time.time() - start) / args.steps, jax.device_get(metrics["work"]), float(metrics["loss"])
 
-    sequence = length - 1 + args.frames + config.vision.num_patches + args.segments
-    per_sample = flops.sample_flops(config, sequence_length=sequence, num_frames=args.frames, num_audio_segments=args.segments, llm_trains=args.stage == "sft")
-    tflops = per_sample * b / seconds / jax.device_count() / 1e12
+
+def run(args):
+    import jax
+
+    from avllm_jax.training import flops
+
+    config = model_config(args)
     peak = flops.peak_flops_per_device(jax.devices()[0])
+    llm_trains = args.stage == "sft"
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; stage {args.stage}, LLM {config.llm.num_layers} layers "
+          f"x {config.llm.hidden_size}, {args.frames} frames, {args.segments} audio segments, remat {args.remat}, attention {args.attention}")
+    if args.data == "mix":
+        return run_mix(args, config, peak, llm_trains)
+    sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
+    seconds, _, _ = time_step(config, args, random_batch(args, config), "random")
+    per_sample = flops.sample_flops(config, sequence_length=sequence, num_frames=args.frames, num_audio_segments=args.segments, llm_trains=llm_trains)
+    tflops = per_sample * args.batch / seconds / jax.device_count() / 1e12
     memory = jax.devices()[0].memory_stats() or {}
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
-    print(f"stage {args.stage}, LLM {args.llm} ({config.llm.num_layers} layers), batch {b}, {args.frames} frames, "
-          f"{args.segments} audio segments, {length} text tokens -> {sequence} LLM tokens, remat {args.remat}, attention {args.attention}")
-    print(f"step {seconds * 1000:.0f} ms, {b / seconds:.2f} samples/s, {tflops:.1f} TFLOP/s/device"
+    print(f"batch {args.batch}, {args.text_length} text tokens -> {sequence} LLM tokens")
+    print(f"step {seconds * 1000:.0f} ms, {args.batch / seconds:.2f} samples/s, {tflops:.1f} TFLOP/s/device"
           + (f", MFU {tflops * 1e12 / peak:.1%}" if peak else ", MFU n/a (unknown peak)")
           + (f", peak memory {memory['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in memory else ""))
+
+
+def run_mix(args, config, peak, llm_trains):
+    import jax
+    import numpy as np
+
+    from avllm_jax.data import packing
+    from avllm_jax.training import flops
+    from benchmarks import _mixture
+
+    mix = _mixture.parse_mix(args.mix or _mixture.PAPER_MIX)
+    lengths = _mixture.text_lengths(args.instructions)
+    answers = np.array([a for _, a in lengths])
+    print(f"mix {mix}; {len(lengths)} instruction samples from {args.instructions or 'the demo data'}: "
+          f"answer tokens mean {answers.mean():.1f}, median {np.median(answers):.0f}, max {answers.max()}; "
+          f"prompt tokens mean {np.mean([p for p, _ in lengths]):.1f}")
+    rows = packing.ModalityRows(args.frames, config.vision.num_patches, args.segments)
+    budget = packing.PackBudget(args.rows, args.row_length, args.pack_frames, args.pack_items, args.pack_clips)
+    if problem := budget.problem(rows, args.frames):
+        raise SystemExit(f"packing budget: {problem}")
+    channels = 4 if config.audio.enable_fusion else 1
+    audio_shape = (args.segments, channels, 1001, 64)
+    size = config.vision.image_size
+    draws = _mixture.draw_samples(args.batch + args.packs * 64, mix, lengths, args.text_length)
+    rng = np.random.default_rng(1)
+    samples = [_mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws]
+    layouts = {
+        "padded": (_mixture.padded_batch(samples[: args.batch], args.text_length, args.frames, rows), args.batch),
+        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frames=(size, size, 3), audio_features=audio_shape)),
+    }
+    padded_sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
+    slot_work = {
+        "padded": (args.batch, args.batch * padded_sequence, args.batch * padded_sequence**2, args.batch * args.frames, args.batch, args.batch * args.segments),
+        "packed": (0, args.packs * budget.rows * budget.row_length, args.packs * budget.rows * budget.row_length**2,
+                   args.packs * budget.frames, args.packs * budget.visual_items, args.packs * budget.audio_clips * args.segments),
+    }
+    results = {}
+    for name, (batch, num_samples) in layouts.items():
+        seconds, work, _ = time_step(config, args, batch, name)
+        useful = flops.work_flops(config, work, llm_trains=llm_trains)
+        slots = flops.work_flops(config, slot_work[name], llm_trains=llm_trains)
+        results[name] = dict(seconds=seconds, samples=num_samples, answers=_mixture.answer_tokens(samples[:num_samples]),
+                             useful=useful, slots=slots, work=work)
+    devices = jax.device_count()
+    print(f"\npadded: {args.batch} samples a step, rows of {padded_sequence}; packed: {args.packs} packs of {budget}")
+    print("| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful share of slots |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        useful_tflops = r["useful"] / r["seconds"] / devices / 1e12
+        mfu = (lambda flops_: f"{flops_ / r['seconds'] / devices / peak:.1%}") if peak else (lambda _: "n/a")
+        print(f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | {useful_tflops:.4f} "
+              f"| {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |")
+    gain = (results["packed"]["answers"] / results["packed"]["seconds"]) / (results["padded"]["answers"] / results["padded"]["seconds"])
+    print(f"packed / padded useful answer tokens/s: {gain:.2f}x")

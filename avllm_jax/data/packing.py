@@ -1,0 +1,307 @@
+"""Packing: whole samples into fixed-size packs, so that a step computes real tokens and
+present media only.
+
+A pack is the unit a step's batch is made of (`global_batch_size` counts packs when packing
+is on). It holds `rows` LLM rows of `row_length` positions and media slots for the encoders:
+`frames` ViT frames shared by up to `visual_items` videos and images (a video takes
+`num_frames` frames, a still image one: ViT cost is per frame, so one frame budget serves any
+mix of images and videos without a second number to tune), and `audio_clips` clips of K
+segments each. Samples go into packs whole, in their shuffled order: each into the first row
+with room, the pack closing when the next sample does not fit its rows or its media slots.
+
+The arrays of a pack (`assemble`), leading dimension P when batched:
+
+    frames          uint8   [P, F, S, S, 3]     the packed frames; zeros in empty slots
+    frame_item      int32   [P, F]              visual item of each frame; -1 for empty slots
+    item_frames     int32   [P, V]              frames of each visual item (0: an empty slot)
+    audio_features  float32 [P, A, K, C, Fr, 64]
+    audio_is_longer bool    [P, A, K]
+    input_ids       int32   [P, R, L]           text ids; the pad id elsewhere
+    modality_index  int32   [P, R, L]           row of the pack's modality table that fills a
+                                                position, -1 for text and padding (below)
+    segment_ids     int32   [P, R, L]           1, 2, ... for the samples of a row; 0 padding
+    positions       int32   [P, R, L]           from 0 in each sample
+    targets         int32   [P, R, L]           the next text token, IGNORE_INDEX elsewhere
+    loss_group      int32   [P, R, L]           the sample's index in LOSS_GROUPS
+    work            float32 [P, len(WORK)]      the useful work of the pack's samples (flops.py)
+
+The modality table of a pack has F temporal rows (each frame's CLS through W_t), then
+visual_items x N spatial rows (each item's patches averaged over its frames, through W_s),
+then audio_clips x K audio rows. A still image's T temporal rows all read its one frame.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from avllm_jax.data import conversation
+from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS, Modality
+
+# Per-sample counts of the work that matters, summed per pack: samples, LLM positions, their
+# squares (causal attention), ViT frames, visual items, HTSAT segments.
+WORK = ("samples", "llm_tokens", "llm_tokens_squared", "encoded_frames", "visual_items", "audio_segments")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityRows:
+    """LLM rows a modality takes: T temporal + N spatial for the visual stream, K audio. A
+    model without an encoder has 0 rows for it (its stream is then not used)."""
+
+    temporal: int
+    spatial: int
+    audio: int
+
+    @classmethod
+    def of(cls, model_config, data_config) -> "ModalityRows":
+        vision, audio = model_config.vision, model_config.audio
+        return cls(
+            temporal=data_config.num_frames if vision else 0,
+            spatial=vision.num_patches if vision else 0,
+            audio=data_config.num_audio_segments if audio else 0,
+        )
+
+    def visual(self) -> int:
+        return self.temporal + self.spatial
+
+    def count(self, modality: Modality | None) -> int:
+        if modality is None:
+            return 0
+        return self.visual() * modality.has_visual + self.audio * modality.has_audio
+
+
+@dataclasses.dataclass(frozen=True)
+class PackBudget:
+    rows: int
+    row_length: int
+    frames: int
+    visual_items: int
+    audio_clips: int
+
+    @classmethod
+    def from_config(cls, packing_config) -> "PackBudget":
+        return cls(**{field.name: int(packing_config[field.name]) for field in dataclasses.fields(cls)})
+
+    def problem(self, modality_rows: ModalityRows, num_frames: int) -> str | None:
+        """Why some sample could never fit this budget, or None."""
+        if min(self.rows, self.row_length) < 1:
+            return f"rows={self.rows} and row_length={self.row_length} must be >= 1"
+        if self.row_length <= modality_rows.visual() + modality_rows.audio:
+            return (f"row_length={self.row_length} leaves no text beside an audio-visual sample's "
+                    f"{modality_rows.visual() + modality_rows.audio} modality rows")
+        if modality_rows.visual() and (self.visual_items < 1 or self.frames < num_frames):
+            return f"frames={self.frames}, visual_items={self.visual_items}: a video needs num_frames={num_frames} frames and an item"
+        if modality_rows.audio and self.audio_clips < 1:
+            return "audio_clips=0, but the model has an audio encoder"
+        return None
+
+
+def budget_of(data_config, modality_rows: ModalityRows | None) -> PackBudget:
+    """The packing budget of a data config; ValueError when some sample could never fit it."""
+    if modality_rows is None:
+        raise ValueError("packing needs the model's modality_rows")
+    budget = PackBudget.from_config(data_config.packing)
+    if problem := budget.problem(modality_rows, data_config.num_frames):
+        raise ValueError(f"data.packing: {problem}")
+    return budget
+
+
+@dataclasses.dataclass
+class Footprint:
+    """What a sample takes of a pack."""
+
+    length: int  # LLM positions
+    frames: int  # 0, 1 (a still) or num_frames
+    audio_clips: int  # 0 or 1
+
+
+def footprint(sample: dict, modality_rows: ModalityRows) -> Footprint:
+    """Of a prepared sample: its ids (modality token included), its frames and its flags."""
+    modality = Modality.from_flags(sample["has_visual"] and modality_rows.visual() > 0, sample["has_audio"] and modality_rows.audio > 0)
+    has_token = sample["modality_token_at"] >= 0
+    length = sample["input_ids"].size - has_token + modality_rows.count(modality)
+    frames = sample["frames"].shape[0] if modality is not None and modality.has_visual else 0
+    return Footprint(length, frames, int(modality is not None and modality.has_audio))
+
+
+class Packer:
+    """The pack being filled: where each sample goes (first row with room), and what is left."""
+
+    def __init__(self, budget: PackBudget):
+        self.budget = budget
+        self.row_used = [0] * budget.rows
+        self.frames = self.items = self.clips = 0
+        self.placed: list[tuple[int, int]] = []  # (row, offset) of each sample, in order
+
+    def place(self, need: Footprint) -> bool:
+        """Places the sample if it fits; False (nothing changed) when it does not."""
+        b = self.budget
+        if (self.frames + need.frames > b.frames or self.items + (need.frames > 0) > b.visual_items
+                or self.clips + need.audio_clips > b.audio_clips):
+            return False
+        row = next((r for r, used in enumerate(self.row_used) if used + need.length <= b.row_length), None)
+        if row is None:
+            return False
+        self.placed.append((row, self.row_used[row]))
+        self.row_used[row] += need.length
+        self.frames += need.frames
+        self.items += need.frames > 0
+        self.clips += need.audio_clips
+        return True
+
+
+def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
+    return np.array([1, need.length, need.length**2, need.frames, need.frames > 0, need.audio_clips * modality_rows.audio], np.float32)
+
+
+def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict) -> dict:
+    """The arrays of one pack (module docstring) from prepared samples that `Packer` placed.
+
+    media_shapes: 'frames' (S, S, 3) and 'audio_features' (K, C, Fr, 64), for empty packs too."""
+    b, r = budget, modality_rows
+    packer = Packer(budget)
+    needs = [footprint(s, r) for s in samples]
+    for need in needs:
+        if not packer.place(need):
+            raise ValueError("assemble got samples that do not fit one pack")
+    shape = (b.rows, b.row_length)
+    out = dict(
+        frames=np.zeros((b.frames, *media_shapes["frames"]), np.uint8),
+        frame_item=np.full(b.frames, -1, np.int32),
+        item_frames=np.zeros(b.visual_items, np.int32),
+        audio_features=np.zeros((b.audio_clips, *media_shapes["audio_features"]), np.float32),
+        audio_is_longer=np.zeros((b.audio_clips, media_shapes["audio_features"][0]), bool),
+        input_ids=np.full(shape, pad_id, np.int32),
+        modality_index=np.full(shape, -1, np.int32),
+        segment_ids=np.zeros(shape, np.int32),
+        positions=np.zeros(shape, np.int32),
+        targets=np.full(shape, IGNORE_INDEX, np.int32),
+        loss_group=np.zeros(shape, np.int32),
+        work=np.zeros(len(WORK), np.float32),
+    )
+    spatial_start, audio_start = b.frames, b.frames + b.visual_items * r.spatial
+    frame, item, clip = 0, 0, 0
+    samples_in_row = [0] * b.rows
+    for sample, need, (row, offset) in zip(samples, needs, packer.placed):
+        samples_in_row[row] += 1
+        modality_rows = []  # table index of each modality row, in order
+        if need.frames:
+            out["frames"][frame:frame + need.frames] = sample["frames"][: need.frames]
+            out["frame_item"][frame:frame + need.frames] = item
+            out["item_frames"][item] = need.frames
+            temporal = frame + (np.arange(r.temporal) if need.frames > 1 else np.zeros(r.temporal, int))
+            modality_rows += [*temporal, *(spatial_start + item * r.spatial + np.arange(r.spatial))]
+            frame, item = frame + need.frames, item + 1
+        if need.audio_clips:
+            out["audio_features"][clip] = sample["audio_features"]
+            out["audio_is_longer"][clip] = sample["audio_is_longer"]
+            modality_rows += [*(audio_start + clip * r.audio + np.arange(r.audio))]
+            clip += 1
+        ids, labels, token_at = sample["input_ids"], sample["labels"], int(sample["modality_token_at"])
+        # Each text position predicts the next text token (the modality token's label is ignored).
+        next_labels = np.append(labels[1:], IGNORE_INDEX)
+        if token_at < 0:
+            token_at = ids.size  # text only: no modality rows
+        text_ids = np.concatenate([ids[:token_at], np.full(len(modality_rows), pad_id), ids[token_at + 1:]])
+        targets = np.concatenate([next_labels[:token_at], np.full(len(modality_rows), IGNORE_INDEX), next_labels[token_at + 1:]])
+        index = np.concatenate([np.full(token_at, -1), modality_rows, np.full(max(ids.size - token_at - 1, 0), -1)])
+        span = slice(offset, offset + need.length)
+        out["input_ids"][row, span] = text_ids
+        out["targets"][row, span] = targets
+        out["modality_index"][row, span] = index
+        out["segment_ids"][row, span] = samples_in_row[row]
+        out["positions"][row, span] = np.arange(need.length)
+        out["loss_group"][row, span] = LOSS_GROUPS.index(loss_group_name(sample))
+        out["work"] += sample_work(need, r)
+    return out
+
+
+def loss_group_name(sample: dict) -> str:
+    modality = Modality.from_flags(sample["has_visual"], sample["has_audio"])
+    return "text" if modality is None else modality.value
+
+
+class PackSamples(grain.IterDataset):
+    """Prepared samples -> packs, in order. Counters of the samples (skips, re-routes) are
+    summed per pack."""
+
+    def __init__(self, parent, budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict,
+                 counters: tuple[str, ...]):
+        super().__init__(parent)
+        self.args = (budget, modality_rows, pad_id, media_shapes, counters)
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), *self.args)
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Holds at most one sample between packs: the one that did not fit the last pack. Its
+    checkpoint is the parent's state from before that sample was read, so a restored iterator
+    reads it again and builds the same packs."""
+
+    def __init__(self, parent, budget, modality_rows, pad_id, media_shapes, counters):
+        super().__init__(parent)
+        self.budget, self.modality_rows, self.pad_id, self.media_shapes, self.counters = budget, modality_rows, pad_id, media_shapes, counters
+        self.held: dict | None = None
+        self.state_before_held = parent.get_state()
+
+    def __next__(self) -> dict:
+        packer, samples = Packer(self.budget), []
+        while True:
+            if self.held is None:
+                state = self._parent.get_state()
+                try:
+                    sample = next(self._parent)
+                except StopIteration:
+                    if samples:
+                        break
+                    raise
+                self.held, self.state_before_held = sample, state
+            if not packer.place(footprint(self.held, self.modality_rows)):
+                if not samples:
+                    raise ValueError("a sample does not fit an empty pack: check data.packing against the model")
+                break
+            samples.append(self.held)
+            self.held = None
+        pack = assemble(samples, self.budget, self.modality_rows, self.pad_id, self.media_shapes)
+        for name in self.counters:
+            pack[name] = np.int32(sum(int(s[name]) for s in samples))
+        pack["skipped_reasons"] = np.array("\n".join(r for s in samples if (r := str(s["skipped_reasons"]))))
+        return pack
+
+    def get_state(self):
+        return self._parent.get_state() if self.held is None else self.state_before_held
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+        self.held = None
+
+
+_STILL_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def estimate_samples_per_pack(per_source, weights, data_config, tokenizer, modality_rows: ModalityRows, budget: PackBudget,
+                              *, limit: int = 2000) -> float:
+    """Average samples per pack over up to `limit` samples drawn from the sources by weight,
+    from their text lengths and requested modalities (an image file counted as a still), for
+    the step count of an epoch-based run. No media is decoded, so re-routed samples count as
+    requested."""
+    total = sum(weights)
+    needs = []
+    for samples, weight in zip(per_source, weights):
+        for sample in samples[: max(1, round(limit * weight / total))]:
+            ids, _ = conversation.tokenize_turns(sample.turns, tokenizer)
+            rows = modality_rows.count(sample.modality)
+            length = min(ids.size, data_config.max_text_length, budget.row_length - rows + (sample.modality is not None))
+            visual = sample.modality is not None and sample.modality.has_visual and modality_rows.visual() > 0
+            still = str(sample.media_path).lower().endswith(_STILL_SUFFIXES)
+            frames = (1 if still else data_config.num_frames) if visual else 0
+            audio = int(sample.modality is not None and sample.modality.has_audio and modality_rows.audio > 0)
+            needs.append(Footprint(length - (sample.modality is not None) + rows, frames, audio))
+    packs, packer = 1, Packer(budget)
+    for need in needs:
+        if not packer.place(need):
+            packs, packer = packs + 1, Packer(budget)
+            packer.place(need)
+    return len(needs) / packs

@@ -1,0 +1,125 @@
+"""One sample's arrays, as training and inference both build them: decoded media, CLAP
+features, the re-routing of a request for a stream the file lacks, token ids and labels.
+
+`build_sample` is the one path from turns and media to model inputs: the training pipeline
+(data/pipeline.py) builds its samples here and chat, evaluation and the web demo their prompts.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from avllm_jax.data import conversation, features, packing
+from avllm_jax.data.media import Media, MediaError, load_media
+from avllm_jax.modality import IGNORE_INDEX, Modality
+
+
+def load_file_media(path: str | os.PathLike, config) -> Media:
+    """The media of `path`, decoded with the data config's frame count, image size and audio settings."""
+    return load_media(
+        path,
+        num_frames=config.num_frames,
+        image_size=config.image_size,
+        num_audio_segments=config.num_audio_segments,
+        audio_sample_rate=config.audio_sample_rate,
+    )
+
+
+def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
+    """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
+    t, s, k = config.num_frames, config.image_size, config.num_audio_segments
+    frames = np.zeros((t, s, s, 3), np.uint8)
+    audio_features = np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32)
+    is_longer = np.zeros((k,), bool)
+    has_visual = bool(media is not None and media.has_visual and use_visual)
+    has_audio = bool(media is not None and media.has_audio and use_audio)
+    if has_visual:
+        frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
+    if has_audio:
+        audio_features, is_longer = features.clap_audio_features(
+            media.audio,
+            truncation=config.audio_truncation,
+            padding=config.audio_padding,
+            max_length_s=config.audio_max_length_s,
+            sampling_rate=config.audio_sample_rate,
+            rng=rng,
+        )
+    return dict(frames=frames, audio_features=audio_features, audio_is_longer=is_longer,
+                has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
+
+
+def routed_modality(modality: Modality | None, media: Media | None) -> tuple[Modality | None, bool]:
+    """The modality a sample is built with, and whether it was re-routed: `modality` when the
+    file has its streams, else the streams the file has. MediaError when it has none."""
+    if modality is None:
+        return None, False
+    used = Modality.from_flags(modality.has_visual and media.has_visual, modality.has_audio and media.has_audio)
+    if used == modality:
+        return used, False
+    used = used or Modality.from_flags(media.has_visual, media.has_audio)
+    if used is None:  # an audio stream with fewer samples than segments counts as none
+        raise MediaError("the file has no video or audio stream to use")
+    return used, True
+
+
+def build_sample(
+    turns: list[tuple[str, str]],
+    media: Media | None,
+    modality: Modality | None,
+    config,
+    tokenizer,
+    *,
+    rng: np.random.Generator,
+    max_length: int | None = None,
+) -> dict:
+    """One sample's media arrays, unpadded int32 input_ids and labels, num_rerouted and
+    num_truncated.
+
+    Training builds its samples and inference its prompts here: turns that end with an answer
+    make a training sample, turns that end with a user turn a prompt whose ids end with
+    "ASSISTANT:". `modality` is what the first turn's token asks for (None: text only); when
+    `media` lacks a stream it needs, the sample is re-routed to the streams the file has and
+    its token rewritten (num_rerouted 1). `rng` draws the audio crop. Raises MediaError when
+    the file has no stream, PromptTooLongError when the modality token falls past `max_length`.
+    """
+    used, rerouted = routed_modality(modality, media)
+    if rerouted:
+        turns = conversation.with_modality(turns, used)
+    if used is not None:
+        arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)
+    else:
+        arrays = media_arrays(None, config)
+    ids, labels = conversation.tokenize_turns(turns, tokenizer)
+    num_truncated = int(max_length is not None and ids.size > max_length)
+    ids, labels = conversation.truncate(ids, labels, max_length, tokenizer)
+    return dict(arrays, input_ids=ids, labels=labels, num_rerouted=np.int32(rerouted), num_truncated=np.int32(num_truncated))
+
+
+def pad_text(sample: dict, length: int, tokenizer) -> dict:
+    """`sample` with input_ids and labels right-padded to `length` and its token_mask."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = np.full(length, pad_id, np.int32)
+    padded_labels = np.full(length, IGNORE_INDEX, np.int32)
+    input_ids[: ids.size], padded_labels[: ids.size] = ids, labels
+    return dict(sample, input_ids=input_ids, labels=padded_labels, token_mask=np.arange(length) < ids.size)
+
+
+def media_shapes(data_config) -> dict:
+    """The shapes of one sample's frames (one frame) and audio features."""
+    return dict(
+        frames=(data_config.image_size, data_config.image_size, 3),
+        audio_features=(data_config.num_audio_segments, features.audio_channels(data_config),
+                        features.audio_frames(data_config), features.NUM_MEL_BINS),
+    )
+
+
+def example_batch_element(data_config, modality_rows: packing.ModalityRows) -> dict:
+    """One element of a training batch (a pack, or a padded sample) with the right shapes and
+    dtypes, for compiling ahead of time."""
+    if data_config.packing.enabled:
+        return packing.assemble([], packing.budget_of(data_config, modality_rows), modality_rows, 0, media_shapes(data_config))
+    text = np.zeros(data_config.max_text_length, np.int32)
+    return media_arrays(None, data_config) | dict(input_ids=text, labels=text, token_mask=text.astype(bool),
+                                                   work=np.zeros(len(packing.WORK), np.float32))
