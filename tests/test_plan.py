@@ -68,6 +68,19 @@ def test_memory_per_device_falls_when_the_devices_double(cli):
     assert four.fits and four.samples_per_device == GLOBAL_BATCH / 4
 
 
+def test_a_packed_budget_is_planned_as_packs():
+    """A packed config compiles with its packs' shapes (a [P, R, L] batch, F frames a pack), and
+    the compiled matmuls match flops.slot_flops_per_step, every slot counted."""
+    config = tiny_plan_config()
+    config.global_batch_size = 8
+    config.data.packing.update(dict(enabled=True, rows=2, row_length=64, frames=6, visual_items=3, audio_clips=2))
+    result = plan.compile_plan(config, plan.topology("cpu:4"))
+    assert result.fits and 0.95 <= result.ratio <= 1.2, result.summary()
+    shapes = {tuple(map(int, s.split(","))) for s in re.findall(r"\[([\d,]+)\]", result.hlo_text)}
+    # Each of the 4 devices embeds its own 2 packs' rows: [2 packs x 2 rows, 64, width].
+    assert (2 * 2, 64, llama.PRESETS["tiny"].hidden_size) in shapes
+
+
 def test_topology_names():
     v5p = plan.topology("v5p-32")
     assert (v5p.chips, v5p.hbm_gib, v5p.libtpu_name, v5p.chips_per_host) == (16, 95.0, "v5:2x2x4", (2, 2, 1))
