@@ -180,7 +180,7 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
             f"- trains: {', '.join(f'`{p}`' for p in stage.get('trainable', []))}",
             *lora_line,
             f"- starts from: `{stage.get('init_checkpoint') or 'random weights'}`",
-            f"- {length}, global batch {stage.get('global_batch_size')}, learning rate {optim.get('learning_rate')}, "
+            f"- {length}, global batch {stage.get('global_batch_size')}{_batch_unit(stage)}, learning rate {optim.get('learning_rate')}, "
             f"AdamW betas ({optim.get('beta1')}, {optim.get('beta2')}), weight decay {optim.get('weight_decay')}",
             "- data:",
         ]
@@ -256,3 +256,11 @@ def main(argv=None):
     except ExportError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {', '.join(files)} and the tokenizer to {args.out}", file=sys.stderr)
+
+
+def _batch_unit(stage: dict) -> str:
+    """' packs (...)' when the stage packed its samples: then the batch counts packs, not samples."""
+    packing = stage.get("data", {}).get("packing", {})
+    if not packing.get("enabled"):
+        return ""
+    return f" packs (each {packing.get('rows')} x {packing.get('row_length')} positions, {packing.get('frames')} ViT frames, {packing.get('audio_clips')} audio clips)"
