@@ -33,7 +33,8 @@ def train_command(demo_files, workdir, *extra):
         "--config.global_batch_size=4", "--config.log_every=1", "--config.data.worker_count=0",
         "--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64", "--config.model.llm.head_dim=8",
         # Packed as configs/demo.py, in packs of one or two samples (its longest is 103 positions).
-        "--config.data.packing.row_length=112", "--config.data.packing.frames=8", "--config.data.packing.visual_items=2",
+        "--config.data.packing.rows=1", "--config.data.packing.row_length=112", "--config.data.packing.frames=8",
+        "--config.data.packing.visual_items=2",
         "--config.data.packing.audio_clips=2",
         *extra,
     ]
