@@ -105,15 +105,12 @@ def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=()):
     prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
     rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
     shapes = dict(frames=samples[0]["frames"].shape[1:], audio_features=samples[0]["audio_features"].shape)
-    packs, places, current, packer = [], [], [], packing.Packer(budget)
-    for sample in prepared:
-        if not packer.place(packing.footprint(sample, rows)):
-            packs.append(packing.assemble(current, budget, rows, 0, shapes))
-            current, packer = [], packing.Packer(budget)
-            assert packer.place(packing.footprint(sample, rows))
-        current.append(sample)
-        row = packer.placed[-1][0]
-        places.append((len(packs), row, sum(r == row for r, _ in packer.placed)))
-    packs.append(packing.assemble(current, budget, rows, 0, shapes))
+    packers = packing.pack_in_order([packing.footprint(s, rows) for s in prepared], budget)
+    packs, places, start = [], [], 0
+    for index, packer in enumerate(packers):
+        packs.append(packing.assemble(prepared[start:start + len(packer.placed)], budget, rows, 0, shapes))
+        start += len(packer.placed)
+        # A sample's segment id is its place among the samples of its row.
+        places += [(index, row, [r for r, _ in packer.placed[: i + 1]].count(row)) for i, (row, _) in enumerate(packer.placed)]
     batch = {k: np.stack([p[k] for p in packs]) for k in packs[0]}
     return batch, samples, places

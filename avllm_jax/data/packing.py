@@ -151,6 +151,18 @@ class Packer:
         return True
 
 
+def pack_in_order(needs: list[Footprint], budget: PackBudget) -> list[Packer]:
+    """The packs that these footprints fill in order, as the iterator packs them: each
+    `Packer.placed` lists its samples' (row, offset); the last pack may be part full."""
+    packers = [Packer(budget)]
+    for need in needs:
+        if not packers[-1].place(need):
+            packers.append(Packer(budget))
+            if not packers[-1].place(need):
+                raise ValueError("a sample does not fit an empty pack: check data.packing against the model")
+    return packers
+
+
 def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
     return np.array([1, need.length, need.length**2, need.frames, need.frames > 0, need.audio_clips * modality_rows.audio], np.float32)
 
@@ -299,9 +311,4 @@ def estimate_samples_per_pack(per_source, weights, data_config, tokenizer, modal
             frames = (1 if still else data_config.num_frames) if visual else 0
             audio = int(sample.modality is not None and sample.modality.has_audio and modality_rows.audio > 0)
             needs.append(Footprint(length - (sample.modality is not None) + rows, frames, audio))
-    packs, packer = 1, Packer(budget)
-    for need in needs:
-        if not packer.place(need):
-            packs, packer = packs + 1, Packer(budget)
-            packer.place(need)
-    return len(needs) / packs
+    return len(needs) / len(pack_in_order(needs, budget))

@@ -104,19 +104,14 @@ def padded_batch(samples: list[dict], text_length: int, num_frames: int, modalit
 
 
 def packed_batch(samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes) -> tuple[dict, int]:
-    """The first samples packed in order into `num_packs` packs; (batch, samples used)."""
-    packs, current, packer, used = [], [], packing.Packer(budget), 0
-    for sample in samples:
-        if not packer.place(packing.footprint(sample, modality_rows)):
-            packs.append(packing.assemble(current, budget, modality_rows, 0, media_shapes))
-            if len(packs) == num_packs:
-                break
-            current, packer = [], packing.Packer(budget)
-            packer.place(packing.footprint(sample, modality_rows))
-        current.append(sample)
-        used += 1
-    else:
+    """The first samples packed in order into `num_packs` full packs; (batch, samples used)."""
+    packers = packing.pack_in_order([packing.footprint(s, modality_rows) for s in samples], budget)
+    if len(packers) <= num_packs:
         raise SystemExit("not enough samples drawn to fill the packs")
+    packs, used = [], 0
+    for packer in packers[:num_packs]:
+        packs.append(packing.assemble(samples[used:used + len(packer.placed)], budget, modality_rows, 0, media_shapes))
+        used += len(packer.placed)
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}, used
 
 
