@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if (modality.has_visual and model.vision is None) or (modality.has_audio and model.audio is None) or model.llm is None:
+    if (modality.has_visual and model.vision is None) or (modality.has_audio and model.config.audio_tower is None) or model.llm is None:
         sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")
     # The attention module reports its choice on stdout, once per name: say it now, on stderr,
     # so that stdout holds only answers.

@@ -9,7 +9,6 @@ writes `config.json`, the tokenizer and `params/` to OUT (see avllm_jax/checkpoi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -81,11 +80,6 @@ def convert_whisper(
     return config, part
 
 
-def _composite_records_audio_encoder() -> bool:
-    """Whether AVLLMConfig has the `audio_encoder` field that says its audio tower is Whisper."""
-    return "audio_encoder" in {field.name for field in dataclasses.fields(avllm.AVLLMConfig)}
-
-
 def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None, dtype="float32", allow_pickle=False, seed=0) -> avllm.AVLLMConfig:
     """Converts the given parts into the model directory `out`; returns its config.
 
@@ -94,13 +88,8 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
         raise conversion.ConversionError("nothing to convert: give at least one of clip, clap, whisper, llm")
     if clap and whisper:
         raise conversion.ConversionError("--clap and --whisper are mutually exclusive: the model has one audio encoder")
-    if whisper and not _composite_records_audio_encoder():
-        raise conversion.ConversionError(
-            "--whisper: this version's AVLLMConfig has no audio_encoder field, so a model directory cannot record "
-            "a Whisper audio tower yet; avllm_jax.convert.convert_whisper(DIR) converts the encoder alone"
-        )
     flat: dict[str, np.ndarray] = {}
-    vision_config = audio_config = llm_config = None
+    vision_config = audio_config = whisper_config = llm_config = None
     modality_token_ids = (-1, -1, -1)
     if clip:
         vision_config = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(clip), param_dtype=dtype)
@@ -111,8 +100,8 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
         part = convert_part(clap, htsat.hf_rules(audio_config), lambda: htsat.HTSAT(audio_config, rngs=nnx.Rngs(0)), dtype=dtype, allow_pickle=allow_pickle, name="audio")
         flat |= {f"audio.{k}": v for k, v in part.items()}
     if whisper:
-        audio_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
-        flat |= {f"audio.{k}": v for k, v in part.items()}
+        whisper_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
+        flat |= {f"whisper.{k}": v for k, v in part.items()}
     if llm:
         hf_config = conversion.read_hf_config(llm)
         tokenizer_dir = tokenizer or llm
@@ -134,9 +123,8 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
         llm_config = llama.LlamaConfig.from_hf(hf_config, vocab_size=vocab_size, param_dtype=dtype)
         flat |= {f"llm.{k}": v for k, v in part.items()}
 
-    # Either audio tower's weights sit under `audio.`; `audio_encoder` says which one it is.
-    audio_fields = {"audio": audio_config} | ({"audio_encoder": "whisper"} if whisper else {})
-    config = avllm.AVLLMConfig(vision=vision_config, **audio_fields, llm=llm_config, modality_token_ids=modality_token_ids)
+    config = avllm.AVLLMConfig(vision=vision_config, audio=audio_config, whisper=whisper_config, llm=llm_config,
+                               modality_token_ids=modality_token_ids)
     # The projectors come from no checkpoint: they start from the model's own initialisation.
     for name, projector in avllm.make_projectors(config, rngs=nnx.Rngs(seed)).items():
         for path, leaf in nnx.to_flat_state(nnx.state(projector)):

@@ -161,7 +161,7 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
     lines += [f"- {name}" for name in base_models] or [f"- {base}"]
     if base_models:
         lines.append(f"- converted into avllm_jax as {base}")
-    for part, title in (("vision", "vision encoder (CLIP ViT)"), ("audio", "audio encoder (HTSAT)")):
+    for part, title in (("vision", "vision encoder (CLIP ViT)"), ("audio", "audio encoder (HTSAT)"), ("whisper", "audio encoder (Whisper)")):
         if getattr(config, part) is not None:
             lines.append(f"- {title}: frozen in training; its config is in `{EXTRAS_FILE}`")
     lines += ["", "## Training", ""]
@@ -224,11 +224,13 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
         "format": "avllm_jax export 1",
         "vision": None if config.vision is None else config.to_dict()["vision"],
         "audio": None if config.audio is None else config.to_dict()["audio"],
+        "whisper": None if config.whisper is None else config.to_dict()["whisper"],
         "modality_tokens": dict(zip(MODALITY_TOKENS, config.modality_token_ids)),
         "projectors": {name: {"role": role, "kernel": list(projectors[f"{name}.kernel"].shape), "bias": list(projectors[f"{name}.bias"].shape)}
                        for name, role in PROJECTOR_INPUTS.items() if f"{name}.kernel" in projectors},
         "media": None if (data := checkpoint.read_data_config(workdir)) is None else {
-            k: data[k] for k in ("num_frames", "image_size", "num_audio_segments", "audio_sample_rate", "audio_max_length_s", "audio_truncation")
+            k: data.get(k) for k in ("num_frames", "image_size", "num_audio_segments", "audio_sample_rate", "audio_front_end",
+                                  "audio_max_length_s", "audio_truncation", "whisper_mel_bins")
         },
     }
     with open(os.path.join(out, EXTRAS_FILE), "w") as f:

@@ -164,6 +164,7 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
     defaults = {
         "vision": {"image_size": data.image_size},
         "audio": {"enable_fusion": data.audio_truncation == "fusion"},
+        "whisper": {"num_mel_bins": data.whisper_mel_bins},
         "llm": {"vocab_size": config_lib.MODEL_PARTS["llm"]().vocab_size + len(MODALITY_TOKENS)},
     }
     parts = {part: config_lib.MODEL_PARTS[part](**(defaults[part] | overrides[part])) for part in config.model.parts}

@@ -133,8 +133,8 @@ _MAKE_INIT_CHECKPOINT = (
 def check_data_matches_model(data_config, model_config):
     if model_config.vision and data_config.image_size != model_config.vision.image_size:
         raise SetupError(f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px")
-    if model_config.audio and (problem := features.audio_settings_problem(
-            data_config, fused_encoder=model_config.audio.enable_fusion, max_frames=model_config.audio.max_frames)):
+    if model_config.audio_tower and (problem := features.audio_settings_problem(
+            data_config, model_config.audio_encoder, model_config.audio_tower)):
         raise SetupError(f"data.{problem}")
 
 

@@ -75,7 +75,7 @@ def stream_answer(model, tokenizer, batch: dict, **sampling) -> Iterator[str]:
 
 def missing_part(model, modality: Modality) -> str | None:
     """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
-    parts = (("vision encoder", modality.has_visual, model.vision), ("audio encoder", modality.has_audio, model.audio),
+    parts = (("vision encoder", modality.has_visual, model.vision), ("audio encoder", modality.has_audio, model.config.audio_tower),
              ("LLM", True, model.llm))
     return next((name for name, needed, part in parts if needed and part is None), None)
 

@@ -32,7 +32,14 @@ def own_rows(model, sample: dict) -> list[jax.Array]:
         hidden = model.vision(clip_vision.normalize_frames(jnp.asarray(sample["frames"])))  # [T, 1+N, Dv]
         rows.append(model.temporal_proj(hidden[:, 0])[None])
         rows.append(model.spatial_proj(hidden[:, 1:].mean(axis=0))[None])
-    if sample["has_audio"]:
+    if sample["has_audio"] and model.whisper is not None:
+        # Whisper: the clip's window encoded once, its real frames cut into K equal spans.
+        hidden = np.asarray(model.whisper(jnp.asarray(sample["audio_features"])[None]))[0]
+        valid = int(sample["audio_valid_frames"][0])
+        bounds = np.linspace(0, valid, NUM_SEGMENTS + 1).astype(int)  # valid is >= K here: no empty span
+        pooled = np.stack([hidden[start:end].mean(axis=0) for start, end in zip(bounds[:-1], bounds[1:])])
+        rows.append(model.audio_proj(jnp.asarray(pooled))[None])
+    elif sample["has_audio"]:
         pooled = model.audio(jnp.asarray(sample["audio_features"]), jnp.asarray(sample["audio_is_longer"]))
         rows.append(model.audio_proj(pooled)[None])
     return rows
@@ -90,6 +97,28 @@ def test_packed_batch_samples_equal_samples_alone(model, tokenizer):
         answer = sample["labels"][sample["labels"] != -100]
         mine = targets[pack, row][batch["segment_ids"][pack, row] == segment]
         np.testing.assert_array_equal(mine[mine != -100], answer)
+
+
+def test_whisper_model_packed_and_unpacked_equal_samples_alone(tokenizer):
+    """The same with a Whisper audio encoder (the paper's Table 6): in a pack and in the
+    unpacked layout inference uses, each sample computes what it computes alone."""
+    model = tiny_model(tokenizer, audio_encoder="whisper")
+    kinds = ("audio", "audio_visual", "visual", "audio")
+    budget = packing.PackBudget(rows=2, row_length=480, frames=2 * NUM_FRAMES, visual_items=2, audio_clips=3)
+    batch, samples, places = packed_batch(tokenizer, model.config, kinds, budget, seed=5, audio_encoder="whisper")
+    assert batch["audio_features"].shape[1:] == (3, 80, 3000) and batch["audio_valid_frames"].shape[1:] == (3, NUM_SEGMENTS)
+    logits = np.asarray(model(jax.tree.map(jnp.asarray, batch))[0]).reshape(*batch["input_ids"].shape, -1)
+    unpacked = mixed_batch(tokenizer, kinds, seed=5, audio_encoder="whisper")
+    unpacked_logits, inputs = model(jax.tree.map(jnp.asarray, unpacked))
+    kept = np.asarray(inputs["segment_ids"]).astype(bool)
+    for i, (sample, (pack, row, segment), kind) in enumerate(zip(samples, places, kinds)):
+        alone = logits_alone(model, sample)
+        for layout, ours in (("packed", logits[pack, row][batch["segment_ids"][pack, row] == segment]),
+                             ("unpacked", np.asarray(unpacked_logits)[i][kept[i]])):
+            assert ours.shape == alone.shape, (layout, kind)
+            diff = np.abs(ours - alone).max()
+            print(f"whisper {layout} {kind}: max|batched - alone| = {diff:.2e}")
+            assert diff <= 1e-5, (layout, kind)
 
 
 def test_targets_are_the_answer_tokens(model, tokenizer):

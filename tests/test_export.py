@@ -123,8 +123,10 @@ def test_shards_card_and_side_file(tmp_path):
     # The encoder configs read back with avllm_jax's own loader.
     side = avllm.AVLLMConfig.from_dict({"vision": extras["vision"], "audio": extras["audio"]})
     assert (side.vision, side.audio) == (model.config.vision, model.config.audio)
+    assert extras["whisper"] is None
     assert extras["media"] == {"num_frames": 4, "image_size": 64, "num_audio_segments": 4, "audio_sample_rate": 48000,
-                               "audio_max_length_s": 0.4, "audio_truncation": "rand_trunc"}  # the workdir's data_config.json
+                               "audio_front_end": "clap", "audio_max_length_s": 0.4, "audio_truncation": "rand_trunc",
+                               "whisper_mel_bins": 80}  # the workdir's data_config.json
 
 
 def test_unusable_inputs_are_refused_with_the_reason(tmp_path, capsys):

@@ -336,3 +336,28 @@ def test_dedicated_worker_cpus_must_leave_training_a_cpu(tmp_path):
         runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0))))
     assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1)) == (None, None)
     assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=0, dedicated_worker_cpus=1)) == (None, None)
+
+
+def test_whisper_front_end_decodes_at_16khz(tmp_path, tokenizer, media_dir):
+    """With audio_front_end='whisper' the pipeline resamples to 16 kHz and gives each sample
+    Whisper's 30 s log-mel window and its count of real encoder frames (20 ms each)."""
+    records = [chat("<AUD>\nwhat is it?", audio="sound.flac", modality="audio"),
+               chat("<AUD_VIS>\nwhat is it?", video="av.mp4", modality="audio_visual"),
+               chat("<VIS>\nwhat is it?", video="silent.mp4", modality="visual")]
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    config = data_config((path, 1.0), num_epochs=1, audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80)
+    config.sources[0]["media_root"] = str(media_dir)
+    batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1))
+    assert batch["audio_features"].shape == (3, 80, 3000) and batch["audio_valid_frames"].shape == (3, SEGMENTS)
+    assert "audio_is_longer" not in batch
+    for row in range(3):
+        valid = batch["audio_valid_frames"][row]
+        assert (valid == valid[0]).all()  # one count, repeated over the K segments
+        if batch["has_audio"][row]:
+            # 0.5 s of sound: 25 frames of 20 ms (75 had it stayed at 48 kHz); AAC's priming adds at most 2
+            assert 25 <= valid[0] <= 27, valid
+            # silence after its 50 mel frames (10 ms each): the floor of the log-mel
+            assert (batch["audio_features"][row][:, 60:] == batch["audio_features"][row].min()).all()
+        else:
+            assert valid[0] == 0 and not batch["audio_features"][row].any()
+    assert batch["has_audio"].sum() == 2

@@ -3,7 +3,7 @@ import numpy as np
 from flax import nnx
 
 from avllm_jax.data import conversation
-from avllm_jax.models import avllm, clip_vision, htsat, llama
+from avllm_jax.models import avllm, clip_vision, htsat, llama, whisper
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 from hf_reference import TOKENIZER_CORPUS
 
@@ -17,18 +17,19 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_config(tokenizer) -> avllm.AVLLMConfig:
+def tiny_config(tokenizer, *, audio_encoder="htsat") -> avllm.AVLLMConfig:
     ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS)
     return avllm.AVLLMConfig(
         vision=clip_vision.PRESETS["tiny"],
-        audio=TINY_HTSAT,
+        audio=TINY_HTSAT if audio_encoder == "htsat" else None,
+        whisper=whisper.PRESETS["tiny"] if audio_encoder == "whisper" else None,
         llm=llama.LlamaConfig(**{**llama.PRESETS["tiny"].__dict__, "vocab_size": len(tokenizer)}),
         modality_token_ids=ids,
     )
 
 
-def tiny_model(tokenizer, seed=0) -> avllm.AVLLM:
-    return avllm.AVLLM(tiny_config(tokenizer), rngs=nnx.Rngs(seed))
+def tiny_model(tokenizer, seed=0, *, audio_encoder="htsat") -> avllm.AVLLM:
+    return avllm.AVLLM(tiny_config(tokenizer, audio_encoder=audio_encoder), rngs=nnx.Rngs(seed))
 
 
 TEXT = "text"  # a sample kind beside the modalities: no media, no modality token
@@ -41,20 +42,27 @@ QUESTIONS = {
 ANSWERS = {Modality.VISUAL: "red", Modality.AUDIO: "three", Modality.AUDIO_VISUAL: "the triangle moves up", TEXT: "blue"}
 
 
-def sample_arrays(tokenizer, kind, rng, image_size=32):
+def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_encoder="htsat"):
     """One sample's fields (`kind`: a modality or TEXT); media are random, the prompt follows
-    the Vicuna template."""
+    the Vicuna template. The audio arrays are an HTSAT's, or a Whisper encoder's: one 30 s
+    log-mel window and a random count of real frames."""
     modality = None if kind == TEXT else Modality(kind)
     question = QUESTIONS[kind] if modality is None else conversation.first_user_message(QUESTIONS[kind], modality)
     ids, labels = conversation.tokenize_turns(
         [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[kind])], tokenizer
     )
+    if audio_encoder == "whisper":
+        config = whisper.PRESETS["tiny"]
+        audio = dict(audio_features=rng.randn(config.num_mel_bins, config.num_frames).astype(np.float32),
+                     audio_valid_frames=np.full(NUM_SEGMENTS, rng.randint(1, config.max_source_positions + 1), np.int32))
+    else:
+        audio = dict(audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
+                     audio_is_longer=np.zeros(NUM_SEGMENTS, bool))
     return dict(
         input_ids=ids,
         labels=labels,
         frames=rng.randint(0, 256, (NUM_FRAMES, image_size, image_size, 3)).astype(np.uint8),
-        audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
-        audio_is_longer=np.zeros(NUM_SEGMENTS, bool),
+        **audio,
         has_visual=np.bool_(modality is not None and modality.has_visual),
         has_audio=np.bool_(modality is not None and modality.has_audio),
     )
@@ -74,9 +82,9 @@ def collate(samples, length=None):
     return batch
 
 
-def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None):
+def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None, audio_encoder="htsat"):
     rng = np.random.RandomState(seed)
-    return collate([sample_arrays(tokenizer, m, rng) for m in modalities], pad_to)
+    return collate([sample_arrays(tokenizer, m, rng, audio_encoder=audio_encoder) for m in modalities], pad_to)
 
 
 def prepared_sample(sample: dict, tokenizer, still: bool = False) -> dict:
@@ -93,18 +101,20 @@ def as_still(sample: dict) -> dict:
     return dict(sample, frames=np.repeat(sample["frames"][:1], NUM_FRAMES, axis=0))
 
 
-def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=()):
+def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), audio_encoder="htsat"):
     """`kinds` packed in order into as many packs as they need (data/packing.py), and the
     unpacked samples (stills repeated over T) with their (pack, row, segment id) to compare
     against. Returns (batch, samples, places)."""
     from avllm_jax.data import packing
 
     rng = np.random.RandomState(seed)
-    samples = [sample_arrays(tokenizer, kind, rng) for kind in kinds]
+    samples = [sample_arrays(tokenizer, kind, rng, audio_encoder=audio_encoder) for kind in kinds]
     samples = [as_still(s) if i in stills else s for i, s in enumerate(samples)]
     prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
     rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
-    shapes = dict(frames=samples[0]["frames"].shape[1:], audio_features=samples[0]["audio_features"].shape)
+    audio_names = ("audio_features", "audio_valid_frames" if audio_encoder == "whisper" else "audio_is_longer")
+    shapes = dict(frames=samples[0]["frames"].shape[1:],
+                  audio={name: (samples[0][name].shape, samples[0][name].dtype) for name in audio_names})
     packers = packing.pack_in_order([packing.footprint(s, rows) for s in prepared], budget)
     packs, places, start = [], [], 0
     for index, packer in enumerate(packers):

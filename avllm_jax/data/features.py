@@ -250,9 +250,20 @@ def longest_audio_window_s(max_frames: int, config) -> float:
     return (max_frames - 1) * HOP_LENGTH / config.audio_sample_rate
 
 
-def audio_settings_problem(config, *, fused_encoder: bool, max_frames: int) -> str | None:
-    """Why the audio settings of `config` do not suit an HTSAT (fused or not, whose spectrogram
-    image takes at most `max_frames` frames); None when they do."""
+def audio_settings_problem(config, audio_encoder: str, encoder_config) -> str | None:
+    """Why the audio settings of `config` do not suit the model's audio encoder: an 'htsat'
+    (its HTSATConfig: fused or not, a spectrogram image of at most max_frames frames) or a
+    'whisper' (its WhisperEncoderConfig: 16 kHz, its mel bins); None when they do."""
+    front_end = "whisper" if audio_encoder == "whisper" else "clap"
+    if config.audio_front_end != front_end:
+        return f"audio_front_end={config.audio_front_end!r} but the audio encoder is {audio_encoder!r}: use {front_end!r}"
+    if audio_encoder == "whisper":
+        if config.audio_sample_rate != WHISPER_SAMPLE_RATE:
+            return f"audio_sample_rate={config.audio_sample_rate} but Whisper takes {WHISPER_SAMPLE_RATE} Hz audio: use {WHISPER_SAMPLE_RATE}"
+        if config.whisper_mel_bins != encoder_config.num_mel_bins:
+            return f"whisper_mel_bins={config.whisper_mel_bins} but the Whisper encoder takes {encoder_config.num_mel_bins}"
+        return None
+    fused_encoder, max_frames = encoder_config.enable_fusion, encoder_config.max_frames
     if (config.audio_truncation == "fusion") != fused_encoder:
         return (f"audio_truncation={config.audio_truncation!r} but the audio encoder is {'fused' if fused_encoder else 'unfused'}; "
                 f"use {'fusion' if fused_encoder else 'rand_trunc'!r}")

@@ -14,8 +14,11 @@ The arrays of a pack (`assemble`), leading dimension P when batched:
     frames          uint8   [P, F, S, S, 3]     the packed frames; zeros in empty slots
     frame_item      int32   [P, F]              visual item of each frame; -1 for empty slots
     item_frames     int32   [P, V]              frames of each visual item (0: an empty slot)
-    audio_features  float32 [P, A, K, C, Fr, 64]
+    audio_features  float32 [P, A, K, C, Fr, 64]  CLAP log-mel of each segment (an HTSAT model)
     audio_is_longer bool    [P, A, K]
+      or, for a Whisper model:
+    audio_features  float32 [P, A, mel, 3000]   Whisper log-mel of each clip
+    audio_valid_frames int32 [P, A, K]          its real encoder frames, repeated K times
     input_ids       int32   [P, R, L]           text ids; the pad id elsewhere
     modality_index  int32   [P, R, L]           row of the pack's modality table that fills a
                                                 position, -1 for text and padding (below)
@@ -40,8 +43,9 @@ from avllm_jax.data import conversation
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS, Modality
 
 # Per-sample counts of the work that matters, summed per pack: samples, LLM positions, their
-# squares (causal attention), ViT frames, visual items, HTSAT segments.
-WORK = ("samples", "llm_tokens", "llm_tokens_squared", "encoded_frames", "visual_items", "audio_segments")
+# squares (causal attention), ViT frames, visual items, audio clips (what a Whisper encoder
+# costs) and their segments (what an HTSAT costs).
+WORK = ("samples", "llm_tokens", "llm_tokens_squared", "encoded_frames", "visual_items", "audio_clips", "audio_segments")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,7 @@ class ModalityRows:
 
     @classmethod
     def of(cls, model_config, data_config) -> "ModalityRows":
-        vision, audio = model_config.vision, model_config.audio
+        vision, audio = model_config.vision, model_config.audio_tower
         return cls(
             temporal=data_config.num_frames if vision else 0,
             spatial=vision.num_patches if vision else 0,
@@ -164,13 +168,14 @@ def pack_in_order(needs: list[Footprint], budget: PackBudget) -> list[Packer]:
 
 
 def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
-    return np.array([1, need.length, need.length**2, need.frames, need.frames > 0, need.audio_clips * modality_rows.audio], np.float32)
+    return np.array([1, need.length, need.length**2, need.frames, need.frames > 0, need.audio_clips,
+                     need.audio_clips * modality_rows.audio], np.float32)
 
 
 def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict) -> dict:
     """The arrays of one pack (module docstring) from prepared samples that `Packer` placed.
 
-    media_shapes: 'frames' (S, S, 3) and 'audio_features' (K, C, Fr, 64), for empty packs too."""
+    media_shapes: a frame's shape and a clip's audio arrays (samples.media_shapes), for empty packs too."""
     b, r = budget, modality_rows
     packer = Packer(budget)
     needs = [footprint(s, r) for s in samples]
@@ -182,8 +187,6 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         frames=np.zeros((b.frames, *media_shapes["frames"]), np.uint8),
         frame_item=np.full(b.frames, -1, np.int32),
         item_frames=np.zeros(b.visual_items, np.int32),
-        audio_features=np.zeros((b.audio_clips, *media_shapes["audio_features"]), np.float32),
-        audio_is_longer=np.zeros((b.audio_clips, media_shapes["audio_features"][0]), bool),
         input_ids=np.full(shape, pad_id, np.int32),
         modality_index=np.full(shape, -1, np.int32),
         segment_ids=np.zeros(shape, np.int32),
@@ -192,6 +195,8 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         loss_group=np.zeros(shape, np.int32),
         work=np.zeros(len(WORK), np.float32),
     )
+    for name, (clip_shape, dtype) in media_shapes["audio"].items():
+        out[name] = np.zeros((b.audio_clips, *clip_shape), dtype)
     spatial_start, audio_start = b.frames, b.frames + b.visual_items * r.spatial
     frame, item, clip = 0, 0, 0
     samples_in_row = [0] * b.rows
@@ -206,8 +211,8 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
             modality_rows += [*temporal, *(spatial_start + item * r.spatial + np.arange(r.spatial))]
             frame, item = frame + need.frames, item + 1
         if need.audio_clips:
-            out["audio_features"][clip] = sample["audio_features"]
-            out["audio_is_longer"][clip] = sample["audio_is_longer"]
+            for name in media_shapes["audio"]:
+                out[name][clip] = sample[name]
             modality_rows += [*(audio_start + clip * r.audio + np.arange(r.audio))]
             clip += 1
         ids, labels, token_at = sample["input_ids"], sample["labels"], int(sample["modality_token_at"])

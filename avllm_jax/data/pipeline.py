@@ -15,6 +15,7 @@ An unpacked batch is a dict of numpy arrays, leading dimension B (the per-host b
                                                a still image is repeated over T
     audio_features    float32 [B, K, C, F, 64] CLAP log-mel; zeros when there is no audio
     audio_is_longer   bool    [B, K]
+      (a Whisper model: audio_features float32 [B, mel, 3000], audio_valid_frames int32 [B, K])
     has_visual        bool    [B]
     has_audio         bool    [B]
     input_ids         int32   [B, L]           right-padded with the pad (or EOS) id
@@ -75,10 +76,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.num_frames = 32
     config.image_size = 224
     config.num_audio_segments = 4
-    config.audio_sample_rate = 48000
+    # The audio encoder's front end: "clap" (an HTSAT model: CLAP's log-mel of each segment, at
+    # 48 kHz) or "whisper" (a Whisper model: Whisper's log-mel of the clip's first 30 s, at 16 kHz).
+    config.audio_front_end = "clap"
+    config.audio_sample_rate = 48000  # audio is resampled to it when decoded; 16000 for Whisper
+    # CLAP only:
     config.audio_max_length_s = 10.0  # CLAP window per segment: F = 1 + rate * length // 480
     config.audio_truncation = "fusion"  # "fusion" (4 mel channels) or "rand_trunc" (1)
     config.audio_padding = "repeatpad"  # "repeatpad", "repeat" or "pad"
+    # Whisper only: the checkpoint's num_mel_bins, 80 (tiny ... large-v2) or 128 (large-v3).
+    config.whisper_mel_bins = 80
     config.max_text_length = 512  # text tokens of a sample (the modality token's rows not counted)
     # Packing (data/packing.py): global_batch_size then counts packs, each of `rows` LLM rows of
     # `row_length` positions holding whole samples, with ViT slots for `frames` frames (a video

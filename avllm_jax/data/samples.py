@@ -1,5 +1,5 @@
-"""One sample's arrays, as training and inference both build them: decoded media, CLAP
-features, the re-routing of a request for a stream the file lacks, token ids and labels.
+"""One sample's arrays, as training and inference both build them: decoded media, the audio
+encoder's features (CLAP's or Whisper's log-mel), the re-routing of a request for a stream the file lacks, token ids and labels.
 
 `build_sample` is the one path from turns and media to model inputs: the training pipeline
 (data/pipeline.py) builds its samples here and chat, evaluation and the web demo their prompts.
@@ -28,25 +28,40 @@ def load_file_media(path: str | os.PathLike, config) -> Media:
 
 def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
     """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
-    t, s, k = config.num_frames, config.image_size, config.num_audio_segments
+    t, s = config.num_frames, config.image_size
     frames = np.zeros((t, s, s, 3), np.uint8)
-    audio_features = np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32)
-    is_longer = np.zeros((k,), bool)
     has_visual = bool(media is not None and media.has_visual and use_visual)
     has_audio = bool(media is not None and media.has_audio and use_audio)
     if has_visual:
         frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
-    if has_audio:
-        audio_features, is_longer = features.clap_audio_features(
-            media.audio,
-            truncation=config.audio_truncation,
-            padding=config.audio_padding,
-            max_length_s=config.audio_max_length_s,
-            sampling_rate=config.audio_sample_rate,
-            rng=rng,
-        )
-    return dict(frames=frames, audio_features=audio_features, audio_is_longer=is_longer,
-                has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
+    audio = audio_arrays(media.audio if has_audio else None, config, rng=rng)
+    return dict(frames=frames, **audio, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
+
+
+def audio_arrays(segments: np.ndarray | None, config, *, rng=None) -> dict:
+    """One clip's audio encoder inputs from its K waveform segments [K, L] (None: zeros), as
+    `config.audio_front_end` asks: CLAP's log-mel of each segment (audio_features [K, C, Fr, 64],
+    audio_is_longer [K]) for an HTSAT, or Whisper's log-mel of the whole clip (audio_features
+    [mel, 3000]) and its count of real encoder frames (audio_valid_frames [K], repeated)."""
+    k = config.num_audio_segments
+    if config.audio_front_end == "whisper":
+        if segments is None:
+            return dict(audio_features=np.zeros((config.whisper_mel_bins, features.WHISPER_FRAMES), np.float32),
+                        audio_valid_frames=np.zeros(k, np.int32))
+        mel, valid_frames = features.whisper_audio_features(segments.reshape(-1), config.whisper_mel_bins, sampling_rate=config.audio_sample_rate)
+        return dict(audio_features=mel, audio_valid_frames=np.full(k, valid_frames, np.int32))
+    if segments is None:
+        return dict(audio_features=np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32),
+                    audio_is_longer=np.zeros(k, bool))
+    mel, is_longer = features.clap_audio_features(
+        segments,
+        truncation=config.audio_truncation,
+        padding=config.audio_padding,
+        max_length_s=config.audio_max_length_s,
+        sampling_rate=config.audio_sample_rate,
+        rng=rng,
+    )
+    return dict(audio_features=mel, audio_is_longer=is_longer)
 
 
 def routed_modality(modality: Modality | None, media: Media | None) -> tuple[Modality | None, bool]:
@@ -107,12 +122,11 @@ def pad_text(sample: dict, length: int, tokenizer) -> dict:
 
 
 def media_shapes(data_config) -> dict:
-    """The shapes of one sample's frames (one frame) and audio features."""
-    return dict(
-        frames=(data_config.image_size, data_config.image_size, 3),
-        audio_features=(data_config.num_audio_segments, features.audio_channels(data_config),
-                        features.audio_frames(data_config), features.NUM_MEL_BINS),
-    )
+    """The shape of one frame ('frames'), and the shapes and dtypes of one clip's audio arrays
+    ('audio': {name: (shape, dtype)}, as `audio_arrays` gives them)."""
+    audio = audio_arrays(None, data_config)
+    return dict(frames=(data_config.image_size, data_config.image_size, 3),
+                audio={name: (array.shape, array.dtype) for name, array in audio.items()})
 
 
 def example_batch_element(data_config, modality_rows: packing.ModalityRows) -> dict:

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from avllm_jax.models.avllm import AVLLM
 from avllm_jax.models.llama import KVCache, Llama, kept_positions
 
-MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "has_visual", "has_audio", "input_ids", "token_mask")
+MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "audio_valid_frames", "has_visual", "has_audio", "input_ids", "token_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,21 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` (the first maximum; the first NaN if any) as int32, computed
+    as a max, then the smallest index holding it: two plain reductions, which XLA on CPU
+    vectorizes. Its (value, index) reduction for argmax is not, and cost as much as the LM head
+    itself (4.7 ms against 0.7 ms for [32, 32000] on two cores)."""
+    vocab = logits.shape[-1]
+    largest = jnp.max(logits, axis=-1, keepdims=True)
+    is_first_choice = (logits == largest) | jnp.isnan(logits)  # max is NaN iff a logit is
+    return jnp.min(jnp.where(is_first_choice, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def sample_tokens(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
     """logits float32 [B, V] -> int32 [B]."""
     if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]

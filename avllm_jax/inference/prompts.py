@@ -41,11 +41,12 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
     pipeline's defaults fitted to the encoders: the vision encoder's input size, the audio
     truncation its HTSAT takes ('fusion', 4 channels, for a fused one; 'rand_trunc'
     otherwise), and CLAP's 10 s window, or the longest the HTSAT's spectrogram takes when that
-    is shorter. Then `overrides` (None values are ignored). Audio settings the HTSAT cannot
-    take are a ValueError that names the fitting ones.
+    is shorter; for a Whisper encoder, Whisper's 16 kHz front end with its mel bins. Then
+    `overrides` (None values are ignored). Audio settings the encoder cannot take are a
+    ValueError that names the fitting ones.
     """
     config = read_data_config(checkpoint_dir) if checkpoint_dir else None
-    audio = model.config.audio
+    audio, whisper = model.config.audio, model.config.whisper
     if config is None:
         config = pipeline.default_data_config()
         if model.config.vision is not None:
@@ -53,8 +54,11 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
         if audio is not None:
             config.audio_truncation = "fusion" if audio.enable_fusion else "rand_trunc"
             config.audio_max_length_s = min(config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config))
+        if whisper is not None:
+            config.update(audio_front_end="whisper", audio_sample_rate=features.WHISPER_SAMPLE_RATE, whisper_mel_bins=whisper.num_mel_bins)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    if audio is not None and (problem := features.audio_settings_problem(config, fused_encoder=audio.enable_fusion, max_frames=audio.max_frames)):
+    tower = model.config.audio_tower
+    if tower is not None and (problem := features.audio_settings_problem(config, model.config.audio_encoder, tower)):
         raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
 

@@ -2,7 +2,7 @@
 
 A sample's modality rows are, in order, T temporal tokens (each frame's CLS token through
 W_t), N spatial tokens (the patch tokens averaged over time through W_s) and K audio tokens
-(each segment's pooled HTSAT embedding through W_a). They replace the modality token of the
+(each segment's embedding from the audio encoder, HTSAT or Whisper, through W_a). They replace the modality token of the
 prompt. A batch is made of packs (data/packing.py): the encoders run on a pack's media slots,
 their rows form the pack's modality table, and each LLM position reads either its text
 embedding or one table row. A sample reads only its own rows and attends only within its
@@ -20,7 +20,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from avllm_jax.modality import IGNORE_INDEX, Modality
-from avllm_jax.models import clip_vision, htsat, layers, llama
+from avllm_jax.models import clip_vision, htsat, layers, llama, whisper
+
+# Each part a model may have: its config dataclass and its module. `audio` is CLAP's HTSAT,
+# `whisper` Whisper's encoder (the paper's Table 6); a model has at most one audio encoder.
+PARTS = {
+    "vision": (clip_vision.CLIPVisionConfig, clip_vision.CLIPVision),
+    "audio": (htsat.HTSATConfig, htsat.HTSAT),
+    "whisper": (whisper.WhisperEncoderConfig, whisper.WhisperEncoder),
+    "llm": (llama.LlamaConfig, llama.Llama),
+}
+ENCODERS = ("vision", "audio", "whisper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +42,28 @@ class AVLLMConfig:
     llm: llama.LlamaConfig | None = None
     # Ids of <VIS>, <AUD>, <AUD_VIS> in the tokenizer (set by conversion).
     modality_token_ids: tuple[int, int, int] = (-1, -1, -1)
+    whisper: whisper.WhisperEncoderConfig | None = None  # last: the fields before keep their places
+
+    def __post_init__(self):
+        if self.audio is not None and self.whisper is not None:
+            raise ValueError("a model has one audio encoder: an HTSAT ('audio') or a Whisper encoder ('whisper'), not both")
+
+    @property
+    def audio_encoder(self) -> str | None:
+        """Which audio encoder the model has: 'htsat', 'whisper' or None."""
+        return "htsat" if self.audio else "whisper" if self.whisper else None
+
+    @property
+    def audio_tower(self) -> htsat.HTSATConfig | whisper.WhisperEncoderConfig | None:
+        """The audio encoder's config, whichever it is."""
+        return self.audio or self.whisper
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AVLLMConfig":
-        parts = {
-            "vision": clip_vision.CLIPVisionConfig,
-            "audio": htsat.HTSATConfig,
-            "llm": llama.LlamaConfig,
-        }
-        fields = {name: None if d.get(name) is None else _dataclass_from_dict(kind, d[name]) for name, kind in parts.items()}
+        fields = {name: None if d.get(name) is None else _dataclass_from_dict(kind, d[name]) for name, (kind, _) in PARTS.items()}
         return cls(**fields, modality_token_ids=tuple(d.get("modality_token_ids", (-1, -1, -1))))
 
     def replace(self, **overrides) -> "AVLLMConfig":
@@ -62,24 +82,24 @@ def _dataclass_from_dict(cls, d: dict):
 
 
 def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.Dense]:
-    """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder and an LLM:
-    linear with bias, from an encoder's width to the LLM's (float32 parameters)."""
+    """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder (HTSAT or
+    Whisper) and an LLM: linear with bias, from an encoder's width to the LLM's (float32 parameters)."""
     projector = lambda in_features: layers.Dense(in_features, config.llm.hidden_size, (None, "embed"), rngs=rngs)  # noqa: E731
     projectors = {}
     if config.llm and config.vision:
         projectors["temporal_proj"] = projector(config.vision.hidden_size)
         projectors["spatial_proj"] = projector(config.vision.hidden_size)
-    if config.llm and config.audio:
-        projectors["audio_proj"] = projector(config.audio.num_features)
+    if config.llm and config.audio_tower:
+        projectors["audio_proj"] = projector(config.audio_tower.num_features)
     return projectors
 
 
 class AVLLM(nnx.Module):
     def __init__(self, config: AVLLMConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vision = clip_vision.CLIPVision(config.vision, rngs=rngs) if config.vision else None
-        self.audio = htsat.HTSAT(config.audio, rngs=rngs) if config.audio else None
-        self.llm = llama.Llama(config.llm, rngs=rngs) if config.llm else None
+        for name, (_, module) in PARTS.items():
+            part_config = getattr(config, name)
+            setattr(self, name, module(part_config, rngs=rngs) if part_config else None)
         for name, projector in make_projectors(config, rngs=rngs).items():
             setattr(self, name, projector)
 
@@ -88,7 +108,7 @@ class AVLLM(nnx.Module):
     def modality_table(self, batch: dict) -> jax.Array:
         """A pack's modality rows [P, M, D_llm]: F temporal rows (each frame's CLS through W_t),
         visual_items x N spatial rows (each item's patch tokens averaged over its frames,
-        through W_s), audio_clips x K audio rows (each segment's pooled HTSAT embedding
+        through W_s), audio_clips x K audio rows (each segment's embedding, `audio_embeddings`,
         through W_a); see data/packing.py."""
         parts = []
         dtype = layers.dtype_of(self.config.llm.dtype)
@@ -109,15 +129,32 @@ class AVLLM(nnx.Module):
             patches = jnp.einsum("pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32)
             spatial = self.spatial_proj(patches.astype(dtype)).reshape(packs, -1, temporal.shape[-1])
             parts += [temporal, spatial]
-        if self.audio is not None and "audio_features" in batch:
-            features = batch["audio_features"]  # [P, A, K, C, Fr, 64]
-            packs, clips, segments = features.shape[:3]
-            flat = layers.constrain(features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None))
-            pooled = self.audio(flat, batch["audio_is_longer"].reshape(-1))
+        if self.config.audio_tower is not None and "audio_features" in batch:
+            pooled = self.audio_embeddings(batch)  # [P, A, K, Da]
+            packs, clips, segments = pooled.shape[:3]
             parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
         if not parts:
             raise ValueError("the batch has neither frames nor audio_features for the model's encoders")
         return jnp.concatenate(parts, axis=1)
+
+    def audio_embeddings(self, batch: dict) -> jax.Array:
+        """The K segment embeddings of each of a pack's audio clips, [P, A, K, Da].
+
+        HTSAT encodes each segment's CLAP log-mel on its own (audio_features [P, A, K, C, Fr,
+        64], audio_is_longer [P, A, K]). Whisper encodes each clip's 30 s log-mel window once
+        (audio_features [P, A, mel, 3000]) and pools its frames over K spans of the real audio
+        (audio_valid_frames [P, A, K], the clip's count repeated: K is its static width)."""
+        features = batch["audio_features"]
+        packs, clips = features.shape[:2]
+        if self.whisper is not None:
+            valid_frames = batch["audio_valid_frames"]
+            flat = layers.constrain(features.reshape(packs * clips, *features.shape[2:]), ("batch", None, None))
+            pooled = self.whisper.audio_embeddings(flat, valid_frames[..., 0].reshape(-1), valid_frames.shape[-1])
+        else:
+            segments = features.shape[2]
+            flat = layers.constrain(features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None))
+            pooled = self.audio(flat, batch["audio_is_longer"].reshape(-1))
+        return pooled.reshape(packs, clips, -1, pooled.shape[-1])
 
     # -- the multimodal sequence --------------------------------------------------------
 
@@ -144,7 +181,7 @@ class AVLLM(nnx.Module):
         return out
 
     def as_packs(self, batch: dict) -> dict:
-        """An unpacked batch (frames [B, T, ...], audio_features [B, K, ...], input_ids [B, L]
+        """An unpacked batch (frames [B, T, ...], one clip's audio arrays [B, ...], input_ids [B, L]
         with one modality token, token_mask, flags, optional labels) as B packs of one row of
         L - 1 + T + N + K positions, one visual item and one audio clip each. The rows of a
         modality the sample lacks stay in the row as padding (segment 0), so a prompt batch
@@ -161,9 +198,10 @@ class AVLLM(nnx.Module):
             )
             sizes.append(num_frames + self.config.vision.num_patches)
             streams.append(batch["has_visual"])
-        if self.audio is not None and "audio_features" in batch:
-            packs.update(audio_features=batch["audio_features"][:, None], audio_is_longer=batch["audio_is_longer"][:, None])
-            sizes.append(batch["audio_features"].shape[1])
+        if self.config.audio_tower is not None and "audio_features" in batch:
+            per_segment = "audio_valid_frames" if self.whisper is not None else "audio_is_longer"
+            packs.update({name: batch[name][:, None] for name in ("audio_features", per_segment)})
+            sizes.append(batch[per_segment].shape[1])
             streams.append(batch["has_audio"])
         if not sizes:
             raise ValueError("the batch has neither frames nor audio_features for the model's encoders")

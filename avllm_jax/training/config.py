@@ -39,11 +39,12 @@ from ml_collections import config_dict
 
 from avllm_jax import checkpoint
 from avllm_jax.data.pipeline import default_data_config
-from avllm_jax.models import clip_vision, htsat, llama
+from avllm_jax.models import avllm, llama
 from avllm_jax.training import optim
 
-# The parts a model may have (AVLLMConfig's fields), and the dataclass configuring each.
-MODEL_PARTS = {"vision": clip_vision.CLIPVisionConfig, "audio": htsat.HTSATConfig, "llm": llama.LlamaConfig}
+# The parts a model may have (AVLLMConfig's fields), and the dataclass configuring each:
+# 'audio' is an HTSAT, 'whisper' a Whisper encoder (a model has one of them at most).
+MODEL_PARTS = {part: config_class for part, (config_class, _) in avllm.PARTS.items()}
 LORA_ADAPTERS = r"llm\.layers\.lora\..*"  # the LLM's adapters, for config.trainable
 
 
@@ -95,6 +96,34 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def load_config_file(path: str, *arguments: str) -> ml_collections.ConfigDict:
+    """`get_config(*arguments)` of a config file, as `--config=PATH:ARGUMENT` loads it; for a
+    config written on top of another (configs/ablations/ on configs/sft.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arguments)
+
+
+STAGES = ("pretrain", "sft")
+
+
+def ablation_stage(configs_dir: str, stage: str, name: str, *, converted: str | None = None) -> ml_collections.ConfigDict:
+    """`configs/<stage>.py` for the ablation `name`, which trains both stages in runs/<name>/:
+    its pretraining starts from `converted` (the converted checkpoint of its own encoders and
+    LLM; None: the default one), its SFT from its own pretraining."""
+    if stage not in STAGES:
+        raise ConfigError(f"the stage of an ablation config is one of {STAGES}, not {stage!r} (--config=FILE:sft)")
+    config = load_config_file(os.path.join(configs_dir, f"{stage}.py"))
+    if stage == "pretrain" and converted:
+        config.init_checkpoint = converted
+    if stage == "sft":
+        config.init_checkpoint = f"runs/{name}/pretrain"
+    return config
+
+
 def accelerator_model_overrides() -> dict:
     """bfloat16 compute, remat and fused attention for the full-size model on GPU/TPU."""
     return dict(
@@ -106,7 +135,7 @@ def accelerator_model_overrides() -> dict:
 
 def _model_config() -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict()
-    model.parts = tuple(MODEL_PARTS)
+    model.parts = ("vision", "audio", "llm")  # the paper's model; ("vision", "whisper", "llm") for Whisper
     for part, cls in MODEL_PARTS.items():
         hints = typing.get_type_hints(cls)
         model[part] = ml_collections.ConfigDict(
@@ -140,6 +169,8 @@ def check_config(config) -> None:
         problems += [f"config.model.parts names {p!r}, not a part ({_nearest(p, MODEL_PARTS)})" for p in parts if p not in MODEL_PARTS]
         if len(set(parts)) != len(parts):
             problems.append(f"config.model.parts={parts!r} names a part twice")
+        if "audio" in parts and "whisper" in parts:
+            problems.append(f"config.model.parts={parts!r} names two audio encoders: a model has 'audio' (HTSAT) or 'whisper'")
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
         problems += _lora_problems(config)

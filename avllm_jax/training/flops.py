@@ -101,11 +101,21 @@ def audio_flops(config, num_segments: int) -> float:
     return num_segments * total
 
 
+def whisper_flops(config, num_clips: float) -> float:
+    """Whisper encoder forward over whole 30 s windows, one a clip: the two convolutions
+    (kernel 3) on the mel frames, then the layers and bidirectional attention on 1500 frames."""
+    c = config
+    frames = c.max_source_positions
+    convolutions = 2 * 3 * c.num_mel_bins * c.d_model * c.num_frames + 2 * 3 * c.d_model**2 * frames
+    per_layer = 2 * (4 * c.d_model**2 + 2 * c.d_model * c.encoder_ffn_dim) * frames + 2 * 2 * frames**2 * c.d_model
+    return num_clips * (convolutions + c.encoder_layers * per_layer)
+
+
 def work_flops(config: AVLLMConfig, work, *, llm_trains: bool) -> float:
     """FLOPs of a step's work, a vector in packing.WORK's order: samples, LLM positions, the
     sum of their sequences' squared lengths, ViT frames, visual items (each N spatial rows
-    through W_s), HTSAT segments."""
-    _, llm_tokens, squared_tokens, frames, visual_items, audio_segments = (float(x) for x in work)
+    through W_s), audio clips, audio segments."""
+    _, llm_tokens, squared_tokens, frames, visual_items, audio_clips, audio_segments = (float(x) for x in work)
     total = llm_flops(config.llm, llm_tokens, weights_train=llm_trains, squared_tokens=squared_tokens)
     if config.vision:
         total += vision_flops(config.vision, frames)
@@ -113,13 +123,16 @@ def work_flops(config: AVLLMConfig, work, *, llm_trains: bool) -> float:
         total += 3 * 2 * width * (frames + visual_items * config.vision.num_patches)  # W_t, W_s: forward + 2 backward
     if config.audio:
         total += audio_flops(config.audio, audio_segments)
-        total += 3 * 2 * config.audio.num_features * config.llm.hidden_size * audio_segments
+    if config.whisper:
+        total += whisper_flops(config.whisper, audio_clips)
+    if config.audio_tower:
+        total += 3 * 2 * config.audio_tower.num_features * config.llm.hidden_size * audio_segments  # W_a
     return total
 
 
 def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool) -> float:
     """FLOPs of one unpacked training sample (every sample has all T+N+K slots, so all pay the same)."""
-    work = (1, sequence_length, sequence_length**2, num_frames if config.vision else 0, 1, num_audio_segments)
+    work = (1, sequence_length, sequence_length**2, num_frames if config.vision else 0, 1, 1, num_audio_segments)
     return work_flops(config, work, llm_trains=llm_trains)
 
 
@@ -128,7 +141,7 @@ def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
     rows = data_config.max_text_length - 1
     if model_config.vision:
         rows += data_config.num_frames + model_config.vision.num_patches
-    if model_config.audio:
+    if model_config.audio_tower:
         rows += data_config.num_audio_segments
     return rows
 
@@ -157,7 +170,7 @@ def slot_flops_per_step(model_config: AVLLMConfig, config) -> float:
         return config.global_batch_size * run_sample_flops(model_config, config)
     p = config.data.packing
     length = p.rows * p.row_length
-    work = (0, length, p.rows * p.row_length**2, p.frames, p.visual_items, p.audio_clips * config.data.num_audio_segments)
+    work = (0, length, p.rows * p.row_length**2, p.frames, p.visual_items, p.audio_clips, p.audio_clips * config.data.num_audio_segments)
     return config.global_batch_size * work_flops(model_config, work, llm_trains=llm_trains(config))
 
 

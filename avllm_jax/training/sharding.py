@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from avllm_jax import checkpoint
-from avllm_jax.models.avllm import AVLLM
+from avllm_jax.models.avllm import AVLLM, PARTS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -109,7 +109,7 @@ def create_sharded_model(model_config, init_dir, mesh, seed):
     graphdef, abstract_state = checkpoint.abstract_model(model_config)
     shardings = state_shardings(abstract_state, mesh)
     if init_dir is not None:
-        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in ("vision", "audio", "llm") if getattr(model_config, part)}
+        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in PARTS if getattr(model_config, part)}
         return checkpoint.load_model(init_dir, config_overrides=overrides, shardings=shardings)
 
     def init():

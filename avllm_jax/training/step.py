@@ -17,6 +17,7 @@ from flax import nnx
 from avllm_jax.data.packing import WORK
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS
 from avllm_jax.models import layers
+from avllm_jax.models.avllm import ENCODERS
 from avllm_jax.training import sharding
 
 @jax.tree_util.register_dataclass
@@ -73,7 +74,7 @@ def compute_copy(params: nnx.State, dtype) -> nnx.State:
         narrower = jnp.issubdtype(value.dtype, jnp.floating) and jnp.finfo(value.dtype).bits > jnp.finfo(dtype).bits
         is_matrix = sum(axis != "layers" for axis in axes) >= 2
         # The encoders compute in their own dtypes.
-        return variable.replace(value.astype(dtype)) if narrower and is_matrix and path[0] not in ("vision", "audio") else variable
+        return variable.replace(value.astype(dtype)) if narrower and is_matrix and path[0] not in ENCODERS else variable
 
     return nnx.map_state(cast, params)
 

@@ -10,15 +10,13 @@ projections, beside the projectors. configs/sft.py is the table's full-tuning ro
 The paper gives no LoRA settings; these are LLaVA-1.5's LoRA recipe (rank 128, alpha 256, every
 linear layer of the LLM, learning rate 2e-4), with one learning rate for the projectors too.
 """
-import importlib.util
 import os
+
+from avllm_jax.training.config import load_config_file
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("sft_config", os.path.join(os.path.dirname(__file__), "..", "sft.py"))
-    sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sft)
-    config = sft.get_config()
+    config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "sft.py"))
     config.lora.update(dict(rank=128, alpha=256.0, targets=(r"layers\.(q|k|v|o|gate|up|down)_proj",)))
     config.trainable = (r"(temporal|spatial|audio)_proj\..*", r"llm\.layers\.lora\..*")
     config.optim.learning_rate = 2e-4

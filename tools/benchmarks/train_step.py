@@ -178,13 +178,16 @@ def run_mix(args, config, peak, llm_trains):
     samples = [_mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws]
     layouts = {
         "padded": (_mixture.padded_batch(samples[: args.batch], args.text_length, args.frames, rows), args.batch),
-        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frames=(size, size, 3), audio_features=audio_shape)),
+        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frames=(size, size, 3), audio=dict(
+            audio_features=(audio_shape, np.float32), audio_is_longer=(audio_shape[:1], bool)))),
     }
     padded_sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
     slot_work = {
-        "padded": (args.batch, args.batch * padded_sequence, args.batch * padded_sequence**2, args.batch * args.frames, args.batch, args.batch * args.segments),
+        "padded": (args.batch, args.batch * padded_sequence, args.batch * padded_sequence**2, args.batch * args.frames, args.batch,
+                   args.batch, args.batch * args.segments),
         "packed": (0, args.packs * budget.rows * budget.row_length, args.packs * budget.rows * budget.row_length**2,
-                   args.packs * budget.frames, args.packs * budget.visual_items, args.packs * budget.audio_clips * args.segments),
+                   args.packs * budget.frames, args.packs * budget.visual_items, args.packs * budget.audio_clips,
+                   args.packs * budget.audio_clips * args.segments),
     }
     results = {}
     for name, (batch, num_samples) in layouts.items():

@@ -1,0 +1,26 @@
+"""The paper's Table 6 (scaling the audio encoder), its Whisper-Small row: both stages as
+configs/pretrain.py and configs/sft.py with Whisper-Small's encoder in place of CLAP's HTSAT.
+Each clip's first 30 s are encoded once at 16 kHz and its K = 4 audio tokens pool the encoder's
+frames over 4 equal spans of the real audio (README, "Whisper as the audio encoder").
+
+    python tools/convert_hf_weights.py --clip openai/clip-vit-large-patch14 --whisper openai/whisper-small --llm lmsys/vicuna-7b-v1.5 --allow-pickle \
+        --out checkpoints/avllm-init-table6_whisper_small
+    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:pretrain --workdir=runs/table6_whisper_small/pretrain \
+        --config.data.sources='[{"path": "data/pretrain.jsonl", "media_root": "data/media", "weight": 1.0}]'
+    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:sft --workdir=runs/table6_whisper_small/sft \
+        --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
+"""
+import os
+
+from avllm_jax.training.config import ablation_stage
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..")
+
+
+def get_config(stage="sft"):
+    config = ablation_stage(CONFIGS, stage, "table6_whisper_small", converted="checkpoints/avllm-init-table6_whisper_small")
+    config.model.parts = ("vision", "whisper", "llm")
+    config.model.whisper.update(dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
+                                     dtype="bfloat16", attention_implementation="auto"))
+    config.data.update(dict(audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80))
+    return config
