@@ -25,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
-from avllm_jax.data import conversation, features, packing, pipeline
+from avllm_jax.data import conversation, features, packing, phases, pipeline
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
@@ -203,6 +203,9 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
     try:  # before any weights load: a malformed line, a missing file or a bad budget stops the run here
         per_source = pipeline.read_sources(config.data)
         num_steps = total_steps(config, per_source, tokenizer, modality_rows)
+        # Phased training: each phase's share of the steps, and its samples (a phase with none stops here).
+        phase_plan = phases.plan(config.phases, num_steps) if config.phases else None
+        phase_lines = phases.describe(phase_plan, per_source, config.data.sources) if phase_plan else []
     except (ValueError, OSError) as error:
         raise SetupError(str(error)) from error
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -218,6 +221,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         with open(os.path.join(workdir, checkpoint.TRAIN_CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
+    for line in phase_lines:
+        print(line, flush=True)
 
     with jax.set_mesh(mesh):
         model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
@@ -230,10 +235,11 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
         run = checkpointing.run_record(num_steps, config.optim)
         with contextlib.ExitStack() as cleanup:
-            data_iterator = pipeline.make_train_iterator(
-                config.data, tokenizer, global_batch_size=config.global_batch_size, worker_cpus=worker_cpus,
-                per_source=per_source, modality_rows=modality_rows,
-            )
+            iterator_options = dict(global_batch_size=config.global_batch_size, worker_cpus=worker_cpus, modality_rows=modality_rows)
+            if phase_plan:  # each phase's own pipeline, made as it starts; the state holds the phase
+                data_iterator = phases.make_phased_iterator(config.data, phase_plan, tokenizer, per_source=per_source, **iterator_options)
+            else:
+                data_iterator = pipeline.make_train_iterator(config.data, tokenizer, per_source=per_source, **iterator_options)
             cleanup.callback(data_iterator.close)  # stops grain's worker processes, frees their shared memory
             manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
             cleanup.callback(manager.close)
@@ -263,6 +269,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 writer, useful_flops=functools.partial(flops.work_flops, model_config, llm_trains=flops.llm_trains(config)),
                 slot_flops_per_step=flops.slot_flops_per_step(model_config, config), peak_flops=peak,
                 num_devices=jax.device_count(), total=num_steps, start_step=start,
+                phase_of=functools.partial(phases.phase_at, phase_plan) if phase_plan else None,
             )
             preemption = runtime.PreemptionWatch()
             cleanup.callback(preemption.close)

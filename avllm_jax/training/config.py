@@ -38,6 +38,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from avllm_jax import checkpoint
+from avllm_jax.data import phases as phases_lib
 from avllm_jax.data.pipeline import default_data_config
 from avllm_jax.models import avllm, llama
 from avllm_jax.training import optim
@@ -74,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_microbatches = 1  # gradient accumulation: the batch is split into this many passes
     config.num_epochs = 1.0
     config.num_steps = -1  # > 0 overrides num_epochs
+    # Phased training (the paper's Table 4; avllm_jax/data/phases.py): a tuple of
+    # dict(modalities=(...), share=s), each phase drawing only samples of the modalities it
+    # names ('visual', 'audio', 'audio_visual', 'text' for text-only) for its share of the steps
+    # (the shares sum to 1; data.num_epochs must be None). Empty: the paper's modality-augmented
+    # training (MAT), one phase with every modality mixed in each batch.
+    config.phases = ()
     config.seed = 0
 
     config.optim = ml_collections.ConfigDict()
@@ -162,7 +169,7 @@ def check_config(config) -> None:
     """Raises ConfigError listing every field `base_config()` does not declare (with the
     nearest declared name), every declared block that is missing or was replaced by one
     lacking fields, and `config.model.parts` naming a part that does not exist, one twice, or
-    no 'llm'."""
+    no 'llm'; LoRA settings that cannot work; and config.phases that are malformed (data/phases.py)."""
     problems = list(_compare(config, base_config(), "config"))
     if not problems:
         parts = config.model.parts
@@ -174,6 +181,7 @@ def check_config(config) -> None:
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
         problems += _lora_problems(config)
+        problems += phases_lib.config_problems(config)
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
 

@@ -48,10 +48,15 @@ class MetricsLog:
     modality with no answer token in the interval has no loss there; MFU is n/a when the
     device's peak is unknown (set config.peak_flops_per_device); the sample counts are totals
     over all processes since they started.
+
+    With phases (`phase_of`: step -> its data.phases.Phase), the line names the logged step's
+    phase after the step, `step 60/100 | phase 2/2 (visual+audio) | loss ...`, and TensorBoard
+    gets its number as `phase`.
     """
 
-    def __init__(self, writer, *, useful_flops, slot_flops_per_step, peak_flops, num_devices, total, start_step):
+    def __init__(self, writer, *, useful_flops, slot_flops_per_step, peak_flops, num_devices, total, start_step, phase_of=None):
         self.writer, self.useful_flops, self.slot_flops_per_step = writer, useful_flops, slot_flops_per_step
+        self.phase_of = phase_of
         self.peak_flops, self.num_devices, self.total = peak_flops, num_devices, total
         self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
         self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
@@ -88,9 +93,12 @@ class MetricsLog:
             row["slot_mfu"] = row["slot_tflops_per_device"] * 1e12 / self.peak_flops
         counts = self._job_counts()
         row.update({f"data/{k}": float(v) for k, v in counts.items()})
+        phase = self.phase_of(step_number) if self.phase_of else None
+        if phase is not None:
+            row["phase"] = float(phase.number)
         self.writer.write_scalars(step_number, row)
         eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
-        print(self._line(step_number, row, eta, counts), flush=True)
+        print(self._line(step_number, row, eta, counts, phase), flush=True)
         self.last_time, self.last_step = now, step_number
         return row
 
@@ -101,12 +109,13 @@ class MetricsLog:
         totals = multihost_utils.process_allgather(np.array(list(self.counters.values()), np.int64)).sum(axis=0)
         return dict(zip(self.counters, totals.tolist()))
 
-    def _line(self, step_number, row, eta, counts) -> str:
+    def _line(self, step_number, row, eta, counts, phase=None) -> str:
         groups = ", ".join(f"{g} {row[f'loss/{g}']:.4f}" for g in LOSS_GROUPS if f"loss/{g}" in row)
         mfu = f"{row['mfu']:.1%} (slots {row['slot_mfu']:.1%})" if "mfu" in row else "n/a"
         counts = ", ".join(f"{name.removeprefix('num_')} {count}" for name, count in counts.items())
         return (
-            f"step {step_number}/{self.total} | loss {row.get('loss', float('nan')):.4f}"
+            f"step {step_number}/{self.total}{f' | {phase.label}' if phase is not None else ''}"
+            f" | loss {row.get('loss', float('nan')):.4f}"
             f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm {row.get('grad_norm', float('nan')):.3g}"
             f" | {row['steps_per_second']:.2f} steps/s, {row['samples_per_second']:.1f} samples/s,"
             f" {row['target_tokens_per_second']:.0f} answer tok/s,"
