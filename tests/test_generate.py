@@ -93,6 +93,33 @@ def test_early_exit_leaves_the_same_tokens(llama_pair):
         assert (row[stop + 1 :] == 2).all()
 
 
+def test_decoding_phases_give_the_full_forwards_greedy_tokens(llama_pair):
+    """Enough new tokens for three decoding phases (each with a longer cache): every token is the
+    argmax of the full forward (no cache) over the prompt and the tokens before it; rows that all
+    stop in the second phase keep their tokens up to the EOS, and the third phase adds none."""
+    _, model = llama_pair
+    prompts, batch = padded_prompts()
+    prompt_length, max_new = batch["input_ids"].shape[1], 3 * gen.MIN_PHASE_SLOTS + 6
+    last_steps = [w - prompt_length for w in gen._cache_windows(prompt_length, max_new)]
+    assert len(last_steps) == 3
+    tokens = np.asarray(gen.generate(model, batch, max_new_tokens=max_new, eos_token_id=None).tokens)
+    ids, mask = np.zeros((len(prompts), prompt_length + max_new), np.int32), np.zeros((len(prompts), prompt_length + max_new), bool)
+    for i, p in enumerate(prompts):
+        ids[i, : p.size + max_new], mask[i, : p.size + max_new] = np.concatenate([p, tokens[i]]), True
+    logits = model(jnp.asarray(ids), positions=llama.kept_positions(jnp.asarray(mask)), segment_ids=jnp.asarray(mask, jnp.int32))
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(np.argmax(np.asarray(logits[i, p.size - 1 : p.size - 1 + max_new]), -1), tokens[i], err_msg=f"row {i}")
+    # Each row's EOS: its first token after the first phase that no row made in the first phase.
+    seen = set(tokens[:, : last_steps[0] + 1].ravel())
+    eos = tuple(int(next(t for t in row[last_steps[0] + 1 :] if t not in seen)) for row in tokens)
+    out = gen.generate(model, batch, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=2)
+    for i, row in enumerate(np.asarray(out.tokens)):
+        end = int(out.lengths[i])
+        assert last_steps[0] < end <= last_steps[1], (end, last_steps)
+        np.testing.assert_array_equal(row[: end + 1], tokens[i, : end + 1])
+        assert (row[end + 1 :] == 2).all()
+
+
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.3, top_k=40, top_p=0.9)], ids=["greedy", "sampled"])
 def test_stream_equals_compiled_loop(llama_pair, sampling):
     _, model = llama_pair

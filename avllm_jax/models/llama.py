@@ -157,6 +157,12 @@ class KVCache:
             length=jnp.zeros((), jnp.int32),
         )
 
+    def padded(self, max_length: int) -> "KVCache":
+        """This cache with empty slots added up to `max_length` (a copy of every array)."""
+        extra = max_length - self.segment_ids.shape[1]
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
+        return KVCache(tuple(pad(k, 2) for k in self.keys), tuple(pad(v, 2) for v in self.values), pad(self.segment_ids, 1), self.length)
+
 
 # The projections an adapter can target, each with the number of its kernel's input axes.
 ADAPTABLE_PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
