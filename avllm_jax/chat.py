@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     tokenizer = conversation.load_tokenizer(args.checkpoint)
     try:
         data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
-        media = samples.load_file_media(args.media, data_config)
+        media = samples.load_sample_media(args.media, data_config, prompts.open_feature_cache(model, data_config))
         modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -50,9 +50,9 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
 
     from avllm_jax.checkpoint import load_model
     from avllm_jax.data.conversation import load_tokenizer
-    from avllm_jax.data.samples import load_file_media
+    from avllm_jax.data.samples import load_sample_media
     from avllm_jax.inference.generate import replicate
-    from avllm_jax.inference.prompts import answer_questions, inference_data_config
+    from avllm_jax.inference.prompts import answer_questions, inference_data_config, open_feature_cache
 
     model = load_model(checkpoint)
     devices = jax.local_devices()
@@ -62,11 +62,12 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
         model = replicate(model, mesh)
     tokenizer = load_tokenizer(checkpoint)
     data_config = inference_data_config(model, checkpoint, **media_settings)
+    cache = open_feature_cache(model, data_config)  # --feature-cache: the benchmark's clips' cached encoder outputs
 
     decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
 
     def answer(queries: list[Query]) -> list[str]:
-        media = list(decoders.map(lambda q: load_file_media(q.media_path, data_config), queries))
+        media = list(decoders.map(lambda q: load_sample_media(q.media_path, data_config, cache), queries))
         forced = [q.modality for q in queries]
         return answer_questions(
             model, tokenizer, media, [q.question for q in queries], modality=None if None in forced else forced,

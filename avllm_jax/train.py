@@ -25,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
-from avllm_jax.data import conversation, features, packing, phases, pipeline
+from avllm_jax.data import conversation, feature_cache, features, packing, phases, pipeline
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
@@ -138,6 +138,21 @@ def check_data_matches_model(data_config, model_config):
         raise SetupError(f"data.{problem}")
 
 
+def _open_feature_cache(data_config, per_source, model_config) -> feature_cache.FeatureCache:
+    """The run's feature cache, which must be of its media settings and encoder configs (its
+    weights are checked once loaded) and hold (or have skipped) every file of the sources."""
+    cache = feature_cache.FeatureCache(data_config.feature_cache)
+    cache.check(feature_cache.fingerprint(data_config, model_config.encoder_configs(), {}), weights=False)
+    missing = cache.missing(s.media_path for samples in per_source for s in samples if s.media_path is not None)
+    if missing:
+        raise SetupError(
+            f"{len(missing)} media files of the data sources are not in the feature cache {cache.directory}, e.g. "
+            f"{', '.join(missing[:3])}: it was built from other sources; build it from this config's "
+            "(tools/cache_features.py --config=...)"
+        )
+    return cache
+
+
 def total_steps(config, per_source, tokenizer, modality_rows) -> int:
     if config.num_steps > 0:
         return config.num_steps
@@ -206,7 +221,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         # Phased training: each phase's share of the steps, and its samples (a phase with none stops here).
         phase_plan = phases.plan(config.phases, num_steps) if config.phases else None
         phase_lines = phases.describe(phase_plan, per_source, config.data.sources) if phase_plan else []
-    except (ValueError, OSError) as error:
+        cache = _open_feature_cache(config.data, per_source, model_config) if config.data.feature_cache else None
+    except (ValueError, OSError) as error:  # FeatureCacheError too
         raise SetupError(str(error)) from error
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch_divides(config, mesh)
@@ -226,6 +242,12 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
 
     with jax.set_mesh(mesh):
         model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
+        if cache is not None:
+            try:
+                cache.check(feature_cache.fingerprint(config.data, *model.encoder_identity()))
+            except feature_cache.FeatureCacheError as error:
+                raise SetupError(str(error)) from None
+            print(f"reading encoder features from the cache {cache.directory} ({len(cache.index)} files)", flush=True)
         trainable_filter = optim.trainable_filter(list(config.trainable))
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -235,7 +257,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
         run = checkpointing.run_record(num_steps, config.optim)
         with contextlib.ExitStack() as cleanup:
-            iterator_options = dict(global_batch_size=config.global_batch_size, worker_cpus=worker_cpus, modality_rows=modality_rows)
+            iterator_options = dict(global_batch_size=config.global_batch_size, worker_cpus=worker_cpus, modality_rows=modality_rows,
+                                    cache=cache)
             if phase_plan:  # each phase's own pipeline, made as it starts; the state holds the phase
                 data_iterator = phases.make_phased_iterator(config.data, phase_plan, tokenizer, per_source=per_source, **iterator_options)
             else:
@@ -266,7 +289,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
             writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
             cleanup.callback(writer.close)
             log = metrics.MetricsLog(
-                writer, useful_flops=functools.partial(flops.work_flops, model_config, llm_trains=flops.llm_trains(config)),
+                writer, useful_flops=functools.partial(flops.work_flops, model_config, llm_trains=flops.llm_trains(config),
+                                                       encoders=not config.data.feature_cache),
                 slot_flops_per_step=flops.slot_flops_per_step(model_config, config), peak_flops=peak,
                 num_devices=jax.device_count(), total=num_steps, start_step=start,
                 phase_of=functools.partial(phases.phase_at, phase_plan) if phase_plan else None,

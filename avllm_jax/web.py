@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", nargs="*", default=[], help="media files offered as examples")
     parser.add_argument("--max-duration-s", type=float, default=600.0, help="longest media accepted, in seconds")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the page's default and upper limit per answer")
-    prompts.add_media_arguments(parser)
+    prompts.add_media_arguments(parser, feature_cache=False)  # uploads are new files: nothing cached
     return parser.parse_args(argv)
 
 

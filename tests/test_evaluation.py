@@ -318,7 +318,8 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
                              str(media), "--out", str(out), "--judge-endpoint", judge.endpoint, "--judge-model", "m-2",
                              "--judge-key-env", "MY_JUDGE_KEY", "--num-frames", "8"])
     assert built == {"checkpoint": "ckpt", "max_new_tokens": 128, "media_settings": {
-        "num_frames": 8, "num_audio_segments": None, "image_size": None, "audio_max_length_s": None, "audio_truncation": None}}
+        "num_frames": 8, "num_audio_segments": None, "image_size": None, "audio_max_length_s": None, "audio_truncation": None,
+        "feature_cache": None}}
     assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
     assert {r["model"] for r in judge.requests} == {"m-2"}
     assert summary["metrics"]["judge"]["accuracy"] == 0.5

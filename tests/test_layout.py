@@ -19,6 +19,7 @@ LAYERS = {
     "checkpoint": 3, "curation": 3,
     "training": 4, "inference": 4, "evaluation": 4, "convert": 4, "export": 4,
     "train": 5, "chat": 5, "evaluate": 5, "plan": 5, "web": 5,
+    "cache_features": 6,  # an entry point on top of train's: it resolves the model as a run does
 }
 
 

@@ -113,7 +113,7 @@ def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), a
     prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
     rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
     audio_names = ("audio_features", "audio_valid_frames" if audio_encoder == "whisper" else "audio_is_longer")
-    shapes = dict(frames=samples[0]["frames"].shape[1:],
+    shapes = dict(frame={"frames": (samples[0]["frames"].shape[1:], np.dtype(np.uint8))}, item={},
                   audio={name: (samples[0][name].shape, samples[0][name].dtype) for name in audio_names})
     packers = packing.pack_in_order([packing.footprint(s, rows) for s in prepared], budget)
     packs, places, start = [], [], 0

@@ -45,6 +45,10 @@ class Media:
     def has_audio(self) -> bool:
         return self.audio is not None
 
+    @property
+    def is_still(self) -> bool:
+        return self.has_visual and self.frames.shape[0] == 1
+
 
 def load_media(
     path: str | os.PathLike,

@@ -12,6 +12,10 @@ with room, the pack closing when the next sample does not fit its rows or its me
 The arrays of a pack (`assemble`), leading dimension P when batched:
 
     frames          uint8   [P, F, S, S, 3]     the packed frames; zeros in empty slots
+                                                (from a feature cache, instead: frame_cls
+                                                [P, F, Dv], item_patches [P, V, N, Dv] and
+                                                audio_embeddings [P, A, K, Da]; see
+                                                data/feature_cache.py)
     frame_item      int32   [P, F]              visual item of each frame; -1 for empty slots
     item_frames     int32   [P, V]              frames of each visual item (0: an empty slot)
     audio_features  float32 [P, A, K, C, Fr, 64]  CLAP log-mel of each segment (an HTSAT model)
@@ -42,6 +46,8 @@ import numpy as np
 from avllm_jax.data import conversation
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS, Modality
 
+# A sample's per-frame array, whose length is its frame count: decoded frames, or cached CLS tokens.
+FRAME_ARRAYS = ("frames", "frame_cls")
 # Per-sample counts of the work that matters, summed per pack: samples, LLM positions, their
 # squares (causal attention), ViT frames, visual items, audio clips (what a Whisper encoder
 # costs) and their segments (what an HTSAT costs).
@@ -125,7 +131,7 @@ def footprint(sample: dict, modality_rows: ModalityRows) -> Footprint:
     modality = Modality.from_flags(sample["has_visual"] and modality_rows.visual() > 0, sample["has_audio"] and modality_rows.audio > 0)
     has_token = sample["modality_token_at"] >= 0
     length = sample["input_ids"].size - has_token + modality_rows.count(modality)
-    frames = sample["frames"].shape[0] if modality is not None and modality.has_visual else 0
+    frames = sample[next(n for n in FRAME_ARRAYS if n in sample)].shape[0] if modality is not None and modality.has_visual else 0
     return Footprint(length, frames, int(modality is not None and modality.has_audio))
 
 
@@ -175,7 +181,8 @@ def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
 def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict) -> dict:
     """The arrays of one pack (module docstring) from prepared samples that `Packer` placed.
 
-    media_shapes: a frame's shape and a clip's audio arrays (samples.media_shapes), for empty packs too."""
+    media_shapes: the shapes and dtypes of the arrays kept per frame, per visual item and per
+    audio clip (samples.media_shapes), for empty packs too."""
     b, r = budget, modality_rows
     packer = Packer(budget)
     needs = [footprint(s, r) for s in samples]
@@ -184,7 +191,6 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
             raise ValueError("assemble got samples that do not fit one pack")
     shape = (b.rows, b.row_length)
     out = dict(
-        frames=np.zeros((b.frames, *media_shapes["frames"]), np.uint8),
         frame_item=np.full(b.frames, -1, np.int32),
         item_frames=np.zeros(b.visual_items, np.int32),
         input_ids=np.full(shape, pad_id, np.int32),
@@ -195,8 +201,10 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         loss_group=np.zeros(shape, np.int32),
         work=np.zeros(len(WORK), np.float32),
     )
-    for name, (clip_shape, dtype) in media_shapes["audio"].items():
-        out[name] = np.zeros((b.audio_clips, *clip_shape), dtype)
+    slots = {"frame": b.frames, "item": b.visual_items, "audio": b.audio_clips}
+    for kind, count in slots.items():
+        for name, (shape, dtype) in media_shapes[kind].items():
+            out[name] = np.zeros((count, *shape), dtype)
     spatial_start, audio_start = b.frames, b.frames + b.visual_items * r.spatial
     frame, item, clip = 0, 0, 0
     samples_in_row = [0] * b.rows
@@ -204,7 +212,10 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         samples_in_row[row] += 1
         modality_rows = []  # table index of each modality row, in order
         if need.frames:
-            out["frames"][frame:frame + need.frames] = sample["frames"][: need.frames]
+            for name in media_shapes["frame"]:
+                out[name][frame:frame + need.frames] = sample[name][: need.frames]
+            for name in media_shapes["item"]:
+                out[name][item] = sample[name]
             out["frame_item"][frame:frame + need.frames] = item
             out["item_frames"][item] = need.frames
             temporal = frame + (np.arange(r.temporal) if need.frames > 1 else np.zeros(r.temporal, int))

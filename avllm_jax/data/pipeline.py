@@ -54,9 +54,9 @@ import numpy as np
 import threadpoolctl
 
 from avllm_jax import runtime
-from avllm_jax.data import conversation, packing
+from avllm_jax.data import conversation, feature_cache, packing
 from avllm_jax.data.media import MediaError
-from avllm_jax.data.samples import build_sample, load_file_media, media_shapes, pad_text, routed_modality
+from avllm_jax.data.samples import build_sample, load_sample_media, media_shapes, pad_text, routed_modality
 from avllm_jax.modality import MODALITY_TOKENS
 
 _SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
@@ -76,6 +76,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.num_frames = 32
     config.image_size = 224
     config.num_audio_segments = 4
+    # A feature cache directory (tools/cache_features.py, data/feature_cache.py): each sample's
+    # encoder outputs are read from it instead of decoding its file and running the encoders.
+    config.feature_cache = ml_collections.FieldReference(None, field_type=str)
     # The audio encoder's front end: "clap" (an HTSAT model: CLAP's log-mel of each segment, at
     # 48 kHz) or "whisper" (a Whisper model: Whisper's log-mel of the clip's first 30 s, at 16 kHz).
     config.audio_front_end = "clap"
@@ -135,6 +138,7 @@ class _PrepareSample:
     config: ml_collections.ConfigDict
     tokenizer: object
     modality_rows: packing.ModalityRows | None = None
+    cache: feature_cache.FeatureCache | None = None
 
     def __call__(self, index: int, sample: conversation.Sample) -> dict | _Failure:
         """`index`: the sample's place in the whole job's stream, so that its random crops do
@@ -143,7 +147,7 @@ class _PrepareSample:
         packed = config.packing.enabled
         rng = np.random.default_rng((config.seed, index))
         try:
-            media = load_file_media(sample.media_path, config) if sample.modality is not None else None
+            media = load_sample_media(sample.media_path, config, self.cache) if sample.modality is not None else None
             max_length = config.max_text_length
             if packed:
                 used, _ = routed_modality(sample.modality, media)
@@ -155,9 +159,9 @@ class _PrepareSample:
             return _Failure("num_skipped_text", f"{sample.origin}: {e}")
         built.update({counter: np.int32(0) for counter in _SKIP_COUNTERS})
         if rows is not None:
-            num_frames = (1 if media.frames.shape[0] == 1 else config.num_frames) if built["has_visual"] else 0
+            num_frames = (1 if media.is_still else config.num_frames) if built["has_visual"] else 0
             # A still's one frame, as a pack holds it.
-            unpadded = dict(built, frames=built["frames"][:num_frames],
+            unpadded = dict(built, **{name: built[name][:num_frames] for name in packing.FRAME_ARRAYS if name in built},
                             modality_token_at=np.int32(conversation.modality_token_position(built["input_ids"], self.tokenizer)))
             if packed:
                 return unpadded
@@ -273,13 +277,15 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
 
 def make_train_iterator(
     data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None, per_source=None,
-    modality_rows: packing.ModalityRows | None = None,
+    modality_rows: packing.ModalityRows | None = None, cache: feature_cache.FeatureCache | None = None,
 ):
     """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
 
     `per_source`: the sources' samples when the caller has read them (`read_sources`).
     `modality_rows`: the model's rows per modality; needed for packing, and to give unpacked
     batches their `work` (packing.WORK) for the FLOP counts.
+
+    `cache`: the opened data_config.feature_cache, when the caller has it (opened here otherwise).
 
     `worker_cpus`: the CPUs the decoding processes are pinned to (see `runtime.split_cpus`); None
     leaves them where the scheduler puts them.
@@ -296,6 +302,8 @@ def make_train_iterator(
     packed = data_config.packing.enabled
     if packed:
         budget = packing.budget_of(data_config, modality_rows)
+    if data_config.feature_cache and cache is None:
+        cache = feature_cache.FeatureCache(data_config.feature_cache)
 
     datasets = []
     for index, samples in enumerate(per_source if per_source is not None else read_sources(data_config)):
@@ -306,7 +314,7 @@ def make_train_iterator(
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
     batch_size = global_batch_size // process_count
     # Lazy: runs on this host's samples only.
-    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, modality_rows))
+    dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, modality_rows, cache))
     # Packed: every process-count-th sample is this host's, and it packs its own; unpacked: its
     # run of samples in each global batch.
     dataset = _HostShard(dataset, 1 if packed else batch_size, process_index, process_count)
@@ -348,10 +356,12 @@ def _init_worker(worker_index: int, worker_count: int, *, cpus: set[int] | None)
 
 
 def iterate_eval(path: str | os.PathLike, data_config, media_root=None):
-    """Yields (Sample, Media or None for text-only) for every line of an evaluation file, in order.
+    """Yields (Sample, Media, or CachedMedia with data_config.feature_cache, or None for
+    text-only) for every line of an evaluation file, in order.
 
     No shuffling, no re-routing: a file that cannot be decoded raises MediaError.
     """
     samples, _ = conversation.read_samples(path, media_root)
+    cache = feature_cache.FeatureCache(data_config.feature_cache) if data_config.feature_cache else None
     for sample in samples:
-        yield sample, (load_file_media(sample.media_path, data_config) if sample.media_path is not None else None)
+        yield sample, (load_sample_media(sample.media_path, data_config, cache) if sample.media_path is not None else None)

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from avllm_jax.data import conversation, features, packing
+from avllm_jax.data import conversation, feature_cache, features, packing
+from avllm_jax.data.feature_cache import CachedMedia
 from avllm_jax.data.media import Media, MediaError, load_media
 from avllm_jax.modality import IGNORE_INDEX, Modality
 
@@ -26,16 +27,41 @@ def load_file_media(path: str | os.PathLike, config) -> Media:
     )
 
 
-def media_arrays(media: Media | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
-    """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros."""
-    t, s = config.num_frames, config.image_size
-    frames = np.zeros((t, s, s, 3), np.uint8)
+def load_sample_media(path: str | os.PathLike, config, cache: feature_cache.FeatureCache | None) -> Media | CachedMedia:
+    """A sample's media: decoded from `path`, or its features from `cache` (the data config's
+    feature_cache) when there is one. MediaError either way when the file is unusable."""
+    return cache.lookup(path) if cache is not None else load_file_media(path, config)
+
+
+def media_arrays(media: Media | CachedMedia | None, config, *, use_visual=True, use_audio=True, rng=None) -> dict:
+    """Fixed-shape model inputs of one sample's media; absent or unused streams give zeros.
+    With a feature cache (config.feature_cache), the cached features instead of the media:
+    frame_cls [T, Dv] (a still's one row repeated), item_patches [N, Dv], audio_embeddings [K, Da]."""
     has_visual = bool(media is not None and media.has_visual and use_visual)
     has_audio = bool(media is not None and media.has_audio and use_audio)
+    if config.get("feature_cache"):
+        return _cached_arrays(media, config, has_visual, has_audio)
+    t, s = config.num_frames, config.image_size
+    frames = np.zeros((t, s, s, 3), np.uint8)
     if has_visual:
         frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
     audio = audio_arrays(media.audio if has_audio else None, config, rng=rng)
     return dict(frames=frames, **audio, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
+
+
+def _cached_arrays(media: CachedMedia | None, config, has_visual: bool, has_audio: bool) -> dict:
+    shapes = feature_cache.read_shapes(config.feature_cache)
+    out = {}
+    if "frame_cls" in shapes:
+        (width,), dtype = shapes["frame_cls"]
+        out["frame_cls"] = np.zeros((config.num_frames, width), dtype)
+        out["item_patches"] = np.zeros(*shapes["item_patches"])
+        if has_visual:
+            out["frame_cls"][:] = media.arrays["frame_cls"]  # a still (one row) broadcasts over the T frames
+            out["item_patches"][:] = media.arrays["item_patches"]
+    if "audio_embeddings" in shapes:
+        out["audio_embeddings"] = media.arrays["audio_embeddings"].copy() if has_audio else np.zeros(*shapes["audio_embeddings"])
+    return dict(out, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
 
 
 def audio_arrays(segments: np.ndarray | None, config, *, rng=None) -> dict:
@@ -122,10 +148,15 @@ def pad_text(sample: dict, length: int, tokenizer) -> dict:
 
 
 def media_shapes(data_config) -> dict:
-    """The shape of one frame ('frames'), and the shapes and dtypes of one clip's audio arrays
-    ('audio': {name: (shape, dtype)}, as `audio_arrays` gives them)."""
+    """The shapes and dtypes ({name: (shape, dtype)}) of the arrays a pack keeps per frame
+    ('frame'), per visual item ('item') and per audio clip ('audio'): decoded frames and the
+    audio encoder's inputs (as `audio_arrays` gives them), or a feature cache's features."""
+    if data_config.get("feature_cache"):
+        shapes = feature_cache.read_shapes(data_config.feature_cache)
+        kinds = dict(frame="frame_cls", item="item_patches", audio="audio_embeddings")
+        return {kind: {name: shapes[name]} if name in shapes else {} for kind, name in kinds.items()}
     audio = audio_arrays(None, data_config)
-    return dict(frames=(data_config.image_size, data_config.image_size, 3),
+    return dict(frame={"frames": ((data_config.image_size, data_config.image_size, 3), np.dtype(np.uint8))}, item={},
                 audio={name: (array.shape, array.dtype) for name, array in audio.items()})
 
 

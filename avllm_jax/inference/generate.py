@@ -27,10 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from avllm_jax.models.avllm import AVLLM
+from avllm_jax.models.avllm import AVLLM, ENCODER_OUTPUTS
 from avllm_jax.models.llama import KVCache, Llama, kept_positions
 
-MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "audio_valid_frames", "has_visual", "has_audio", "input_ids", "token_mask")
+MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "audio_valid_frames", *ENCODER_OUTPUTS, "has_visual", "has_audio",
+                    "input_ids", "token_mask")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from avllm_jax.checkpoint import read_data_config
-from avllm_jax.data import conversation, features, pipeline, samples
+from avllm_jax.data import conversation, feature_cache, features, pipeline, samples
 from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
@@ -56,6 +56,7 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
             config.audio_max_length_s = min(config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config))
         if whisper is not None:
             config.update(audio_front_end="whisper", audio_sample_rate=features.WHISPER_SAMPLE_RATE, whisper_mel_bins=whisper.num_mel_bins)
+    config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
     tower = model.config.audio_tower
     if tower is not None and (problem := features.audio_settings_problem(config, model.config.audio_encoder, tower)):
@@ -63,8 +64,9 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
     return config
 
 
-def add_media_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that override each media setting of `inference_data_config`."""
+def add_media_arguments(parser: argparse.ArgumentParser, *, feature_cache: bool = True) -> None:
+    """The flags that override each media setting of `inference_data_config` (and, with
+    `feature_cache`, name a cache to read the files' encoder outputs from)."""
     default = "default: the checkpoint's training setting, else"
     parser.add_argument("--num-frames", type=int, default=None, help=f"frames sampled from a video ({default} 32)")
     parser.add_argument("--num-audio-segments", type=int, default=None, help=f"audio segments per clip ({default} 4)")
@@ -73,17 +75,33 @@ def add_media_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds of audio per segment ({default} CLAP's 10 s, or the longest the HTSAT takes)")
     parser.add_argument("--audio-truncation", choices=["fusion", "rand_trunc"], default=None,
                         help=f"how a long segment is cut ({default} what the HTSAT takes: fusion for a fused one)")
+    if feature_cache:
+        parser.add_argument("--feature-cache", default=None,
+                            help="a feature cache (tools/cache_features.py) holding the media files' encoder outputs, read "
+                                 "instead of decoding them; it must be of this checkpoint's encoders and media settings")
 
 
 def media_overrides(args: argparse.Namespace) -> dict:
     """`add_media_arguments`' flags as `inference_data_config` overrides."""
     return dict(num_frames=args.num_frames, num_audio_segments=args.num_audio_segments, image_size=args.image_size,
-                audio_max_length_s=args.audio_window_s, audio_truncation=args.audio_truncation)
+                audio_max_length_s=args.audio_window_s, audio_truncation=args.audio_truncation, feature_cache=getattr(args, "feature_cache", None))
+
+
+def open_feature_cache(model: AVLLM, data_config) -> feature_cache.FeatureCache | None:
+    """data_config's feature cache, checked against the model's encoders and the media
+    settings (FeatureCacheError, a ValueError, when it does not match); None without one."""
+    if not data_config.feature_cache:
+        return None
+    cache = feature_cache.FeatureCache(data_config.feature_cache)
+    cache.check(feature_cache.fingerprint(data_config, *model.encoder_identity()))
+    return cache
 
 
 def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:
-    """Frame count, image size and audio segment count as the media were decoded (all alike)."""
+    """Frame count, image size and audio segment count as the media were decoded (all alike;
+    cached features are as the cache's settings, which match the config's)."""
     config = ml_collections.ConfigDict(config.to_dict())
+    media = [m for m in media if isinstance(m, Media)]
     seen = {
         "num_frames": {m.frames.shape[0] for m in media if m.has_visual and m.frames.shape[0] > 1},
         "image_size": {m.frames.shape[1] for m in media if m.has_visual},

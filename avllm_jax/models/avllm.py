@@ -13,11 +13,14 @@ unpacked batch, as inference builds it, is laid out as packs of one sample (`as_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from avllm_jax.modality import IGNORE_INDEX, Modality
 from avllm_jax.models import clip_vision, htsat, layers, llama, whisper
@@ -31,6 +34,10 @@ PARTS = {
     "llm": (llama.LlamaConfig, llama.Llama),
 }
 ENCODERS = ("vision", "audio", "whisper")
+# What the projectors read of a pack, as the encoders compute it or a feature cache stores it:
+# each frame's CLS token [P, F, Dv], each visual item's patch tokens averaged over its frames
+# [P, V, N, Dv], each audio clip's K segment embeddings [P, A, K, Da].
+ENCODER_OUTPUTS = ("frame_cls", "item_patches", "audio_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +64,10 @@ class AVLLMConfig:
     def audio_tower(self) -> htsat.HTSATConfig | whisper.WhisperEncoderConfig | None:
         """The audio encoder's config, whichever it is."""
         return self.audio or self.whisper
+
+    def encoder_configs(self) -> dict[str, dict]:
+        """Each encoder's config as a dict, by part name."""
+        return {part: dataclasses.asdict(getattr(self, part)) for part in ENCODERS if getattr(self, part)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,13 +116,11 @@ class AVLLM(nnx.Module):
 
     # -- the modality table --------------------------------------------------------------
 
-    def modality_table(self, batch: dict) -> jax.Array:
-        """A pack's modality rows [P, M, D_llm]: F temporal rows (each frame's CLS through W_t),
-        visual_items x N spatial rows (each item's patch tokens averaged over its frames,
-        through W_s), audio_clips x K audio rows (each segment's embedding, `audio_embeddings`,
-        through W_a); see data/packing.py."""
-        parts = []
-        dtype = layers.dtype_of(self.config.llm.dtype)
+    def encoder_outputs(self, batch: dict) -> dict:
+        """What the projectors read of a pack (ENCODER_OUTPUTS): computed by the encoders from
+        `frames` and `audio_features`, or taken from the batch when a feature cache
+        (data/feature_cache.py) stored them."""
+        outputs = {name: batch[name] for name in ENCODER_OUTPUTS if name in batch}
         if self.vision is not None and "frames" in batch:
             frames = batch["frames"]  # uint8 [P, F, S, S, 3]
             packs, num_frames = frames.shape[:2]
@@ -121,20 +130,34 @@ class AVLLM(nnx.Module):
             # parameters, so no backward pass is built for it; when a config trains it, it trains.
             hidden = self.vision(pixels)  # [P*F, 1+N, Dv]
             hidden = hidden.reshape(packs, num_frames, *hidden.shape[1:])
-            temporal = self.temporal_proj(hidden[:, :, 0].astype(dtype))
             # Each item's mean over its frames: a [F, items] averaging matrix per pack.
             item_frames = batch["item_frames"]  # [P, V]
             membership = jax.nn.one_hot(batch["frame_item"], item_frames.shape[1], dtype=jnp.float32)  # empty (-1): zeros
             weights = (membership / jnp.maximum(item_frames[:, None, :], 1)).astype(hidden.dtype)
-            patches = jnp.einsum("pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32)
-            spatial = self.spatial_proj(patches.astype(dtype)).reshape(packs, -1, temporal.shape[-1])
-            parts += [temporal, spatial]
+            outputs["frame_cls"] = hidden[:, :, 0]
+            outputs["item_patches"] = jnp.einsum("pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32)
         if self.config.audio_tower is not None and "audio_features" in batch:
-            pooled = self.audio_embeddings(batch)  # [P, A, K, Da]
+            outputs["audio_embeddings"] = self.audio_embeddings(batch)
+        return outputs
+
+    def modality_table(self, batch: dict) -> jax.Array:
+        """A pack's modality rows [P, M, D_llm]: F temporal rows (each frame's CLS through W_t),
+        visual_items x N spatial rows (each item's patch tokens averaged over its frames,
+        through W_s), audio_clips x K audio rows (each segment's embedding, `audio_embeddings`,
+        through W_a); see data/packing.py."""
+        outputs = self.encoder_outputs(batch)
+        dtype = layers.dtype_of(self.config.llm.dtype)
+        parts = []
+        if self.vision is not None and "frame_cls" in outputs:
+            temporal = self.temporal_proj(outputs["frame_cls"].astype(dtype))
+            spatial = self.spatial_proj(outputs["item_patches"].astype(dtype))
+            parts += [temporal, spatial.reshape(temporal.shape[0], -1, temporal.shape[-1])]
+        if self.config.audio_tower is not None and "audio_embeddings" in outputs:
+            pooled = outputs["audio_embeddings"]  # [P, A, K, Da]
             packs, clips, segments = pooled.shape[:3]
             parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
         if not parts:
-            raise ValueError("the batch has neither frames nor audio_features for the model's encoders")
+            raise ValueError("the batch has neither media (frames, audio_features) nor cached features for the model's encoders")
         return jnp.concatenate(parts, axis=1)
 
     def audio_embeddings(self, batch: dict) -> jax.Array:
@@ -155,6 +178,21 @@ class AVLLM(nnx.Module):
             flat = layers.constrain(features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None))
             pooled = self.audio(flat, batch["audio_is_longer"].reshape(-1))
         return pooled.reshape(packs, clips, -1, pooled.shape[-1])
+
+    def encoder_identity(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """What a feature cache's fingerprint records of the encoders: each one's config and a
+        sha256 of its parameters (name, dtype, shape and bytes of each), by part name."""
+        digests = {}
+        for part in self.config.encoder_configs():
+            digest = hashlib.sha256()
+            for path, value in sorted(nnx.to_flat_state(nnx.state(getattr(self, part))), key=lambda item: tuple(map(str, item[0]))):
+                array = value.get_value()
+                # On several hosts a sharded parameter is gathered whole on each.
+                array = np.asarray(array if array.is_fully_addressable else multihost_utils.process_allgather(array, tiled=True))
+                digest.update(f"{'.'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
+            digests[part] = digest.hexdigest()
+        return self.config.encoder_configs(), digests
 
     # -- the multimodal sequence --------------------------------------------------------
 
@@ -181,7 +219,8 @@ class AVLLM(nnx.Module):
         return out
 
     def as_packs(self, batch: dict) -> dict:
-        """An unpacked batch (frames [B, T, ...], one clip's audio arrays [B, ...], input_ids [B, L]
+        """An unpacked batch (frames [B, T, ...], one clip's audio arrays [B, ...], or their cached
+        features frame_cls [B, T, Dv], item_patches [B, N, Dv], audio_embeddings [B, K, Da]; input_ids [B, L]
         with one modality token, token_mask, flags, optional labels) as B packs of one row of
         L - 1 + T + N + K positions, one visual item and one audio clip each. The rows of a
         modality the sample lacks stay in the row as padding (segment 0), so a prompt batch
@@ -189,19 +228,26 @@ class AVLLM(nnx.Module):
         input_ids, token_mask = batch["input_ids"], batch["token_mask"]
         batch_size, length = input_ids.shape
         sizes, streams, packs = [], [], {}
-        if self.vision is not None and "frames" in batch:
-            num_frames = batch["frames"].shape[1]
+        visual = next((name for name in ("frames", "frame_cls") if name in batch), None)
+        if self.vision is not None and visual:
+            num_frames = batch[visual].shape[1]
             packs.update(
-                frames=batch["frames"],
                 frame_item=jnp.broadcast_to(jnp.where(batch["has_visual"], 0, -1)[:, None], (batch_size, num_frames)),
                 item_frames=jnp.where(batch["has_visual"], num_frames, 0)[:, None],
             )
+            packs[visual] = batch[visual]
+            if visual == "frame_cls":
+                packs["item_patches"] = batch["item_patches"][:, None]
             sizes.append(num_frames + self.config.vision.num_patches)
             streams.append(batch["has_visual"])
-        if self.config.audio_tower is not None and "audio_features" in batch:
-            per_segment = "audio_valid_frames" if self.whisper is not None else "audio_is_longer"
-            packs.update({name: batch[name][:, None] for name in ("audio_features", per_segment)})
-            sizes.append(batch[per_segment].shape[1])
+        if self.config.audio_tower is not None and ("audio_embeddings" in batch or "audio_features" in batch):
+            if "audio_embeddings" in batch:  # cached: [B, K, Da]
+                packs["audio_embeddings"] = batch["audio_embeddings"][:, None]
+                sizes.append(batch["audio_embeddings"].shape[1])
+            else:
+                per_segment = "audio_valid_frames" if self.whisper is not None else "audio_is_longer"
+                packs.update({name: batch[name][:, None] for name in ("audio_features", per_segment)})
+                sizes.append(batch[per_segment].shape[1])
             streams.append(batch["has_audio"])
         if not sizes:
             raise ValueError("the batch has neither frames nor audio_features for the model's encoders")

@@ -249,9 +249,9 @@ def _nearest(name: str, choices) -> str:
     return f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(sorted(choices))}"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a config mistake told in a line: an unknown field with its
-    nearest names, a config file that is missing or fails to load."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """absl's flag parsing (into `flag_values`), with a config mistake told in a line: an
+    unknown field with its nearest names, a config file that is missing or fails to load."""
     debug = "--debug" in argv or os.environ.get("AVLLM_DEBUG") == "1"
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if "--config" in argv[:-1]:
@@ -264,7 +264,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             print(f"error: {arg.split('=')[0]}: {problem}", file=sys.stderr)
             sys.exit(2)
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except Exception as error:  # absl's and ml_collections' parse errors, a failing config file
         if debug:
             raise

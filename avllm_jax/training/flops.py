@@ -111,29 +111,32 @@ def whisper_flops(config, num_clips: float) -> float:
     return num_clips * (convolutions + c.encoder_layers * per_layer)
 
 
-def work_flops(config: AVLLMConfig, work, *, llm_trains: bool) -> float:
+def work_flops(config: AVLLMConfig, work, *, llm_trains: bool, encoders: bool = True) -> float:
     """FLOPs of a step's work, a vector in packing.WORK's order: samples, LLM positions, the
     sum of their sequences' squared lengths, ViT frames, visual items (each N spatial rows
-    through W_s), audio clips, audio segments."""
+    through W_s), audio clips, audio segments. `encoders` False: the encoders' outputs come from
+    a feature cache, and only the projectors and the LLM compute."""
     _, llm_tokens, squared_tokens, frames, visual_items, audio_clips, audio_segments = (float(x) for x in work)
     total = llm_flops(config.llm, llm_tokens, weights_train=llm_trains, squared_tokens=squared_tokens)
-    if config.vision:
+    if config.vision and encoders:
         total += vision_flops(config.vision, frames)
+    if config.vision:
         width = config.vision.hidden_size * config.llm.hidden_size
         total += 3 * 2 * width * (frames + visual_items * config.vision.num_patches)  # W_t, W_s: forward + 2 backward
-    if config.audio:
+    if config.audio and encoders:
         total += audio_flops(config.audio, audio_segments)
-    if config.whisper:
+    if config.whisper and encoders:
         total += whisper_flops(config.whisper, audio_clips)
     if config.audio_tower:
         total += 3 * 2 * config.audio_tower.num_features * config.llm.hidden_size * audio_segments  # W_a
     return total
 
 
-def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool) -> float:
+def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool,
+                 encoders: bool = True) -> float:
     """FLOPs of one unpacked training sample (every sample has all T+N+K slots, so all pay the same)."""
     work = (1, sequence_length, sequence_length**2, num_frames if config.vision else 0, 1, 1, num_audio_segments)
-    return work_flops(config, work, llm_trains=llm_trains)
+    return work_flops(config, work, llm_trains=llm_trains, encoders=encoders)
 
 
 def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
@@ -160,6 +163,7 @@ def run_sample_flops(model_config: AVLLMConfig, config) -> float:
         num_frames=config.data.num_frames,
         num_audio_segments=config.data.num_audio_segments,
         llm_trains=llm_trains(config),
+        encoders=not config.data.feature_cache,
     )
 
 
@@ -171,7 +175,7 @@ def slot_flops_per_step(model_config: AVLLMConfig, config) -> float:
     p = config.data.packing
     length = p.rows * p.row_length
     work = (0, length, p.rows * p.row_length**2, p.frames, p.visual_items, p.audio_clips, p.audio_clips * config.data.num_audio_segments)
-    return config.global_batch_size * work_flops(model_config, work, llm_trains=llm_trains(config))
+    return config.global_batch_size * work_flops(model_config, work, llm_trains=llm_trains(config), encoders=not config.data.feature_cache)
 
 
 def step_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ...]) -> float:

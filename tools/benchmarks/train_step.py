@@ -178,7 +178,7 @@ def run_mix(args, config, peak, llm_trains):
     samples = [_mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws]
     layouts = {
         "padded": (_mixture.padded_batch(samples[: args.batch], args.text_length, args.frames, rows), args.batch),
-        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frames=(size, size, 3), audio=dict(
+        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frame=dict(frames=((size, size, 3), np.uint8)), item={}, audio=dict(
             audio_features=(audio_shape, np.float32), audio_is_longer=(audio_shape[:1], bool)))),
     }
     padded_sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
