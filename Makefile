@@ -1,4 +1,4 @@
-# `make demo`, `make test` and `make web` work on a fresh machine: each creates .venv and installs what
+# `make demo`, `make ablate`, `make test` and `make web` work on a fresh machine: each creates .venv and installs what
 # it needs (`make test` also Debian's chromium, for the browser test). `make web` serves the model
 # `make demo` trained; WEB_ARGS adds flags, e.g. make web WEB_ARGS="--host 0.0.0.0 --port 8000".
 PYTHON ?= python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_OUT := demo_out
 WEB_ARGS ?=
 
-.PHONY: demo test web browser install install-dev clean
+.PHONY: demo ablate test web browser install install-dev clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install-dev: $(VENV)/.installed-dev browser
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
+
+# The paper's Table 4 (MAT, PT1, PT2) in miniature on the demo data, three seeds (about 40 minutes).
+ablate: $(VENV)/.installed
+	$(PY) tools/ablate.py table4
 
 # Checked on every run (a no-op when chromium is there), so a machine that lost it gets it back.
 browser:

@@ -2,7 +2,7 @@
 
     make demo
     # or by hand:
-    python tools/make_demo_data.py --out demo_out/data --num 2000
+    python tools/make_demo_data.py --out demo_out/data --num 3000
     python -m avllm_jax.train --config=configs/demo.py --workdir=demo_out/run \
         --config.tokenizer=demo_out/tokenizer --config.data.sources='[{"path": "demo_out/data/train.jsonl", "weight": 1.0}]'
 

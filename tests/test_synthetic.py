@@ -1,4 +1,7 @@
-"""The demo set: files decode, and every answer can be read back from the decoded media."""
+"""The demo set: the split rules hold over the written files, and every answer, the cross-modal
+timing ones included, can be read back from the decoded media's own timeline."""
+import json
+
 import numpy as np
 import pytest
 
@@ -7,77 +10,138 @@ from avllm_jax.data import synthetic
 from avllm_jax.data.media import load_media
 from avllm_jax.modality import Modality
 
-NUM = 30
+NUM_TRAIN, NUM_EVAL = 30, 24
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """A training split (three questions a clip) and a held-out split (every question, half unseen), as tools/demo.py writes them."""
     out = tmp_path_factory.mktemp("demo")
-    path = synthetic.make_demo_split(out, "train", NUM, seed=3)
-    samples, malformed = conv.read_samples(path)
-    assert malformed == [] and len(samples) == NUM
-    return out, samples
+    train = synthetic.make_demo_split(out, "train", NUM_TRAIN, seed=3, turns_per_sample=3)
+    held_out = synthetic.make_demo_split(out, "eval", NUM_EVAL, seed=4, unseen_share=0.5, every_question=True)
+    splits = {}
+    for name, path in (("train", train), ("eval", held_out)):
+        samples, malformed = conv.read_samples(path)
+        assert malformed == []
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        splits[name] = list(zip(samples, records, strict=True))
+    assert len(splits["train"]) == NUM_TRAIN and len(splits["eval"]) > NUM_EVAL
+    return splits
 
 
-def measure_visual(frames):
-    """(colour, shape, direction) read off the pixels, independently of how they were drawn.
-    The shape is at full brightness; its trail is at most 0.6 of it."""
-    lit = frames.max(axis=-1) > 200
-    first, last = np.argwhere(lit[0]), np.argwhere(lit[-1])
-    colour_value = np.median(frames[0][lit[0]], axis=0)
-    colour = min(synthetic.COLOURS, key=lambda c: np.abs(colour_value - synthetic.COLOURS[c]).sum())
-    (top, left), (bottom, right) = first.min(axis=0), first.max(axis=0)
-    fill = lit[0].sum() / ((bottom - top + 1) * (right - left + 1))
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    dy, dx = last.mean(axis=0) - first.mean(axis=0)
-    direction = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-    return {"colour": colour, "shape": shape, "direction": direction}
+def measure(path):
+    """The timeline read off the decoded file (4 frames, 4 audio segments), independently of how it was drawn."""
+    media = load_media(path, num_frames=4, image_size=64, num_audio_segments=4)
+    timeline = {}
+    if media.has_visual:
+        shapes, colours, stops = [], [], []
+        for frame in media.frames:
+            lit = frame.max(axis=-1) > 128
+            value = np.median(frame[lit], axis=0)
+            colours.append(min(synthetic.COLOURS, key=lambda c: np.abs(value - synthetic.COLOURS[c]).sum()))
+            rows, cols = np.nonzero(lit)
+            fill = lit.sum() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
+            shapes.append("square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle")
+            centre = (cols.min() + cols.max() + 1) / 2
+            stops.append(int(np.argmin(np.abs(np.array(synthetic.STOP_CENTRES) - centre))))
+        assert len(set(shapes)) == 1, shapes
+        direction = "right" if stops[-1] > stops[0] else "left"
+        timeline.update(shape=shapes[0], direction=direction, colours=colours, stops=stops)
+    if media.has_audio:
+        loudness = np.sqrt((media.audio**2).mean(axis=1))
+        loudest = media.audio[np.argmax(loudness)]
+        peak = np.argmax(np.abs(np.fft.rfft(loudest))) * 48000 / loudest.size
+        timeline.update(pitch="low" if peak < 800 else "high", beeps=[bool(x) for x in loudness > 0.05])
+    return timeline
 
 
-def measure_audio(segments):
-    """(pitch, beeps): the dominant frequency and the number of sounding segments."""
-    signal = segments.reshape(-1)
-    peak = np.argmax(np.abs(np.fft.rfft(signal))) * 48000 / signal.size
-    sounding = int((np.sqrt((segments**2).mean(axis=1)) > 0.05).sum())
-    return {"pitch": "low" if peak < 800 else "high", "beeps": synthetic.BEEP_COUNTS[sounding]}
-
-
-WORD_KINDS = {
-    **{w: "colour" for w in synthetic.COLOURS},
-    **{w: "shape" for w in synthetic.SHAPES},
-    **{w: "direction" for w in synthetic.DIRECTIONS},
-    **{w: "pitch" for w in synthetic.PITCHES},
-    **{w: "beeps" for w in synthetic.BEEP_COUNTS.values()},
-}
-
-
-def test_answers_match_the_decoded_media(demo):
-    _, samples = demo
-    modalities = set()
-    for sample in samples:
-        media = load_media(sample.media_path, num_frames=8, image_size=64, num_audio_segments=4)
-        has_visual, has_audio = sample.modality.has_visual, sample.modality.has_audio
-        assert (not has_visual or media.has_visual) and (not has_audio or media.has_audio), sample.id
-        measured = {}
-        if media.has_visual:
-            measured.update(measure_visual(media.frames))
-        if media.has_audio:
-            measured.update(measure_audio(media.audio))
-        words = sample.turns[1][1].split()
-        assert 1 <= len(words) <= 2 and all(w in WORD_KINDS for w in words), sample.turns
-        for word in words:
-            assert measured[WORD_KINDS[word]] == word, (sample.id, sample.turns, measured)
-        modalities.add(sample.modality)
-    assert modalities == set(Modality)
-
-
-def test_file_kinds_include_silent_clips_and_audio_only_files(demo):
-    _, samples = demo
+def test_decoded_media_show_the_timeline_segment_by_segment(demo):
+    """Frame k and audio segment k of every written file show segment k of its timeline: the
+    alignment the cross-modal questions rely on."""
     kinds = set()
-    for sample in samples:
-        media = load_media(sample.media_path, num_frames=2, image_size=16)
-        kinds.add((media.has_visual, media.has_audio))
-    assert kinds == {(True, False), (False, True), (True, True)}
+    for sample, record in demo["train"] + demo["eval"]:
+        measured = measure(sample.media_path)
+        assert measured == record["timeline"], (sample.id, measured, record["timeline"])
+        kinds.add(Modality.from_flags("shape" in measured, "pitch" in measured))
+    assert kinds == set(Modality)
+
+
+def test_every_answer_is_the_decoded_timelines(demo):
+    """Each turn's answer, cross-modal timing ones included, recomputed from the timeline read
+    off the file (not from the question text)."""
+    asked = set()
+    for sample, record in demo["train"] + demo["eval"]:
+        measured = measure(sample.media_path)
+        answers = [text for role, text in sample.turns[1::2]]
+        assert len(answers) == len(record["questions"])
+        for question_type, given in zip(record["questions"], answers, strict=True):
+            assert question_type in synthetic.QUESTIONS[sample.modality]
+            assert given == synthetic.answer(question_type, measured), (sample.id, question_type, measured)
+            asked.add(question_type)
+    assert asked == set(synthetic.GROUPS)
+
+
+def test_colour_at_first_beep_is_the_frame_colour_in_the_first_beeping_segment(demo):
+    checked = 0
+    for sample, record in demo["eval"]:
+        if record["questions"] == ["colour at first beep"]:
+            media = load_media(sample.media_path, num_frames=4, image_size=64, num_audio_segments=4)
+            first = int(np.argmax(np.sqrt((media.audio**2).mean(axis=1)) > 0.05))
+            frame = media.frames[first]
+            value = np.median(frame[frame.max(axis=-1) > 128], axis=0)
+            assert np.abs(value - synthetic.COLOURS[sample.turns[1][1]]).max() < 40, (sample.id, value)
+            checked += 1
+    assert checked > 0
+
+
+def test_no_held_out_combination_in_the_training_split(demo):
+    """Read off the decoded files: no colour x shape or pitch x beep-count pair of HELD_OUT."""
+    for sample, record in demo["train"]:
+        assert record["combination"] == "seen"
+        for stream, pairs in synthetic.combinations(measure(sample.media_path)).items():
+            assert not pairs & synthetic.HELD_OUT[stream], (sample.id, pairs)
+
+
+def test_held_out_split_flags_each_sample_seen_or_unseen(demo):
+    """An unseen sample holds a held-out pair in every stream its file has, a seen one in none; both kinds occur."""
+    flags = set()
+    for sample, record in demo["eval"]:
+        found = synthetic.combinations(measure(sample.media_path))
+        held = [bool(pairs & synthetic.HELD_OUT[stream]) for stream, pairs in found.items()]
+        assert held and all(held) if record["combination"] == "unseen" else not any(held), (sample.id, found)
+        flags.add(record["combination"])
+    assert flags == {"seen", "unseen"}
+
+
+def test_a_frame_does_not_show_the_direction():
+    """The clip of a shape moving left is the clip moving right played backwards, frame for
+    frame: only the order of the frames tells them apart."""
+    right = {"shape": "triangle", "direction": "right", "colours": ["red", "red", "blue", "blue"], "stops": [1, 1, 2, 2]}
+    left = {"shape": "triangle", "direction": "left", "colours": ["blue", "blue", "red", "red"], "stops": [2, 2, 1, 1]}
+    frames_right = synthetic.render_frames(right, np.random.default_rng(5))
+    frames_left = synthetic.render_frames(left, np.random.default_rng(5))
+    assert not np.array_equal(frames_right, frames_left)
+    np.testing.assert_array_equal(frames_right, frames_left[::-1])
+
+
+def test_one_frame_and_its_place_tell_the_direction_at_most_two_times_in_three():
+    """Even knowing which frame it is, the best guess from one frame's stop is right at most
+    2/3 of the time (only a shape at an edge stop gives its direction away)."""
+    rng = np.random.default_rng(0)
+    timelines = [synthetic.draw_timeline(rng, audio=False) for _ in range(3000)]
+    for k in range(synthetic.NUM_SEGMENTS):
+        counts = {}
+        for t in timelines:
+            counts.setdefault(t["stops"][k], []).append(t["direction"])
+        best = sum(max(d.count("left"), d.count("right")) for d in counts.values()) / len(timelines)
+        assert best < 0.72, (k, best)
+
+
+def test_timing_questions_need_both_streams():
+    baselines = synthetic.one_stream_baselines(num_clips=4000)
+    for question_type in synthetic.TIMING_QUESTIONS:
+        assert baselines[question_type]["visual"] < 0.6 and baselines[question_type]["audio"] < 0.4, baselines[question_type]
+    assert baselines["shape"]["visual"] == 1.0 and baselines["pitch"]["audio"] == 1.0
 
 
 def test_splits_are_deterministic_per_seed_and_differ_across_seeds(tmp_path):
@@ -91,11 +155,10 @@ def test_splits_are_deterministic_per_seed_and_differ_across_seeds(tmp_path):
 
 
 def test_tokenizer_corpus_covers_the_demo_text(demo):
-    _, samples = demo
     tokenizer = conv.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=400)
     conv.add_modality_tokens(tokenizer)
     byte_tokens = {f"<0x{b:02X}>" for b in range(256)}
-    for sample in samples:
+    for sample, _ in demo["train"] + demo["eval"]:
         ids, _ = conv.tokenize_turns(sample.turns, tokenizer)
         tokens = set(tokenizer.convert_ids_to_tokens(ids.tolist()))
         assert not tokens & (byte_tokens | {"<unk>"}), sample.turns

@@ -1,118 +1,173 @@
 """`make demo`: train and evaluate a tiny audio-visual LLM on the synthetic demo data, on CPU.
 
-1. writes the demo data set to demo_out/data: training clips with three questions each, and
-   held-out clips, drawn from another seed, with one question each;
+1. writes the demo data set to demo_out/data: training clips of seen attribute combinations
+   with three questions each, and held-out clips, drawn from another seed, half of them made
+   of held-out combinations, each clip asked every question of its modality;
 2. trains a tokenizer on the demo text;
 3. trains configs/demo.py into demo_out/run (rerunning resumes, or skips a finished run);
-4. answers every held-out question greedily and scores exact match per modality;
+4. answers every held-out question greedily and scores exact match per question type, for
+   seen and unseen combinations, beside chance and the best guess from one stream alone;
 5. asks the model one question about a held-out clip through the chat command.
 
-The last line is `demo accuracy: visual=... audio=... audio_visual=...`.
+The last line is `demo accuracy: visual=... audio=... audio_visual=... timing=... (unseen combinations: ...)`.
+tools/ablate.py trains the paper's Table 4 rows on the same data with these functions.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 import time
 
-from avllm_jax.modality import Modality
+GROUPS = ("visual", "audio", "audio_visual", "timing")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and run (default demo_out)")
     parser.add_argument("--num-train", type=int, default=3000, help="training clips (three questions each)")
-    parser.add_argument("--num-eval", type=int, default=300, help="held-out clips")
+    parser.add_argument("--num-eval", type=int, default=300, help="held-out clips (every question of their modality each)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     start = time.time()
 
-    from avllm_jax.data import conversation, synthetic
-
-    data_dir = os.path.join(args.out, "data")
-    if not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
-        synthetic.make_demo_split(data_dir, "train", args.num_train, seed=0, turns_per_sample=3)
-        synthetic.make_demo_split(data_dir, "eval", args.num_eval, seed=1)
-    tokenizer_dir = os.path.join(args.out, "tokenizer")
-    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        conversation.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=1000).save_pretrained(tokenizer_dir)
-
+    data_dir, tokenizer_dir = prepare(args.out, args.num_train, args.num_eval)
     workdir = os.path.join(args.out, "run")
-    train_seconds = run_training(args, data_dir, tokenizer_dir, workdir)
-    accuracy = evaluate(workdir, os.path.join(data_dir, "eval.jsonl"))
-    chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
-    print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
-    print("demo accuracy: " + " ".join(f"{m}={accuracy[m]:.2f}" for m in Modality))
-
-
-def run_training(args, data_dir, tokenizer_dir, workdir) -> float:
-    import importlib.util
-
-    from avllm_jax.train import train
-
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.tokenizer = tokenizer_dir
-    config.data.sources = (dict(path=os.path.join(data_dir, "train.jsonl"), media_root=None, weight=1.0),)
+    config = demo_config(data_dir, tokenizer_dir)
     if args.steps:
         config.num_steps = args.steps
+    train_seconds = run_training(config, workdir)
+    results = evaluate(workdir, os.path.join(data_dir, "eval.jsonl"))
+    print_question_table(results)
+    chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
+    print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
+    seen, unseen = group_accuracy(results, "seen"), group_accuracy(results, "unseen")
+    print("demo accuracy: " + " ".join(f"{g}={seen[g]:.2f}" for g in GROUPS)
+          + " (unseen combinations: " + " ".join(f"{g}={unseen[g]:.2f}" for g in GROUPS) + ")")
+
+
+def prepare(out: str, num_train: int, num_eval: int) -> tuple[str, str]:
+    """The demo data set and tokenizer under `out` (written once): (data dir, tokenizer dir)."""
+    from avllm_jax.data import conversation, synthetic
+
+    data_dir = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
+        synthetic.make_demo_split(data_dir, "train", num_train, seed=0, turns_per_sample=3)
+        synthetic.make_demo_split(data_dir, "eval", num_eval, seed=1, unseen_share=0.5, every_question=True)
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        conversation.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=1000).save_pretrained(tokenizer_dir)
+    return data_dir, tokenizer_dir
+
+
+def demo_config(data_dir: str, tokenizer_dir: str):
+    """configs/demo.py reading the training split of `data_dir`."""
+    from avllm_jax.training.config import load_config_file
+
+    config = load_config_file(CONFIG)
+    config.tokenizer = tokenizer_dir
+    config.data.sources = (dict(path=os.path.join(data_dir, "train.jsonl"), media_root=None, weight=1.0),)
+    return config
+
+
+def run_training(config, workdir: str) -> float:
+    from avllm_jax.train import train
+
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     train(config, workdir)
     return time.time() - start
 
 
-def evaluate(workdir: str, eval_path: str, batch_size: int = 50) -> dict[str, float]:
-    """Greedy answers to every held-out question; exact match per modality, printed as a table.
+def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, batch_size: int = 64) -> list[dict]:
+    """Greedy answers to every held-out question: one {"type", "group", "combination", "correct"} each.
 
-    Each held-out conversation is the prompt, its answer cut off: built as training builds it."""
+    Each held-out conversation is the prompt, its answer cut off: built as training builds it.
+    `visual_only` (the paper's Figure 8): questions about an audio-visual clip are asked with
+    the visual stream alone (the <VIS> token), those about audio-only files are left out.
+    """
     import tqdm
 
     import avllm_jax
     from avllm_jax.checkpoint import read_data_config
-    from avllm_jax.data import conversation, pipeline
+    from avllm_jax.data import conversation, pipeline, synthetic
     from avllm_jax.evaluation.metrics import exact_match
     from avllm_jax.inference.prompts import answer_conversations
+    from avllm_jax.modality import Modality
 
     model = avllm_jax.load_model(workdir)
     tokenizer = conversation.load_tokenizer(workdir)
     data_config = read_data_config(workdir)
-    items = list(pipeline.iterate_eval(eval_path, data_config))
-    correct, total = collections.Counter(), collections.Counter()
-    examples = {}
-    for begin in tqdm.trange(0, len(items), batch_size, desc="evaluating held-out split", unit="batch"):
+    with open(eval_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    items = []  # (record, prompt turns, modality, media, reference)
+    for record, (sample, media) in zip(records, pipeline.iterate_eval(eval_path, data_config), strict=True):
+        turns, modality = sample.turns[:-1], sample.modality
+        if visual_only:
+            if not modality.has_visual:
+                continue
+            turns, modality = conversation.with_modality(turns, Modality.VISUAL), Modality.VISUAL
+        items.append((record, turns, modality, media, sample.turns[-1][1]))
+    results = []
+    desc = "evaluating held-out split" + (" (visual stream only)" if visual_only else "")
+    for begin in tqdm.trange(0, len(items), batch_size, desc=desc, unit="batch"):
         chunk = items[begin : begin + batch_size]
-        answers = answer_conversations(
-            model, tokenizer, [media for _, media in chunk], [sample.turns[:-1] for sample, _ in chunk],
-            [sample.modality for sample, _ in chunk], max_new_tokens=8, data_config=data_config,
-        )
-        for (sample, _), answer in zip(chunk, answers):
-            question, reference = sample.turns[-2][1], sample.turns[-1][1]
-            total[sample.modality] += 1
-            correct[sample.modality] += exact_match(answer, [reference])
-            examples.setdefault(sample.modality, (question, reference, answer))
-    print("\n| modality | held-out samples | exact match |\n|---|---|---|")
-    for modality in Modality:
-        print(f"| {modality} | {total[modality]} | {correct[modality] / max(total[modality], 1):.3f} |")
-    for modality, (question, reference, answer) in examples.items():
-        print(f"  e.g. [{modality}] {question!r} -> {answer!r} (reference {reference!r})")
-    return {m.value: correct[m] / max(total[m], 1) for m in Modality}
+        answers = answer_conversations(model, tokenizer, [i[3] for i in chunk], [i[1] for i in chunk], [i[2] for i in chunk],
+                                       max_new_tokens=6, data_config=data_config)
+        for (record, _, _, _, reference), given in zip(chunk, answers):
+            question_type = record["questions"][-1]
+            results.append({"type": question_type, "group": synthetic.GROUPS[question_type],
+                            "combination": record["combination"], "correct": exact_match(given, [reference])})
+    return results
+
+
+def group_accuracy(results: list[dict], combination: str | None = None) -> dict[str, float]:
+    """Exact match per question group ("nan" for a group with no questions), over one combination kind or all."""
+    correct, total = collections.Counter(), collections.Counter()
+    for r in results:
+        if combination in (None, r["combination"]):
+            total[r["group"]] += 1
+            correct[r["group"]] += r["correct"]
+    return {g: correct[g] / total[g] if total[g] else float("nan") for g in GROUPS}
+
+
+def print_question_table(results: list[dict]) -> None:
+    """Accuracy per question type, seen and unseen combinations, beside chance (a uniform guess
+    among the type's answers) and the best guess from one stream alone (the other stream's
+    timeline known perfectly; for a single-stream question, the stream not asked about)."""
+    from avllm_jax.data import synthetic
+
+    baselines = synthetic.one_stream_baselines()
+    tally = collections.defaultdict(lambda: [0, 0])
+    for r in results:
+        tally[r["type"], r["combination"]][0] += r["correct"]
+        tally[r["type"], r["combination"]][1] += 1
+    print("\n| question type | group | chance | best from one stream | seen: questions | seen: exact match "
+          "| unseen: questions | unseen: exact match |\n|---|---|---|---|---|---|---|---|")
+    for question_type, group in synthetic.GROUPS.items():
+        streams = {"visual": ("audio",), "audio": ("visual",)}.get(group, ("visual", "audio"))
+        one_stream = max(baselines[question_type][s] for s in streams)
+        cells = []
+        for combination in ("seen", "unseen"):
+            right, count = tally[question_type, combination]
+            cells += [str(count), f"{right / count:.3f}" if count else "-"]
+        print(f"| {question_type} | {group} | {1 / len(synthetic.answer_words(question_type)):.2f} | {one_stream:.2f} | " + " | ".join(cells) + " |")
 
 
 def chat_once(workdir: str, eval_path: str) -> None:
-    """One question about the first held-out audio-visual clip, through `python -m avllm_jax.chat`."""
+    """One cross-modal question about the first held-out audio-visual clip, through `python -m avllm_jax.chat`."""
     import subprocess
 
     from avllm_jax.data import conversation
+    from avllm_jax.modality import Modality
 
     samples, _ = conversation.read_samples(eval_path)
     media = next(s.media_path for s in samples if s.modality == Modality.AUDIO_VISUAL)
-    question = "What colour is the shape and is the tone high or low?"
+    question = "What colour is the shape when the beeps start?"
     print(f"\n$ python -m avllm_jax.chat --checkpoint {workdir} --media {media} --question {question!r}", flush=True)
     subprocess.run([sys.executable, "-m", "avllm_jax.chat", "--checkpoint", workdir, "--media", media, "--question", question], check=True)
 

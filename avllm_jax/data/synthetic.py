@@ -1,11 +1,27 @@
-"""The demo data set: real media files of moving shapes and tone patterns, with questions about them.
+"""The demo data set: real media files whose content follows a small event timeline, with
+questions about it whose answers are computed from that timeline.
 
-Every clip shows one large solid shape (circle, square or triangle) in a pure colour
-crossing a black 64x64 picture in one direction, with a fading trail behind it, and/or
-plays a pure tone (low or high) as one to three beeps. Each beep fills most of one quarter
-of the clip, so with four audio segments (the default `num_audio_segments`) every segment
-holds at most one beep and the count is the number of segments that sound. Answers are one
-or two canonical words so that held-out exact match is meaningful.
+A clip is NUM_SEGMENTS equal segments (the demo samples one frame and one audio segment from
+each, so frame k and audio segment k show the same quarter of the clip). Its timeline
+(`draw_timeline`) says, per segment:
+
+- visual: where one solid shape (circle, square or triangle) is, at one of four stops from
+  left to right, and its colour. At one segment boundary, the same for both, the shape
+  changes colour and hops one stop left or right; the picture is still within a segment. A
+  frame is the same whichever way the shape moves (no trail): only the order of the frames
+  tells the direction.
+- audio: whether a pure tone (low or high, the same for the clip) beeps. One to three beeps,
+  each in its own segment. The first beep comes before or after the visual change with equal
+  chance, so the pictures alone cannot tell which colour or stop it coincides with.
+
+Questions are visual (shape, first colour, last colour, direction), audio (pitch, number of
+beeps), audio-visual (a visual and an audio answer side by side) or cross-modal timing (the
+colour or the stop of the shape when the beeps start: one stream at the moment of the other).
+Answers are one or two canonical words, so that held-out exact match is meaningful.
+
+Held-out combinations: HELD_OUT's colour x shape and pitch x beep-count pairs never occur in
+a split drawn with `unseen_share=0` (training); a held-out split mixes clips made of them
+(flagged "combination": "unseen") with new clips of seen combinations ("seen").
 
 Files: audio-visual clips (.mp4, H.264 + AAC), silent clips (.mp4 or .webm, no audio
 track) and audio-only files (.flac or .m4a). A sample asks a visual question about a silent
@@ -13,6 +29,7 @@ clip, an audio question about an audio-only file, and any kind about an audio-vi
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -30,41 +47,63 @@ FRAME_SIZE = 64
 FPS = 8
 CLIP_SECONDS = 1.5
 SAMPLE_RATE = 48000
+NUM_SEGMENTS = 4  # the timeline's resolution: configs/demo.py's num_frames and num_audio_segments
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
+# The demo's shapes move left or right; draw_clip also draws vertical motion.
 DIRECTIONS = ("left", "right", "up", "down")
+MOTIONS = ("left", "right")
+# The stops a shape sits at, in pixels from the left (or top) edge, and their answer words.
+STOP_CENTRES = (14, 26, 38, 50)
+STOPS = ("far left", "left", "right", "far right")
+SHAPE_HALF_SIZES = (11, 13)  # half the shape's size in pixels, drawn from this range
 PITCHES = {"low": 330.0, "high": 1760.0}
 BEEP_COUNTS = {1: "one", 2: "two", 3: "three"}
-# The trail: copies of the shape every TRAIL_STEP pixels behind it, from TRAIL_BRIGHTNESS of
-# the shape's brightness (dimmer, so the shape's outline stays visible) fading linearly to
-# nothing TRAIL_PIXELS behind it.
-TRAIL_PIXELS = 42
-TRAIL_STEP = 3
-TRAIL_BRIGHTNESS = 0.6
+# Never in a training split: one colour per shape, one beep count per pitch.
+HELD_OUT = {
+    "visual": frozenset({("red", "circle"), ("green", "square"), ("blue", "triangle")}),
+    "audio": frozenset({("low", 3), ("high", 2)}),
+}
 
-# Question templates per attribute; the answer is the attribute's canonical word.
+# Question templates per question type; `answer` computes each type's answer from a timeline.
 VISUAL_QUESTIONS = {
-    "colour": ("What colour is the shape?", "Which colour does the moving shape have?"),
-    "shape": ("What shape is shown?", "Which shape moves in the video?"),
-    "direction": ("Which way does the shape move?", "In which direction is the shape moving?"),
+    "shape": ("What shape is shown?", "Which shape is in the video?"),
+    "first colour": ("What colour is the shape at the start?", "Which colour does the shape have first?"),
+    "last colour": ("What colour is the shape at the end?", "Which colour does the shape have last?"),
+    "direction": ("Does the shape move left or right?", "Which way does the shape move?"),
 }
 AUDIO_QUESTIONS = {
     "pitch": ("Is the tone high or low?", "What is the pitch of the sound?"),
     "beeps": ("How many beeps are there?", "Count the beeps."),
 }
-# Questions that need both streams; the answer is the two attributes' words in this order.
-AUDIO_VISUAL_QUESTIONS = {
-    ("colour", "pitch"): ("What colour is the shape and is the tone high or low?",),
-    ("shape", "beeps"): ("Which shape is shown and how many beeps play?",),
-    ("direction", "pitch"): ("Where does the shape move and what is the pitch?",),
+# Audio-visual: a visual and an audio answer side by side, in this order.
+PAIRED_QUESTIONS = {
+    "shape+pitch": ("Which shape is shown and is the tone high or low?",),
+    "direction+beeps": ("Which way does the shape move and how many beeps play?",),
 }
-QUESTIONS = {Modality.VISUAL: VISUAL_QUESTIONS, Modality.AUDIO: AUDIO_QUESTIONS, Modality.AUDIO_VISUAL: AUDIO_VISUAL_QUESTIONS}
+# Cross-modal timing: the picture at the moment the sound starts.
+TIMING_QUESTIONS = {
+    "colour at first beep": ("What colour is the shape when the beeps start?", "Which colour is the shape at the first beep?"),
+    "stop at first beep": ("Where is the shape when the beeps start?", "Where is the shape at the first beep?"),
+}
+QUESTIONS = {
+    Modality.VISUAL: VISUAL_QUESTIONS,
+    Modality.AUDIO: AUDIO_QUESTIONS,
+    Modality.AUDIO_VISUAL: {**PAIRED_QUESTIONS, **TIMING_QUESTIONS},
+}
+# Each question type's group: the columns of the demo's tables.
+GROUPS = {
+    **{t: "visual" for t in VISUAL_QUESTIONS}, **{t: "audio" for t in AUDIO_QUESTIONS},
+    **{t: "audio_visual" for t in PAIRED_QUESTIONS}, **{t: "timing" for t in TIMING_QUESTIONS},
+}
 # Encoder settings that write a demo clip in about 10 ms instead of 40-60 ms.
 _FAST_AAC = {"aac_coder": "fast"}
 _FAST_VP9 = {"deadline": "realtime", "cpu-used": "8"}
-# Fractions of files with each set of streams.
-FILE_KINDS = {Modality.AUDIO_VISUAL: 0.5, Modality.VISUAL: 0.25, Modality.AUDIO: 0.25}
+# Fractions of files with each set of streams, and of an audio-visual clip's samples asking
+# each modality: a third of all samples ask about both streams.
+FILE_KINDS = {Modality.AUDIO_VISUAL: 0.6, Modality.VISUAL: 0.2, Modality.AUDIO: 0.2}
+AUDIO_VISUAL_ASKS = {Modality.AUDIO_VISUAL: 0.5, Modality.VISUAL: 0.25, Modality.AUDIO: 0.25}
 
 
 def write_media(
@@ -121,31 +160,131 @@ def write_media(
             container.mux(video_stream.encode())
 
 
-def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [T, 64, 64, 3]: the shape crossing the picture in `direction`, with a little jitter.
+def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool = True, unseen: bool = False) -> dict:
+    """One clip's events, per segment, for the streams asked for (JSON-serialisable).
 
-    It leaves a fading trail, like a long exposure's motion blur, so that every frame shows
-    which way it moves. Without the trail the direction is only in the order of the frames,
-    and the demo's tiny LLM, trained from scratch for minutes, did not learn to read it
-    (the sign of the motion stayed at chance after 2000 steps).
+    visual: "shape", "direction", "colours" [NUM_SEGMENTS], "stops" [NUM_SEGMENTS] (indices
+    into STOPS); audio: "pitch", "beeps" [NUM_SEGMENTS] (bools). `unseen`: each stream
+    present holds a HELD_OUT combination; otherwise none does (each stream drawn again until so).
+    """
+    change = int(rng.integers(1, NUM_SEGMENTS))  # the visual change happens as segment `change` starts
+    timeline = {}
+    while visual:
+        direction = MOTIONS[rng.integers(len(MOTIONS))]
+        step = 1 if direction == "right" else -1
+        start = int(rng.integers(0, len(STOPS) - 1)) + (step < 0)  # a stop from which the hop stays in the picture
+        before, after = (list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=2, replace=False))
+        timeline.update(
+            shape=SHAPES[rng.integers(len(SHAPES))], direction=direction,
+            colours=[before if k < change else after for k in range(NUM_SEGMENTS)],
+            stops=[start + step * (k >= change) for k in range(NUM_SEGMENTS)],
+        )
+        if _holds_held_out(timeline, "visual") == unseen:
+            break
+    while audio:
+        onset = int(rng.integers(0, change) if rng.random() < 0.5 else rng.integers(change, NUM_SEGMENTS))
+        count = int(rng.integers(1, min(max(BEEP_COUNTS), NUM_SEGMENTS - onset) + 1))
+        later = rng.choice(np.arange(onset + 1, NUM_SEGMENTS), size=count - 1, replace=False)
+        timeline.update(pitch=list(PITCHES)[rng.integers(len(PITCHES))], beeps=[k == onset or k in later for k in range(NUM_SEGMENTS)])
+        if _holds_held_out(timeline, "audio") == unseen:
+            break
+    return timeline
+
+
+def _holds_held_out(timeline: dict, stream: str) -> bool:
+    return bool(combinations(timeline)[stream] & HELD_OUT[stream])
+
+
+def combinations(timeline: dict) -> dict[str, set[tuple]]:
+    """The attribute combinations a timeline shows, per stream present: (colour, shape) pairs, (pitch, beep count)."""
+    found = {}
+    if "shape" in timeline:
+        found["visual"] = {(colour, timeline["shape"]) for colour in timeline["colours"]}
+    if "pitch" in timeline:
+        found["audio"] = {(timeline["pitch"], sum(timeline["beeps"]))}
+    return found
+
+
+# Per single question type: how its answer is read off a timeline, and every answer it can have.
+_ANSWERS = {
+    "shape": (lambda t: t["shape"], SHAPES),
+    "first colour": (lambda t: t["colours"][0], tuple(COLOURS)),
+    "last colour": (lambda t: t["colours"][-1], tuple(COLOURS)),
+    "direction": (lambda t: t["direction"], MOTIONS),
+    "pitch": (lambda t: t["pitch"], tuple(PITCHES)),
+    "beeps": (lambda t: BEEP_COUNTS[sum(t["beeps"])], tuple(BEEP_COUNTS.values())),
+    "colour at first beep": (lambda t: t["colours"][t["beeps"].index(True)], tuple(COLOURS)),
+    "stop at first beep": (lambda t: STOPS[t["stops"][t["beeps"].index(True)]], STOPS),
+}
+
+
+def answer(question_type: str, timeline: dict) -> str:
+    """The answer to a question of `question_type` (a key of QUESTIONS' tables) about the clip of `timeline`."""
+    return " ".join(_ANSWERS[part][0](timeline) for part in question_type.split("+"))
+
+
+def answer_words(question_type: str) -> list[str]:
+    """Every answer a question type can have."""
+    return [" ".join(words) for words in itertools.product(*(_ANSWERS[part][1] for part in question_type.split("+")))]
+
+
+def one_stream_baselines(num_clips: int = 20000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per question type, the accuracy of the best guesser that sees one stream's timeline
+    perfectly and not the other: {type: {"visual": acc, "audio": acc}}.
+
+    Estimated on audio-visual timelines as training draws them: the guesser learns the most
+    frequent answer per single-stream timeline on one half, and is scored on the other.
+    """
+    rng = np.random.default_rng(seed)
+    timelines = [draw_timeline(rng) for _ in range(num_clips)]
+    keys = {
+        "visual": lambda t: (t["shape"], t["direction"], tuple(t["colours"]), tuple(t["stops"])),
+        "audio": lambda t: (t["pitch"], tuple(t["beeps"])),
+    }
+    fit, scored = timelines[: num_clips // 2], timelines[num_clips // 2 :]
+    baselines = {}
+    for question_type in GROUPS:
+        baselines[question_type] = {}
+        overall = collections.Counter(answer(question_type, t) for t in fit).most_common(1)[0][0]
+        for stream, key in keys.items():
+            counts = collections.defaultdict(collections.Counter)
+            for t in fit:
+                counts[key(t)][answer(question_type, t)] += 1
+            guess = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+            right = sum(guess.get(key(t), overall) == answer(question_type, t) for t in scored)
+            baselines[question_type][stream] = right / len(scored)
+    return baselines
+
+
+def render_frames(timeline: dict, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [T, 64, 64, 3], T = FPS * CLIP_SECONDS: the timeline's shape, still within each segment.
+
+    Size and the fixed coordinate across the motion are jittered per clip. Nothing but the
+    stop and the colour changes between segments, so a frame does not show which way the
+    shape moves.
     """
     num_frames = round(CLIP_SECONDS * FPS)
-    half = int(rng.integers(14, 18))  # half the shape's size in pixels
-    lane = FRAME_SIZE / 2 + rng.uniform(-6, 6)  # the fixed coordinate across the motion
-    travel = np.linspace(half + 2, FRAME_SIZE - half - 2, num_frames)
-    backwards = direction in ("left", "up")
-    if backwards:
-        travel = travel[::-1]
+    half = int(rng.integers(SHAPE_HALF_SIZES[0], SHAPE_HALF_SIZES[1] + 1))
+    lane = FRAME_SIZE / 2 + rng.uniform(-8, 8)
+    horizontal = timeline["direction"] in ("left", "right")
     yy, xx = np.mgrid[:FRAME_SIZE, :FRAME_SIZE] + 0.5
-    frames = np.zeros((num_frames, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
-    rgb = np.array(COLOURS[colour], np.float32)
-    for t, position in enumerate(travel):
-        for lag in range(TRAIL_PIXELS - TRAIL_STEP, -1, -TRAIL_STEP):  # faintest first, the shape itself last
-            brightness = TRAIL_BRIGHTNESS * (1.0 - lag / TRAIL_PIXELS) if lag else 1.0
-            shifted = position + (lag if backwards else -lag)
-            cx, cy = (shifted, lane) if direction in ("left", "right") else (lane, shifted)
-            frames[t][_inside(shape, xx - cx, yy - cy, half)] = brightness * rgb
-    return np.round(frames).astype(np.uint8)
+    frames = np.zeros((num_frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    for t in range(num_frames):
+        segment = t * NUM_SEGMENTS // num_frames
+        along = STOP_CENTRES[timeline["stops"][segment]]
+        cx, cy = (along, lane) if horizontal else (lane, along)
+        frames[t][_inside(timeline["shape"], xx - cx, yy - cy, half)] = COLOURS[timeline["colours"][segment]]
+    return frames
+
+
+def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [T, 64, 64, 3]: a `colour` `shape` hopping one stop in `direction` (any of DIRECTIONS) mid-clip."""
+    step = -1 if direction in ("left", "up") else 1
+    start = 2 if step < 0 else 1
+    half = NUM_SEGMENTS // 2
+    timeline = {"shape": shape, "direction": direction, "colours": [colour] * NUM_SEGMENTS,
+                "stops": [start + step * (k >= half) for k in range(NUM_SEGMENTS)]}
+    return render_frames(timeline, rng)
 
 
 def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
@@ -157,26 +296,40 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray
     return (dy <= half) & (np.abs(dx) * 2 <= dy + half)  # an upright triangle: apex at the top
 
 
-def tone_pattern(pitch: str, beeps: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [n]: `beeps` tone bursts, each in its own quarter of the clip (quarters chosen at random)."""
+def render_audio(timeline: dict, rng: np.random.Generator) -> np.ndarray:
+    """float32 [n]: a tone burst of the timeline's pitch in the middle 70% of each beeping segment."""
     num_samples = round(CLIP_SECONDS * SAMPLE_RATE)
-    quarter = num_samples // 4
-    frequency = PITCHES[pitch] * rng.uniform(0.95, 1.05)
-    beep = np.sin(2 * np.pi * frequency * np.arange(int(quarter * 0.7)) / SAMPLE_RATE)
+    segment = num_samples // NUM_SEGMENTS
+    frequency = PITCHES[timeline["pitch"]] * rng.uniform(0.95, 1.05)
+    beep = np.sin(2 * np.pi * frequency * np.arange(int(segment * 0.7)) / SAMPLE_RATE)
     beep *= np.minimum(1.0, np.minimum(np.arange(beep.size), np.arange(beep.size)[::-1]) / 480)  # 10 ms ramps
     audio = np.zeros(num_samples)
-    for q in rng.choice(4, size=beeps, replace=False):
-        start = q * quarter + (quarter - beep.size) // 2
-        audio[start : start + beep.size] = rng.uniform(0.3, 0.6) * beep
+    for k, sounds in enumerate(timeline["beeps"]):
+        if sounds:
+            start = k * segment + (segment - beep.size) // 2
+            audio[start : start + beep.size] = rng.uniform(0.3, 0.6) * beep
     return audio.astype(np.float32)
 
 
-def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, seed: int, turns_per_sample: int = 1) -> pathlib.Path:
-    """Writes out_dir/media/{split}_NNNNN.* and out_dir/{split}.jsonl (paths relative to out_dir).
+def tone_pattern(pitch: str, beeps: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [n]: `beeps` tone bursts, each in its own segment (segments chosen at random)."""
+    chosen = rng.choice(NUM_SEGMENTS, size=beeps, replace=False)
+    return render_audio({"pitch": pitch, "beeps": [k in chosen for k in range(NUM_SEGMENTS)]}, rng)
+
+
+def make_demo_split(
+    out_dir: str | os.PathLike, split: str, num_samples: int, seed: int, turns_per_sample: int = 1,
+    *, unseen_share: float = 0.0, every_question: bool = False,
+) -> pathlib.Path:
+    """Writes `num_samples` clips as out_dir/media/{split}_NNNNN.* and their samples to
+    out_dir/{split}.jsonl (paths relative to out_dir); returns the JSONL's path.
 
     `turns_per_sample` > 1 asks that many different questions about each clip in one
     conversation (as many as its modality has, at most): more supervision per decoded clip,
-    which is what a CPU-bound training run is short of.
+    which is what a CPU-bound training run is short of. `unseen_share`: the fraction of clips
+    made of HELD_OUT combinations (0 for training). `every_question`: one sample per question
+    type of the clip's modality instead (a held-out split scored per type). Each sample
+    carries its clip's "timeline", its "questions" (types, one per turn) and "combination".
     """
     out_dir = pathlib.Path(out_dir)
     (out_dir / "media").mkdir(parents=True, exist_ok=True)
@@ -184,22 +337,46 @@ def make_demo_split(out_dir: str | os.PathLike, split: str, num_samples: int, se
     jsonl_path = out_dir / f"{split}.jsonl"
     with open(jsonl_path, "w") as out:
         for index in tqdm.trange(num_samples, desc=f"demo {split}", unit="clip"):
-            sample = _make_sample(out_dir, f"{split}_{index:05d}", rng, turns_per_sample)
-            out.write(json.dumps(sample) + "\n")
+            for sample in _make_samples(out_dir, f"{split}_{index:05d}", rng, turns_per_sample, rng.random() < unseen_share, every_question):
+                out.write(json.dumps(sample) + "\n")
     return jsonl_path
 
 
-def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int) -> dict:
-    kind = Modality(rng.choice(list(FILE_KINDS), p=list(FILE_KINDS.values())))
-    attributes = {
-        "colour": rng.choice(list(COLOURS)),
-        "shape": rng.choice(SHAPES),
-        "direction": rng.choice(DIRECTIONS),
-        "pitch": rng.choice(list(PITCHES)),
-        "beeps": int(rng.choice(list(BEEP_COUNTS))),
-    }
-    frames = draw_clip(attributes["colour"], attributes["shape"], attributes["direction"], rng) if kind.has_visual else None
-    audio = tone_pattern(attributes["pitch"], attributes["beeps"], rng) if kind.has_audio else None
+def _make_samples(out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int, unseen: bool, every_question: bool) -> list[dict]:
+    kind = _draw(rng, FILE_KINDS)
+    timeline = draw_timeline(rng, visual=kind.has_visual, audio=kind.has_audio, unseen=unseen)
+    path = _write_clip(out_dir, name, kind, timeline, rng)
+    modality = _draw(rng, AUDIO_VISUAL_ASKS) if kind == Modality.AUDIO_VISUAL else kind
+    table = QUESTIONS[modality]
+    types = list(table)
+    if every_question:
+        askings = [[t] for t in types]
+    else:
+        askings = [[types[i] for i in rng.permutation(len(types))[:turns]]]
+    samples = []
+    for asked in askings:
+        conversations = []
+        for question_type in asked:
+            question = str(rng.choice(table[question_type]))
+            if not conversations:
+                question = conversation.first_user_message(question, modality)
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer(question_type, timeline)}]
+        samples.append({
+            "id": f"{name}_{asked[0]}" if every_question else name, "video" if kind.has_visual else "audio": path,
+            "modality": modality.value, "conversations": conversations,
+            "questions": asked, "combination": "unseen" if unseen else "seen", "timeline": timeline,
+        })
+    return samples
+
+
+def _draw(rng: np.random.Generator, shares: dict[Modality, float]) -> Modality:
+    return Modality(rng.choice(list(shares), p=list(shares.values())))
+
+
+def _write_clip(out_dir: pathlib.Path, name: str, kind: Modality, timeline: dict, rng: np.random.Generator) -> str:
+    """Renders and encodes the clip; returns its path relative to out_dir."""
+    frames = render_frames(timeline, rng) if kind.has_visual else None
+    audio = render_audio(timeline, rng) if kind.has_audio else None
     if kind == Modality.AUDIO:
         path = f"media/{name}" + rng.choice([".flac", ".m4a"])
         write_media(out_dir / path, audio=audio, audio_codec="flac" if path.endswith(".flac") else "aac", audio_options=_FAST_AAC)
@@ -212,26 +389,12 @@ def _make_sample(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tur
     else:
         path = f"media/{name}.mp4"
         write_media(out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC)
-
-    modality = Modality(rng.choice(list(Modality))) if kind == Modality.AUDIO_VISUAL else kind
-    words = {**attributes, "beeps": BEEP_COUNTS[attributes["beeps"]]}
-    table = QUESTIONS[modality]
-    asked = list(table)
-    conversations = []
-    for index in rng.permutation(len(asked))[:turns]:
-        attribute = asked[index]
-        question = rng.choice(table[attribute])
-        answer = " ".join(words[a] for a in attribute) if isinstance(attribute, tuple) else words[attribute]
-        if not conversations:
-            question = conversation.first_user_message(question, modality)
-        conversations += [{"from": "human", "value": str(question)}, {"from": "gpt", "value": str(answer)}]
-    media_key = "video" if kind.has_visual else "audio"
-    return {"id": name, media_key: path, "modality": modality.value, "conversations": conversations}
+    return path
 
 
 def demo_tokenizer_corpus() -> list[str]:
     """Every piece of text the demo can produce, for training its tokenizer."""
     questions = [q for table in QUESTIONS.values() for qs in table.values() for q in qs]
-    answers = [*COLOURS, *SHAPES, *DIRECTIONS, *PITCHES, *BEEP_COUNTS.values()]
+    answers = sorted({word for question_type in GROUPS for word in answer_words(question_type)})
     roles = f"{conversation.USER_ROLE}: {conversation.ASSISTANT_ROLE}:"
     return [conversation.SYSTEM_PROMPT, roles, "\n".join(questions), *questions, *answers]  # the join adds "\n"
