@@ -133,7 +133,10 @@ def build(config, out_dir: str, shard: tuple[int, int], *, batch_size: int = 32,
     if os.path.exists(os.path.join(out_dir, name + ".json")):
         print(f"{out_dir}: {name} is finished already; nothing to do", flush=True)
         return dict(files=0, cached=0, skipped=0)
-    all_files = media_files(data_config)
+    try:  # a missing or malformed source stops the build here, before any weights load
+        all_files = media_files(data_config)
+    except (ValueError, OSError) as error:
+        raise CacheBuildError(str(error)) from error
     files = shard_files(all_files, index, count)
     first_file = len(all_files) * index // count  # a file's index over all shards seeds its audio crop
 
@@ -281,8 +284,8 @@ def run(argv: list[str] | None = None) -> None:
 
     start = time.time()
     try:
-        counts = build(_CONFIG.value, _OUT.value, parse_shard(_SHARD.value), batch_size=_BATCH.value, dtype=_DTYPE.value,
-                       workers=_WORKERS.value)
+        shard = parse_shard(_SHARD.value)  # inside: a bad $AVLLM_PROCESS_ID is a DistributedError
+        counts = build(_CONFIG.value, _OUT.value, shard, batch_size=_BATCH.value, dtype=_DTYPE.value, workers=_WORKERS.value)
     except (CacheBuildError, feature_cache.FeatureCacheError, *train.USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -237,3 +237,18 @@ def test_evaluation_answers_from_cached_features_as_from_the_files(setup):
     with pytest.raises(feature_cache.FeatureCacheError, match="data.num_frames"):
         prompts.open_feature_cache(model, prompts.inference_data_config(model, None, **settings | dict(num_frames=8),
                                                                         feature_cache=str(setup["cache_dir"])))
+
+
+def test_bad_build_requests_are_clear_errors(setup, tmp_path, monkeypatch):
+    for text, message in (("3/2", "I must be in 0 .. N-1"), ("1-4", "expected I/N")):
+        with pytest.raises(cache_features.CacheBuildError, match=message):
+            cache_features.parse_shard(text)
+    monkeypatch.setenv("AVLLM_NUM_PROCESSES", "4")
+    monkeypatch.setenv("AVLLM_PROCESS_ID", "2")
+    assert cache_features.parse_shard(None) == (2, 4)  # a multi-process job's process takes its own shard
+    config = setup["config"].copy_and_resolve_references()
+    config.data.sources = (dict(path=str(tmp_path / "none.jsonl"), media_root=None, weight=1.0),)
+    with pytest.raises(cache_features.CacheBuildError, match="none.jsonl"):
+        cache_features.build(config, str(tmp_path / "features"), (0, 1))
+    with pytest.raises(cache_features.CacheBuildError, match="not from another cache"):
+        cache_features.build(with_cache(setup["config"], setup["cache_dir"]), str(tmp_path / "features"), (0, 1))
