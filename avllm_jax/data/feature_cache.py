@@ -32,7 +32,6 @@ import numpy as np
 from avllm_jax.data.media import MediaError
 
 MANIFEST = "manifest.json"
-FEATURE_NAMES = ("frame_cls", "item_patches", "audio_embeddings")  # models.avllm.ENCODER_OUTPUTS, per file
 # The data fields the features depend on (the text fields do not matter to them).
 MEDIA_FIELDS = ("num_frames", "image_size", "num_audio_segments", "audio_front_end", "audio_sample_rate",
                 "audio_max_length_s", "audio_truncation", "audio_padding", "whisper_mel_bins")
@@ -118,11 +117,7 @@ class FeatureCache:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
-        manifest_path = os.path.join(self.directory, MANIFEST)
-        if not os.path.exists(manifest_path):
-            raise FeatureCacheError(f"{self.directory}: no feature cache here (no {MANIFEST}); build it with tools/cache_features.py")
-        with open(manifest_path) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_manifest(self.directory)
         count = self.manifest["num_shards"]
         names = [shard_name(i, count) for i in range(count)]
         unfinished = [name for name in names if not os.path.exists(os.path.join(self.directory, name + ".json"))]
@@ -174,14 +169,18 @@ class FeatureCache:
         return {**self.__dict__, "_source": None}
 
 
-@functools.lru_cache(maxsize=8)
-def read_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Each cached feature's shape per frame (frame_cls: one frame's), item or clip, and its
-    dtype, from the cache's manifest (read once per process)."""
+def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         raise FeatureCacheError(f"{directory}: no feature cache here (no {MANIFEST}); build it with tools/cache_features.py")
     with open(path) as f:
-        manifest = json.load(f)
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=8)
+def read_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each cached feature's shape per frame (frame_cls: one frame's), item or clip, and its
+    dtype, from the cache's manifest (read once per process)."""
+    manifest = read_manifest(directory)
     dtype = np.dtype(DTYPES[manifest["dtype"]])
     return {name: (tuple(shape), dtype) for name, shape in manifest["shapes"].items()}
