@@ -185,9 +185,9 @@ def test_finished_shards_are_kept_and_an_interrupted_one_is_built_again(setup, t
         feature_cache.FeatureCache(cache_dir)
     kept = (cache_dir / f"{first}.array_record").stat().st_mtime_ns
     config = setup["config"]
-    assert cache_features.build(config, str(cache_dir), (0, NUM_SHARDS), dtype="float32", workers=0)["files"] == 0
+    assert cache_features.build(config, str(cache_dir), (0, NUM_SHARDS), batch_size=3, dtype="float32", workers=0)["files"] == 0
     assert (cache_dir / f"{first}.array_record").stat().st_mtime_ns == kept
-    assert cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), dtype="float32", workers=0)["files"] == 3
+    assert cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), batch_size=3, dtype="float32", workers=0)["files"] == 3
     rebuilt, original = feature_cache.FeatureCache(cache_dir), feature_cache.FeatureCache(setup["cache_dir"])
     assert rebuilt.index == original.index and not (cache_dir / f"{second}.array_record.partial").exists()
     for path in original.index:
