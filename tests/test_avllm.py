@@ -165,7 +165,7 @@ def grads_of_projectors(model, batch):
     def loss(params):
         return step.loss_sums(nnx.merge(graphdef, params, frozen), batch)[0]
 
-    return jax.grad(loss)(trainable)
+    return jax.jit(jax.grad(loss))(trainable)
 
 
 @pytest.mark.parametrize(
