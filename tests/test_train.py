@@ -116,18 +116,12 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_p
     one = tmp_path / "one_process"
     subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100", "--config.global_batch_size=8", UNPACKED),
                    check=True, env=environment(4), capture_output=True, timeout=600)
-    two = tmp_path / "two_processes"
-    results = finish(start_processes(demo_files, two, free_port()))
-    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    assert "step 6/6" in results[0][1] and "step 6/6" not in results[1][1]  # process 0 alone logs
-    assert (two / "logs" / "process_1").is_dir()
-    worst = max_difference(final_params(one), final_params(two))
-    print(f"2 processes x 2 devices against 1 process x 4 devices: max |param diff| = {worst:.2e}")
-    assert worst <= 1e-6
 
     # SIGTERM to one process stops both at the same step; both save their parts and resume.
-    preempted = tmp_path / "preempted"
-    processes = start_processes(demo_files, preempted, free_port())
+    # The resumed run is compared with the one-process run: a resume that lost or replayed
+    # batches would be off by far more than the float32 reduction order allows.
+    two = tmp_path / "two_processes"
+    processes = start_processes(demo_files, two, free_port())
     try:
         assert wait_for_line(processes[0], "step 2/", timeout_s=300), "the run ended before step 2"
         processes[1].send_signal(signal.SIGTERM)
@@ -135,14 +129,16 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_p
         results = finish(processes)
     assert [code for code, _ in results] == [143, 143], results[0][0:1] + results[1][0:1]
     stopped = int(results[0][1].split("preempted: saved step ")[1].split()[0])
-    assert stopped < STEPS and checkpoint.latest_step(str(preempted)) == stopped
-    results = finish(start_processes(demo_files, preempted, free_port()))
-    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:]
+    assert stopped < STEPS and checkpoint.latest_step(str(two)) == stopped
+    results = finish(start_processes(demo_files, two, free_port()))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert f"resumed from step {stopped}" in results[0][1]
-    worst = max_difference(final_params(two), final_params(preempted))
-    print(f"2 processes, SIGTERM at step {stopped} and resumed: max |param diff| = {worst:.2e} against uninterrupted")
-    assert worst == 0.0
-
+    assert f"step {STEPS}/{STEPS}" in results[0][1] and f"step {STEPS}/{STEPS}" not in results[1][1]  # process 0 alone logs
+    assert (two / "logs" / "process_1").is_dir()
+    worst = max_difference(final_params(one), final_params(two))
+    print(f"2 processes x 2 devices, SIGTERM at step {stopped} and resumed, against 1 process x 4 devices: "
+          f"max |param diff| = {worst:.2e}")
+    assert worst <= 1e-6
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(demo_files, tmp_path):
