@@ -115,7 +115,7 @@ def test_shards_card_and_side_file(tmp_path):
     assert "base_model:\n- lmsys/vicuna-7b-v1.5" in card
     assert card.index(f"Stage 1: `{stage1}`") < card.index(f"Stage 2: `{workdir}`")
     assert f"starts from: `{base}`" in card and r"`(temporal|spatial|audio)_proj\..*`" in card and r"`llm\..*`" in card
-    assert "`data/instructions.jsonl` (weight 1.0, media under `data/media`)" in card and "2800 steps" in card and "global batch 4 packs (each 2 x 160 positions" in card
+    assert "`data/instructions.jsonl` (weight 1.0, media under `data/media`)" in card and f"{sft['num_steps']} steps" in card and "global batch 4 packs (each 2 x 160 positions" in card
     assert "`model-*.safetensors`: the LLM in" in card
     extras = json.loads((out / export.EXTRAS_FILE).read_text())
     assert extras["modality_tokens"] == dict(zip(("<VIS>", "<AUD>", "<AUD_VIS>"), model.config.modality_token_ids))

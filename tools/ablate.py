@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("table", choices=["table4"], help="the paper's table to reproduce")
     parser.add_argument("--out", default="demo_out", help="the demo's directory: its data and tokenizer, and ablate/ (default demo_out)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps of every run (default 1200; the demo trains 2800)")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps of every run (default 1200; the demo trains 2600)")
     parser.add_argument("--num-train", type=int, default=3000, help="training clips, if the data is not written yet")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out clips, if the data is not written yet")
     args = parser.parse_args(argv)
