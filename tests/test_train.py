@@ -86,7 +86,7 @@ UNPACKED = "--config.data.packing.enabled=False"
 # Longer than STEPS, so that a SIGTERM after step 2 is sure to stop the job before its end:
 # the processes agree on the stop step through JAX's coordination service, and on free cores
 # 6 steps were over before they had.
-MULTI_PROCESS_STEPS = 24
+MULTI_PROCESS_STEPS = 12
 
 
 def start_processes(demo_files, workdir, port, count=2, devices=2):
