@@ -19,6 +19,8 @@ from avllm_jax.training import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_SHARDS = 2
+# Every cache build here encodes 3 files at a time, so they all run one compiled encoder program.
+BUILD_BATCH = 3
 
 
 def moving_square(colour, frames=12, size=64):
@@ -71,7 +73,7 @@ def setup(tmp_path_factory):
     config.update(dict(global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=2))  # 8: the test devices
 
     cache_dir = root / "features"
-    counts = [cache_features.build(config, str(cache_dir), (i, NUM_SHARDS), batch_size=3, dtype="float32", workers=0)
+    counts = [cache_features.build(config, str(cache_dir), (i, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)
               for i in range(NUM_SHARDS)]
     model_config, tokenizer, _ = train.resolve_model(config)  # with the modality tokens
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
@@ -185,9 +187,9 @@ def test_finished_shards_are_kept_and_an_interrupted_one_is_built_again(setup, t
         feature_cache.FeatureCache(cache_dir)
     kept = (cache_dir / f"{first}.array_record").stat().st_mtime_ns
     config = setup["config"]
-    assert cache_features.build(config, str(cache_dir), (0, NUM_SHARDS), batch_size=3, dtype="float32", workers=0)["files"] == 0
+    assert cache_features.build(config, str(cache_dir), (0, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)["files"] == 0
     assert (cache_dir / f"{first}.array_record").stat().st_mtime_ns == kept
-    assert cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), batch_size=3, dtype="float32", workers=0)["files"] == 3
+    assert cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)["files"] == 3
     rebuilt, original = feature_cache.FeatureCache(cache_dir), feature_cache.FeatureCache(setup["cache_dir"])
     assert rebuilt.index == original.index and not (cache_dir / f"{second}.array_record.partial").exists()
     for path in original.index:

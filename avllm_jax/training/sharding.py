@@ -107,24 +107,26 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 def create_sharded_model(model_config, init_dir, mesh, seed):
     """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
-    graphdef, abstract_state = checkpoint.abstract_model(model_config)
     if init_dir is not None:
         overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in PARTS if getattr(model_config, part)}
-        return checkpoint.load_model(init_dir, config_overrides=overrides, shardings=state_shardings(abstract_state, mesh))
-    return nnx.merge(graphdef, _random_init(model_config, mesh, seed)())
+        shardings = state_shardings(checkpoint.abstract_model(model_config)[1], mesh)
+        return checkpoint.load_model(init_dir, config_overrides=overrides, shardings=shardings)
+    graphdef, init = _random_init(model_config, mesh, seed)
+    return nnx.merge(graphdef, init())
 
 
 @functools.lru_cache(maxsize=4)
 def _random_init(model_config, mesh, seed):
-    """The jitted random initialisation of one model on one mesh. Kept, so that building the
-    same model again in a process (an evaluation after training, a cache build per shard)
-    reuses the compiled program: compiling every parameter's RNG ops takes tens of seconds
-    on a CPU host with 8 devices."""
+    """The model's graph and its jitted random initialisation on one mesh. Kept, so that
+    building the same model again in a process (an evaluation after training, a cache build
+    per shard) reuses the compiled program: compiling every parameter's RNG ops takes tens of
+    seconds on a CPU host with 8 devices."""
+    graphdef, abstract_state = checkpoint.abstract_model(model_config)
 
     def init():
         return nnx.state(AVLLM(model_config, rngs=nnx.Rngs(seed)))
 
-    return jax.jit(init, out_shardings=state_shardings(checkpoint.abstract_model(model_config)[1], mesh))
+    return graphdef, jax.jit(init, out_shardings=state_shardings(abstract_state, mesh))
 
 
 def optimizer_shardings(optimizer, params, mesh):
