@@ -29,9 +29,12 @@ def demo(tmp_path_factory):
     return splits
 
 
-def measure(path):
-    """The timeline read off the decoded file (4 frames, 4 audio segments), independently of how it was drawn."""
-    media = load_media(path, num_frames=4, image_size=64, num_audio_segments=4)
+def decode(path):
+    return load_media(path, num_frames=4, image_size=64, num_audio_segments=4)
+
+
+def measure(media):
+    """The timeline read off decoded media (4 frames, 4 audio segments), independently of how it was drawn."""
     timeline = {}
     if media.has_visual:
         shapes, colours, stops = [], [], []
@@ -60,10 +63,18 @@ def test_decoded_media_show_the_timeline_segment_by_segment(demo):
     alignment the cross-modal questions rely on."""
     kinds = set()
     for sample, record in demo["train"] + demo["eval"]:
-        measured = measure(sample.media_path)
+        measured = measure(decode(sample.media_path))
         assert measured == record["timeline"], (sample.id, measured, record["timeline"])
         kinds.add(Modality.from_flags("shape" in measured, "pitch" in measured))
     assert kinds == set(Modality)
+
+
+def test_a_played_back_file_shows_the_reversed_timeline(demo):
+    """tools/demo.py --played-back scores decoded clips played backwards against
+    reversed_timeline: what the reversed media show is that timeline."""
+    for sample, record in demo["eval"][:12]:
+        measured = measure(synthetic.played_back(decode(sample.media_path)))
+        assert measured == synthetic.reversed_timeline(record["timeline"]), (sample.id, measured)
 
 
 def test_every_answer_is_the_decoded_timelines(demo):
@@ -71,7 +82,7 @@ def test_every_answer_is_the_decoded_timelines(demo):
     off the file (not from the question text)."""
     asked = set()
     for sample, record in demo["train"] + demo["eval"]:
-        measured = measure(sample.media_path)
+        measured = measure(decode(sample.media_path))
         answers = [text for role, text in sample.turns[1::2]]
         assert len(answers) == len(record["questions"])
         for question_type, given in zip(record["questions"], answers, strict=True):
@@ -98,7 +109,7 @@ def test_no_held_out_combination_in_the_training_split(demo):
     """Read off the decoded files: no colour x shape or pitch x beep-count pair of HELD_OUT."""
     for sample, record in demo["train"]:
         assert record["combination"] == "seen"
-        for stream, pairs in synthetic.combinations(measure(sample.media_path)).items():
+        for stream, pairs in synthetic.combinations(measure(decode(sample.media_path))).items():
             assert not pairs & synthetic.HELD_OUT[stream], (sample.id, pairs)
 
 
@@ -106,7 +117,7 @@ def test_held_out_split_flags_each_sample_seen_or_unseen(demo):
     """An unseen sample holds a held-out pair in every stream its file has, a seen one in none; both kinds occur."""
     flags = set()
     for sample, record in demo["eval"]:
-        found = synthetic.combinations(measure(sample.media_path))
+        found = synthetic.combinations(measure(decode(sample.media_path)))
         held = [bool(pairs & synthetic.HELD_OUT[stream]) for stream, pairs in found.items()]
         assert held and all(held) if record["combination"] == "unseen" else not any(held), (sample.id, found)
         flags.add(record["combination"])
@@ -122,6 +133,25 @@ def test_a_frame_does_not_show_the_direction():
     frames_left = synthetic.render_frames(left, np.random.default_rng(5))
     assert not np.array_equal(frames_right, frames_left)
     np.testing.assert_array_equal(frames_right, frames_left[::-1])
+
+
+def test_a_reversed_timeline_renders_the_clip_played_backwards():
+    """tools/demo.py's played-back probe plays the decoded clip backwards and scores it against
+    reversed_timeline: the frames of that timeline are the clip's in reverse order, and only
+    the order questions change their answers."""
+    rng = np.random.default_rng(11)
+    changed = set()
+    for seed in range(40):
+        timeline = synthetic.draw_timeline(rng)
+        backwards = synthetic.reversed_timeline(timeline)
+        np.testing.assert_array_equal(synthetic.render_frames(backwards, np.random.default_rng(seed)),
+                                      synthetic.render_frames(timeline, np.random.default_rng(seed))[::-1])
+        assert backwards["beeps"] == timeline["beeps"][::-1] and backwards["direction"] != timeline["direction"]
+        assert synthetic.answer("first colour", backwards) == synthetic.answer("last colour", timeline)
+        last_beep = max(k for k, beeps in enumerate(timeline["beeps"]) if beeps)
+        assert synthetic.answer("colour at first beep", backwards) == timeline["colours"][last_beep]
+        changed |= {t for t in synthetic.GROUPS if synthetic.answer(t, backwards) != synthetic.answer(t, timeline)}
+    assert changed == {"first colour", "last colour", "direction", "direction+beeps", "colour at first beep", "stop at first beep"}
 
 
 def test_one_frame_and_its_place_tell_the_direction_at_most_two_times_in_three():

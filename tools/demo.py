@@ -7,7 +7,10 @@
 3. trains configs/demo.py into demo_out/run (rerunning resumes, or skips a finished run);
 4. answers every held-out question greedily and scores exact match per question type, for
    seen and unseen combinations, beside chance and the best guess from one stream alone;
-5. asks the model one question about a held-out clip through the chat command.
+5. with --played-back, asks them again about each clip played backwards (frames and audio
+   segments in reverse order, scored against the reversed timeline): a model that reads the
+   order of the frames changes its answers to the order questions; one that does not keeps them;
+6. asks the model one question about a held-out clip through the chat command.
 
 The last line is `demo accuracy: visual=... audio=... audio_visual=... timing=... (unseen combinations: ...)`.
 tools/ablate.py trains the paper's Table 4 rows on the same data with these functions.
@@ -31,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--num-train", type=int, default=3000, help="training clips (three questions each)")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out clips (every question of their modality each)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
+    parser.add_argument("--played-back", action="store_true",
+                        help="also ask every held-out question about its clip played backwards and print how the answers follow the order")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     start = time.time()
@@ -43,6 +48,8 @@ def main(argv=None):
     train_seconds = run_training(config, workdir)
     results = evaluate(workdir, os.path.join(data_dir, "eval.jsonl"))
     print_question_table(results)
+    if args.played_back:
+        print_played_back_table(results, evaluate(workdir, os.path.join(data_dir, "eval.jsonl"), played_back=True))
     chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
     print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
     seen, unseen = group_accuracy(results, "seen"), group_accuracy(results, "unseen")
@@ -83,12 +90,14 @@ def run_training(config, workdir: str) -> float:
     return time.time() - start
 
 
-def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, batch_size: int = 64) -> list[dict]:
-    """Greedy answers to every held-out question: one {"type", "group", "combination", "correct"} each.
+def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, played_back: bool = False, batch_size: int = 64) -> list[dict]:
+    """Greedy answers to every held-out question: one {"type", "group", "combination", "answer", "reference", "correct"} each.
 
     Each held-out conversation is the prompt, its answer cut off: built as training builds it.
     `visual_only` (the paper's Figure 8): questions about an audio-visual clip are asked with
     the visual stream alone (the <VIS> token), those about audio-only files are left out.
+    `played_back`: each clip is played backwards (its frames and audio segments in reverse
+    order) and scored against its reversed timeline (synthetic.reversed_timeline).
     """
     import tqdm
 
@@ -111,9 +120,13 @@ def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, batch_s
             if not modality.has_visual:
                 continue
             turns, modality = conversation.with_modality(turns, Modality.VISUAL), Modality.VISUAL
-        items.append((record, turns, modality, media, sample.turns[-1][1]))
+        reference = sample.turns[-1][1]
+        if played_back:
+            media = synthetic.played_back(media)
+            reference = synthetic.answer(record["questions"][-1], synthetic.reversed_timeline(record["timeline"]))
+        items.append((record, turns, modality, media, reference))
     results = []
-    desc = "evaluating held-out split" + (" (visual stream only)" if visual_only else "")
+    desc = "evaluating held-out split" + (" (visual stream only)" if visual_only else "") + (" (played back)" if played_back else "")
     for begin in tqdm.trange(0, len(items), batch_size, desc=desc, unit="batch"):
         chunk = items[begin : begin + batch_size]
         answers = answer_conversations(model, tokenizer, [i[3] for i in chunk], [i[1] for i in chunk], [i[2] for i in chunk],
@@ -121,7 +134,7 @@ def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, batch_s
         for (record, _, _, _, reference), given in zip(chunk, answers):
             question_type = record["questions"][-1]
             results.append({"type": question_type, "group": synthetic.GROUPS[question_type],
-                            "combination": record["combination"], "correct": exact_match(given, [reference])})
+                            "combination": record["combination"], "answer": given, "reference": reference, "correct": exact_match(given, [reference])})
     return results
 
 
@@ -156,6 +169,28 @@ def print_question_table(results: list[dict]) -> None:
             right, count = tally[question_type, combination]
             cells += [str(count), f"{right / count:.3f}" if count else "-"]
         print(f"| {question_type} | {group} | {1 / len(synthetic.answer_words(question_type)):.2f} | {one_stream:.2f} | " + " | ".join(cells) + " |")
+
+
+def print_played_back_table(as_recorded: list[dict], played_back: list[dict]) -> None:
+    """Per question type whose answer a played-back clip can change: exact match on the clips as
+    recorded and played back, and, where the right answer changed, how often the model's did
+    not (1.00: it answers from the clip's content without its order)."""
+    tally = collections.defaultdict(collections.Counter)
+    for forward, backward in zip(as_recorded, played_back, strict=True):
+        counts = tally[forward["type"]]
+        counts["questions"] += 1
+        counts["right"] += forward["correct"]
+        counts["right played back"] += backward["correct"]
+        if backward["reference"] != forward["reference"]:
+            counts["should change"] += 1
+            counts["kept"] += backward["answer"] == forward["answer"]
+    print("\n| question type | questions | exact match | played back: exact match | right answer changed | model's answer kept |\n"
+          "|---|---|---|---|---|---|")
+    for question_type, counts in tally.items():
+        if counts["should change"]:
+            n = counts["questions"]
+            print(f"| {question_type} | {n} | {counts['right'] / n:.3f} | {counts['right played back'] / n:.3f} | "
+                  f"{counts['should change']} | {counts['kept'] / counts['should change']:.3f} |")
 
 
 def chat_once(workdir: str, eval_path: str) -> None:

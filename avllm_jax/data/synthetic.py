@@ -30,6 +30,7 @@ clip, an audio question about an audio-only file, and any kind about an audio-vi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ import numpy as np
 import tqdm
 
 from avllm_jax.data import conversation
+from avllm_jax.data.media import Media
 from avllm_jax.modality import Modality
 
 FRAME_SIZE = 64
@@ -189,6 +191,23 @@ def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool 
         if _holds_held_out(timeline, "audio") == unseen:
             break
     return timeline
+
+
+def reversed_timeline(timeline: dict) -> dict:
+    """The timeline of the clip played backwards: every per-segment list reversed, the motion
+    the other way. Its answers differ from the clip's on the order questions only."""
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    played_back = {key: value[::-1] if isinstance(value, list) else value for key, value in timeline.items()}
+    if "direction" in timeline:
+        played_back["direction"] = opposite[timeline["direction"]]
+    return played_back
+
+
+def played_back(media: Media) -> Media:
+    """Decoded media played backwards at the timeline's resolution: the frames and the audio
+    segments in reverse order (each segment's samples as they are). A clip decoded at one frame
+    and one audio segment per timeline segment then shows `reversed_timeline` of its timeline."""
+    return dataclasses.replace(media, **{name: getattr(media, name)[::-1].copy() for name in ("frames", "audio") if getattr(media, name) is not None})
 
 
 def _holds_held_out(timeline: dict, stream: str) -> bool:
