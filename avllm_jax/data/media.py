@@ -1,4 +1,5 @@
-"""Decoding video, audio and still images with PyAV (FFmpeg) into model-ready arrays.
+"""Decoding video, audio and still images with PyAV (FFmpeg) into model-ready arrays, and
+(`write_media`) encoding arrays into media files for the demo set, the tests and benchmarks.
 
 `load_media` reads any container and codec FFmpeg reads, in one pass over the file:
 audio packets are all decoded; video packets are buffered one group of pictures (GOP,
@@ -10,7 +11,9 @@ on the container's seek index (which webm, avi and streamed files may lack).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+from collections.abc import Iterable
 
 import av
 from av.video.reformatter import VideoReformatter
@@ -260,3 +263,57 @@ def _to_rgb(frame: av.VideoFrame, size: int, reformatter: VideoReformatter | Non
     top = (rgb.shape[0] - size) // 2
     left = (rgb.shape[1] - size) // 2
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+def write_media(
+    path: str | os.PathLike,
+    *,
+    frames: Iterable[np.ndarray] | None = None,
+    fps: int = 8,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 48000,
+    video_codec: str = "libx264",
+    audio_codec: str = "aac",
+    pix_fmt: str = "yuv420p",
+    audio_layout: str = "mono",
+    container_format: str | None = None,
+    video_options: dict[str, str] | None = None,
+    audio_options: dict[str, str] | None = None,
+) -> None:
+    """Encodes uint8 RGB `frames` (an array [T, H, W, 3] or any iterable of [H, W, 3]) and/or
+    float32 `audio` [channels, n] (or [n]) with PyAV.
+
+    The container comes from the file name unless `container_format` is given (e.g. "image2"
+    with one frame for a still). Used by the demo set, the tests and the loader benchmark.
+    """
+    planar = None if audio is None else np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
+    with av.open(os.fspath(path), "w", format=container_format) as container:
+        video_stream = audio_stream = None
+        if frames is not None:
+            frames = iter(frames)
+            first = next(frames)
+            frames = itertools.chain([first], frames)
+            video_stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
+            video_stream.height, video_stream.width = first.shape[:2]
+            video_stream.pix_fmt = pix_fmt
+        if planar is not None:
+            audio_stream = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {})
+
+        def encode_audio(start, stop):
+            if audio_stream is not None and stop > start:
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:stop]), format="fltp", layout=audio_layout)
+                frame.sample_rate, frame.pts = sample_rate, start
+                container.mux(audio_stream.encode(frame))
+
+        audio_done = 0  # interleave: each video frame is followed by its share of the audio
+        for index, image in enumerate(frames or ()):
+            container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            if planar is not None:
+                stop = min(planar.shape[1], round((index + 1) * sample_rate / fps))
+                encode_audio(audio_done, stop)
+                audio_done = max(audio_done, stop)
+        if planar is not None:
+            encode_audio(audio_done, planar.shape[1])
+            container.mux(audio_stream.encode())
+        if video_stream is not None:
+            container.mux(video_stream.encode())

@@ -35,14 +35,12 @@ import itertools
 import json
 import os
 import pathlib
-from collections.abc import Iterable
 
-import av
 import numpy as np
 import tqdm
 
 from avllm_jax.data import conversation
-from avllm_jax.data.media import Media
+from avllm_jax.data.media import Media, write_media
 from avllm_jax.modality import Modality
 
 FRAME_SIZE = 64
@@ -102,64 +100,11 @@ GROUPS = {
 # Encoder settings that write a demo clip in about 10 ms instead of 40-60 ms.
 _FAST_AAC = {"aac_coder": "fast"}
 _FAST_VP9 = {"deadline": "realtime", "cpu-used": "8"}
+_RATES = {"fps": FPS, "sample_rate": SAMPLE_RATE}  # of every demo file
 # Fractions of files with each set of streams, and of an audio-visual clip's samples asking
 # each modality: a third of all samples ask about both streams.
 FILE_KINDS = {Modality.AUDIO_VISUAL: 0.6, Modality.VISUAL: 0.2, Modality.AUDIO: 0.2}
 AUDIO_VISUAL_ASKS = {Modality.AUDIO_VISUAL: 0.5, Modality.VISUAL: 0.25, Modality.AUDIO: 0.25}
-
-
-def write_media(
-    path: str | os.PathLike,
-    *,
-    frames: Iterable[np.ndarray] | None = None,
-    fps: int = FPS,
-    audio: np.ndarray | None = None,
-    sample_rate: int = SAMPLE_RATE,
-    video_codec: str = "libx264",
-    audio_codec: str = "aac",
-    pix_fmt: str = "yuv420p",
-    audio_layout: str = "mono",
-    container_format: str | None = None,
-    video_options: dict[str, str] | None = None,
-    audio_options: dict[str, str] | None = None,
-) -> None:
-    """Encodes uint8 RGB `frames` (an array [T, H, W, 3] or any iterable of [H, W, 3]) and/or
-    float32 `audio` [channels, n] (or [n]) with PyAV.
-
-    The container comes from the file name unless `container_format` is given (e.g. "image2"
-    with one frame for a still). Used by the demo set, the tests and the loader benchmark.
-    """
-    planar = None if audio is None else np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
-    with av.open(os.fspath(path), "w", format=container_format) as container:
-        video_stream = audio_stream = None
-        if frames is not None:
-            frames = iter(frames)
-            first = next(frames)
-            frames = itertools.chain([first], frames)
-            video_stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
-            video_stream.height, video_stream.width = first.shape[:2]
-            video_stream.pix_fmt = pix_fmt
-        if planar is not None:
-            audio_stream = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {})
-
-        def encode_audio(start, stop):
-            if audio_stream is not None and stop > start:
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:stop]), format="fltp", layout=audio_layout)
-                frame.sample_rate, frame.pts = sample_rate, start
-                container.mux(audio_stream.encode(frame))
-
-        audio_done = 0  # interleave: each video frame is followed by its share of the audio
-        for index, image in enumerate(frames or ()):
-            container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            if planar is not None:
-                stop = min(planar.shape[1], round((index + 1) * sample_rate / fps))
-                encode_audio(audio_done, stop)
-                audio_done = max(audio_done, stop)
-        if planar is not None:
-            encode_audio(audio_done, planar.shape[1])
-            container.mux(audio_stream.encode())
-        if video_stream is not None:
-            container.mux(video_stream.encode())
 
 
 def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool = True, unseen: bool = False) -> dict:
@@ -398,16 +343,16 @@ def _write_clip(out_dir: pathlib.Path, name: str, kind: Modality, timeline: dict
     audio = render_audio(timeline, rng) if kind.has_audio else None
     if kind == Modality.AUDIO:
         path = f"media/{name}" + rng.choice([".flac", ".m4a"])
-        write_media(out_dir / path, audio=audio, audio_codec="flac" if path.endswith(".flac") else "aac", audio_options=_FAST_AAC)
+        write_media(out_dir / path, audio=audio, audio_codec="flac" if path.endswith(".flac") else "aac", audio_options=_FAST_AAC, **_RATES)
     elif kind == Modality.VISUAL:
         path = f"media/{name}" + rng.choice([".mp4", ".webm"])
         if path.endswith(".mp4"):
-            write_media(out_dir / path, frames=frames)
+            write_media(out_dir / path, frames=frames, **_RATES)
         else:
-            write_media(out_dir / path, frames=frames, video_codec="libvpx-vp9", video_options=_FAST_VP9)
+            write_media(out_dir / path, frames=frames, video_codec="libvpx-vp9", video_options=_FAST_VP9, **_RATES)
     else:
         path = f"media/{name}.mp4"
-        write_media(out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC)
+        write_media(out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC, **_RATES)
     return path
 
 
