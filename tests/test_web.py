@@ -125,6 +125,7 @@ def page(server, expected):
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
             page.goto(url)
             page.wait_for_selector("#status")
+            page.wait_for_selector("#chat")  # RECORD_ANSWERS observes it: the page may draw it after #status
             page.evaluate(RECORD_ANSWERS)
             yield page
         finally:
