@@ -13,7 +13,7 @@ import avllm_jax
 from avllm_jax import chat, convert
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import load_media
-from avllm_jax.data.synthetic import write_media
+from avllm_jax.data.media import write_media
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import IGNORE_INDEX, Modality

@@ -342,7 +342,7 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     import numpy as np
 
     from avllm_jax import evaluate
-    from avllm_jax.data.synthetic import write_media
+    from avllm_jax.data.media import write_media
 
     data, media = write_msrvtt(tmp_path, qa_records(3), [])
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
@@ -497,7 +497,7 @@ def tiny_benchmark(tmp_path_factory):
 
     from avllm_jax import checkpoint
     from avllm_jax.data.pipeline import default_data_config
-    from avllm_jax.data.synthetic import write_media
+    from avllm_jax.data.media import write_media
     from tiny_models import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("benchmark")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from avllm_jax import cache_features, train
-from avllm_jax.data import conversation, feature_cache, packing, pipeline, samples, synthetic
+from avllm_jax.data import conversation, feature_cache, packing, pipeline, samples
+from avllm_jax.data.media import write_media
 from avllm_jax.models import clip_vision
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import sharding
@@ -45,10 +46,10 @@ def setup(tmp_path_factory):
     made tiny, and its cache in two shards (float32, so that it can be compared exactly)."""
     root = tmp_path_factory.mktemp("cache")
     fast_aac = {"aac_coder": "fast"}
-    synthetic.write_media(root / "av.mp4", frames=moving_square((255, 0, 0)), audio=beeps(), audio_options=fast_aac)
-    synthetic.write_media(root / "silent.mp4", frames=moving_square((0, 255, 0)))
-    synthetic.write_media(root / "sound.flac", audio=beeps(pitch=330.0), audio_codec="flac")
-    synthetic.write_media(root / "still.png", frames=moving_square((0, 0, 255))[:1], video_codec="png", pix_fmt="rgb24",
+    write_media(root / "av.mp4", frames=moving_square((255, 0, 0)), audio=beeps(), audio_options=fast_aac)
+    write_media(root / "silent.mp4", frames=moving_square((0, 255, 0)))
+    write_media(root / "sound.flac", audio=beeps(pitch=330.0), audio_codec="flac")
+    write_media(root / "still.png", frames=moving_square((0, 0, 255))[:1], video_codec="png", pix_fmt="rgb24",
                           container_format="image2")
     (root / "broken.mp4").write_text("not a video")
     records = [
@@ -168,7 +169,7 @@ def test_training_refuses_a_cache_of_other_settings(setup, tmp_path):
 
 def test_training_refuses_a_cache_without_the_sources_files(setup, tmp_path):
     extra = tmp_path / "more.jsonl"
-    synthetic.write_media(tmp_path / "new.mp4", frames=moving_square((255, 255, 0)))
+    write_media(tmp_path / "new.mp4", frames=moving_square((255, 255, 0)))
     extra.write_text(json.dumps(chat("<VIS>\nWhat colour?", "yellow", video="new.mp4", modality="visual")) + "\n")
     config = with_cache(setup["config"], setup["cache_dir"])
     config.data.sources = (*config.data.sources, dict(path=str(extra), media_root=None, weight=1.0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from avllm_jax.data.media import MediaError, load_media
-from avllm_jax.data.synthetic import write_media
+from avllm_jax.data.media import write_media
 
 SIZE = 32
 STEP = 24  # grey level step between consecutive source frames; identifies which frame was sampled

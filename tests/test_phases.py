@@ -18,6 +18,7 @@ import pytest
 from avllm_jax import checkpoint
 from avllm_jax.data import conversation as conv
 from avllm_jax.data import phases, pipeline, synthetic
+from avllm_jax.data.media import write_media
 from avllm_jax.modality import Modality
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import metrics as training_metrics
@@ -52,9 +53,9 @@ def sources(tmp_path_factory):
     rng = np.random.default_rng(0)
     frames = synthetic.draw_clip("red", "circle", "left", rng)[:2, ::4, ::4]
     tone = synthetic.tone_pattern("high", 2, rng)[:12000]
-    synthetic.write_media(root / "av.mp4", frames=frames, audio=tone, audio_options={"aac_coder": "fast"})
-    synthetic.write_media(root / "silent.mp4", frames=frames)
-    synthetic.write_media(root / "sound.flac", audio=tone, audio_codec="flac")
+    write_media(root / "av.mp4", frames=frames, audio=tone, audio_options={"aac_coder": "fast"})
+    write_media(root / "silent.mp4", frames=frames)
+    write_media(root / "sound.flac", audio=tone, audio_codec="flac")
     cycle = (Modality.AUDIO_VISUAL, Modality.VISUAL, Modality.AUDIO, None)
     mixed = [record(f"item{i}", cycle[i % 4]) for i in range(16)]
     visual = [record(f"item{20 + i}", Modality.VISUAL) for i in range(5)]

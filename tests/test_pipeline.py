@@ -10,7 +10,7 @@ import pytest
 from avllm_jax import runtime
 from avllm_jax.data import conversation as conv
 from avllm_jax.data import features, pipeline, synthetic
-from avllm_jax.data.media import MediaError
+from avllm_jax.data.media import MediaError, write_media
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
 SIZE, FRAMES, SEGMENTS, TEXT = 16, 2, 2, 64
@@ -64,10 +64,10 @@ def media_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     frames = synthetic.draw_clip("red", "circle", "left", rng)[:, ::2, ::2]
     tone = synthetic.tone_pattern("high", 2, rng)[:24000]
-    synthetic.write_media(root / "av.mp4", frames=frames, audio=tone, audio_options={"aac_coder": "fast"})
-    synthetic.write_media(root / "silent.mp4", frames=frames)
-    synthetic.write_media(root / "sound.flac", audio=tone, audio_codec="flac")
-    synthetic.write_media(root / "still.png", frames=frames[:1], video_codec="png", pix_fmt="rgb24", container_format="image2")
+    write_media(root / "av.mp4", frames=frames, audio=tone, audio_options={"aac_coder": "fast"})
+    write_media(root / "silent.mp4", frames=frames)
+    write_media(root / "sound.flac", audio=tone, audio_codec="flac")
+    write_media(root / "still.png", frames=frames[:1], video_codec="png", pix_fmt="rgb24", container_format="image2")
     (root / "broken.mp4").write_text("not a video")
     return root
 
@@ -223,7 +223,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
 
 def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer, media_dir):
     """An audio stream with fewer samples than segments counts as no audio: nothing to re-route to."""
-    synthetic.write_media(media_dir / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
+    write_media(media_dir / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
     records = [chat("<AUD>\nwhat is it?", audio="blip.flac"), chat("<AUD>\nwhat is it?", audio="sound.flac")]
     path = write_jsonl(tmp_path / "data.jsonl", records)
     config = data_config((path, 1.0), num_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)

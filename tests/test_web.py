@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 import avllm_jax
 from avllm_jax import chat, web
 from avllm_jax.data import conversation, synthetic
-from avllm_jax.data.media import MediaError, load_media
+from avllm_jax.data.media import MediaError, load_media, write_media
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 from test_chat import write_converted_model
@@ -51,7 +51,7 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "examples").mkdir()
     clip = root / "examples" / "red_square.mp4"
-    synthetic.write_media(clip, frames=synthetic.draw_clip("red", "square", "right", rng), audio=synthetic.tone_pattern("high", 2, rng))
+    write_media(clip, frames=synthetic.draw_clip("red", "square", "right", rng), audio=synthetic.tone_pattern("high", 2, rng))
     corrupt = root / "corrupt.mp4"
     corrupt.write_bytes(clip.read_bytes()[:300])  # the header of an mp4, cut off
     return {"model": str(root / "model"), "clip": str(clip), "corrupt": str(corrupt), "root": root}
@@ -233,9 +233,9 @@ def test_file_handler_messages(files, tmp_path):
     args = web.parse_args(["--checkpoint", files["model"], "--num-frames", str(NUM_FRAMES)])
     app = web.App(model, conversation.load_tokenizer(files["model"]), prompts.inference_data_config(model, files["model"]), args)
     rng = np.random.default_rng(0)
-    synthetic.write_media(tmp_path / "empty.wav", audio=np.zeros(2, np.float32), audio_codec="pcm_s16le")
-    synthetic.write_media(tmp_path / "beeps.flac", audio=synthetic.tone_pattern("low", 1, rng), audio_codec="flac")
-    synthetic.write_media(tmp_path / "still.png", frames=synthetic.draw_clip("blue", "circle", "up", rng)[:1],
+    write_media(tmp_path / "empty.wav", audio=np.zeros(2, np.float32), audio_codec="pcm_s16le")
+    write_media(tmp_path / "beeps.flac", audio=synthetic.tone_pattern("low", 1, rng), audio_codec="flac")
+    write_media(tmp_path / "still.png", frames=synthetic.draw_clip("blue", "circle", "up", rng)[:1],
                           container_format="image2", video_codec="png", pix_fmt="rgb24")
     (tmp_path / "notes.txt").write_text("not media\n" * 50)
     refused = [  # file, modality choice, duration limit, message

@@ -41,7 +41,7 @@ def _frames(seconds):
 def _write_clip(path, seconds, options):
     import numpy as np
 
-    from avllm_jax.data.synthetic import write_media
+    from avllm_jax.data.media import write_media
 
     t = np.arange(seconds * 48000) / 48000
     audio = (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) / 2).astype(np.float32)
