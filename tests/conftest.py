@@ -1,12 +1,25 @@
 """Test set-up: CPU only, 8 virtual devices for the sharding tests, float32 everywhere."""
 import os
+import tempfile
 
+# XLA:CPU's concurrency-optimised scheduler lets the 8 devices of one process reach two
+# collectives of a step in different orders, and they deadlock: one device waits in one
+# all-gather, seven in another, and XLA aborts the process 40 s later (README, "Several
+# hosts"). The training subprocesses inherit the flag.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Compiling is most of the suite's time on a CPU: skip LLVM's expensive passes, and keep
+# every compiled program on disk, since tests that build a fresh model retrace to programs an
+# earlier test compiled, and most training subprocesses run the same demo step. From an empty
+# cache the suite took 12 min instead of 23 (README, Tests).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"avllm_jax_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
