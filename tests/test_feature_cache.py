@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     write_media(root / "silent.mp4", frames=moving_square((0, 255, 0)))
     write_media(root / "sound.flac", audio=beeps(pitch=330.0), audio_codec="flac")
     write_media(root / "still.png", frames=moving_square((0, 0, 255))[:1], video_codec="png", pix_fmt="rgb24",
-                          container_format="image2")
+                container_format="image2")
     (root / "broken.mp4").write_text("not a video")
     records = [
         chat("<AUD_VIS>\nWhat is shown and heard?", "red beeps", video="av.mp4", modality="audio_visual"),

@@ -236,7 +236,7 @@ def test_file_handler_messages(files, tmp_path):
     write_media(tmp_path / "empty.wav", audio=np.zeros(2, np.float32), audio_codec="pcm_s16le")
     write_media(tmp_path / "beeps.flac", audio=synthetic.tone_pattern("low", 1, rng), audio_codec="flac")
     write_media(tmp_path / "still.png", frames=synthetic.draw_clip("blue", "circle", "up", rng)[:1],
-                          container_format="image2", video_codec="png", pix_fmt="rgb24")
+                container_format="image2", video_codec="png", pix_fmt="rgb24")
     (tmp_path / "notes.txt").write_text("not media\n" * 50)
     refused = [  # file, modality choice, duration limit, message
         (files["clip"], "from_file", 1, "red_square.mp4: 1.5 s long, over the limit of 1 s. Upload another file."),
