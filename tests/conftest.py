@@ -12,10 +12,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Compiling is most of the suite's time on a CPU: skip LLVM's expensive passes, and keep
-# every compiled program on disk, since tests that build a fresh model retrace to programs an
-# earlier test compiled, and most training subprocesses run the same demo step. From an empty
-# cache the suite took 12 min instead of 23 (README, Tests).
+# Compiling is most of the suite's time on a CPU: compile at XLA's backend optimisation level
+# 0 without LLVM's expensive passes, and keep every compiled program on disk, since tests that
+# build a fresh model retrace to programs an earlier test compiled, and most training
+# subprocesses run the same demo step. From an empty cache the suite took 12 min instead of 23
+# (README, Tests).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"avllm_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
