@@ -43,7 +43,8 @@ def train_command(demo_files, workdir, *extra):
 def environment(devices=1):
     """The tests' environment (conftest.py sets the compilation cache and XLA's flags) with `devices` CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={devices}", env["XLA_FLAGS"])
+    other_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join([*other_flags, f"--xla_force_host_platform_device_count={devices}"])
     return env
 
 
