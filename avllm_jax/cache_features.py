@@ -14,6 +14,7 @@ projectors read of each file (data/feature_cache.py) into DIR. Train from it wit
   whose file was skipped as num_skipped_media, as if it had failed to decode.
 - Every local device encodes: a batch of files is split over them, the weights over them too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,14 +40,26 @@ from avllm_jax.training import sharding
 
 # Its own flag set: `--config` is also python -m avllm_jax.train's, whose module this one imports.
 _FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py) whose data and encoders to cache.",
-                                          lock_config=True, flag_values=_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Training config file (configs/*.py) whose data and encoders to cache.",
+    lock_config=True,
+    flag_values=_FLAGS,
+)
 _OUT = flags.DEFINE_string("out", None, "Cache directory (created).", flag_values=_FLAGS)
-_SHARD = flags.DEFINE_string("shard", None, "I/N: build shard I (from 0) of N; default: this process's of the job's, or 0/1.",
-                             flag_values=_FLAGS)
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Files encoded per forward pass, over all local devices.", flag_values=_FLAGS)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(feature_cache.DTYPES), "Dtype the features are stored in.", flag_values=_FLAGS)
-_WORKERS = flags.DEFINE_integer("workers", None, "Decoding processes (default: config.data.worker_count).", flag_values=_FLAGS)
+_SHARD = flags.DEFINE_string(
+    "shard", None, "I/N: build shard I (from 0) of N; default: this process's of the job's, or 0/1.", flag_values=_FLAGS
+)
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 32, "Files encoded per forward pass, over all local devices.", flag_values=_FLAGS
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", list(feature_cache.DTYPES), "Dtype the features are stored in.", flag_values=_FLAGS
+)
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "Decoding processes (default: config.data.worker_count).", flag_values=_FLAGS
+)
 _HELP = flags.DEFINE_bool("help", False, "Show this help.", flag_values=_FLAGS)
 
 
@@ -58,7 +71,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     """'I/N' -> (I, N); None -> this process's place in a multi-process job, or (0, 1)."""
     if text is None:
         settings = runtime.settings()
-        return (settings["process_id"] or 0, settings["num_processes"] or 1) if settings.get("num_processes") else (0, 1)
+        return (
+            (settings["process_id"] or 0, settings["num_processes"] or 1) if settings.get("num_processes") else (0, 1)
+        )
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
@@ -79,7 +94,7 @@ def media_files(data_config) -> list[str]:
 
 
 def shard_files(files: list[str], index: int, count: int) -> list[str]:
-    return files[len(files) * index // count: len(files) * (index + 1) // count]
+    return files[len(files) * index // count : len(files) * (index + 1) // count]
 
 
 @dataclasses.dataclass
@@ -105,23 +120,35 @@ class _DecodeFile:
 def _pack_layout(batch: dict, num_frames: int) -> dict:
     """A batch of files as packs of one video and one clip each, as the encoders take them."""
     size = batch["has_visual"].shape[0]
-    packs = {"frames": batch["frames"], "frame_item": np.zeros((size, num_frames), np.int32),
-             "item_frames": np.full((size, 1), num_frames, np.int32)}
+    packs = {
+        "frames": batch["frames"],
+        "frame_item": np.zeros((size, num_frames), np.int32),
+        "item_frames": np.full((size, 1), num_frames, np.int32),
+    }
     for name in ("audio_features", "audio_is_longer", "audio_valid_frames"):
         if name in batch:
             packs[name] = batch[name][:, None]
     return packs
 
 
-def build(config, out_dir: str, shard: tuple[int, int], *, batch_size: int = 32, dtype: str = "bfloat16",
-          workers: int | None = None) -> dict:
+def build(
+    config,
+    out_dir: str,
+    shard: tuple[int, int],
+    *,
+    batch_size: int = 32,
+    dtype: str = "bfloat16",
+    workers: int | None = None,
+) -> dict:
     """Builds one shard of the cache of `config` in `out_dir`; returns its counts
     {files, cached, skipped} (files 0 when the shard was finished already)."""
     from avllm_jax import train
 
     config_lib.check_config(config)
     if config.data.feature_cache:
-        raise CacheBuildError("config.data.feature_cache is set: a cache is built from media files, not from another cache")
+        raise CacheBuildError(
+            "config.data.feature_cache is set: a cache is built from media files, not from another cache"
+        )
     data_config = config.data
     model_config, _, init_dir = train.resolve_model(config)
     train.check_data_matches_model(data_config, model_config)
@@ -145,8 +172,13 @@ def build(config, out_dir: str, shard: tuple[int, int], *, batch_size: int = 32,
     batch_size = -(-batch_size // len(devices)) * len(devices)  # whole per-device batches
     with jax.set_mesh(mesh):
         model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
-        _write_manifest(out_dir, feature_cache.fingerprint(data_config, *model.encoder_identity()), count, dtype,
-                        _feature_shapes(model_config, data_config))
+        _write_manifest(
+            out_dir,
+            feature_cache.fingerprint(data_config, *model.encoder_identity()),
+            count,
+            dtype,
+            _feature_shapes(model_config, data_config),
+        )
         encode = _encoder(model, mesh, feature_cache.DTYPES[dtype])
 
         records_path = os.path.join(out_dir, name + ".array_record")
@@ -158,19 +190,25 @@ def build(config, out_dir: str, shard: tuple[int, int], *, batch_size: int = 32,
             decoded = decoded.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
         iterator = iter(decoded)
         try:
-            cached, skipped = _write_records(iterator, files, first_file, encode, batch_size, data_config.num_frames,
-                                             records_path + ".partial", name)
+            cached, skipped = _write_records(
+                iterator, files, first_file, encode, batch_size, data_config.num_frames, records_path + ".partial", name
+            )
         finally:
             if hasattr(iterator, "close"):  # stops the decoding processes and frees their shared memory
                 iterator.close()
     os.replace(records_path + ".partial", records_path)
     _atomic_write(os.path.join(out_dir, name + ".json"), json.dumps(dict(paths=cached, skipped=skipped)))
     _write_report(out_dir, count)
-    print(f"{name}: cached {len(cached)} of {len(files)} files, skipped {len(skipped)} (listed in {out_dir}/skipped.txt)", flush=True)
+    print(
+        f"{name}: cached {len(cached)} of {len(files)} files, skipped {len(skipped)} (listed in {out_dir}/skipped.txt)",
+        flush=True,
+    )
     return dict(files=len(files), cached=len(cached), skipped=len(skipped))
 
 
-def _write_records(decoded, files, first_file, encode, batch_size, num_frames, path, name) -> tuple[list[str], dict[str, str]]:
+def _write_records(
+    decoded, files, first_file, encode, batch_size, num_frames, path, name
+) -> tuple[list[str], dict[str, str]]:
     """Encodes the decoded files in batches and writes one record each to `path`; returns the
     cached files in record order and the skipped ones with their reasons."""
     import tqdm
@@ -213,7 +251,9 @@ def _encode(graphdef, state, packs, dtype):
 def _encode_and_write(encode, pending: list, batch_size: int, num_frames: int, writer) -> list[str]:
     elements = [element for _, element in pending]
     elements += [elements[-1]] * (batch_size - len(elements))  # one static shape: the last batch is padded
-    batch = {key: np.stack([e[key] for e in elements]) for key in elements[0] if key not in ("index", "error", "is_still")}
+    batch = {
+        key: np.stack([e[key] for e in elements]) for key in elements[0] if key not in ("index", "error", "is_still")
+    }
     outputs = jax.device_get(encode(_pack_layout(batch, num_frames)))
     for row, (path, element) in enumerate(pending):
         arrays = {}
@@ -248,7 +288,9 @@ def _write_manifest(out_dir: str, fingerprint: dict, num_shards: int, dtype: str
             raise CacheBuildError(f"{out_dir} holds a cache built otherwise: {problem}; use another --out")
         for field in ("num_shards", "dtype"):
             if existing[field] != manifest[field]:
-                raise CacheBuildError(f"{out_dir} holds a cache of {field}={existing[field]!r}, not {manifest[field]!r}; use another --out")
+                raise CacheBuildError(
+                    f"{out_dir} holds a cache of {field}={existing[field]!r}, not {manifest[field]!r}; use another --out"
+                )
         return
     _atomic_write(path, json.dumps(manifest, indent=1))
 
@@ -285,10 +327,11 @@ def run(argv: list[str] | None = None) -> None:
     start = time.time()
     try:
         shard = parse_shard(_SHARD.value)  # inside: a bad $AVLLM_PROCESS_ID is a DistributedError
-        counts = build(_CONFIG.value, _OUT.value, shard, batch_size=_BATCH.value, dtype=_DTYPE.value, workers=_WORKERS.value)
+        counts = build(
+            _CONFIG.value, _OUT.value, shard, batch_size=_BATCH.value, dtype=_DTYPE.value, workers=_WORKERS.value
+        )
     except (CacheBuildError, feature_cache.FeatureCacheError, *train.USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if counts["files"]:
         print(f"{counts['files'] / (time.time() - start):.1f} files/s overall", flush=True)
-

@@ -9,6 +9,7 @@ the chat goes on turn after turn, keeping the conversation (the media stays in t
 turn), until `exit`, `quit` or the end of input (Ctrl-D). Status lines go to stderr,
 answers to stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m avllm_jax.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--media", required=True, help="video, audio file or image")
-    parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
-                        help="default: the streams the file has")
+    parser.add_argument(
+        "--modality", choices=[m.value for m in Modality], default=None, help="default: the streams the file has"
+    )
     parser.add_argument("--question", default=None, help="answer this one question and exit")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -54,7 +56,7 @@ class _StreamPrinter:
     def update(self, text: str, final: bool = False) -> None:
         text = text.strip() if final else text.lstrip().rstrip().rstrip("\ufffd")
         if text.startswith(self.shown) and len(text) > len(self.shown):
-            self.out.write(text[len(self.shown):])
+            self.out.write(text[len(self.shown) :])
             self.out.flush()
             self.shown = text
 
@@ -73,7 +75,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         modality = prompts.resolve_modality(media, args.modality, args.media)
     except (MediaError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if (modality.has_visual and model.vision is None) or (modality.has_audio and model.config.audio_tower is None) or model.llm is None:
+    if (
+        (modality.has_visual and model.vision is None)
+        or (modality.has_audio and model.config.audio_tower is None)
+        or model.llm is None
+    ):
         sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")
     # The attention module reports its choice on stdout, once per name: say it now, on stderr,
     # so that stdout holds only answers.
@@ -95,15 +101,27 @@ def main(argv: list[str] | None = None) -> list[str]:
         batch = prompts.conversation_batch(model, tokenizer, [media], [turns], [modality], data_config)
         rng, turn_rng = jax.random.split(rng)
         printer, tokens, start = _StreamPrinter(sys.stdout), [], time.perf_counter()
-        for token in gen.stream_tokens(model, batch, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                       rng=turn_rng, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+        for token in gen.stream_tokens(
+            model,
+            batch,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            rng=turn_rng,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        ):
             tokens.append(token)
             printer.update(tokenizer.decode(tokens, skip_special_tokens=True))
         answer = prompts.decode_answer(tokenizer, tokens)
         printer.update(answer, final=True)
         print(flush=True)
         seconds = time.perf_counter() - start
-        print(f"({len(tokens)} tokens in {seconds:.1f} s, compilation included on a first turn)", file=sys.stderr, flush=True)
+        print(
+            f"({len(tokens)} tokens in {seconds:.1f} s, compilation included on a first turn)",
+            file=sys.stderr,
+            flush=True,
+        )
         turns.append((conversation.ASSISTANT_ROLE, answer))
         answers.append(answer)
         return answer

@@ -14,6 +14,7 @@ them into the dense weights unless asked to keep them apart.
 
 Inference, chat and evaluation import this module, not training.
 """
+
 from __future__ import annotations
 
 import json
@@ -147,7 +148,12 @@ def latest_step(workdir: str) -> int | None:
 
 
 def load_model(
-    path: str | os.PathLike, *, config_overrides: dict | None = None, shardings=None, keep_adapters: bool = False, adapter_seed: int = 0
+    path: str | os.PathLike,
+    *,
+    config_overrides: dict | None = None,
+    shardings=None,
+    keep_adapters: bool = False,
+    adapter_seed: int = 0,
 ) -> AVLLM:
     """The model stored at `path` (converted checkpoint or training workdir), with its weights.
 
@@ -169,8 +175,10 @@ def load_model(
         stored_lora = {name: getattr(stored.llm, name) for name in llama.LORA_FIELDS}
         asked_lora = {name: getattr(config.llm, name) for name in llama.LORA_FIELDS}
         if keep_adapters and asked_lora != stored_lora:
-            raise ValueError(f"{path} holds the adapters {stored_lora}, not {asked_lora}: keep_adapters keeps only "
-                             "those stored (without it they are folded, and new ones made for the overrides)")
+            raise ValueError(
+                f"{path} holds the adapters {stored_lora}, not {asked_lora}: keep_adapters keeps only "
+                "those stored (without it they are folded, and new ones made for the overrides)"
+            )
         restore_config = config.replace(llm=stored_lora)
         fold = bool(stored.llm.lora_rank) and not keep_adapters
         add = bool((config_overrides or {}).get("llm", {}).get("lora_rank")) and not keep_adapters
@@ -199,7 +207,11 @@ def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
     of the first."""
     target = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_model(config)[1]))
     first = next(iter(shardings.values()))
-    whole = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if isinstance(first, jax.sharding.NamedSharding) else first
+    whole = (
+        jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+        if isinstance(first, jax.sharding.NamedSharding)
+        else first
+    )
     target = traverse_util.unflatten_dict(
         {key: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings.get(key, whole)) for key, a in target.items()}
     )
@@ -213,7 +225,10 @@ def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
         raise FileNotFoundError(f"{path} has neither {PARAMS_DIR}/ nor a training checkpoint under {CHECKPOINTS_DIR}/")
     with ocp.CheckpointManager(os.path.abspath(os.path.join(path, CHECKPOINTS_DIR))) as manager:
         step, restored = newest_intact_step(
-            manager, lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            manager,
+            lambda step: manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))[
+                "params"
+            ],
         )
         if step != manager.latest_step():
             print(f"loaded step {step} of {path}, the newest intact one", file=sys.stderr, flush=True)
@@ -227,7 +242,9 @@ def fold_adapters(params: dict, llm_config: llama.LlamaConfig) -> dict:
     layer = dict(params["llm"]["layers"])
     for name, adapter in layer.pop("lora").items():
         # On the kernel's own placement: each device computes only its shard of the update.
-        fold = jax.jit(lambda kernel, a, b: layers.merge_lora(kernel, a, b, scale), out_shardings=_kernel(layer, name).sharding)
+        fold = jax.jit(
+            lambda kernel, a, b: layers.merge_lora(kernel, a, b, scale), out_shardings=_kernel(layer, name).sharding
+        )
         folded = fold(_kernel(layer, name), adapter["a"], adapter["b"])
         layer[name] = dict(layer[name], kernel=folded) if isinstance(layer[name], dict) else folded
     return params | {"llm": params["llm"] | {"layers": layer}}
@@ -242,6 +259,7 @@ def new_adapters(config: AVLLMConfig, seed: int, shardings: dict) -> dict:
     """The LLM's adapters (the `lora` dict of its stacked layers) as a new model of `config` has
     them, placed by the flat `shardings`. Only they are computed: XLA drops the rest of the
     initialisation, whose results are not returned."""
+
     def init():
         return nnx.to_pure_dict(nnx.state(AVLLM(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam))["llm"]["layers"]
 

@@ -6,6 +6,7 @@ names with each network's rules (models/*.py, `hf_rules`), adds the modality tok
 LLM's tokenizer and grows its embedding to match, initialises the projectors at random, and
 writes `config.json`, the tokenizer and `params/` to OUT (see avllm_jax/checkpoint.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ The projectors W_t, W_s, W_a are initialised at random (seed --seed): pretrainin
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def convert_part(directory: str, rules, module_factory, *, dtype, allow_pickle: bool, name: str) -> dict[str, np.ndarray]:
+def convert_part(
+    directory: str, rules, module_factory, *, dtype, allow_pickle: bool, name: str
+) -> dict[str, np.ndarray]:
     """{our dotted path: array} for one network, read from an HF directory."""
     paths = conversion.checkpoint_files(directory, allow_pickle=allow_pickle)
     shapes = conversion.tensor_shapes(paths)
@@ -76,11 +79,20 @@ def convert_whisper(
     {our dotted path: array} (the decoder is dropped on purpose)."""
     config = whisper_encoder.WhisperEncoderConfig.from_hf(conversion.read_hf_config(directory), param_dtype=dtype)
     make_encoder = lambda: whisper_encoder.WhisperEncoder(config, rngs=nnx.Rngs(0))  # noqa: E731
-    part = convert_part(directory, whisper_encoder.hf_rules(config), make_encoder, dtype=dtype, allow_pickle=allow_pickle, name="whisper")
+    part = convert_part(
+        directory,
+        whisper_encoder.hf_rules(config),
+        make_encoder,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        name="whisper",
+    )
     return config, part
 
 
-def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None, dtype="float32", allow_pickle=False, seed=0) -> avllm.AVLLMConfig:
+def convert(
+    *, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None, dtype="float32", allow_pickle=False, seed=0
+) -> avllm.AVLLMConfig:
     """Converts the given parts into the model directory `out`; returns its config.
 
     Raises ConversionError naming the tensor or directory that does not fit."""
@@ -93,11 +105,25 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
     modality_token_ids = (-1, -1, -1)
     if clip:
         vision_config = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(clip), param_dtype=dtype)
-        part = convert_part(clip, clip_vision.hf_rules(vision_config), lambda: clip_vision.CLIPVision(vision_config, rngs=nnx.Rngs(0)), dtype=dtype, allow_pickle=allow_pickle, name="vision")
+        part = convert_part(
+            clip,
+            clip_vision.hf_rules(vision_config),
+            lambda: clip_vision.CLIPVision(vision_config, rngs=nnx.Rngs(0)),
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            name="vision",
+        )
         flat |= {f"vision.{k}": v for k, v in part.items()}
     if clap:
         audio_config = htsat.HTSATConfig.from_hf(conversion.read_hf_config(clap), param_dtype=dtype)
-        part = convert_part(clap, htsat.hf_rules(audio_config), lambda: htsat.HTSAT(audio_config, rngs=nnx.Rngs(0)), dtype=dtype, allow_pickle=allow_pickle, name="audio")
+        part = convert_part(
+            clap,
+            htsat.hf_rules(audio_config),
+            lambda: htsat.HTSAT(audio_config, rngs=nnx.Rngs(0)),
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            name="audio",
+        )
         flat |= {f"audio.{k}": v for k, v in part.items()}
     if whisper:
         whisper_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
@@ -108,7 +134,9 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
         try:
             text_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         except (OSError, ValueError) as error:
-            raise conversion.ConversionError(f"no usable tokenizer in {tokenizer_dir} ({error}); pass --tokenizer DIR") from error
+            raise conversion.ConversionError(
+                f"no usable tokenizer in {tokenizer_dir} ({error}); pass --tokenizer DIR"
+            ) from error
         modality_token_ids = tuple(add_modality_tokens(text_tokenizer))
         # The embedding matrix, not config.json, says how many rows the checkpoint has
         # (Vicuna v0/v1.1 configs and matrices disagree).
@@ -117,14 +145,26 @@ def convert(*, clip=None, clap=None, whisper=None, llm=None, out, tokenizer=None
         if embed_shape is None:
             raise conversion.ConversionError(f"{llm} has no tensor 'model.embed_tokens.weight'")
         checkpoint_config = llama.LlamaConfig.from_hf(hf_config, vocab_size=embed_shape[0], param_dtype=dtype)
-        part = convert_part(llm, llama.hf_rules(checkpoint_config), lambda: llama.Llama(checkpoint_config, rngs=nnx.Rngs(0)), dtype=dtype, allow_pickle=allow_pickle, name="llm")
+        part = convert_part(
+            llm,
+            llama.hf_rules(checkpoint_config),
+            lambda: llama.Llama(checkpoint_config, rngs=nnx.Rngs(0)),
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            name="llm",
+        )
         vocab_size = max(embed_shape[0], len(text_tokenizer))
         extend_vocabulary(part, vocab_size)
         llm_config = llama.LlamaConfig.from_hf(hf_config, vocab_size=vocab_size, param_dtype=dtype)
         flat |= {f"llm.{k}": v for k, v in part.items()}
 
-    config = avllm.AVLLMConfig(vision=vision_config, audio=audio_config, whisper=whisper_config, llm=llm_config,
-                               modality_token_ids=modality_token_ids)
+    config = avllm.AVLLMConfig(
+        vision=vision_config,
+        audio=audio_config,
+        whisper=whisper_config,
+        llm=llm_config,
+        modality_token_ids=modality_token_ids,
+    )
     # The projectors come from no checkpoint: they start from the model's own initialisation.
     for name, projector in avllm.make_projectors(config, rngs=nnx.Rngs(seed)).items():
         for path, leaf in nnx.to_flat_state(nnx.state(projector)):
@@ -146,11 +186,21 @@ def main(argv=None):
     parser.add_argument("--clip", metavar="DIR", help="HF CLIPVisionModel/CLIPModel directory (the vision encoder)")
     audio = parser.add_mutually_exclusive_group()  # the model has one audio encoder
     audio.add_argument("--clap", metavar="DIR", help="HF ClapModel/ClapAudioModel directory (the HTSAT audio encoder)")
-    audio.add_argument("--whisper", metavar="DIR", help="HF WhisperModel/WhisperForConditionalGeneration directory (its encoder as the audio encoder)")
-    parser.add_argument("--llm", metavar="DIR", help="HF LlamaForCausalLM directory (Vicuna/LLaMA decoder and its tokenizer)")
+    audio.add_argument(
+        "--whisper",
+        metavar="DIR",
+        help="HF WhisperModel/WhisperForConditionalGeneration directory (its encoder as the audio encoder)",
+    )
+    parser.add_argument(
+        "--llm", metavar="DIR", help="HF LlamaForCausalLM directory (Vicuna/LLaMA decoder and its tokenizer)"
+    )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, if not the --llm one")
-    parser.add_argument("--out", metavar="OUT", required=True, help="output directory (created; existing params are overwritten)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype written to OUT (default float32)")
+    parser.add_argument(
+        "--out", metavar="OUT", required=True, help="output directory (created; existing params are overwritten)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype written to OUT (default float32)"
+    )
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -159,7 +209,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the projectors' random initialisation (default 0)")
     args = parser.parse_args(argv)
     try:
-        convert(clip=args.clip, clap=args.clap, whisper=args.whisper, llm=args.llm, out=args.out, tokenizer=args.tokenizer, dtype=args.dtype, allow_pickle=args.allow_pickle, seed=args.seed)
+        convert(
+            clip=args.clip,
+            clap=args.clap,
+            whisper=args.whisper,
+            llm=args.llm,
+            out=args.out,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            allow_pickle=args.allow_pickle,
+            seed=args.seed,
+        )
     except conversion.ConversionError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"done: load it with avllm_jax.load_model({args.out!r})", file=sys.stderr)

@@ -15,6 +15,7 @@ Questions are answered in batches of --batch-size, each split over this process'
 environment variables; see avllm_jax/runtime.py), split the questions: each answers its
 share, and process 0 gathers the answers, judges them and writes every output file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,15 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
         media = list(decoders.map(lambda q: load_sample_media(q.media_path, data_config, cache), queries))
         forced = [q.modality for q in queries]
         return answer_questions(
-            model, tokenizer, media, [q.question for q in queries], modality=None if None in forced else forced,
-            max_new_tokens=max_new_tokens, temperature=0.0, data_config=data_config, mesh=mesh,
+            model,
+            tokenizer,
+            media,
+            [q.question for q in queries],
+            modality=None if None in forced else forced,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            data_config=data_config,
+            mesh=mesh,
         )
 
     return answer
@@ -84,39 +92,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="the benchmark's annotation file, as released")
     parser.add_argument("--media-root", required=True, help="directory holding the videos / audio files")
     parser.add_argument("--out", required=True, help="output directory; rerunning into it resumes")
-    parser.add_argument("--judge-endpoint", default=os.environ.get("OPENAI_BASE_URL"),
-                        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: $OPENAI_BASE_URL); "
-                             "without one, QA tasks report exact match only")
-    parser.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "gpt-3.5-turbo"),
-                        help="judge model name, written into the report (default: $JUDGE_MODEL or gpt-3.5-turbo)")
-    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the judge's API key (default: OPENAI_API_KEY)")
+    parser.add_argument(
+        "--judge-endpoint",
+        default=os.environ.get("OPENAI_BASE_URL"),
+        help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: $OPENAI_BASE_URL); "
+        "without one, QA tasks report exact match only",
+    )
+    parser.add_argument(
+        "--judge-model",
+        default=os.environ.get("JUDGE_MODEL", "gpt-3.5-turbo"),
+        help="judge model name, written into the report (default: $JUDGE_MODEL or gpt-3.5-turbo)",
+    )
+    parser.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the judge's API key (default: OPENAI_API_KEY)",
+    )
     parser.add_argument("--judge-concurrency", type=int, default=8, help="parallel judge requests")
     parser.add_argument("--judge-retries", type=int, default=5, help="retries on 429 / 5xx before a verdict fails")
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered per model call")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_media_arguments(parser)
-    parser.add_argument("--modality", choices=[m.value for m in Modality], default=None,
-                        help="force one modality (default: the task's, else the streams each file has)")
-    parser.add_argument("--max-failed-fraction", type=float, default=None,
-                        help="exit with an error when more than this share of the samples fail (no answer or no verdict); "
-                             "all failing always is one. Failures are listed either way")
+    parser.add_argument(
+        "--modality",
+        choices=[m.value for m in Modality],
+        default=None,
+        help="force one modality (default: the task's, else the streams each file has)",
+    )
+    parser.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=None,
+        help="exit with an error when more than this share of the samples fail (no answer or no verdict); "
+        "all failing always is one. Failures are listed either way",
+    )
     # The multi-process flags of python -m avllm_jax.train, spelt the same.
-    parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 ($AVLLM_COORDINATOR_ADDRESS)")
-    parser.add_argument("--num_processes", type=int, default=None, help="processes sharing the run ($AVLLM_NUM_PROCESSES)")
-    parser.add_argument("--process_id", type=int, default=None, help="this process, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)")
-    parser.add_argument("--distributed_timeout_s", type=float, default=300,
-                        help="how long a process waits for the others: to start, and then for answers or progress")
+    parser.add_argument(
+        "--coordinator_address", default=None, help="HOST:PORT of process 0 ($AVLLM_COORDINATOR_ADDRESS)"
+    )
+    parser.add_argument(
+        "--num_processes", type=int, default=None, help="processes sharing the run ($AVLLM_NUM_PROCESSES)"
+    )
+    parser.add_argument(
+        "--process_id", type=int, default=None, help="this process, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)"
+    )
+    parser.add_argument(
+        "--distributed_timeout_s",
+        type=float,
+        default=300,
+        help="how long a process waits for the others: to start, and then for answers or progress",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if TASKS[args.task].kind == "videochat" and not args.judge_endpoint:
-        sys.exit(f"error: task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)")
+        sys.exit(
+            f"error: task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)"
+        )
     try:
-        runtime.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                       timeout_s=args.distributed_timeout_s)
+        runtime.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout_s
+        )
     except runtime.DistributedError as error:
         sys.exit(f"error: {error}")
     group = ProcessGroup.of_this_job(args.distributed_timeout_s)
@@ -127,15 +165,33 @@ def main(argv: list[str] | None = None) -> dict | None:
         api_key = api_key_from_env(args.judge_key_env)
         if api_key is None and (group is None or group.is_leader):
             print(f"note: ${args.judge_key_env} is not set; judge requests go without an API key", file=sys.stderr)
-        judge = ChatClient(args.judge_endpoint, args.judge_model, api_key, temperature=0.0,
-                           max_concurrency=args.judge_concurrency, max_retries=args.judge_retries)
+        judge = ChatClient(
+            args.judge_endpoint,
+            args.judge_model,
+            api_key,
+            temperature=0.0,
+            max_concurrency=args.judge_concurrency,
+            max_retries=args.judge_retries,
+        )
     try:
-        answer_fn = model_answer_fn(args.checkpoint, media_settings=media_overrides(args), max_new_tokens=args.max_new_tokens)
+        answer_fn = model_answer_fn(
+            args.checkpoint, media_settings=media_overrides(args), max_new_tokens=args.max_new_tokens
+        )
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     try:
-        summary = run_evaluation(args.task, args.data, args.media_root, args.out, answer_fn, judge=judge,
-                                 checkpoint=args.checkpoint, batch_size=args.batch_size, modality=args.modality, group=group)
+        summary = run_evaluation(
+            args.task,
+            args.data,
+            args.media_root,
+            args.out,
+            answer_fn,
+            judge=judge,
+            checkpoint=args.checkpoint,
+            batch_size=args.batch_size,
+            modality=args.modality,
+            group=group,
+        )
     except ProcessGroupError as error:
         sys.exit(f"error: {error}")
     if summary is None:
@@ -144,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["counts"].items() if v)
     scores = ", ".join(
         f"{name} {key} {value:.4f}" if isinstance(value, float) else f"{name} {key} {value}"
-        for name, metric in summary["metrics"].items() for key, value in metric.items() if key != "n"
+        for name, metric in summary["metrics"].items()
+        for key, value in metric.items()
+        if key != "n"
     )
     print(f"{args.task}: {scores}\n{counts}\nreport: {os.path.join(args.out, 'summary.md')}")
     failures, too_many = failure_report(summary, args.max_failed_fraction)
@@ -174,7 +232,10 @@ def failure_report(summary: dict, max_failed_fraction: float | None) -> tuple[st
     first = "\n".join(f"  {p['id']}: {p['kind']}: {p['detail']}" for p in failed[:FAILURES_SHOWN])
     more = f"\n  ... and {len(failed) - FAILURES_SHOWN} more in summary.json" if len(failed) > FAILURES_SHOWN else ""
     verdict = "error" if too_many else "warning"
-    return f"{verdict}: {len(failed_ids)} of {usable} samples failed ({fraction:.0%}); the first:\n{first}{more}", too_many
+    return (
+        f"{verdict}: {len(failed_ids)} of {usable} samples failed ({fraction:.0%}); the first:\n{first}{more}",
+        too_many,
+    )
 
 
 if __name__ == "__main__":

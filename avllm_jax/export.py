@@ -16,6 +16,7 @@ The LLM alone runs in `transformers` (and any engine that reads LlamaForCausalLM
 The encoders are not exported: they stay frozen in training, so they are the base checkpoints'.
 `tools/convert_hf_weights.py --llm OUT` reads the export back and gives the same LLM weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ from safetensors.numpy import save_file
 
 from avllm_jax import checkpoint
 from avllm_jax.data.conversation import SYSTEM_PROMPT, load_tokenizer
-from avllm_jax.models import llama
 from avllm_jax.modality import MODALITY_TOKENS
+from avllm_jax.models import llama
 
 PROJECTORS_FILE = "avllm_projectors.safetensors"
 EXTRAS_FILE = "avllm_config.json"
@@ -124,7 +125,9 @@ def training_stages(workdir: str) -> list[dict]:
     train_config.json (with `workdir`); a converted checkpoint has none."""
     stages, seen = [], set()
     path = workdir
-    while path and os.path.exists(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) and os.path.abspath(path) not in seen:
+    while (
+        path and os.path.exists(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) and os.path.abspath(path) not in seen
+    ):
         seen.add(os.path.abspath(path))
         with open(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) as f:
             stage = json.load(f) | {"workdir": path}
@@ -141,7 +144,12 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
         base = f"random weights: trained from scratch with the tokenizer `{first.get('tokenizer', '')}`"
     else:
         base = f"the converted checkpoint `{workdir}` itself (no training run recorded)"
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [avllm_jax, llama, audio-visual]"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [avllm_jax, llama, audio-visual]",
+    ]
     if base_models:
         lines += ["base_model:"] + [f"- {name}" for name in base_models]
     lines += ["---", "", f"# {os.path.basename(os.path.normpath(workdir))}: the LLM of an Audio-Visual LLM", ""]
@@ -161,7 +169,11 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
     lines += [f"- {name}" for name in base_models] or [f"- {base}"]
     if base_models:
         lines.append(f"- converted into avllm_jax as {base}")
-    for part, title in (("vision", "vision encoder (CLIP ViT)"), ("audio", "audio encoder (HTSAT)"), ("whisper", "audio encoder (Whisper)")):
+    for part, title in (
+        ("vision", "vision encoder (CLIP ViT)"),
+        ("audio", "audio encoder (HTSAT)"),
+        ("whisper", "audio encoder (Whisper)"),
+    ):
         if getattr(config, part) is not None:
             lines.append(f"- {title}: frozen in training; its config is in `{EXTRAS_FILE}`")
     lines += ["", "## Training", ""]
@@ -172,8 +184,14 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
         steps = stage.get("num_steps", -1)
         length = f"{steps} steps" if steps and steps > 0 else f"{stage.get('num_epochs')} epochs"
         lora = stage.get("lora") or {}
-        lora_line = [f"- LoRA on the LLM: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(f'`{t}`' for t in lora['targets'])}; "
-                     "its base weights frozen, the adapters folded into the exported weights"] if lora.get("rank") else []
+        lora_line = (
+            [
+                f"- LoRA on the LLM: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(f'`{t}`' for t in lora['targets'])}; "
+                "its base weights frozen, the adapters folded into the exported weights"
+            ]
+            if lora.get("rank")
+            else []
+        )
         lines += [
             f"### Stage {number}: `{stage['workdir']}`",
             "",
@@ -185,13 +203,29 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
             "- data:",
         ]
         data = stage.get("data", {})
-        lines += [f"  - `{s.get('path')}` (weight {s.get('weight')}, media under "
-                  f"{'`' + s['media_root'] + '`' if s.get('media_root') else 'its directory'})" for s in data.get("sources", [])]
-        lines += [f"- media: {data.get('num_frames')} frames at {data.get('image_size')} px, "
-                  f"{data.get('num_audio_segments')} audio segments", ""]
-    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer, LlamaForCausalLM", "",
-              "model = LlamaForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
-              "`tools/convert_hf_weights.py --llm DIR` reads the LLM back into avllm_jax, weight for weight.", ""]
+        lines += [
+            f"  - `{s.get('path')}` (weight {s.get('weight')}, media under "
+            f"{'`' + s['media_root'] + '`' if s.get('media_root') else 'its directory'})"
+            for s in data.get("sources", [])
+        ]
+        lines += [
+            f"- media: {data.get('num_frames')} frames at {data.get('image_size')} px, "
+            f"{data.get('num_audio_segments')} audio segments",
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer, LlamaForCausalLM",
+        "",
+        "model = LlamaForCausalLM.from_pretrained(DIR)",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+        "```",
+        "",
+        "`tools/convert_hf_weights.py --llm DIR` reads the LLM back into avllm_jax, weight for weight.",
+        "",
+    ]
     lines += ["## Files", ""] + [f"- {name}" for name in files]
     return "\n".join(lines) + "\n"
 
@@ -206,7 +240,9 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
     except (FileNotFoundError, ValueError) as error:
         raise ExportError(str(error)) from None
     if config.llm is None:
-        raise ExportError(f"{workdir} holds no LLM (its {checkpoint.CONFIG_FILE} has only the encoders), so there is nothing to export")
+        raise ExportError(
+            f"{workdir} holds no LLM (its {checkpoint.CONFIG_FILE} has only the encoders), so there is nothing to export"
+        )
     model = checkpoint.load_model(workdir)  # a LoRA run's adapters folded into the dense weights
     tokenizer = load_tokenizer(workdir)
     params = nnx.to_pure_dict(nnx.state(model))
@@ -216,7 +252,12 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
     files = shards + [SAFETENSORS_INDEX] if len(shards) > 1 else shards
     files.append("config.json")
     tokenizer.save_pretrained(out)
-    projectors = {f"{name}.{leaf}": np.asarray(params[name][leaf]) for name in PROJECTOR_INPUTS if name in params for leaf in ("kernel", "bias")}
+    projectors = {
+        f"{name}.{leaf}": np.asarray(params[name][leaf])
+        for name in PROJECTOR_INPUTS
+        if name in params
+        for leaf in ("kernel", "bias")
+    }
     if projectors:
         save_file(projectors, os.path.join(out, PROJECTORS_FILE))
         files.append(PROJECTORS_FILE)
@@ -226,35 +267,69 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
         "audio": None if config.audio is None else config.to_dict()["audio"],
         "whisper": None if config.whisper is None else config.to_dict()["whisper"],
         "modality_tokens": dict(zip(MODALITY_TOKENS, config.modality_token_ids)),
-        "projectors": {name: {"role": role, "kernel": list(projectors[f"{name}.kernel"].shape), "bias": list(projectors[f"{name}.bias"].shape)}
-                       for name, role in PROJECTOR_INPUTS.items() if f"{name}.kernel" in projectors},
-        "media": None if (data := checkpoint.read_data_config(workdir)) is None else {
-            k: data.get(k) for k in ("num_frames", "image_size", "num_audio_segments", "audio_sample_rate", "audio_front_end",
-                                  "audio_max_length_s", "audio_truncation", "whisper_mel_bins")
+        "projectors": {
+            name: {
+                "role": role,
+                "kernel": list(projectors[f"{name}.kernel"].shape),
+                "bias": list(projectors[f"{name}.bias"].shape),
+            }
+            for name, role in PROJECTOR_INPUTS.items()
+            if f"{name}.kernel" in projectors
+        },
+        "media": None
+        if (data := checkpoint.read_data_config(workdir)) is None
+        else {
+            k: data.get(k)
+            for k in (
+                "num_frames",
+                "image_size",
+                "num_audio_segments",
+                "audio_sample_rate",
+                "audio_front_end",
+                "audio_max_length_s",
+                "audio_truncation",
+                "whisper_mel_bins",
+            )
         },
     }
     with open(os.path.join(out, EXTRAS_FILE), "w") as f:
         json.dump(extras, f, indent=2)
     files += [EXTRAS_FILE, CARD_FILE]
-    described = [f"`model-*.safetensors`: the LLM in {len(shards)} shards, `{SAFETENSORS_INDEX}`" if len(shards) > 1 else "`model.safetensors`: the LLM",
-                 "`config.json`: its LlamaConfig", "the tokenizer files",
-                 *([f"`{PROJECTORS_FILE}`: W_t, W_s, W_a (y = x @ kernel + bias)"] if projectors else []),
-                 f"`{EXTRAS_FILE}`: encoder configs, modality token ids, the projectors' roles, media settings"]
+    described = [
+        f"`model-*.safetensors`: the LLM in {len(shards)} shards, `{SAFETENSORS_INDEX}`"
+        if len(shards) > 1
+        else "`model.safetensors`: the LLM",
+        "`config.json`: its LlamaConfig",
+        "the tokenizer files",
+        *([f"`{PROJECTORS_FILE}`: W_t, W_s, W_a (y = x @ kernel + bias)"] if projectors else []),
+        f"`{EXTRAS_FILE}`: encoder configs, modality token ids, the projectors' roles, media settings",
+    ]
     with open(os.path.join(out, CARD_FILE), "w") as f:
         f.write(model_card(workdir, config, training_stages(workdir), list(base_models), described))
     return files
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tools/export_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tools/export_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir", help="training workdir or converted checkpoint")
     parser.add_argument("--out", required=True, help="output directory (new or empty)")
-    parser.add_argument("--base-model", action="append", default=[], metavar="NAME",
-                        help="a Hugging Face checkpoint the model was converted from, for the model card (repeat for each)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file before sharding (default 5)")
+    parser.add_argument(
+        "--base-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Hugging Face checkpoint the model was converted from, for the model card (repeat for each)",
+    )
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="largest safetensors file before sharding (default 5)"
+    )
     args = parser.parse_args(argv)
     try:
-        files = export(args.workdir, args.out, base_models=tuple(args.base_model), max_shard_bytes=int(args.max_shard_gb * 2**30))
+        files = export(
+            args.workdir, args.out, base_models=tuple(args.base_model), max_shard_bytes=int(args.max_shard_gb * 2**30)
+        )
     except ExportError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {', '.join(files)} and the tokenizer to {args.out}", file=sys.stderr)

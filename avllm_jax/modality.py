@@ -5,6 +5,7 @@ A sample is visual-only, audio-only or audio-visual; its prompt holds the modali
 where the encoders' rows go (`<VIS>`: T+N visual rows, `<AUD>`: K audio rows, `<AUD_VIS>`:
 all T+N+K). A text-only sample has no modality (None) and no token.
 """
+
 from __future__ import annotations
 
 import enum

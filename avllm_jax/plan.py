@@ -18,6 +18,7 @@ FLOPs against training/flops.py's analytic figure, and ends with one line:
 `--search` compiles for each micro-batch count that splits the batch evenly (a bisection)
 and reports the fewest that fit, i.e. the largest per-device batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,15 +45,20 @@ from avllm_jax.training import config as config_lib
 from avllm_jax.training import flops, optim, sharding, step
 
 
-
 def _define_flags() -> dict:
     """The command line's flags, defined when it runs: `--config` is also training's, and a
     process that imports both modules (the tests) may define it once."""
     return {
-        "config": config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True),
+        "config": config_flags.DEFINE_config_file(
+            "config", None, "Training config file (configs/*.py).", lock_config=True
+        ),
         "topology": flags.DEFINE_string("topology", None, "Target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8."),
-        "search": flags.DEFINE_bool("search", False, "Find the fewest micro-batches (largest per-device batch) that fit."),
-        "hlo_dump": flags.DEFINE_string("hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file."),
+        "search": flags.DEFINE_bool(
+            "search", False, "Find the fewest micro-batches (largest per-device batch) that fit."
+        ),
+        "hlo_dump": flags.DEFINE_string(
+            "hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file."
+        ),
     }
 
 
@@ -100,7 +106,13 @@ def _tpu_topologies() -> dict[str, Topology]:
             if cores == 1 and chips == 8:
                 per_host = (2, 4, 1)
             table[f"{generation}-{chips * cores}"] = Topology(
-                f"{generation}-{chips * cores}", "tpu", chips, hbm, f"{libtpu}:{shape}", per_host, "megacore" if cores == 2 else "default"
+                f"{generation}-{chips * cores}",
+                "tpu",
+                chips,
+                hbm,
+                f"{libtpu}:{shape}",
+                per_host,
+                "megacore" if cores == 2 else "default",
             )
     return table
 
@@ -115,8 +127,13 @@ def topology(name: str) -> Topology:
     if match := re.fullmatch(r"cpu:(\d+)", name):
         return Topology(name, "cpu", int(match[1]), None)
     if (match := re.fullmatch(r"(.+)-(\d+)", name)) and match[1] in _GPU_HBM_GIB:
-        return Topology(name, "cpu", int(match[2]), _GPU_HBM_GIB[match[1]],
-                        note="the CPU compiler's estimate for this mesh; a GPU compiler lays memory out differently")
+        return Topology(
+            name,
+            "cpu",
+            int(match[2]),
+            _GPU_HBM_GIB[match[1]],
+            note="the CPU compiler's estimate for this mesh; a GPU compiler lays memory out differently",
+        )
     raise PlanError(
         f"unknown topology {name!r}; valid: {', '.join(TPU_TOPOLOGIES)}, cpu:N (N host devices), "
         f"and GPU machines {', '.join(f'{gpu}-N' for gpu in _GPU_HBM_GIB)} (N GPUs)"
@@ -131,19 +148,27 @@ def libtpu_installed() -> bool:
 def topology_devices(target: Topology) -> list:
     if target.platform == "tpu":
         if not libtpu_installed():
-            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: pip install -r {REQUIREMENTS_TPU}")
+            raise PlanError(
+                f"{target.name} is compiled by libtpu, which is not installed: pip install -r {REQUIREMENTS_TPU}"
+            )
         from jax.experimental import topologies
 
         # libtpu locks the host's chips against a second process; compiling uses none, and
         # without this two plans (or a plan beside a test) could not run at once.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return topologies.get_topology_desc(
-            target.libtpu_name, "tpu", chip_config_name=target.chip_config, chips_per_host_bounds=target.chips_per_host, num_slices=1,
+            target.libtpu_name,
+            "tpu",
+            chip_config_name=target.chip_config,
+            chips_per_host_bounds=target.chips_per_host,
+            num_slices=1,
         ).devices
     devices = jax.devices("cpu")
     if len(devices) < target.chips:
-        raise PlanError(f"{target.name} needs {target.chips} host devices, this process has {len(devices)} "
-                        "(the planner sets jax_num_cpu_devices before JAX starts; XLA_FLAGS can override it)")
+        raise PlanError(
+            f"{target.name} needs {target.chips} host devices, this process has {len(devices)} "
+            "(the planner sets jax_num_cpu_devices before JAX starts; XLA_FLAGS can override it)"
+        )
     return devices[: target.chips]
 
 
@@ -156,10 +181,14 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
     vocabulary of LLaMA's 32000 tokens and the 3 modality tokens conversion adds. Either way with
     the run's `config.lora` adapters, as training applies them.
     """
-    overrides = {part: fields for part, fields in config_lib.model_overrides(config).items() if part in config.model.parts}
+    overrides = {
+        part: fields for part, fields in config_lib.model_overrides(config).items() if part in config.model.parts
+    }
     if config.init_checkpoint and os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
         source = os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)
-        return optim.apply_lora(checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), config.lora), source
+        return optim.apply_lora(
+            checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), config.lora
+        ), source
     data = config.data
     defaults = {
         "vision": {"image_size": data.image_size},
@@ -169,12 +198,15 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
     }
     parts = {part: config_lib.MODEL_PARTS[part](**(defaults[part] | overrides[part])) for part in config.model.parts}
     missing = f"{config.init_checkpoint!r} holds no config.json" if config.init_checkpoint else "no init_checkpoint"
-    return optim.apply_lora(AVLLMConfig(**parts), config.lora), f"each part's defaults and the config's overrides ({missing})"
+    return optim.apply_lora(
+        AVLLMConfig(**parts), config.lora
+    ), f"each part's defaults and the config's overrides ({missing})"
 
 
 def abstract_inputs(config, model_config, mesh, num_microbatches: int):
     """(train_step, state, frozen, batch): the compiled function and its arguments as
     ShapeDtypeStructs with training's shardings."""
+
     def placed(tree, shardings):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -189,8 +221,12 @@ def abstract_inputs(config, model_config, mesh, num_microbatches: int):
         placed(opt_state, sharding.optimizer_shardings(optimizer, trainable, mesh)),
     )
     element = samples.example_batch_element(config.data, packing.ModalityRows.of(model_config, config.data))
-    batch = {k: jax.ShapeDtypeStruct((config.global_batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding.batch_sharding(mesh))
-             for k, v in element.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.global_batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding.batch_sharding(mesh)
+        )
+        for k, v in element.items()
+    }
     train_step = step.make_train_step(graphdef, optimizer, num_microbatches=num_microbatches)
     return train_step, state, placed(frozen, sharding.state_shardings(frozen, mesh)), batch
 
@@ -230,19 +266,36 @@ def compile_plan(config, target: Topology, num_microbatches: int | None = None) 
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = config.global_batch_size
     if global_batch % num_microbatches or global_batch % batch_shards:
-        raise PlanError(f"global_batch_size {global_batch} does not split into {num_microbatches} micro-batches "
-                        f"and over {batch_shards} batch shards (mesh {dict(mesh.shape)})")
+        raise PlanError(
+            f"global_batch_size {global_batch} does not split into {num_microbatches} micro-batches "
+            f"and over {batch_shards} batch shards (mesh {dict(mesh.shape)})"
+        )
     inputs = abstract_inputs(config, model_config, mesh, num_microbatches)
     started = time.perf_counter()
     # An abstract mesh, not jax.set_mesh: a topology's devices cannot run the constants that
     # tracing makes eagerly (splash attention's mask tables).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         lowered = inputs[0].lower(*inputs[1:])
-        kernel_parts = tuple(part for part in ("vision", "llm") if getattr(model_config, part)
-                             and attention.resolve_implementation(getattr(model_config, part).attention_implementation) != "xla")
+        kernel_parts = tuple(
+            part
+            for part in ("vision", "llm")
+            if getattr(model_config, part)
+            and attention.resolve_implementation(getattr(model_config, part).attention_implementation) != "xla"
+        )
     analytic = flops.slot_flops_per_step(model_config, config)
-    plan = Plan(target, dict(mesh.shape), num_microbatches, global_batch / num_microbatches / batch_shards, {}, False,
-                None, analytic, None, 0.0, 0.0)
+    plan = Plan(
+        target,
+        dict(mesh.shape),
+        num_microbatches,
+        global_batch / num_microbatches / batch_shards,
+        {},
+        False,
+        None,
+        analytic,
+        None,
+        0.0,
+        0.0,
+    )
     try:
         compiled = lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS if target.platform == "cpu" else None)
     except jax.errors.JaxRuntimeError as error:
@@ -251,15 +304,22 @@ def compile_plan(config, target: Topology, num_microbatches: int | None = None) 
         needed = re.search(r"RESOURCE_EXHAUSTED.*temporaries \(([\d.]+)([KMGT])\)", str(error))
         if not needed:
             raise
-        arguments = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(inputs[1:])) / GIB
+        arguments = (
+            sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(inputs[1:]))
+            / GIB
+        )
         temporaries = float(needed[1]) * {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}[needed[2]]
         plan.memory = {"arguments": arguments, "temporaries": temporaries, "total": arguments + temporaries}
         plan.compile_seconds = time.perf_counter() - started
         return plan
     plan.compile_seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
-    sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+    sizes = {
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "aliased": memory.alias_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+    }
     sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
     plan.memory = {k: v / GIB for k, v in sizes.items()}
     plan.fits = target.hbm_gib is None or plan.memory["total"] <= target.hbm_gib
@@ -279,7 +339,9 @@ def search(config, target: Topology, report=print) -> tuple[Plan | None, list[Pl
     """The plan with the fewest micro-batches that fits (None if even the most do not), and
     every plan compiled on the way. Candidates split the batch evenly over the batch shards;
     memory falls as micro-batches shrink, so a bisection finds it."""
-    shards = math.prod(sharding.make_mesh(dict(config.mesh), devices=topology_devices(target)).shape[a] for a in ("data", "fsdp"))
+    shards = math.prod(
+        sharding.make_mesh(dict(config.mesh), devices=topology_devices(target)).shape[a] for a in ("data", "fsdp")
+    )
     per_shard = config.global_batch_size // shards
     candidates = [count for count in range(1, per_shard + 1) if per_shard % count == 0]
     if not candidates or config.global_batch_size % shards:
@@ -290,8 +352,10 @@ def search(config, target: Topology, report=print) -> tuple[Plan | None, list[Pl
         middle = (low + high) // 2
         plan = compile_plan(config, target, candidates[middle])
         tried.append(plan)
-        report(f"  {plan.num_microbatches} micro-batches of {plan.samples_per_device:g} per device: "
-               f"{plan.memory['total']:.1f} GiB, {'fits' if plan.fits else 'does not fit'} ({plan.compile_seconds:.0f} s)")
+        report(
+            f"  {plan.num_microbatches} micro-batches of {plan.samples_per_device:g} per device: "
+            f"{plan.memory['total']:.1f} GiB, {'fits' if plan.fits else 'does not fit'} ({plan.compile_seconds:.0f} s)"
+        )
         if plan.fits:
             best, high = plan, middle - 1
         else:
@@ -306,22 +370,33 @@ def describe(plan: Plan, config, model_source: str) -> str:
     lines = [
         f"topology {t.name}: {t.chips} {'chips' if t.platform == 'tpu' else 'devices'}"
         + (f" in {t.chips // hosts} host(s) of {hosts}" if t.platform == "tpu" else "")
-        + (f", {t.hbm_gib:.1f} GiB HBM each" if t.hbm_gib else "") + f"; compiled with {where}" + (f" ({t.note})" if t.note else ""),
+        + (f", {t.hbm_gib:.1f} GiB HBM each" if t.hbm_gib else "")
+        + f"; compiled with {where}"
+        + (f" ({t.note})" if t.note else ""),
         f"model: {model_source}",
         f"mesh {plan.mesh_shape}; global batch {config.global_batch_size} in {plan.num_microbatches} micro-batch(es): "
         f"{plan.samples_per_device:g} sample(s) per device per micro-batch",
     ]
     if plan.compiled_flops is None:
-        lines.append(f"the compiler ran out of memory: temporaries {_size(m['temporaries'])} and arguments "
-                     f"{_size(m['arguments'])} per device, total {_size(m['total'])}")
+        lines.append(
+            f"the compiler ran out of memory: temporaries {_size(m['temporaries'])} and arguments "
+            f"{_size(m['arguments'])} per device, total {_size(m['total'])}"
+        )
     else:
-        lines.append(f"memory per device: arguments {_size(m['arguments'])}, outputs {_size(m['outputs'])} "
-                     f"({_size(m['aliased'])} aliased to the arguments), temporaries {_size(m['temporaries'])}, total {_size(m['total'])}")
-        kernel = (f" + {plan.kernel_attention_flops:.3e} of attention in {plan.kernel_calls} kernel calls, counted analytically"
-                  if plan.kernel_calls else "")
-        lines.append(f"FLOPs per step: compiled {plan.compiled_flops:.3e} (matmuls of the HLO, each loop body times its trip "
-                     f"count, x devices{kernel}), analytic {plan.analytic_flops:.3e} (training/flops.py); "
-                     f"XLA's cost analysis {plan.xla_flops or 0:.3e} (each loop body once)")
+        lines.append(
+            f"memory per device: arguments {_size(m['arguments'])}, outputs {_size(m['outputs'])} "
+            f"({_size(m['aliased'])} aliased to the arguments), temporaries {_size(m['temporaries'])}, total {_size(m['total'])}"
+        )
+        kernel = (
+            f" + {plan.kernel_attention_flops:.3e} of attention in {plan.kernel_calls} kernel calls, counted analytically"
+            if plan.kernel_calls
+            else ""
+        )
+        lines.append(
+            f"FLOPs per step: compiled {plan.compiled_flops:.3e} (matmuls of the HLO, each loop body times its trip "
+            f"count, x devices{kernel}), analytic {plan.analytic_flops:.3e} (training/flops.py); "
+            f"XLA's cost analysis {plan.xla_flops or 0:.3e} (each loop body once)"
+        )
     lines.append(f"compile: {plan.compile_seconds:.1f} s")
     return "\n".join(lines)
 
@@ -351,8 +426,10 @@ def main(argv, flag_values: dict):
                 plan = tried[-1]
             else:
                 print(describe(plan, config, model_source))
-                print(f"search: fewest micro-batches that fit: {plan.num_microbatches} "
-                      f"({plan.samples_per_device:g} sample(s) per device per micro-batch); --config.num_microbatches={plan.num_microbatches}")
+                print(
+                    f"search: fewest micro-batches that fit: {plan.num_microbatches} "
+                    f"({plan.samples_per_device:g} sample(s) per device per micro-batch); --config.num_microbatches={plan.num_microbatches}"
+                )
         else:
             plan = compile_plan(config, target)
             print(describe(plan, config, model_source))

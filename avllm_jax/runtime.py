@@ -15,6 +15,7 @@ CPUs: on a CPU host (the demo, tests) XLA's thread pool and the decoding process
 the same cores, and XLA's threads stall waiting for one another; giving each side its own
 CPUs avoids that (see README, Pipeline).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,6 +97,7 @@ def settings(coordinator_address=None, num_processes=None, process_id=None) -> d
 
 def cluster_detected() -> bool:
     """Whether the environment is a multi-process job that `jax.distributed.initialize()` finds alone."""
+
     def count(variable):
         value = os.environ.get(variable, "")
         return int(value) if value.isdigit() else 0
@@ -108,7 +110,9 @@ def cluster_detected() -> bool:
     )
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300) -> bool:
+def initialize_distributed(
+    coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300
+) -> bool:
     """Starts `jax.distributed` when the job has several processes; returns whether it did.
 
     Call it before anything else uses JAX. Every wait is bounded by `timeout_s`: a coordinator

@@ -8,6 +8,7 @@ On several hosts, the same command runs on each (see avllm_jax/runtime.py for ho
 processes find each other). On SIGTERM (preemption) the run saves at the end of its current
 step, on every host at the same step, and exits with status 143.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,12 +37,15 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for a multi-process job ($AVLLM_COORDINATOR_ADDRESS)."
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process job ($AVLLM_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 ($AVLLM_PROCESS_ID).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)."
+)
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
     "distributed_timeout_s", 300, "How long the processes of a multi-process job wait for each other to start."
 )
 _NEW_SCHEDULE = flags.DEFINE_bool(
-    "allow_new_schedule", False,
+    "allow_new_schedule",
+    False,
     "Resume a checkpoint whose num_steps or optim settings differ from the config's, under the config's schedule.",
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error ($AVLLM_DEBUG=1 too).")
@@ -67,22 +71,29 @@ def resolve_model(config):
         if part in config.model.parts:
             overrides[part] = fields
         elif fields:
-            print(f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name {part!r}", flush=True)
+            print(
+                f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name {part!r}",
+                flush=True,
+            )
     if config.init_checkpoint:
         if not os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
-            raise SetupError(f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n{_MAKE_INIT_CHECKPOINT}")
+            raise SetupError(
+                f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n{_MAKE_INIT_CHECKPOINT}"
+            )
         stored = checkpoint.read_model_config(config.init_checkpoint)
         stored_parts = tuple(part for part in config_lib.MODEL_PARTS if getattr(stored, part))
         if set(stored_parts) != set(config.model.parts):
             raise SetupError(
                 f"config.model.parts={tuple(config.model.parts)!r} but init_checkpoint {config.init_checkpoint!r} "
-                f"holds {stored_parts!r}: name exactly the parts it holds, e.g. --config.model.parts=\"{stored_parts!r}\""
+                f'holds {stored_parts!r}: name exactly the parts it holds, e.g. --config.model.parts="{stored_parts!r}"'
             )
         model_config = stored.replace(**overrides)
         _check_same_weight_shapes(stored, model_config, overrides)
         return model_config, conversation.load_tokenizer(config.init_checkpoint), config.init_checkpoint
     if not config.tokenizer:
-        raise SetupError("set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)")
+        raise SetupError(
+            "set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)"
+        )
     import transformers
 
     try:
@@ -132,9 +143,12 @@ _MAKE_INIT_CHECKPOINT = (
 
 def check_data_matches_model(data_config, model_config):
     if model_config.vision and data_config.image_size != model_config.vision.image_size:
-        raise SetupError(f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px")
-    if model_config.audio_tower and (problem := features.audio_settings_problem(
-            data_config, model_config.audio_encoder, model_config.audio_tower)):
+        raise SetupError(
+            f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px"
+        )
+    if model_config.audio_tower and (
+        problem := features.audio_settings_problem(data_config, model_config.audio_encoder, model_config.audio_tower)
+    ):
         raise SetupError(f"data.{problem}")
 
 
@@ -209,7 +223,10 @@ def _check_batch_divides(config, mesh) -> None:
 
 def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: bool) -> dict:
     if worker_cpus:
-        print(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}", flush=True)
+        print(
+            f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}",
+            flush=True,
+        )
     model_config, tokenizer, init_dir = resolve_model(config)
     # After resolve_model: the adapters are new weights, not overrides of the starting checkpoint's.
     model_config = optim.apply_lora(model_config, config.lora)
@@ -236,7 +253,10 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         tokenizer.save_pretrained(workdir)
         with open(os.path.join(workdir, checkpoint.TRAIN_CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps", flush=True)
+    print(
+        f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps",
+        flush=True,
+    )
     for line in phase_lines:
         print(line, flush=True)
 
@@ -254,25 +274,41 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
         print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
         optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
-        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(
+            trainable
+        )
         run = checkpointing.run_record(num_steps, config.optim)
         with contextlib.ExitStack() as cleanup:
-            iterator_options = dict(global_batch_size=config.global_batch_size, worker_cpus=worker_cpus, modality_rows=modality_rows,
-                                    cache=cache)
+            iterator_options = dict(
+                global_batch_size=config.global_batch_size,
+                worker_cpus=worker_cpus,
+                modality_rows=modality_rows,
+                cache=cache,
+            )
             if phase_plan:  # each phase's own pipeline, made as it starts; the state holds the phase
-                data_iterator = phases.make_phased_iterator(config.data, phase_plan, tokenizer, per_source=per_source, **iterator_options)
+                data_iterator = phases.make_phased_iterator(
+                    config.data, phase_plan, tokenizer, per_source=per_source, **iterator_options
+                )
             else:
-                data_iterator = pipeline.make_train_iterator(config.data, tokenizer, per_source=per_source, **iterator_options)
+                data_iterator = pipeline.make_train_iterator(
+                    config.data, tokenizer, per_source=per_source, **iterator_options
+                )
             cleanup.callback(data_iterator.close)  # stops grain's worker processes, frees their shared memory
-            manager = checkpointing.checkpoint_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+            manager = checkpointing.checkpoint_manager(
+                workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints
+            )
             cleanup.callback(manager.close)
             # Whatever ends the run (the last step, SIGTERM, a data error, a failing step,
             # Ctrl-C), the save in flight completes: the newest checkpoint stays loadable.
             cleanup.callback(manager.wait_until_finished)
             start = 0
             if manager.latest_step() is not None:
-                abstract_full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
-                abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
+                abstract_full = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model)
+                )
+                abstract_opt = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
+                )
                 start, params, opt_state = checkpointing.restore_train_state(
                     manager, abstract_full, abstract_opt, data_iterator, run, new_schedule_ok=new_schedule_ok
                 )
@@ -289,10 +325,18 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
             writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
             cleanup.callback(writer.close)
             log = metrics.MetricsLog(
-                writer, useful_flops=functools.partial(flops.work_flops, model_config, llm_trains=flops.llm_trains(config),
-                                                       encoders=not config.data.feature_cache),
-                slot_flops_per_step=flops.slot_flops_per_step(model_config, config), peak_flops=peak,
-                num_devices=jax.device_count(), total=num_steps, start_step=start,
+                writer,
+                useful_flops=functools.partial(
+                    flops.work_flops,
+                    model_config,
+                    llm_trains=flops.llm_trains(config),
+                    encoders=not config.data.feature_cache,
+                ),
+                slot_flops_per_step=flops.slot_flops_per_step(model_config, config),
+                peak_flops=peak,
+                num_devices=jax.device_count(),
+                total=num_steps,
+                start_step=start,
                 phase_of=functools.partial(phases.phase_at, phase_plan) if phase_plan else None,
             )
             preemption = runtime.PreemptionWatch()
@@ -312,14 +356,22 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                     row = log.flush(step_number, schedule(step_number - 1))
                 if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
                     checkpointing.save_train_state(
-                        manager, step_number, nnx.merge_state(state.params, frozen), state.opt_state, data_iterator, run,
+                        manager,
+                        step_number,
+                        nnx.merge_state(state.params, frozen),
+                        state.opt_state,
+                        data_iterator,
+                        run,
                         force=True,
                     )
                 if stop:
                     stopped_at = step_number
                     break
     if stopped_at is not None and not preemption.interrupted:
-        print(f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue", flush=True)
+        print(
+            f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue",
+            flush=True,
+        )
     # An interruption is reported by main, the workers and the save in flight finished. (Raising
     # KeyboardInterrupt here instead kept this frame's batch alive in the traceback, and with it
     # the grain workers' shared memory, which then leaked.)
@@ -338,8 +390,12 @@ def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None
 
 
 USER_ERRORS = (
-    config_lib.ConfigError, SetupError, pipeline.DataError, conversation.MalformedSampleError,
-    checkpoint.CheckpointError, runtime.DistributedError,
+    config_lib.ConfigError,
+    SetupError,
+    pipeline.DataError,
+    conversation.MalformedSampleError,
+    checkpoint.CheckpointError,
+    runtime.DistributedError,
 )
 
 
@@ -349,7 +405,10 @@ def _debug() -> bool:
 
 def _exit_interrupted():
     saved = checkpoint.latest_step(_WORKDIR.value)
-    print(f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}", file=sys.stderr)
+    print(
+        f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}",
+        file=sys.stderr,
+    )
     sys.exit(130)
 
 
@@ -364,7 +423,10 @@ def main(argv):
         )
         # Process 0 speaks for the job on stdout; every process writes its own TensorBoard log.
         quiet = jax.process_index() > 0
-        with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, contextlib.redirect_stdout(out):
+        with (
+            open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out,
+            contextlib.redirect_stdout(out),
+        ):
             result = train(_CONFIG.value, _WORKDIR.value, new_schedule_ok=_NEW_SCHEDULE.value)
     except USER_ERRORS as error:
         if _debug():

@@ -9,6 +9,7 @@ token and the conversation goes on turn after turn; Retry draws the last answer 
 Clear starts over. A file that cannot be used gets a message in the page. The model is loaded
 once, when the server starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 
 FROM_FILE = "from_file"
-MODALITY_CHOICES = [("from the file's streams", FROM_FILE), ("audio-visual", Modality.AUDIO_VISUAL.value),
-                    ("visual only", Modality.VISUAL.value), ("audio only", Modality.AUDIO.value)]
+MODALITY_CHOICES = [
+    ("from the file's streams", FROM_FILE),
+    ("audio-visual", Modality.AUDIO_VISUAL.value),
+    ("visual only", Modality.VISUAL.value),
+    ("audio only", Modality.AUDIO.value),
+]
 MODALITY_LABELS = {value: label for label, value in MODALITY_CHOICES}
 # System fonts: the default theme's web fonts would be fetched from the internet.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -75,8 +80,11 @@ def stream_answer(model, tokenizer, batch: dict, **sampling) -> Iterator[str]:
 
 def missing_part(model, modality: Modality) -> str | None:
     """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
-    parts = (("vision encoder", modality.has_visual, model.vision), ("audio encoder", modality.has_audio, model.config.audio_tower),
-             ("LLM", True, model.llm))
+    parts = (
+        ("vision encoder", modality.has_visual, model.vision),
+        ("audio encoder", modality.has_audio, model.config.audio_tower),
+        ("LLM", True, model.llm),
+    )
     return next((name for name, needed, part in parts if needed and part is None), None)
 
 
@@ -153,7 +161,9 @@ class App:
             session.turns = []
             yield session, history, status
             return
-        session.turns = [(conversation.USER_ROLE, conversation.first_user_message(session.first_question, session.modality))]
+        session.turns = [
+            (conversation.USER_ROLE, conversation.first_user_message(session.first_question, session.modality))
+        ]
         history = history + [{"role": "user", "content": session.first_question}]
         yield from self._answer(session, history, status + " The first question is asked again.", *sampling)
 
@@ -163,7 +173,12 @@ class App:
             yield session, history, gr.skip(), gr.skip()
             return
         if session.modality is None:
-            yield session, history, "**Error:** nothing to answer about: upload a file, or pick a modality it has.", question
+            yield (
+                session,
+                history,
+                "**Error:** nothing to answer about: upload a file, or pick a modality it has.",
+                question,
+            )
             return
         if not session.turns:
             session.first_question = question
@@ -185,8 +200,9 @@ class App:
 
     def _answer(self, session: Session, history: list, status, temperature, top_p, top_k, max_new_tokens, seed):
         """Streams the answer to the session's last question into the chat."""
-        batch = prompts.conversation_batch(self.model, self.tokenizer, [session.media], [session.turns], [session.modality],
-                                           self.data_config)
+        batch = prompts.conversation_batch(
+            self.model, self.tokenizer, [session.media], [session.turns], [session.modality], self.data_config
+        )
         # The keys chat.py draws with: its n-th answer uses the n-th split of key(seed).
         rng = jax.random.key(int(seed or 0))
         for _ in range(session.draws + 1):
@@ -194,8 +210,16 @@ class App:
         session.draws += 1
         history = history + [{"role": "assistant", "content": ""}]
         answer = ""
-        for answer in stream_answer(self.model, self.tokenizer, batch, rng=draw_rng, temperature=float(temperature),
-                                    top_p=float(top_p), top_k=int(top_k), max_new_tokens=int(max_new_tokens)):
+        for answer in stream_answer(
+            self.model,
+            self.tokenizer,
+            batch,
+            rng=draw_rng,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            max_new_tokens=int(max_new_tokens),
+        ):
             history[-1] = {"role": "assistant", "content": answer}
             yield session, history, status
         session.turns = session.turns + [(conversation.ASSISTANT_ROLE, answer)]
@@ -214,16 +238,28 @@ def build(app: App) -> gr.Blocks:
                     gr.Examples([[path] for path in args.examples], inputs=[upload], label="Examples")
                 choice = gr.Radio(MODALITY_CHOICES, value=FROM_FILE, label="Modality", elem_id="modality")
                 with gr.Accordion("Sampling", open=False, elem_id="sampling"):
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature")
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature"
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top_p")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: all)", elem_id="top_k")
-                    max_new_tokens = gr.Slider(1, args.max_new_tokens, value=args.max_new_tokens, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(
+                        1, args.max_new_tokens, value=args.max_new_tokens, step=1, label="Max new tokens"
+                    )
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 status = gr.Markdown("Upload a video, an audio file or an image.", elem_id="status")
             with gr.Column(scale=2):
-                chat = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, latex_delimiters=[], height=420,
-                                  buttons=["copy", "copy_all"])  # text as generated; no sharing to HF
-                question = gr.Textbox(placeholder="Ask about the file and press Enter", show_label=False, elem_id="question")
+                chat = gr.Chatbot(
+                    label="Chat",
+                    elem_id="chat",
+                    render_markdown=False,
+                    latex_delimiters=[],
+                    height=420,
+                    buttons=["copy", "copy_all"],
+                )  # text as generated; no sharing to HF
+                question = gr.Textbox(
+                    placeholder="Ask about the file and press Enter", show_label=False, elem_id="question"
+                )
                 with gr.Row():
                     retry = gr.Button("Retry", elem_id="retry")
                     clear = gr.Button("Clear", elem_id="clear")
@@ -231,15 +267,24 @@ def build(app: App) -> gr.Blocks:
         # One model: answers are computed one at a time, whichever button or tab asked.
         model_queue = dict(concurrency_limit=1, concurrency_id="model")
         answering = [
-            choice.input(app.change_modality, [session, choice, chat, *sampling], [session, chat, status], **model_queue),
-            question.submit(app.ask, [question, session, chat, *sampling], [session, chat, status, question], **model_queue),
+            choice.input(
+                app.change_modality, [session, choice, chat, *sampling], [session, chat, status], **model_queue
+            ),
+            question.submit(
+                app.ask, [question, session, chat, *sampling], [session, chat, status, question], **model_queue
+            ),
             retry.click(app.retry, [session, chat, *sampling], [session, chat, status], **model_queue),
         ]
         # A new file or Clear (the button or the chat's bin) stops the answer being written: it
         # belongs to the old conversation.
         upload.change(app.load, [upload, choice], [session, chat, status], cancels=answering)
         for cleared in (clear.click, chat.clear):
-            cleared(lambda s: (dataclasses.replace(s, turns=[], first_question=""), []), [session], [session, chat], cancels=answering)
+            cleared(
+                lambda s: (dataclasses.replace(s, turns=[], first_question=""), []),
+                [session],
+                [session, chat],
+                cancels=answering,
+            )
     return page
 
 
@@ -256,8 +301,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     page = build(App(model, tokenizer, data_config, args))
     allowed = sorted({os.path.dirname(os.path.abspath(path)) for path in args.examples})
-    page.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=allowed, theme=THEME,
-                        footer_links=[], show_error=False)
+    page.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=allowed,
+        theme=THEME,
+        footer_links=[],
+        show_error=False,
+    )
 
 
 if __name__ == "__main__":

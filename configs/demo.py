@@ -9,6 +9,7 @@
 The encoders are random (nothing can be downloaded) and frozen, as the paper freezes its
 pretrained ones; the projectors and the LLM train, from scratch.
 """
+
 from avllm_jax.training.config import base_config
 
 
@@ -18,8 +19,24 @@ def get_config():
     # All three parts (base_config's model.parts), each its dataclass's defaults plus these.
     config.model.update(
         vision=dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4),
-        audio=dict(spec_size=64, patch_size=(8, 8), patch_stride=(8, 8), window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
-        llm=dict(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256),
+        audio=dict(
+            spec_size=64,
+            patch_size=(8, 8),
+            patch_stride=(8, 8),
+            window_size=4,
+            embed_dim=16,
+            depths=(1, 1),
+            num_heads=(2, 2),
+        ),
+        llm=dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            max_position_embeddings=256,
+        ),
     )
     # As in the paper, the encoders stay frozen (here at their random initialisation: nothing
     # can be downloaded); the projectors and the LLM train. Training the encoders too was

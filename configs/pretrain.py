@@ -7,6 +7,7 @@
 
 (the HF model names stand for local directories holding those checkpoints.)
 """
+
 from avllm_jax.training.config import accelerator_model_overrides, base_config
 
 

@@ -5,6 +5,7 @@ pretraining result.
     python -m avllm_jax.train --config=configs/sft.py --workdir=runs/sft \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
 """
+
 from avllm_jax.training.config import accelerator_model_overrides, base_config
 
 

@@ -1,4 +1,5 @@
 """Shared test helpers: random-weight Hugging Face models saved to disk, and the parity check."""
+
 import numpy as np
 import torch
 from flax import nnx

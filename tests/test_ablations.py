@@ -2,6 +2,7 @@
 each of its arguments, passes check_config, and its model, built from shapes alone as the
 planner builds it, is the ablation's (the encoder or LLM the table names) and fits its data
 settings (image size, audio front end and truncation, packing budget), as training checks them."""
+
 import dataclasses
 import glob
 import inspect
@@ -46,7 +47,18 @@ CASES = [(os.path.basename(path)[:-3], arguments) for path in FILES for argument
 
 def test_every_table_and_figure_has_configs():
     names = {name for name, _ in CASES}
-    for prefix in ("table4_mat", "table4_pt1", "table4_pt2", "table5_", "table6_", "table7_", "table9_lora", "fig8_", "fig9_", "fig10_"):
+    for prefix in (
+        "table4_mat",
+        "table4_pt1",
+        "table4_pt2",
+        "table5_",
+        "table6_",
+        "table7_",
+        "table9_lora",
+        "fig8_",
+        "fig9_",
+        "fig10_",
+    ):
         assert any(name.startswith(prefix) for name in names), prefix
 
 
@@ -71,7 +83,9 @@ def test_ablation_config_is_consistent(name, arguments):
         stage, count = arguments[0].split(",")
         field = "num_frames" if name.startswith("fig9_") else "num_audio_segments"
         assert config.data[field] == int(count)
-        assert config.init_checkpoint == ("checkpoints/avllm-init" if stage == "pretrain" else f"runs/{name}_{count}/pretrain")
+        assert config.init_checkpoint == (
+            "checkpoints/avllm-init" if stage == "pretrain" else f"runs/{name}_{count}/pretrain"
+        )
 
 
 @pytest.mark.parametrize("path", FILES, ids=[os.path.basename(p) for p in FILES])

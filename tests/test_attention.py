@@ -4,6 +4,7 @@ On CPU the Pallas kernels run in interpret mode (the GPU flash kernel and TPU sp
 attention). With JAX_PLATFORMS=cuda (tools/gpu_attention_check.sh) the same tests run the real
 GPU kernels, and the cuDNN tests run too.
 """
+
 import dataclasses
 
 import jax
@@ -69,8 +70,14 @@ def assert_matches_reference(actual, expected, dtype):
 def reference(query, key, value, cotangent, segment_ids, causal, query_offset=0):
     def attend(q, k, v):
         return attention.dot_product_attention(
-            q, k, v, query_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            causal=causal, query_offset=query_offset, implementation="xla",
+            q,
+            k,
+            v,
+            query_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            causal=causal,
+            query_offset=query_offset,
+            implementation="xla",
         )
 
     return jax.jit(output_and_grads, static_argnums=0)(attend, query, key, value, cotangent)
@@ -100,9 +107,7 @@ def test_gpu_flash_kernel_matches_xla(dtype, batch, length, heads, kv_heads, hea
     block_size = 16 if INTERPRET else None
 
     def attend(q, k, v):
-        return attention._flash_attention_gpu(
-            q, k, v, segment_ids, causal, interpret=INTERPRET, block_size=block_size
-        )
+        return attention._flash_attention_gpu(q, k, v, segment_ids, causal, interpret=INTERPRET, block_size=block_size)
 
     actual = jax.jit(output_and_grads, static_argnums=0)(attend, query, key, value, cotangent)
     assert_matches_reference(actual, reference(query, key, value, cotangent, segment_ids, causal), dtype)
@@ -135,8 +140,13 @@ def scanned_layers(implementation, query, key, value, segment_ids):
     @jax.checkpoint
     def layer(query, scale):
         output = attention.dot_product_attention(
-            query, key * scale, value, query_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            causal=True, implementation=implementation,
+            query,
+            key * scale,
+            value,
+            query_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            causal=True,
+            implementation=implementation,
         )
         return query + output, None
 
@@ -156,9 +166,7 @@ def test_pallas_under_jit_scan_remat_and_fsdp_mesh(capsys):
         results = {}
         for implementation in ("xla", "pallas"):
             attend = lambda q, k, v, impl=implementation: scanned_layers(impl, q, k, v, segment_ids)  # noqa: E731
-            results[implementation] = jax.jit(output_and_grads, static_argnums=0)(
-                attend, query, key, value, cotangent
-            )
+            results[implementation] = jax.jit(output_and_grads, static_argnums=0)(attend, query, key, value, cotangent)
     assert "computes this call with 'xla'" not in capsys.readouterr().out  # the kernel really ran
     assert_matches_reference(results["pallas"], results["xla"], dtype)
 
@@ -195,7 +203,9 @@ def test_pallas_falls_back_to_xla_for_decoding_with_offset(capsys):
 @pytest.mark.skipif(ON_NVIDIA, reason="checks the error raised without an NVIDIA GPU")
 def test_cudnn_without_gpu_fails_clearly():
     query, key, value, _ = make_inputs(1, 8, 2, 2, 16, jnp.bfloat16)
-    with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU.*found 'cpu'" if BACKEND == "cpu" else "NVIDIA GPU"):
+    with pytest.raises(
+        ValueError, match="'cudnn' needs an NVIDIA GPU.*found 'cpu'" if BACKEND == "cpu" else "NVIDIA GPU"
+    ):
         attention.dot_product_attention(query, key, value, causal=True, implementation="cudnn")
 
 
@@ -226,7 +236,9 @@ def test_auto_on_nvidia_uses_cudnn_only_where_it_helps(monkeypatch, dtype, lengt
 
     def fake_cudnn(query, key, value, query_segment_ids, kv_segment_ids, causal, query_offset):
         cudnn_calls.append(query.shape)
-        mask = attention.attention_mask(query.shape[1], key.shape[1], None, None, causal=causal, query_offset=query_offset)
+        mask = attention.attention_mask(
+            query.shape[1], key.shape[1], None, None, causal=causal, query_offset=query_offset
+        )
         return attention._xla_attention(query, key, value, mask)
 
     monkeypatch.setattr(attention, "_cudnn_attention", fake_cudnn)
@@ -255,7 +267,12 @@ def test_cudnn_matches_xla(batch, length, heads, kv_heads, head_dim, layout, cau
 
     def attend(q, k, v):
         return attention.dot_product_attention(
-            q, k, v, query_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=causal,
+            q,
+            k,
+            v,
+            query_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            causal=causal,
             implementation="cudnn",
         )
 

@@ -1,14 +1,15 @@
 """The composite model and modality-augmented training: mixed batches, dropped rows, zero gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
 from avllm_jax.data import packing
 from avllm_jax.models import clip_vision
 from avllm_jax.training import optim, step
-from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
 MODALITIES = ("visual", "audio", "audio_visual", "text")
 
@@ -60,7 +61,10 @@ def logits_alone(model, sample: dict) -> np.ndarray:
 def test_mixed_batch_rows_equal_samples_alone(model, tokenizer):
     batch = mixed_batch(tokenizer, MODALITIES, pad_to=None)
     # Pad further so every sample also has trailing padding.
-    batch = {k: np.pad(v, [(0, 0), (0, 5)], constant_values=0) if k in ("input_ids", "labels", "token_mask") else v for k, v in batch.items()}
+    batch = {
+        k: np.pad(v, [(0, 0), (0, 5)], constant_values=0) if k in ("input_ids", "labels", "token_mask") else v
+        for k, v in batch.items()
+    }
     logits, inputs = model(jax.tree.map(jnp.asarray, batch))
     kept = np.asarray(inputs["segment_ids"]).astype(bool)
     for i, modality in enumerate(MODALITIES):
@@ -106,15 +110,20 @@ def test_whisper_model_packed_and_unpacked_equal_samples_alone(tokenizer):
     kinds = ("audio", "audio_visual", "visual", "audio")
     budget = packing.PackBudget(rows=2, row_length=480, frames=2 * NUM_FRAMES, visual_items=2, audio_clips=3)
     batch, samples, places = packed_batch(tokenizer, model.config, kinds, budget, seed=5, audio_encoder="whisper")
-    assert batch["audio_features"].shape[1:] == (3, 80, 3000) and batch["audio_valid_frames"].shape[1:] == (3, NUM_SEGMENTS)
+    assert batch["audio_features"].shape[1:] == (3, 80, 3000) and batch["audio_valid_frames"].shape[1:] == (
+        3,
+        NUM_SEGMENTS,
+    )
     logits = np.asarray(model(jax.tree.map(jnp.asarray, batch))[0]).reshape(*batch["input_ids"].shape, -1)
     unpacked = mixed_batch(tokenizer, kinds, seed=5, audio_encoder="whisper")
     unpacked_logits, inputs = model(jax.tree.map(jnp.asarray, unpacked))
     kept = np.asarray(inputs["segment_ids"]).astype(bool)
     for i, (sample, (pack, row, segment), kind) in enumerate(zip(samples, places, kinds)):
         alone = logits_alone(model, sample)
-        for layout, ours in (("packed", logits[pack, row][batch["segment_ids"][pack, row] == segment]),
-                             ("unpacked", np.asarray(unpacked_logits)[i][kept[i]])):
+        for layout, ours in (
+            ("packed", logits[pack, row][batch["segment_ids"][pack, row] == segment]),
+            ("unpacked", np.asarray(unpacked_logits)[i][kept[i]]),
+        ):
             assert ours.shape == alone.shape, (layout, kind)
             diff = np.abs(ours - alone).max()
             print(f"whisper {layout} {kind}: max|batched - alone| = {diff:.2e}")
@@ -170,7 +179,10 @@ def grads_of_projectors(model, batch):
 
 @pytest.mark.parametrize(
     "modality, zero, nonzero",
-    [("visual", ["audio_proj"], ["temporal_proj", "spatial_proj"]), ("audio", ["temporal_proj", "spatial_proj"], ["audio_proj"])],
+    [
+        ("visual", ["audio_proj"], ["temporal_proj", "spatial_proj"]),
+        ("audio", ["temporal_proj", "spatial_proj"], ["audio_proj"]),
+    ],
 )
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_absent_modality_projector_gets_exactly_zero_gradient(model, tokenizer, modality, zero, nonzero, packed):
@@ -195,7 +207,16 @@ def test_encoders_never_change_and_hold_no_optimizer_state(model, tokenizer):
     graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
     encoders_before = jax.tree.map(np.array, nnx.to_pure_dict(frozen))
     optim_config = ml_collections.ConfigDict(
-        dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, final_learning_rate=0.0)
+        dict(
+            learning_rate=1e-2,
+            warmup_fraction=0.0,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-8,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            final_learning_rate=0.0,
+        )
     )
     optimizer = optim.make_optimizer(optim_config, total_steps=3, params=trainable)
     # The step donates its state: keep `trainable` to compare with.

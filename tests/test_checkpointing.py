@@ -1,5 +1,6 @@
 """A damaged train-state checkpoint, whichever item is damaged and however: reported in one
 line naming the step and the item, the newest intact step restored, the damaged one set aside."""
+
 import os
 import pathlib
 
@@ -36,7 +37,11 @@ def damage_by_removing_the_directory(item_dir: pathlib.Path):
     shutil.rmtree(item_dir)
 
 
-DAMAGES = {"files deleted": damage_by_deleting, "files truncated": damage_by_truncating, "directory gone": damage_by_removing_the_directory}
+DAMAGES = {
+    "files deleted": damage_by_deleting,
+    "files truncated": damage_by_truncating,
+    "directory gone": damage_by_removing_the_directory,
+}
 
 
 class Tiny(nnx.Module):
@@ -80,7 +85,8 @@ def restore(workdir, run=RUN):
     params, opt_state = train_state(0.0)
     iterator = data_iterator()
     step, restored, _ = checkpointing.restore_train_state(
-        manager, jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state), iterator, run, new_schedule_ok=False)
+        manager, jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state), iterator, run, new_schedule_ok=False
+    )
     manager.close()
     return step, restored, next(iterator)
 
@@ -95,7 +101,9 @@ def test_a_damaged_item_falls_back_to_the_step_before(two_steps, item, damage, c
     np.testing.assert_array_equal(np.asarray(params["w"]), np.arange(6).reshape(2, 3) + 1.0)
     assert next_element == 2  # the iterator continues where step 1 left it
     reports = [line for line in capsys.readouterr().err.splitlines() if "cannot be restored" in line]
-    assert len(reports) == 1 and reports[0].startswith("checkpoint step 2 in ") and f"item {item!r}" in reports[0], reports
+    assert len(reports) == 1 and reports[0].startswith("checkpoint step 2 in ") and f"item {item!r}" in reports[0], (
+        reports
+    )
     assert (two_steps / checkpoint.CHECKPOINTS_DIR / "2.damaged").is_dir()
     assert not (two_steps / checkpoint.CHECKPOINTS_DIR / "2").exists()
 
@@ -103,7 +111,9 @@ def test_a_damaged_item_falls_back_to_the_step_before(two_steps, item, damage, c
 def test_no_intact_step_says_what_to_delete(two_steps, capsys):
     for step in ("1", "2"):
         damage_by_deleting(two_steps / checkpoint.CHECKPOINTS_DIR / step / "opt_state")
-    with pytest.raises(checkpoint.CheckpointError, match=r"no intact checkpoint in .* \(steps \[2, 1\] all failed, see above\): delete"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"no intact checkpoint in .* \(steps \[2, 1\] all failed, see above\): delete"
+    ):
         restore(two_steps)
     err = capsys.readouterr().err
     assert "checkpoint step 2 in" in err and "checkpoint step 1 in" in err and err.count("item 'opt_state'") == 2
@@ -111,14 +121,20 @@ def test_no_intact_step_says_what_to_delete(two_steps, capsys):
 
 def test_an_unfinished_save_is_not_a_step(two_steps):
     """What a process killed mid-save leaves: orbax's temporary directory, which is ignored."""
-    os.rename(two_steps / checkpoint.CHECKPOINTS_DIR / "2", two_steps / checkpoint.CHECKPOINTS_DIR / "2.orbax-checkpoint-tmp-7")
+    os.rename(
+        two_steps / checkpoint.CHECKPOINTS_DIR / "2",
+        two_steps / checkpoint.CHECKPOINTS_DIR / "2.orbax-checkpoint-tmp-7",
+    )
     assert restore(two_steps)[0] == 1
 
 
 def test_another_process_count_is_refused_with_both_counts(two_steps):
     """Each process saved its own iterator position: the run must resume on as many. An
     intact step of another run is not damage, so no older step is tried either."""
-    with pytest.raises(checkpoint.CheckpointMismatch, match=r"checkpoint step 2 in .* was written by 1 process\(es\), but this "
-                                                            r"run has 2: each process saved its own data iterator position"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatch,
+        match=r"checkpoint step 2 in .* was written by 1 process\(es\), but this "
+        r"run has 2: each process saved its own data iterator position",
+    ):
         restore(two_steps, RUN | {"process_count": 2})
     assert (two_steps / checkpoint.CHECKPOINTS_DIR / "2").is_dir()

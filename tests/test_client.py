@@ -1,4 +1,5 @@
 """The chat client against a scripted fake OpenAI-compatible server on 127.0.0.1."""
+
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -152,8 +153,10 @@ def test_api_key_from_env(monkeypatch):
     [
         ('{"a": 1, "b": [2, 3]}', {"a": 1, "b": [2, 3]}),
         ("{'q': 'What is it?', 'a': None}", {"q": "What is it?", "a": None}),
-        ('Sure! Here it is:\n```json\n{"q": "x {y}", "a": "it\'s z"}\n```\nHope that helps.',
-         {"q": "x {y}", "a": "it's z"}),
+        (
+            'Sure! Here it is:\n```json\n{"q": "x {y}", "a": "it\'s z"}\n```\nHope that helps.',
+            {"q": "x {y}", "a": "it's z"},
+        ),
         ("Here's my answer: {'q': \"a } brace\", 'n': {'k': 1}} and more {text", {"q": "a } brace", "n": {"k": 1}}),
     ],
 )

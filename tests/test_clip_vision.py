@@ -1,4 +1,5 @@
 """CLIP ViT tower against transformers' CLIPVisionModel on the same random weights."""
+
 import dataclasses
 
 import jax
@@ -8,10 +9,10 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_reference import assert_parity, build_hf, convert_saved
 
 from avllm_jax.models import clip_vision, conversion
 from avllm_jax.models.clip_vision import normalize_frames
-from hf_reference import assert_parity, build_hf, convert_saved
 
 
 def convert_clip(hf_model, tmp_path):
@@ -31,8 +32,30 @@ def with_config(model, **changes):
 @pytest.mark.parametrize(
     "name, hf_config, batch",
     [
-        ("tiny", dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4), 3),
-        ("ViT-L/14 width, 2 layers", dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16), 1),
+        (
+            "tiny",
+            dict(
+                image_size=32,
+                patch_size=8,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+            ),
+            3,
+        ),
+        (
+            "ViT-L/14 width, 2 layers",
+            dict(
+                image_size=224,
+                patch_size=14,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=2,
+                num_attention_heads=16,
+            ),
+            1,
+        ),
     ],
 )
 def test_hidden_states_match_hf(tmp_path, name, hf_config, batch):
@@ -52,8 +75,17 @@ def test_hidden_states_match_hf(tmp_path, name, hf_config, batch):
 
 def test_full_clip_model_checkpoint_drops_text_tower(tmp_path):
     config = transformers.CLIPConfig(
-        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
+        vision_config=dict(
+            image_size=32,
+            patch_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+        ),
         projection_dim=16,
     )
     hf_model = build_hf(transformers.CLIPModel, config)

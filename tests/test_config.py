@@ -1,6 +1,7 @@
 """The training config: misspelt fields are errors naming them, model parts are explicit, and any
 model field can be overridden, from a config file or the command line, with or without a
 starting checkpoint."""
+
 import dataclasses
 import importlib.util
 import pathlib
@@ -70,7 +71,9 @@ def test_a_replaced_block_is_reported():
     assert "rather than replacing config.model.vision" in message
     config = config_lib.base_config()
     config.model.llm = None
-    assert "config.model.llm must be a block of fields (attention_implementation, dtype, head_dim" in check_error(config)
+    assert "config.model.llm must be a block of fields (attention_implementation, dtype, head_dim" in check_error(
+        config
+    )
 
 
 def test_model_parts_are_checked():
@@ -92,14 +95,18 @@ def parse_command_line(*args):
 
 def test_command_line_overrides_any_model_field():
     config = parse_command_line(
-        "--config.model.audio.enable_fusion=True", "--config.model.audio.depths=(2, 2)",
-        "--config.model.llm.rope_scaling={'rope_type': 'linear', 'factor': 2.0}", "--config.model.parts=('audio', 'llm')",
+        "--config.model.audio.enable_fusion=True",
+        "--config.model.audio.depths=(2, 2)",
+        "--config.model.llm.rope_scaling={'rope_type': 'linear', 'factor': 2.0}",
+        "--config.model.parts=('audio', 'llm')",
     )
     config_lib.check_config(config)
     overrides = config_lib.model_overrides(config)
     assert overrides["audio"]["enable_fusion"] is True and overrides["audio"]["depths"] == (2, 2)
     assert overrides["llm"]["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(AttributeError, match='Did you mean "hidden_size" instead of "hiden_size"'):  # config_flags' check
+    with pytest.raises(
+        AttributeError, match='Did you mean "hidden_size" instead of "hiden_size"'
+    ):  # config_flags' check
         parse_command_line("--config.model.llm.hiden_size=3")
 
 
@@ -125,11 +132,15 @@ def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(toke
     config_lib.check_config(config)
     model_config, _, _ = resolve_model(config)
     assert model_config.audio is None and model_config.vision.image_size == 64 and model_config.llm is not None
-    assert "config.model.audio sets depths, embed_dim, enable_fusion, num_heads, patch_size, patch_stride, spec_size, " \
+    assert (
+        "config.model.audio sets depths, embed_dim, enable_fusion, num_heads, patch_size, patch_stride, spec_size, "
         "window_size: unused, as config.model.parts does not name 'audio'" in capsys.readouterr().out
+    )
 
     config.model.llm.vocab_size = 5
-    with pytest.raises(SetupError, match=f"config.model.llm.vocab_size=5 but the tokenizer .* has {len(tokenizer)} tokens"):
+    with pytest.raises(
+        SetupError, match=f"config.model.llm.vocab_size=5 but the tokenizer .* has {len(tokenizer)} tokens"
+    ):
         resolve_model(config)
 
 
@@ -137,8 +148,11 @@ def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path):
     """Not the hub's 30 s of retries and a traceback (the tests run with HF_HUB_OFFLINE=1)."""
     config = load_config_file("demo")
     config.tokenizer = str(tmp_path / "demo_out" / "tokenizer")
-    with pytest.raises(SetupError, match=r"^config.tokenizer='.*demo_out/tokenizer' is not a tokenizer directory here, and no "
-                                         r"Hugging Face model id that could be fetched: [^\n]+$"):
+    with pytest.raises(
+        SetupError,
+        match=r"^config.tokenizer='.*demo_out/tokenizer' is not a tokenizer directory here, and no "
+        r"Hugging Face model id that could be fetched: [^\n]+$",
+    ):
         resolve_model(config)
 
 
@@ -165,7 +179,9 @@ def test_with_init_checkpoint_the_parts_must_match_it(init_checkpoint):
     assert "config.model.parts=('vision', 'audio', 'llm') but init_checkpoint" in str(error.value)
     assert "holds ('vision', 'llm')" in str(error.value)
     config.model.parts = ("llm",)  # the checkpoint's vision encoder is not named
-    with pytest.raises(SetupError, match=r"config.model.parts=\('llm',\) but init_checkpoint .* holds \('vision', 'llm'\)"):
+    with pytest.raises(
+        SetupError, match=r"config.model.parts=\('llm',\) but init_checkpoint .* holds \('vision', 'llm'\)"
+    ):
         resolve_model(config)
 
     config.model.parts = ("vision", "llm")  # sft.py's audio dtype is then unused
@@ -210,11 +226,16 @@ def test_the_data_settings_must_suit_the_encoders():
     model_config = avllm.AVLLMConfig(audio=small)
     data = pipeline.default_data_config()
     data.audio_truncation = "rand_trunc"
-    with pytest.raises(SetupError, match=r"^data.audio_max_length_s=10 gives 1001 spectrogram frames and the audio encoder takes "
-                                         r"at most 64: use a window of 0.63 s or less$"):
+    with pytest.raises(
+        SetupError,
+        match=r"^data.audio_max_length_s=10 gives 1001 spectrogram frames and the audio encoder takes "
+        r"at most 64: use a window of 0.63 s or less$",
+    ):
         check_data_matches_model(data, model_config)
     data.audio_max_length_s = 0.63
     check_data_matches_model(data, model_config)
     data.audio_truncation = "fusion"
-    with pytest.raises(SetupError, match=r"data.audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"):
+    with pytest.raises(
+        SetupError, match=r"data.audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"
+    ):
         check_data_matches_model(data, model_config)

@@ -1,4 +1,5 @@
 """Instruction samples: reading our JSONL, LLaVA and Valley files; the Vicuna v1.1 template; labels."""
+
 import json
 import re
 
@@ -73,7 +74,9 @@ def test_truncation_keeps_the_modality_token(tokenizer):
     vis_id = tokenizer.convert_tokens_to_ids(Modality.AUDIO_VISUAL.token)
     position = int(np.flatnonzero(ids == vis_id)[0])
     short_ids, short_labels = conv.tokenize_turns(TURNS, tokenizer, max_length=position + 3)
-    assert short_ids.tolist() == ids[: position + 3].tolist() and short_labels.tolist() == labels[: position + 3].tolist()
+    assert (
+        short_ids.tolist() == ids[: position + 3].tolist() and short_labels.tolist() == labels[: position + 3].tolist()
+    )
     assert vis_id in short_ids
     with pytest.raises(ValueError, match="modality token"):
         conv.tokenize_turns(TURNS, tokenizer, max_length=position)
@@ -85,19 +88,26 @@ def write_jsonl(path, records):
 
 
 def record(media="clip.mp4", key="video", modality="visual", prompt="<VIS>\nWhat is it?", answer="a dog"):
-    out = {"id": "x", key: media, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+    out = {
+        "id": "x",
+        key: media,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+    }
     if modality:
         out["modality"] = modality
     return out
 
 
 def test_reads_our_jsonl_with_every_modality(tmp_path):
-    path = write_jsonl(tmp_path / "data.jsonl", [
-        record(),
-        record(key="audio", media="a.wav", modality="audio", prompt="<AUD>\nWhat sound?"),
-        record(modality="audio_visual", prompt="What makes the sound?\n<AUD_VIS>"),
-        {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            record(),
+            record(key="audio", media="a.wav", modality="audio", prompt="<AUD>\nWhat sound?"),
+            record(modality="audio_visual", prompt="What makes the sound?\n<AUD_VIS>"),
+            {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        ],
+    )
     samples, malformed = conv.read_samples(path)
     assert malformed == []
     assert [s.modality for s in samples] == ["visual", "audio", "audio_visual", None]
@@ -108,15 +118,28 @@ def test_reads_our_jsonl_with_every_modality(tmp_path):
 
 def test_reads_llava_and_valley_json(tmp_path):
     llava = [
-        {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
-            {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
-            {"from": "gpt", "value": "The bus in the image is white and red."},
-            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-            {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
+        {
+            "id": "000000033471",
+            "image": "coco/train2017/000000033471.jpg",
+            "conversations": [
+                {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+                {"from": "gpt", "value": "The bus in the image is white and red."},
+                {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+                {"from": "gpt", "value": "The back of the bus features an advertisement."},
+            ],
+        },
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi!"}]},
     ]
-    valley = [{"id": "v_1", "video": "webvid/1066692580.mp4", "conversations": [
-        {"from": "human", "value": "<video>\nDescribe the video."}, {"from": "gpt", "value": "A cat sleeps."}]}]
+    valley = [
+        {
+            "id": "v_1",
+            "video": "webvid/1066692580.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nDescribe the video."},
+                {"from": "gpt", "value": "A cat sleeps."},
+            ],
+        }
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(llava))
     (tmp_path / "valley.json").write_text(json.dumps(valley))
     samples, _ = conv.read_samples(tmp_path / "llava.json", media_root="/data/images")
@@ -124,7 +147,11 @@ def test_reads_llava_and_valley_json(tmp_path):
     assert samples[0].modality == "visual" and samples[0].turns[0][1].endswith("\n<VIS>") and len(samples[0].turns) == 4
     assert samples[1].modality is None
     (video,), _ = conv.read_samples(tmp_path / "valley.json")
-    assert video.modality == "visual" and video.turns[0][1].startswith("<VIS>\n") and video.origin.endswith("valley.json[0]")
+    assert (
+        video.modality == "visual"
+        and video.turns[0][1].startswith("<VIS>\n")
+        and video.origin.endswith("valley.json[0]")
+    )
 
 
 MALFORMED = {
@@ -134,12 +161,18 @@ MALFORMED = {
     "no token": record(prompt="What is it?"),
     "token in an answer": record(answer="<VIS>"),
     "modality mismatch": record(modality="audio"),
-    "roles out of order": {"video": "v.mp4", "conversations": [{"from": "gpt", "value": "<VIS>"}, {"from": "human", "value": "x"}]},
+    "roles out of order": {
+        "video": "v.mp4",
+        "conversations": [{"from": "gpt", "value": "<VIS>"}, {"from": "human", "value": "x"}],
+    },
     "audio token on an image": record(key="image", media="i.jpg", modality=None, prompt="<AUD>\nWhat?"),
     "unknown modality": record(modality="smell"),
     "media path not a string": record(media=5),
     "conversations not a list": {"video": "v.mp4", "conversations": "<VIS>\nWhat is it? A dog."},
-    "a turn's value not a string": {"video": "v.mp4", "conversations": [{"from": "human", "value": "<VIS>"}, {"from": "gpt", "value": 3}]},
+    "a turn's value not a string": {
+        "video": "v.mp4",
+        "conversations": [{"from": "human", "value": "<VIS>"}, {"from": "gpt", "value": 3}],
+    },
 }
 
 
@@ -154,23 +187,37 @@ def test_malformed_line_names_file_and_line(tmp_path, name):
 def test_a_path_outside_a_given_media_root_names_both(tmp_path, media):
     root = tmp_path / "media"
     path = write_jsonl(tmp_path / "bad.jsonl", [record(), record(media=media)])
-    with pytest.raises(conv.MalformedSampleError, match=rf"bad.jsonl:2: media path '{re.escape(media)}' lies outside media_root {re.escape(str(root))}"):
+    with pytest.raises(
+        conv.MalformedSampleError,
+        match=rf"bad.jsonl:2: media path '{re.escape(media)}' lies outside media_root {re.escape(str(root))}",
+    ):
         conv.read_samples(path, media_root=root)
 
 
 def test_paths_that_stay_inside_or_are_relative_to_the_file_are_kept(tmp_path):
     root = tmp_path / "media"
-    assert conv.read_samples(write_jsonl(tmp_path / "in.jsonl", [record(media="a/../b.mp4")]), media_root=root)[0][0].media_path == str(root / "a/../b.mp4")
-    assert conv.read_samples(write_jsonl(tmp_path / "abs.jsonl", [record(media="/etc/clip.mp4")]), media_root="/")[0][0].media_path == "/etc/clip.mp4"
+    assert conv.read_samples(write_jsonl(tmp_path / "in.jsonl", [record(media="a/../b.mp4")]), media_root=root)[0][
+        0
+    ].media_path == str(root / "a/../b.mp4")
+    assert (
+        conv.read_samples(write_jsonl(tmp_path / "abs.jsonl", [record(media="/etc/clip.mp4")]), media_root="/")[0][
+            0
+        ].media_path
+        == "/etc/clip.mp4"
+    )
     # Without media_root, paths are relative to the file and may go up (a curated file beside its videos' directory).
-    assert conv.read_samples(write_jsonl(tmp_path / "up.jsonl", [record(media="../videos/c.mp4")]))[0][0].media_path == str(tmp_path / "../videos/c.mp4")
+    assert conv.read_samples(write_jsonl(tmp_path / "up.jsonl", [record(media="../videos/c.mp4")]))[0][
+        0
+    ].media_path == str(tmp_path / "../videos/c.mp4")
 
 
 def test_malformed_lines_are_skipped_and_counted_when_asked(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [record(), *MALFORMED.values(), record()])
     samples, malformed = conv.read_samples(path, skip_malformed=True)
     assert len(samples) == 2 and len(malformed) == len(MALFORMED)
-    assert [str(e).split(": ")[0].rsplit(":", 1)[1] for e in malformed] == [str(i) for i in range(2, 2 + len(MALFORMED))]
+    assert [str(e).split(": ")[0].rsplit(":", 1)[1] for e in malformed] == [
+        str(i) for i in range(2, 2 + len(MALFORMED))
+    ]
 
 
 def test_with_modality_rewrites_the_token():

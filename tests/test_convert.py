@@ -1,4 +1,5 @@
 """tools/convert_hf_weights.py (avllm_jax/convert.py) end to end: HF directories in, `load_model(OUT)` out."""
+
 import json
 import os
 
@@ -8,15 +9,16 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from hf_reference import assert_parity, build_hf, save_tiny_tokenizer
 
 import avllm_jax
 from avllm_jax import convert
 from avllm_jax.data.conversation import load_tokenizer
 from avllm_jax.modality import MODALITY_TOKENS
-from hf_reference import assert_parity, build_hf, save_tiny_tokenizer
 
-
-CLIP = dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+CLIP = dict(
+    image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+)
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -65,7 +67,11 @@ def test_modality_tokens_added_with_mean_embeddings(hf_dirs, converted):
     original = hf_dirs["llm"].model.embed_tokens.weight.detach().numpy()
     for token_id in ids:
         np.testing.assert_allclose(np.asarray(model.llm.embed[...])[token_id], original.mean(axis=0), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(model.llm.lm_head[...])[:, token_id], hf_dirs["llm"].lm_head.weight.detach().numpy().mean(axis=0), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(model.llm.lm_head[...])[:, token_id],
+            hf_dirs["llm"].lm_head.weight.detach().numpy().mean(axis=0),
+            atol=1e-6,
+        )
     # A prompt keeps each modality token whole.
     encoded = tokenizer("USER: <AUD_VIS>\nwhat is it?").input_ids
     assert ids[2] in encoded and ids[0] not in encoded
@@ -138,7 +144,9 @@ def test_pickle_checkpoint_needs_allow_pickle(hf_dirs, tmp_path):
         convert.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out")])
     convert.main(["--clip", str(clip_dir), "--out", str(tmp_path / "out"), "--allow-pickle"])
     model = avllm_jax.load_model(tmp_path / "out")
-    np.testing.assert_array_equal(np.asarray(model.vision.class_embed[...]), state["embeddings.class_embedding"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(model.vision.class_embed[...]), state["embeddings.class_embedding"].numpy()
+    )
 
 
 def test_help_documents_every_flag(capsys):
@@ -151,9 +159,13 @@ def test_help_documents_every_flag(capsys):
 
 def test_clap_audio_tower_converts_and_runs(tmp_path):
     """--clap with a full ClapModel (text tower dropped): load_model(OUT).audio equals HF's pooled output."""
-    audio = dict(spec_size=128, window_size=4, depths=[2, 1, 2, 2], num_attention_heads=[2, 4, 8, 8], patch_embeds_hidden_size=16)
+    audio = dict(
+        spec_size=128, window_size=4, depths=[2, 1, 2, 2], num_attention_heads=[2, 4, 8, 8], patch_embeds_hidden_size=16
+    )
     text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    clap = build_hf(transformers.ClapModel, transformers.ClapConfig(audio_config=audio, text_config=text, projection_dim=16))
+    clap = build_hf(
+        transformers.ClapModel, transformers.ClapConfig(audio_config=audio, text_config=text, projection_dim=16)
+    )
     clap.save_pretrained(tmp_path / "clap")
     convert.main(["--clap", str(tmp_path / "clap"), "--out", str(tmp_path / "out")])
     model = avllm_jax.load_model(tmp_path / "out")
@@ -164,4 +176,6 @@ def test_clap_audio_tower_converts_and_runs(tmp_path):
     features, is_longer = clap_audio_features(waveforms, truncation="rand_trunc", max_length_s=2.0)
     with torch.no_grad():
         reference = clap.audio_model(torch.from_numpy(features)).pooler_output.numpy()
-    assert_parity(model.audio(jnp.asarray(features), jnp.asarray(is_longer)), reference, "converted CLAP audio tower (pooled)")
+    assert_parity(
+        model.audio(jnp.asarray(features), jnp.asarray(is_longer)), reference, "converted CLAP audio tower (pooled)"
+    )

@@ -1,8 +1,8 @@
 """Instruction curation against a fake OpenAI-compatible server: parsing, rules, resume, format."""
-import json
-import re
 
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +39,10 @@ Answer: The dog is running along the beach.
 **Answer 2:** On a sandy beach
 next to the sea.
 """
-GOOD_DESCRIPTION = ("Detailed description: A brown dog runs across a sandy beach next to the sea, "
-                    "kicking up sand as it goes, while waves roll in behind it.")
+GOOD_DESCRIPTION = (
+    "Detailed description: A brown dog runs across a sandy beach next to the sea, "
+    "kicking up sand as it goes, while waves roll in behind it."
+)
 # What the fake LLM answers, by the marker word in the context's captions.
 REPLIES = {
     "good": {"conversation": GOOD_QA, "reasoning": GOOD_QA, "description": GOOD_DESCRIPTION},
@@ -57,7 +59,9 @@ REPLIES = {
 def fake_llm(prompt: str) -> str:
     context = prompt.split("CONTEXT", 1)[1]
     marker = next(m for m in REPLIES if m in context)
-    task = "description" if "detailed description" in prompt else "reasoning" if "reasoning" in prompt else "conversation"
+    task = (
+        "description" if "detailed description" in prompt else "reasoning" if "reasoning" in prompt else "conversation"
+    )
     return REPLIES[marker][task]
 
 
@@ -85,6 +89,7 @@ def client_for(server):
 
 # ---- templates ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("modality", list(Modality))
 def test_templates_have_four_sections_and_the_right_context(task, modality):
@@ -110,7 +115,11 @@ def test_template_example_replies_pass_their_own_rules():
 
 def test_build_messages_fills_captions_and_skips_missing_ones():
     template = load_template("conversation", "audio_visual")
-    record = {"id": "a", "visual_captions": ["a cat sleeps", "a cat sleeps", "a cat wakes up."], "audio_captions": ["purring"]}
+    record = {
+        "id": "a",
+        "visual_captions": ["a cat sleeps", "a cat sleeps", "a cat wakes up."],
+        "audio_captions": ["purring"],
+    }
     prompt = build_messages(template, record, "audio_visual")[0]["content"]
     assert "Visual captions: A cat sleeps. A cat wakes up.\nAudio captions: Purring." in prompt
     assert "<VC>" not in prompt and "<AC>" not in prompt
@@ -123,6 +132,7 @@ def test_join_captions_drops_repeats_and_blanks():
 
 
 # ---- reply parsing and rules -----------------------------------------------------------------
+
 
 def test_parse_qa_pairs_handles_labels_markdown_and_continuations():
     assert parse_qa_pairs(GOOD_QA) == [
@@ -156,10 +166,25 @@ def test_parse_description_strips_label_and_rejects_qa():
 @pytest.mark.parametrize(
     "task, modality, reply, reason",
     [
-        ("conversation", "audio_visual", "Question: What is it?\nAnswer: Based on the description, a dog.\n" * 2, "forbidden_phrase"),
+        (
+            "conversation",
+            "audio_visual",
+            "Question: What is it?\nAnswer: Based on the description, a dog.\n" * 2,
+            "forbidden_phrase",
+        ),
         ("conversation", "audio_visual", "Question: What?\nAnswer: The captions say a dog.\n" * 2, "forbidden_phrase"),
-        ("conversation", "visual", "Question: What is it?\nAnswer: A dog.\nQuestion: Any sound?\nAnswer: You can hear barking.", "off_modality"),
-        ("description", "audio", "Description: You can see a dog barking loudly on a wide sandy beach by the sea today.", "off_modality"),
+        (
+            "conversation",
+            "visual",
+            "Question: What is it?\nAnswer: A dog.\nQuestion: Any sound?\nAnswer: You can hear barking.",
+            "off_modality",
+        ),
+        (
+            "description",
+            "audio",
+            "Description: You can see a dog barking loudly on a wide sandy beach by the sea today.",
+            "off_modality",
+        ),
         ("conversation", "visual", "Question: What is it?\nAnswer: A dog.", "too_few_qa_pairs"),
         ("description", "visual", "Description: A dog.", "too_short"),
         ("conversation", "visual", "Question: What is <VIS>?\nAnswer: A dog.\n" * 2, "modality_token_in_reply"),
@@ -188,10 +213,19 @@ def test_sample_format(task, modality):
 
 # ---- the whole run against the fake server ----------------------------------------------------
 
+
 def test_curate_counts_accepts_rejects_and_writes_the_pipeline_format(tmp_path, server):
     contexts = tmp_path / "contexts.jsonl"
-    write_contexts(contexts, [context("v1", "good"), context("v2", "according"), context("v3", "prose"),
-                              context("v4", "unanswered"), context("i5", "good", media="image")])
+    write_contexts(
+        contexts,
+        [
+            context("v1", "good"),
+            context("v2", "according"),
+            context("v3", "prose"),
+            context("v4", "unanswered"),
+            context("i5", "good", media="image"),
+        ],
+    )
     out = tmp_path / "out.jsonl"
     counts = curate(contexts, out, client_for(server))
     # v1: 9 accepted; v2: 9 forbidden; v3: 6 no-QA + 3 too-short descriptions; v4: 6 unanswered + 3
@@ -250,8 +284,23 @@ def test_cli_prints_summary_and_never_the_key(tmp_path, server, monkeypatch, cap
     contexts = tmp_path / "contexts.jsonl"
     write_contexts(contexts, [context("a", "good"), context("b", "according")])
     monkeypatch.setenv("CURATION_TEST_KEY", "sk-very-secret")
-    argv = ["--contexts", str(contexts), "--out", str(tmp_path / "o.jsonl"), "--task", "conversation", "description",
-            "--modality", "audio", "--endpoint", server.endpoint, "--model", "fake", "--api-key-env", "CURATION_TEST_KEY"]
+    argv = [
+        "--contexts",
+        str(contexts),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--task",
+        "conversation",
+        "description",
+        "--modality",
+        "audio",
+        "--endpoint",
+        server.endpoint,
+        "--model",
+        "fake",
+        "--api-key-env",
+        "CURATION_TEST_KEY",
+    ]
     assert curate_cli.main(argv) == 0
     printed = capsys.readouterr()
     assert "sk-very-secret" not in printed.out + printed.err

@@ -1,4 +1,5 @@
 """Context extraction: tiny random-weight BLIP and CLAP from configs, media written with PyAV."""
+
 import importlib.util
 import json
 import string
@@ -83,18 +84,41 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
     path = tmp_path_factory.mktemp("blip")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *"a dog cat on the beach runs man woman street park car".split()]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "[DEC]",
+        *"a dog cat on the beach runs man woman street park car".split(),
+    ]
     tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     processor = transformers.BlipProcessor(
         image_processor=transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
     )
     config = transformers.BlipConfig(
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, encoder_hidden_size=16, bos_token_id=5, pad_token_id=0,
-                         sep_token_id=3, eos_token_id=3),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=16,
+            bos_token_id=5,
+            pad_token_id=0,
+            sep_token_id=3,
+            eos_token_id=3,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -112,11 +136,27 @@ def tiny_clap(tmp_path_factory):
         feature_extractor=transformers.ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer
     )
     config = transformers.ClapConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2),
-        audio_config=dict(depths=[1, 1], num_attention_heads=[1, 2], patch_embeds_hidden_size=8, hidden_size=16,
-                          window_size=8, spec_size=256, num_mel_bins=64, enable_fusion=False),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+        audio_config=dict(
+            depths=[1, 1],
+            num_attention_heads=[1, 2],
+            patch_embeds_hidden_size=8,
+            hidden_size=16,
+            window_size=8,
+            spec_size=256,
+            num_mel_bins=64,
+            enable_fusion=False,
+        ),
         projection_dim=8,
     )
     torch.manual_seed(0)
@@ -151,8 +191,16 @@ def test_find_media_ids_and_errors(media_dir, tmp_path):
 def test_extract_contexts_records_per_file_and_kind(media_dir, tmp_path, batch_size):
     out = tmp_path / "contexts.jsonl"
     media = find_media([media_dir])
-    counts = extract_contexts(media, out, frame_brightness_captioner, audio_loudness_captioner,
-                              num_frames=4, image_size=32, num_audio_segments=3, batch_size=batch_size)
+    counts = extract_contexts(
+        media,
+        out,
+        frame_brightness_captioner,
+        audio_loudness_captioner,
+        num_frames=4,
+        image_size=32,
+        num_audio_segments=3,
+        batch_size=batch_size,
+    )
     assert counts == {"already_done": 0, "video": 3, "audio": 1, "image": 1, "unreadable": 1}
     records = {r["id"]: r for r in read_finished(out)}
     assert set(records) == {"street", "sub/park", "silent", "bell", "photo"}
@@ -209,7 +257,7 @@ def test_transformers_captioner_matches_the_hf_model(tiny_blip, media_dir):
         inputs = processor(images=list(frames), text=["a dog"] * 3, return_tensors="pt")
         raw = processor.batch_decode(model.generate(**inputs, max_new_tokens=6), skip_special_tokens=True)
     assert all(r.startswith("a dog") for r in raw)
-    assert prompted == [r[len("a dog"):].strip() for r in raw]
+    assert prompted == [r[len("a dog") :].strip() for r in raw]
 
 
 def test_clap_labeller_picks_the_nearest_label(tiny_clap, media_dir):
@@ -219,8 +267,12 @@ def test_clap_labeller_picks_the_nearest_label(tiny_clap, media_dir):
     processor = transformers.AutoProcessor.from_pretrained(tiny_clap)
     model = transformers.ClapModel.from_pretrained(tiny_clap).eval()
     with torch.no_grad():
-        text = model.get_text_features(**processor(text=[f"The sound of {l}." for l in LABELS], return_tensors="pt", padding=True)).pooler_output
-        audio = model.get_audio_features(**processor(audio=list(segments), sampling_rate=SR, return_tensors="pt")).pooler_output
+        text = model.get_text_features(
+            **processor(text=[f"The sound of {l}." for l in LABELS], return_tensors="pt", padding=True)
+        ).pooler_output
+        audio = model.get_audio_features(
+            **processor(audio=list(segments), sampling_rate=SR, return_tensors="pt")
+        ).pooler_output
     similarity = torch.nn.functional.normalize(audio, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
     top2 = similarity.topk(2, dim=-1).values
     assert (top2[:, 0] - top2[:, 1] > 1e-3).all()  # a clear winner, so the comparison below means something
@@ -240,9 +292,23 @@ def test_cli_with_tiny_models(tiny_blip, tiny_clap, media_dir, tmp_path, capsys)
     out = tmp_path / "contexts.jsonl"
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS))
-    argv = ["--media", str(media_dir / "street.mp4"), str(media_dir / "photo.png"), "--out", str(out),
-            "--captioner", tiny_blip, "--clap", tiny_clap, "--audio-labels", str(labels),
-            "--num-frames", "2", "--num-audio-segments", "2"]
+    argv = [
+        "--media",
+        str(media_dir / "street.mp4"),
+        str(media_dir / "photo.png"),
+        "--out",
+        str(out),
+        "--captioner",
+        tiny_blip,
+        "--clap",
+        tiny_clap,
+        "--audio-labels",
+        str(labels),
+        "--num-frames",
+        "2",
+        "--num-audio-segments",
+        "2",
+    ]
     assert extract_cli.main(argv) == 0
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert len(records["street"]["visual_captions"]) == 2 and len(records["photo"]["visual_captions"]) == 1

@@ -1,4 +1,5 @@
 """Whole evaluation runs with a stand-in model and a fake OpenAI-compatible judge on 127.0.0.1."""
+
 import http.server
 import json
 import math
@@ -126,8 +127,9 @@ def test_judge_protocol_retries_failures_and_rerun_fills_gaps(tmp_path, judge, c
 
     judge.script = script
     out = tmp_path / "out"
-    summary = run_evaluation("msrvtt_qa", data, media, out, scripted_answers(answers), judge=judge.client(),
-                             checkpoint="ckpt", batch_size=4)
+    summary = run_evaluation(
+        "msrvtt_qa", data, media, out, scripted_answers(answers), judge=judge.client(), checkpoint="ckpt", batch_size=4
+    )
 
     # Every request: the configured model, temperature 0, the key only in the Authorization header.
     assert {r["model"] for r in judge.requests} == {"fake-judge-1"}
@@ -165,7 +167,10 @@ def test_judge_protocol_retries_failures_and_rerun_fills_gaps(tmp_path, judge, c
     summary = run_evaluation("msrvtt_qa", data, media, out, rerun_answers, judge=judge.client(), checkpoint="ckpt")
     assert rerun_answers.calls == []
     assert sorted(re.search(r"Question: (.*)", r["messages"][-1]["content"]).group(1) for r in judge.requests) == [
-        "question 3?", "question 4?", "question 5?"]
+        "question 3?",
+        "question 4?",
+        "question 5?",
+    ]
     assert summary["counts"]["judge_failed"] == 0 and summary["problems"] == []
     # Now 0, 3, 4, 5 are yes/5 (honest judge), 1 no/1, 2 yes/4 (cached).
     assert summary["metrics"]["judge"] == {"accuracy": pytest.approx(5 / 6), "score": pytest.approx(25 / 6), "n": 6}
@@ -180,8 +185,16 @@ def test_resumed_run_gives_the_uninterrupted_summary(tmp_path, judge):
     data, media = write_msrvtt(tmp_path, records, [f"video{i}.mp4" for i in range(8)])
     answers = {f"question {i}?": (f"answer {i}" if i % 3 else "no idea") for i in range(8)}
 
-    whole = run_evaluation("msrvtt_qa", data, media, tmp_path / "whole", scripted_answers(answers),
-                           judge=judge.client(), checkpoint="ckpt", batch_size=2)
+    whole = run_evaluation(
+        "msrvtt_qa",
+        data,
+        media,
+        tmp_path / "whole",
+        scripted_answers(answers),
+        judge=judge.client(),
+        checkpoint="ckpt",
+        batch_size=2,
+    )
 
     def interrupted_after_two_batches(batch):
         if len(interrupted_after_two_batches.calls) == 2:
@@ -192,25 +205,43 @@ def test_resumed_run_gives_the_uninterrupted_summary(tmp_path, judge):
     interrupted_after_two_batches.calls = []
     resumed_dir = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        run_evaluation("msrvtt_qa", data, media, resumed_dir, interrupted_after_two_batches,
-                       judge=judge.client(), checkpoint="ckpt", batch_size=2)
+        run_evaluation(
+            "msrvtt_qa",
+            data,
+            media,
+            resumed_dir,
+            interrupted_after_two_batches,
+            judge=judge.client(),
+            checkpoint="ckpt",
+            batch_size=2,
+        )
     assert len(report.read_jsonl(resumed_dir / report.PREDICTIONS_FILE)[0]) == 4
 
     rest = scripted_answers(answers)
-    resumed = run_evaluation("msrvtt_qa", data, media, resumed_dir, rest, judge=judge.client(),
-                             checkpoint="ckpt", batch_size=2)
+    resumed = run_evaluation(
+        "msrvtt_qa", data, media, resumed_dir, rest, judge=judge.client(), checkpoint="ckpt", batch_size=2
+    )
     assert sorted(q for call in rest.calls for q in call) == [f"question {i}?" for i in range(4, 8)]
     assert resumed == whole
     assert (resumed_dir / report.SUMMARY_MD).read_text() == (tmp_path / "whole" / report.SUMMARY_MD).read_text()
-    assert (resumed_dir / report.PER_QUESTION_FILE).read_text() == \
-        (tmp_path / "whole" / report.PER_QUESTION_FILE).read_text()
+    assert (resumed_dir / report.PER_QUESTION_FILE).read_text() == (
+        tmp_path / "whole" / report.PER_QUESTION_FILE
+    ).read_text()
 
     # Judging interrupted too: keep 3 verdicts and a torn fourth line; only 5 verdicts are asked again.
     verdict_lines = (resumed_dir / report.VERDICTS_FILE).read_text().splitlines()
     (resumed_dir / report.VERDICTS_FILE).write_text("\n".join(verdict_lines[:3]) + "\n" + verdict_lines[3][:20])
     judge.requests.clear()
-    again = run_evaluation("msrvtt_qa", data, media, resumed_dir, scripted_answers({}), judge=judge.client(),
-                           checkpoint="ckpt", batch_size=2)
+    again = run_evaluation(
+        "msrvtt_qa",
+        data,
+        media,
+        resumed_dir,
+        scripted_answers({}),
+        judge=judge.client(),
+        checkpoint="ckpt",
+        batch_size=2,
+    )
     assert len(judge.requests) == 5
     assert again == whole
     records_after, unreadable = report.read_jsonl(resumed_dir / report.VERDICTS_FILE)
@@ -239,7 +270,10 @@ def test_bad_input_is_counted_and_listed(tmp_path):
     assert (counts["questions"], counts["answered"]) == (5, 2)
     assert (counts["no_answer"], counts["missing_media"], counts["answer_failed"]) == (1, 1, 1)
     assert [(p["id"], p["kind"]) for p in summary["problems"]] == [
-        ("1", "no_answer"), ("2", "missing_media"), ("3", "answer_failed")]
+        ("1", "no_answer"),
+        ("2", "missing_media"),
+        ("3", "answer_failed"),
+    ]
     assert "video2" in summary["problems"][1]["detail"]
     assert "video3.mp4" in summary["problems"][2]["detail"]
     assert summary["metrics"]["exact_match"] == {"accuracy": 1.0, "n": 2}
@@ -257,8 +291,7 @@ def test_bad_input_is_counted_and_listed(tmp_path):
 def test_captioning_reports_cider_d_and_spice_unavailable(tmp_path, monkeypatch):
     monkeypatch.delenv("SPICE_JAR", raising=False)
     data = tmp_path / "clotho_captions_evaluation.csv"
-    data.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
-                    "one.wav,a b,,,,\ntwo.wav,c d,,,,\n")
+    data.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\none.wav,a b,,,,\ntwo.wav,c d,,,,\n")
     (tmp_path / "one.wav").write_bytes(b"")
     (tmp_path / "two.wav").write_bytes(b"")
     modalities = []
@@ -277,13 +310,22 @@ def test_captioning_reports_cider_d_and_spice_unavailable(tmp_path, monkeypatch)
 
 def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path, judge):
     data = tmp_path / "consistency_qa.json"
-    data.write_text(json.dumps([
-        {"video_name": "v_a", "Q1": "Who runs?", "Q2": "Which person runs?", "A": "a girl"},
-        {"video_name": "v_b", "Q1": "What falls?", "Q2": "Which thing falls?", "A": "a cup"},
-    ]))
+    data.write_text(
+        json.dumps(
+            [
+                {"video_name": "v_a", "Q1": "Who runs?", "Q2": "Which person runs?", "A": "a girl"},
+                {"video_name": "v_b", "Q1": "What falls?", "Q2": "Which thing falls?", "A": "a cup"},
+            ]
+        )
+    )
     for name in ("v_a.mp4", "v_b.mkv"):
         (tmp_path / name).write_bytes(b"")
-    answers = {"Who runs?": "a girl", "Which person runs?": "a boy", "What falls?": "a cup", "Which thing falls?": "a cup"}
+    answers = {
+        "Who runs?": "a girl",
+        "Which person runs?": "a boy",
+        "What falls?": "a cup",
+        "Which thing falls?": "a cup",
+    }
     with pytest.raises(ValueError, match="judge"):
         run_evaluation("videochat_consistency", data, tmp_path, tmp_path / "out", scripted_answers(answers))
 
@@ -293,8 +335,9 @@ def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path
         return 200, "{'score': %d}" % (5 if set(predicted) == {reference} else 2)
 
     judge.script = script
-    summary = run_evaluation("videochat_consistency", data, tmp_path, tmp_path / "out", scripted_answers(answers),
-                             judge=judge.client())
+    summary = run_evaluation(
+        "videochat_consistency", data, tmp_path, tmp_path / "out", scripted_answers(answers), judge=judge.client()
+    )
     assert len(judge.requests) == 2  # one verdict per pair of answers
     assert summary["metrics"]["consistency"] == {"score": pytest.approx(3.5), "n": 2}
     predictions = report.read_jsonl(tmp_path / "out" / report.PREDICTIONS_FILE)[0]
@@ -314,12 +357,40 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
     monkeypatch.setattr(evaluate, "model_answer_fn", fake_model_answer_fn)
     monkeypatch.setenv("MY_JUDGE_KEY", API_KEY)
     out = tmp_path / "out"
-    summary = evaluate.main(["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root",
-                             str(media), "--out", str(out), "--judge-endpoint", judge.endpoint, "--judge-model", "m-2",
-                             "--judge-key-env", "MY_JUDGE_KEY", "--num-frames", "8"])
-    assert built == {"checkpoint": "ckpt", "max_new_tokens": 128, "media_settings": {
-        "num_frames": 8, "num_audio_segments": None, "image_size": None, "audio_max_length_s": None, "audio_truncation": None,
-        "feature_cache": None}}
+    summary = evaluate.main(
+        [
+            "--checkpoint",
+            "ckpt",
+            "--task",
+            "msrvtt_qa",
+            "--data",
+            str(data),
+            "--media-root",
+            str(media),
+            "--out",
+            str(out),
+            "--judge-endpoint",
+            judge.endpoint,
+            "--judge-model",
+            "m-2",
+            "--judge-key-env",
+            "MY_JUDGE_KEY",
+            "--num-frames",
+            "8",
+        ]
+    )
+    assert built == {
+        "checkpoint": "ckpt",
+        "max_new_tokens": 128,
+        "media_settings": {
+            "num_frames": 8,
+            "num_audio_segments": None,
+            "image_size": None,
+            "audio_max_length_s": None,
+            "audio_truncation": None,
+            "feature_cache": None,
+        },
+    }
     assert {h["Authorization"] for h in judge.headers} == {f"Bearer {API_KEY}"}
     assert {r["model"] for r in judge.requests} == {"m-2"}
     assert summary["metrics"]["judge"]["accuracy"] == 0.5
@@ -330,8 +401,20 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(SystemExit, match="judge"):
-        evaluate.main(["--checkpoint", "ckpt", "--task", "videochat_generic", "--data", str(data), "--media-root",
-                       str(media), "--out", str(tmp_path / "other")])
+        evaluate.main(
+            [
+                "--checkpoint",
+                "ckpt",
+                "--task",
+                "videochat_generic",
+                "--data",
+                str(data),
+                "--media-root",
+                str(media),
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
 
 
 def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, monkeypatch):
@@ -347,14 +430,28 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     data, media = write_msrvtt(tmp_path, qa_records(3), [])
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
     for i in (0, 1):  # one second; video0 with a 48 kHz tone
-        write_media(media / f"video{i}.mp4", frames=np.full((6, 32, 32, 3), 40 * (i + 1), np.uint8), fps=6,
-                    audio=tone if i == 0 else None)
+        write_media(
+            media / f"video{i}.mp4",
+            frames=np.full((6, 32, 32, 3), 40 * (i + 1), np.uint8),
+            fps=6,
+            audio=tone if i == 0 else None,
+        )
     (media / "video2.mp4").write_text("this is not a video\n" * 20)
 
     seen, audio = [], []
 
-    def answer_questions(model, tokenizer, media_list, questions, *, modality=None, max_new_tokens=0, temperature=1.0,
-                         data_config=None, mesh=None):
+    def answer_questions(
+        model,
+        tokenizer,
+        media_list,
+        questions,
+        *,
+        modality=None,
+        max_new_tokens=0,
+        temperature=1.0,
+        data_config=None,
+        mesh=None,
+    ):
         assert (model, tokenizer, max_new_tokens, temperature) == ("model copied onto the mesh", "tokenizer", 5, 0.0)
         assert mesh.devices.size == len(jax.local_devices()) == 8  # the batch is split over every local device
         assert (data_config.num_frames, data_config.image_size) == (2, 16)
@@ -376,7 +473,9 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
         return config
 
     monkeypatch.setattr("avllm_jax.inference.prompts.inference_data_config", inference_data_config)
-    answer_fn = evaluate.model_answer_fn("ckpt", media_settings=dict(num_frames=2, num_audio_segments=4, image_size=16), max_new_tokens=5)
+    answer_fn = evaluate.model_answer_fn(
+        "ckpt", media_settings=dict(num_frames=2, num_audio_segments=4, image_size=16), max_new_tokens=5
+    )
     summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", answer_fn, batch_size=4)
 
     assert summary["counts"]["answered"] == 2 and summary["metrics"]["exact_match"]["accuracy"] == 1.0
@@ -384,7 +483,9 @@ def test_model_answer_fn_decodes_media_and_counts_undecodable_files(tmp_path, mo
     assert "MediaError" in summary["problems"][0]["detail"] and "video2.mp4" in summary["problems"][0]["detail"]
     # Decoded at the requested size; the task forces no modality, so the files' streams decide.
     assert [(shape, q, modality) for shape, _, q, modality in seen] == [
-        ((2, 16, 16, 3), "question 0?", None), ((2, 16, 16, 3), "question 1?", None)]
+        ((2, 16, 16, 3), "question 0?", None),
+        ((2, 16, 16, 3), "question 1?", None),
+    ]
     assert abs(seen[0][1] - 40) <= 3 and abs(seen[1][1] - 80) <= 3  # each question got its own video
     # Resampled to the config's 16 kHz (AAC adds a few hundred samples of padding), in 4 segments.
     assert audio[1] is None and audio[0][0] == 4 and abs(audio[0][0] * audio[0][1] - 16000) < 1000
@@ -435,8 +536,16 @@ def test_processes_split_the_questions_and_the_leader_writes_what_one_process_wr
     records = qa_records(9)
     data, media = write_msrvtt(tmp_path, records, [f"video{i}.mp4" for i in range(9) if i != 4])  # 4: missing media
     answers = {f"question {i}?": f"answer {i}" if i % 2 else "no idea" for i in range(9)}
-    alone = run_evaluation("msrvtt_qa", data, media, tmp_path / "alone", scripted_answers(answers), judge=judge.client(),
-                           checkpoint="ckpt", batch_size=2)
+    alone = run_evaluation(
+        "msrvtt_qa",
+        data,
+        media,
+        tmp_path / "alone",
+        scripted_answers(answers),
+        judge=judge.client(),
+        checkpoint="ckpt",
+        batch_size=2,
+    )
 
     # Resume too: the cache already holds two answers, which nobody asks again.
     shared = tmp_path / "shared"
@@ -445,9 +554,20 @@ def test_processes_split_the_questions_and_the_leader_writes_what_one_process_wr
     (shared / report.PREDICTIONS_FILE).write_text("\n".join(lines[:2]) + "\n")
     (shared / report.RUN_FILE).write_text((tmp_path / "alone" / report.RUN_FILE).read_text())
     asked = [scripted_answers(answers) for _ in range(3)]
-    summaries = run_processes(3, lambda group: run_evaluation(
-        "msrvtt_qa", data, media, shared, asked[group.index], judge=judge.client(), checkpoint="ckpt", batch_size=2,
-        group=group))
+    summaries = run_processes(
+        3,
+        lambda group: run_evaluation(
+            "msrvtt_qa",
+            data,
+            media,
+            shared,
+            asked[group.index],
+            judge=judge.client(),
+            checkpoint="ckpt",
+            batch_size=2,
+            group=group,
+        ),
+    )
 
     assert summaries[1:] == [None, None] and summaries[0] == alone
     shares = [sorted(q for call in a.calls for q in call) for a in asked]
@@ -455,8 +575,9 @@ def test_processes_split_the_questions_and_the_leader_writes_what_one_process_wr
     for name in (report.SUMMARY_MD, report.PER_QUESTION_FILE):
         assert (shared / name).read_text() == (tmp_path / "alone" / name).read_text()
     key = lambda r: r["id"]  # noqa: E731  (the shares arrive in any order)
-    assert sorted(report.read_jsonl(shared / report.PREDICTIONS_FILE)[0], key=key) == \
-        sorted(report.read_jsonl(tmp_path / "alone" / report.PREDICTIONS_FILE)[0], key=key)
+    assert sorted(report.read_jsonl(shared / report.PREDICTIONS_FILE)[0], key=key) == sorted(
+        report.read_jsonl(tmp_path / "alone" / report.PREDICTIONS_FILE)[0], key=key
+    )
 
 
 def test_a_silent_process_costs_only_its_share_and_waits_are_bounded(tmp_path):
@@ -466,23 +587,42 @@ def test_a_silent_process_costs_only_its_share_and_waits_are_bounded(tmp_path):
     answers = {f"question {i}?": f"answer {i}" for i in range(4)}
     start = time.monotonic()
     # Process 1 of 2 never answers: after 1 s without a word from it, the leader scores the rest.
-    summary = run_evaluation("msrvtt_qa", data, media, tmp_path / "out", scripted_answers(answers), batch_size=1,
-                             group=ProcessGroup(0, 2, FakeStore(), timeout_s=1.0))
+    summary = run_evaluation(
+        "msrvtt_qa",
+        data,
+        media,
+        tmp_path / "out",
+        scripted_answers(answers),
+        batch_size=1,
+        group=ProcessGroup(0, 2, FakeStore(), timeout_s=1.0),
+    )
     assert time.monotonic() - start < 20
     assert summary["counts"]["answered"] == 2 and summary["counts"]["answer_failed"] == 2
     assert {p["id"]: p["detail"] for p in summary["problems"]} == {
-        "1": "process 1 sent no answers for 1 s", "3": "process 1 sent no answers for 1 s"}
+        "1": "process 1 sent no answers for 1 s",
+        "3": "process 1 sent no answers for 1 s",
+    }
     # The rerun, with both processes, asks only for those two.
     asked = [scripted_answers(answers) for _ in range(2)]
-    summaries = run_processes(2, lambda group: run_evaluation(
-        "msrvtt_qa", data, media, tmp_path / "out", asked[group.index], batch_size=1, group=group))
+    summaries = run_processes(
+        2,
+        lambda group: run_evaluation(
+            "msrvtt_qa", data, media, tmp_path / "out", asked[group.index], batch_size=1, group=group
+        ),
+    )
     assert summaries[0]["counts"]["answered"] == 4 and summaries[0]["problems"] == []
     assert sorted(q for a in asked for call in a.calls for q in call) == ["question 1?", "question 3?"]
     # A process whose leader never comes gives up with a message.
     start = time.monotonic()
     with pytest.raises(ProcessGroupError, match="process 1 of 2 waited 1 s for the list of unanswered samples"):
-        run_evaluation("msrvtt_qa", data, media, tmp_path / "other", scripted_answers(answers),
-                       group=ProcessGroup(1, 2, FakeStore(), timeout_s=1.0))
+        run_evaluation(
+            "msrvtt_qa",
+            data,
+            media,
+            tmp_path / "other",
+            scripted_answers(answers),
+            group=ProcessGroup(1, 2, FakeStore(), timeout_s=1.0),
+        )
     assert time.monotonic() - start < 20 and not (tmp_path / "other").exists()
 
 
@@ -494,32 +634,52 @@ def tiny_benchmark(tmp_path_factory):
     import jax
     import numpy as np
     from flax import nnx
+    from tiny_models import tiny_model, tiny_tokenizer
 
     from avllm_jax import checkpoint
-    from avllm_jax.data.pipeline import default_data_config
     from avllm_jax.data.media import write_media
-    from tiny_models import tiny_model, tiny_tokenizer
+    from avllm_jax.data.pipeline import default_data_config
 
     root = tmp_path_factory.mktemp("benchmark")
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 1.0, x.shape).astype(np.float32), nnx.to_pure_dict(nnx.state(model)))
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + rng.normal(0, 1.0, x.shape).astype(np.float32), nnx.to_pure_dict(nnx.state(model))
+    )
     checkpoint.save_params(str(root / "model" / checkpoint.PARAMS_DIR), params)
     checkpoint.write_model_config(str(root / "model"), model.config)
     tokenizer.save_pretrained(root / "model")
     data_config = default_data_config()
-    data_config.update(num_frames=2, image_size=32, num_audio_segments=2, audio_max_length_s=0.4, audio_truncation="rand_trunc")
+    data_config.update(
+        num_frames=2, image_size=32, num_audio_segments=2, audio_max_length_s=0.4, audio_truncation="rand_trunc"
+    )
     checkpoint.write_data_config(str(root / "model"), data_config)
     media = root / "media"
     media.mkdir()
     for i in range(6):
         frames = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) if i % 3 != 2 else None
-        tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * i) * np.arange(48000) / 48000)).astype(np.float32) if i % 3 else None
-        write_media(media / (f"video{i}.mp4" if frames is not None else f"video{i}.flac"), frames=frames, fps=6, audio=tone,
-                    **({} if frames is not None else {"audio_codec": "flac"}))
-    questions = ["What colour is the square?", "How many beeps do you hear?", "Is the tone high?", "Does the circle move left?",
-                 "Is the sound low?", "What moves up?", "What colour is the circle?", "Is the triangle high?", "What do you hear?"]
+        tone = (
+            (0.3 * np.sin(2 * np.pi * (300 + 100 * i) * np.arange(48000) / 48000)).astype(np.float32) if i % 3 else None
+        )
+        write_media(
+            media / (f"video{i}.mp4" if frames is not None else f"video{i}.flac"),
+            frames=frames,
+            fps=6,
+            audio=tone,
+            **({} if frames is not None else {"audio_codec": "flac"}),
+        )
+    questions = [
+        "What colour is the square?",
+        "How many beeps do you hear?",
+        "Is the tone high?",
+        "Does the circle move left?",
+        "Is the sound low?",
+        "What moves up?",
+        "What colour is the circle?",
+        "Is the triangle high?",
+        "What do you hear?",
+    ]
     records = [{"id": i, "video_id": i % 6, "question": q, "answer": "red"} for i, q in enumerate(questions)]
     (root / "qa.json").write_text(json.dumps(records))
     return root
@@ -528,9 +688,26 @@ def tiny_benchmark(tmp_path_factory):
 def evaluate_command(root, out, *extra):
     import sys
 
-    return [sys.executable, "-m", "avllm_jax.evaluate", "--checkpoint", str(root / "model"), "--task", "msrvtt_qa",
-            "--data", str(root / "qa.json"), "--media-root", str(root / "media"), "--out", str(out),
-            "--batch-size", "2", "--max-new-tokens", "4", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "avllm_jax.evaluate",
+        "--checkpoint",
+        str(root / "model"),
+        "--task",
+        "msrvtt_qa",
+        "--data",
+        str(root / "qa.json"),
+        "--media-root",
+        str(root / "media"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
 
 
 def test_two_processes_give_what_one_gives(tiny_benchmark, tmp_path):
@@ -541,14 +718,27 @@ def test_two_processes_give_what_one_gives(tiny_benchmark, tmp_path):
     from training_runs import environment, free_port
 
     one = tmp_path / "one"
-    result = subprocess.run(evaluate_command(tiny_benchmark, one), env=environment(2), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        evaluate_command(tiny_benchmark, one), env=environment(2), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     port = free_port()
     two = tmp_path / "two"
     processes = [
-        subprocess.Popen(evaluate_command(tiny_benchmark, two, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                          f"--process_id={i}", "--distributed_timeout_s=120"),
-                         env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            evaluate_command(
+                tiny_benchmark,
+                two,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--distributed_timeout_s=120",
+            ),
+            env=environment(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     try:
@@ -585,12 +775,25 @@ def test_the_command_line_fails_when_every_answer_fails_and_lists_the_first_fail
             if any(q.question in failing for q in batch):
                 raise ValueError(f"CLIP expects 32x32 pixels, got 64x64 in {batch[0].media_path}")
             return ["an answer"] * len(batch)
+
         return answer
 
     monkeypatch.setattr(evaluate, "model_answer_fn", model_answer_fn)
 
     def run(out, *extra):
-        argv = ["--checkpoint", "ckpt", "--task", "msrvtt_qa", "--data", str(data), "--media-root", str(media), "--out", str(tmp_path / out), *extra]
+        argv = [
+            "--checkpoint",
+            "ckpt",
+            "--task",
+            "msrvtt_qa",
+            "--data",
+            str(data),
+            "--media-root",
+            str(media),
+            "--out",
+            str(tmp_path / out),
+            *extra,
+        ]
         try:
             evaluate.main(argv)
             code = 0
@@ -601,13 +804,18 @@ def test_the_command_line_fails_when_every_answer_fails_and_lists_the_first_fail
     failing.update(f"question {i}?" for i in range(7))
     code, err = run("all")
     assert code == 1
-    assert "error: 7 of 7 samples failed (100%); the first:\n  0: answer_failed: " in err and "CLIP expects 32x32 pixels, got 64x64" in err
+    assert (
+        "error: 7 of 7 samples failed (100%); the first:\n  0: answer_failed: " in err
+        and "CLIP expects 32x32 pixels, got 64x64" in err
+    )
     assert err.count("answer_failed") == 5 and "... and 2 more in summary.json" in err
 
     failing.clear()
     failing.add("question 3?")
     code, err = run("one")
-    assert code == 0 and re.search(r"warning: 1 of 7 samples failed \(14%\); the first:\n  3: answer_failed: \S+video3.mp4: ValueError: CLIP", err)
+    assert code == 0 and re.search(
+        r"warning: 1 of 7 samples failed \(14%\); the first:\n  3: answer_failed: \S+video3.mp4: ValueError: CLIP", err
+    )
     code, err = run("strict", "--max-failed-fraction", "0.1")
     assert code == 1 and "error: 1 of 7 samples failed (14%)" in err
 

@@ -1,4 +1,5 @@
 """Judge prompts carry the inputs; replies are parsed robustly and bad ones rejected with a reason."""
+
 import pytest
 
 from avllm_jax.evaluation.judge import DIMENSIONS, judge_messages, parse_verdict
@@ -24,25 +25,31 @@ def test_dimension_messages_name_their_criterion_and_both_predictions():
         judge_messages("fluency", ["a"], ["r"], ["p"])
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ('{"pred": "yes", "score": 5}', {"pred": "yes", "score": 5.0}),
-    ("{'pred': 'no', 'score': 1}", {"pred": "no", "score": 1.0}),
-    ("Here is my verdict: {'Pred': 'Yes.', 'Score': '4'} -- the answers agree.", {"pred": "yes", "score": 4.0}),
-    ('```json\n{"pred": "no", "score": 0}\n```', {"pred": "no", "score": 0.0}),
-    ("{'pred': True, 'score': 3.5}", {"pred": "yes", "score": 3.5}),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"pred": "yes", "score": 5}', {"pred": "yes", "score": 5.0}),
+        ("{'pred': 'no', 'score': 1}", {"pred": "no", "score": 1.0}),
+        ("Here is my verdict: {'Pred': 'Yes.', 'Score': '4'} -- the answers agree.", {"pred": "yes", "score": 4.0}),
+        ('```json\n{"pred": "no", "score": 0}\n```', {"pred": "no", "score": 0.0}),
+        ("{'pred': True, 'score': 3.5}", {"pred": "yes", "score": 3.5}),
+    ],
+)
 def test_parse_qa_verdicts(reply, expected):
     assert parse_verdict("qa", reply) == expected
 
 
-@pytest.mark.parametrize("reply, reason", [
-    ("The prediction is correct.", "no JSON object"),
-    ("{'pred': 'yes'}", "no 'score'"),
-    ("{'score': 4}", "no 'pred'"),
-    ("{'pred': 'maybe', 'score': 2}", "neither yes nor no"),
-    ("{'pred': 'yes', 'score': 7}", "outside 0..5"),
-    ("{'pred': 'yes', 'score': 'high'}", "not a number"),
-])
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("The prediction is correct.", "no JSON object"),
+        ("{'pred': 'yes'}", "no 'score'"),
+        ("{'score': 4}", "no 'pred'"),
+        ("{'pred': 'maybe', 'score': 2}", "neither yes nor no"),
+        ("{'pred': 'yes', 'score': 7}", "outside 0..5"),
+        ("{'pred': 'yes', 'score': 'high'}", "not a number"),
+    ],
+)
 def test_parse_rejects_unusable_replies(reply, reason):
     with pytest.raises(ValueError, match=reason):
         parse_verdict("qa", reply)

@@ -1,6 +1,7 @@
 """tools/export_hf.py (avllm_jax/export.py): the exported LLM in `transformers` gives our logits,
 converting the export back gives the same weights bit for bit, the side file and the model
 card say what they should, and unusable inputs are refused with the reason."""
+
 import importlib.util
 import json
 import pathlib
@@ -13,16 +14,21 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from hf_reference import assert_parity
+from tiny_models import tiny_config, tiny_tokenizer
 
 import avllm_jax
 from avllm_jax import checkpoint, convert, export
 from avllm_jax.models import avllm, llama
-from hf_reference import assert_parity
-from tiny_models import tiny_config, tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-VARIANTS = {"untied GQA": {}, "tied, llama3 rope": dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)}
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+VARIANTS = {
+    "untied GQA": {},
+    "tied, llama3 rope": dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+}
 
 
 def demo_train_config(**changes) -> dict:
@@ -37,11 +43,17 @@ def write_workdir(directory, llm_changes, seed=0):
     configs), with every weight random, norm scales included, so that a swapped tensor shows."""
     tokenizer = tiny_tokenizer()
     config = tiny_config(tokenizer)
-    config = avllm.AVLLMConfig(vision=config.vision, audio=config.audio, modality_token_ids=config.modality_token_ids,
-                               llm=llama.LlamaConfig(**{**config.llm.__dict__, **llm_changes}))
+    config = avllm.AVLLMConfig(
+        vision=config.vision,
+        audio=config.audio,
+        modality_token_ids=config.modality_token_ids,
+        llm=llama.LlamaConfig(**{**config.llm.__dict__, **llm_changes}),
+    )
     model = avllm.AVLLM(config, rngs=nnx.Rngs(seed))
     rng = np.random.RandomState(seed)
-    params = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32), nnx.to_pure_dict(nnx.state(model)))
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32), nnx.to_pure_dict(nnx.state(model))
+    )
     checkpoint.save_params(str(directory / checkpoint.PARAMS_DIR), params)
     checkpoint.write_model_config(str(directory), config)
     tokenizer.save_pretrained(directory)
@@ -76,9 +88,11 @@ def test_converting_the_export_back_is_exact(exported, tmp_path):
     ours = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.llm)))
     again = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(avllm_jax.load_model(back).llm)))
     assert jax.tree.structure(ours) == jax.tree.structure(again)
-    differing = [jax.tree_util.keystr(path) for path, a, b in
-                 zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ours), jax.tree.leaves(again))
-                 if a.dtype != b.dtype or not np.array_equal(a, b)]
+    differing = [
+        jax.tree_util.keystr(path)
+        for path, a, b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ours), jax.tree.leaves(again))
+        if a.dtype != b.dtype or not np.array_equal(a, b)
+    ]
     print(f"ROUND TRIP {name}: {len(jax.tree.leaves(ours))} LLM tensors, {len(differing)} differ")
     assert not differing
     assert checkpoint.read_model_config(str(back)).llm == model.config.llm
@@ -87,7 +101,9 @@ def test_converting_the_export_back_is_exact(exported, tmp_path):
     for key, value in projectors.items():
         projector, leaf = key.split(".")
         np.testing.assert_array_equal(value, np.asarray(getattr(getattr(model, projector), leaf)[...]))
-    assert sorted(projectors) == sorted(f"{p}.{leaf}" for p in ("temporal_proj", "spatial_proj", "audio_proj") for leaf in ("kernel", "bias"))
+    assert sorted(projectors) == sorted(
+        f"{p}.{leaf}" for p in ("temporal_proj", "spatial_proj", "audio_proj") for leaf in ("kernel", "bias")
+    )
 
 
 def test_shards_card_and_side_file(tmp_path):
@@ -95,14 +111,18 @@ def test_shards_card_and_side_file(tmp_path):
     for directory in (stage1, workdir):
         directory.mkdir()
     model, _ = write_workdir(workdir, {})
-    (stage1 / checkpoint.TRAIN_CONFIG_FILE).write_text(json.dumps(demo_train_config(init_checkpoint=str(base), trainable=[r"(temporal|spatial|audio)_proj\..*"])))
+    (stage1 / checkpoint.TRAIN_CONFIG_FILE).write_text(
+        json.dumps(demo_train_config(init_checkpoint=str(base), trainable=[r"(temporal|spatial|audio)_proj\..*"]))
+    )
     sources = [{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]
     sft = demo_train_config(init_checkpoint=str(stage1))
     sft["data"]["sources"] = sources
     (workdir / checkpoint.TRAIN_CONFIG_FILE).write_text(json.dumps(sft))
     checkpoint.write_data_config(str(workdir), ml_collections.ConfigDict(sft["data"]))
     out = tmp_path / "hf"
-    export.main([str(workdir), "--out", str(out), "--base-model", "lmsys/vicuna-7b-v1.5", "--max-shard-gb", str(40_000 / 2**30)])
+    export.main(
+        [str(workdir), "--out", str(out), "--base-model", "lmsys/vicuna-7b-v1.5", "--max-shard-gb", str(40_000 / 2**30)]
+    )
 
     index = json.loads((out / export.SAFETENSORS_INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded, and the converter reads shards (round-trip test)
@@ -115,18 +135,32 @@ def test_shards_card_and_side_file(tmp_path):
     assert "base_model:\n- lmsys/vicuna-7b-v1.5" in card
     assert card.index(f"Stage 1: `{stage1}`") < card.index(f"Stage 2: `{workdir}`")
     assert f"starts from: `{base}`" in card and r"`(temporal|spatial|audio)_proj\..*`" in card and r"`llm\..*`" in card
-    assert "`data/instructions.jsonl` (weight 1.0, media under `data/media`)" in card and f"{sft['num_steps']} steps" in card and "global batch 4 packs (each 2 x 160 positions" in card
+    assert (
+        "`data/instructions.jsonl` (weight 1.0, media under `data/media`)" in card
+        and f"{sft['num_steps']} steps" in card
+        and "global batch 4 packs (each 2 x 160 positions" in card
+    )
     assert "`model-*.safetensors`: the LLM in" in card
     extras = json.loads((out / export.EXTRAS_FILE).read_text())
     assert extras["modality_tokens"] == dict(zip(("<VIS>", "<AUD>", "<AUD_VIS>"), model.config.modality_token_ids))
-    assert extras["projectors"]["temporal_proj"]["kernel"] == [model.config.vision.hidden_size, model.config.llm.hidden_size]
+    assert extras["projectors"]["temporal_proj"]["kernel"] == [
+        model.config.vision.hidden_size,
+        model.config.llm.hidden_size,
+    ]
     # The encoder configs read back with avllm_jax's own loader.
     side = avllm.AVLLMConfig.from_dict({"vision": extras["vision"], "audio": extras["audio"]})
     assert (side.vision, side.audio) == (model.config.vision, model.config.audio)
     assert extras["whisper"] is None
-    assert extras["media"] == {"num_frames": 4, "image_size": 64, "num_audio_segments": 4, "audio_sample_rate": 48000,
-                               "audio_front_end": "clap", "audio_max_length_s": 0.4, "audio_truncation": "rand_trunc",
-                               "whisper_mel_bins": 80}  # the workdir's data_config.json
+    assert extras["media"] == {
+        "num_frames": 4,
+        "image_size": 64,
+        "num_audio_segments": 4,
+        "audio_sample_rate": 48000,
+        "audio_front_end": "clap",
+        "audio_max_length_s": 0.4,
+        "audio_truncation": "rand_trunc",
+        "whisper_mel_bins": 80,
+    }  # the workdir's data_config.json
 
 
 def test_unusable_inputs_are_refused_with_the_reason(tmp_path, capsys):

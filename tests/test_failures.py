@@ -1,6 +1,7 @@
 """What `python -m avllm_jax.train` does when things go wrong: each failure is a message of a
 line or two naming what and where, given before any expensive work where it can be, and the
 newest complete checkpoint stays loadable (README, "When things go wrong")."""
+
 import json
 import os
 import shutil
@@ -9,10 +10,10 @@ import subprocess
 import time
 
 import pytest
+from training_runs import environment, make_demo_files, train_command, wait_for_line
 
 import avllm_jax
 from avllm_jax import checkpoint
-from training_runs import environment, make_demo_files, train_command, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def assert_short_error(result, *needles, code=1):
 def test_config_mistakes_are_one_line_errors(demo_files, tmp_path, extra, needles, code):
     env = environment(devices=8)
     start = time.time()
-    result = subprocess.run(train_command(demo_files, tmp_path / "run", *extra), env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        train_command(demo_files, tmp_path / "run", *extra), env=env, capture_output=True, text=True, timeout=300
+    )
     assert_short_error(result, *needles, code=code)
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert time.time() - start < 120  # before the model is built or any data decoded
@@ -63,7 +66,9 @@ def test_missing_or_failing_config_file_and_unwritable_workdir(demo_files, tmp_p
 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    assert_short_error(run(train_command(demo_files, a_file / "run")), "cannot write to the workdir", str(a_file / "run"))
+    assert_short_error(
+        run(train_command(demo_files, a_file / "run")), "cannot write to the workdir", str(a_file / "run")
+    )
 
 
 def test_malformed_instruction_line_is_named(demo_files, tmp_path):
@@ -71,7 +76,11 @@ def test_malformed_instruction_line_is_named(demo_files, tmp_path):
     lines = (demo_files / "data" / "train.jsonl").read_text().splitlines()
     lines[3] = lines[3][:-5]  # cut off the end of line 4
     source.write_text("\n".join(lines) + "\n")
-    command = train_command(demo_files, tmp_path / "run", f"--config.data.sources=({{'path': '{source}', 'media_root': '{demo_files / 'data'}', 'weight': 1.0}},)")
+    command = train_command(
+        demo_files,
+        tmp_path / "run",
+        f"--config.data.sources=({{'path': '{source}', 'media_root': '{demo_files / 'data'}', 'weight': 1.0}},)",
+    )
     assert_short_error(run(command), f"{source}:4: not valid JSON")
 
     # A line whose media path leaves the source's media_root, and a file with no samples at all.
@@ -80,7 +89,9 @@ def test_malformed_instruction_line_is_named(demo_files, tmp_path):
     record[key] = "../" + record[key]
     lines[3] = json.dumps(record)
     source.write_text("\n".join(lines) + "\n")
-    assert_short_error(run(command), f"{source}:4: media path '{record[key]}' lies outside media_root {demo_files / 'data'}")
+    assert_short_error(
+        run(command), f"{source}:4: media path '{record[key]}' lies outside media_root {demo_files / 'data'}"
+    )
     source.write_text("\n\n")
     assert_short_error(run(command), f"{source}: no usable samples")
 
@@ -94,11 +105,17 @@ def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
     for record in records[::3]:
         media = next(key for key in ("video", "audio", "image") if key in record)
         (data / record[media]).write_bytes(b"not a media file")
-    result = run(train_command(
-        demo_files, tmp_path / "run", "--config.num_steps=40", "--config.checkpoint_every=1",
-        f"--config.data.sources=({{'path': '{data / 'train.jsonl'}', 'weight': 1.0}},)",
-        "--config.data.min_samples_before_bad_check=20", "--config.data.max_bad_fraction=0.1",
-    ))
+    result = run(
+        train_command(
+            demo_files,
+            tmp_path / "run",
+            "--config.num_steps=40",
+            "--config.checkpoint_every=1",
+            f"--config.data.sources=({{'path': '{data / 'train.jsonl'}', 'weight': 1.0}},)",
+            "--config.data.min_samples_before_bad_check=20",
+            "--config.data.max_bad_fraction=0.1",
+        )
+    )
     assert_short_error(result, "could not be used", "more than max_bad_fraction=0.1")
     saved = checkpoint.latest_step(str(tmp_path / "run"))
     assert saved is not None and saved >= 1, result.stdout[-2000:]
@@ -144,7 +161,10 @@ def test_ctrl_c_leaves_a_loadable_checkpoint(demo_files, tmp_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
         train_command(demo_files, workdir, "--config.num_steps=200", "--config.checkpoint_every=1"),
-        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert wait_for_line(process, "step 3/", timeout_s=300)
@@ -153,8 +173,12 @@ def test_ctrl_c_leaves_a_loadable_checkpoint(demo_files, tmp_path):
     finally:
         process.kill()
     # The first Ctrl-C ends the step under way; the grain workers and the save in flight finish.
-    assert process.returncode == 130 and "interrupting after this step (Ctrl-C again to stop at once)" in err, err[-3000:]
-    assert f"interrupted; the newest checkpoint is step {checkpoint.latest_step(str(workdir))} in" in err and "Traceback" not in err
+    assert process.returncode == 130 and "interrupting after this step (Ctrl-C again to stop at once)" in err, err[
+        -3000:
+    ]
+    assert (
+        f"interrupted; the newest checkpoint is step {checkpoint.latest_step(str(workdir))} in" in err
+        and "Traceback" not in err
+    )
     assert not [e for e in os.listdir(workdir / "checkpoints") if "tmp" in e]
     avllm_jax.load_model(workdir)
-

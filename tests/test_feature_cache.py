@@ -1,5 +1,6 @@
 """The frozen-encoder feature cache: what it stores, training and evaluation from it, its
 fingerprint, shards and resume (avllm_jax/cache_features.py, data/feature_cache.py)."""
+
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ BUILD_BATCH = 3
 def moving_square(colour, frames=12, size=64):
     video = np.zeros((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        video[t, 20:40, 3 * t:3 * t + 20] = colour
+        video[t, 20:40, 3 * t : 3 * t + 20] = colour
     return video
 
 
@@ -37,7 +38,11 @@ def beeps(seconds=1.5, rate=48000, pitch=880.0):
 
 
 def chat(question, answer, **media):
-    return {"id": question, **media, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": question,
+        **media,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,13 @@ def setup(tmp_path_factory):
     write_media(root / "av.mp4", frames=moving_square((255, 0, 0)), audio=beeps(), audio_options=fast_aac)
     write_media(root / "silent.mp4", frames=moving_square((0, 255, 0)))
     write_media(root / "sound.flac", audio=beeps(pitch=330.0), audio_codec="flac")
-    write_media(root / "still.png", frames=moving_square((0, 0, 255))[:1], video_codec="png", pix_fmt="rgb24",
-                container_format="image2")
+    write_media(
+        root / "still.png",
+        frames=moving_square((0, 0, 255))[:1],
+        video_codec="png",
+        pix_fmt="rgb24",
+        container_format="image2",
+    )
     (root / "broken.mp4").write_text("not a video")
     records = [
         chat("<AUD_VIS>\nWhat is shown and heard?", "red beeps", video="av.mp4", modality="audio_visual"),
@@ -62,20 +72,28 @@ def setup(tmp_path_factory):
         chat("Say hello.", "hello"),
     ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records * 3))
-    tokenizer = conversation.train_tokenizer([conversation.SYSTEM_PROMPT, *[json.dumps(r) for r in records]], vocab_size=600)
+    tokenizer = conversation.train_tokenizer(
+        [conversation.SYSTEM_PROMPT, *[json.dumps(r) for r in records]], vocab_size=600
+    )
     tokenizer.save_pretrained(root / "tokenizer")
 
     config = config_lib.load_config_file(str(REPO / "configs/demo.py"))
     config.tokenizer = str(root / "tokenizer")
     config.data.sources = (dict(path=str(root / "train.jsonl"), media_root=None, weight=1.0),)
     config.model.llm.update(dict(hidden_size=32, intermediate_size=64, head_dim=8))
-    config.data.update(dict(worker_count=0, dedicated_worker_cpus=0, max_bad_fraction=0.5, min_samples_before_bad_check=1))
+    config.data.update(
+        dict(worker_count=0, dedicated_worker_cpus=0, max_bad_fraction=0.5, min_samples_before_bad_check=1)
+    )
     config.data.packing.update(dict(rows=1, row_length=112, frames=8, visual_items=2, audio_clips=2))
     config.update(dict(global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=2))  # 8: the test devices
 
     cache_dir = root / "features"
-    counts = [cache_features.build(config, str(cache_dir), (i, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)
-              for i in range(NUM_SHARDS)]
+    counts = [
+        cache_features.build(
+            config, str(cache_dir), (i, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0
+        )
+        for i in range(NUM_SHARDS)
+    ]
     model_config, tokenizer, _ = train.resolve_model(config)  # with the modality tokens
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     model = sharding.create_sharded_model(model_config, None, mesh, config.seed)
@@ -94,7 +112,10 @@ def test_cache_holds_each_files_encoder_outputs(setup):
     assert sum(c["skipped"] for c in setup["counts"]) == 1
     cache = feature_cache.FeatureCache(setup["cache_dir"])
     assert set(cache.index) == {str(root / name) for name in ("av.mp4", "silent.mp4", "sound.flac", "still.png")}
-    assert list(cache.skipped) == [str(root / "broken.mp4")] and "broken.mp4" in (setup["cache_dir"] / "skipped.txt").read_text()
+    assert (
+        list(cache.skipped) == [str(root / "broken.mp4")]
+        and "broken.mp4" in (setup["cache_dir"] / "skipped.txt").read_text()
+    )
     for name in ("av.mp4", "silent.mp4", "sound.flac", "still.png"):
         cached = cache.lookup(root / name)
         media = samples.load_file_media(root / name, config.data)
@@ -107,9 +128,13 @@ def test_cache_holds_each_files_encoder_outputs(setup):
             hidden = np.asarray(model.vision(clip_vision.normalize_frames(jnp.asarray(arrays["frames"]))))
             expected_cls = hidden[:1, 0] if media.is_still else hidden[:, 0]
             np.testing.assert_allclose(cached.arrays["frame_cls"], expected_cls, atol=1e-5 * np.abs(hidden).max())
-            np.testing.assert_allclose(cached.arrays["item_patches"], hidden[:, 1:].mean(0), atol=1e-5 * np.abs(hidden).max())
+            np.testing.assert_allclose(
+                cached.arrays["item_patches"], hidden[:, 1:].mean(0), atol=1e-5 * np.abs(hidden).max()
+            )
         if media.has_audio:
-            expected = np.asarray(model.audio(jnp.asarray(arrays["audio_features"]), jnp.asarray(arrays["audio_is_longer"])))
+            expected = np.asarray(
+                model.audio(jnp.asarray(arrays["audio_features"]), jnp.asarray(arrays["audio_is_longer"]))
+            )
             np.testing.assert_allclose(cached.arrays["audio_embeddings"], expected, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(pipeline.MediaError, match="broken.mp4.*found when the feature cache was built"):
         cache.lookup(root / "broken.mp4")
@@ -121,8 +146,9 @@ def test_packed_batches_from_the_cache_are_the_media_paths(setup):
     rows = packing.ModalityRows.of(model.config, config.data)
 
     def batches(data_config):
-        iterator = pipeline.make_train_iterator(data_config, tokenizer, global_batch_size=2, process_index=0, process_count=1,
-                                                modality_rows=rows)
+        iterator = pipeline.make_train_iterator(
+            data_config, tokenizer, global_batch_size=2, process_index=0, process_count=1, modality_rows=rows
+        )
         return [next(iterator) for _ in range(5)]
 
     from_media, from_cache = batches(config.data), batches(with_cache(config, setup["cache_dir"]).data)
@@ -133,8 +159,14 @@ def test_packed_batches_from_the_cache_are_the_media_paths(setup):
         for key in set(media_batch) - media_keys - {"skipped_reasons"}:
             np.testing.assert_array_equal(media_batch[key], cached_batch[key], err_msg=key)
         # The cached CLS tokens sit in the frame slots the frames fill.
-        assert ((np.abs(cached_batch["frame_cls"]).sum(-1) > 0) == (media_batch["frames"].reshape(2, 8, -1).any(-1))).all()
-    assert sum(int(b["num_skipped_media"].sum()) for b in from_cache) == sum(int(b["num_skipped_media"].sum()) for b in from_media) > 0
+        assert (
+            (np.abs(cached_batch["frame_cls"]).sum(-1) > 0) == (media_batch["frames"].reshape(2, 8, -1).any(-1))
+        ).all()
+    assert (
+        sum(int(b["num_skipped_media"].sum()) for b in from_cache)
+        == sum(int(b["num_skipped_media"].sum()) for b in from_media)
+        > 0
+    )
     assert sum(int(b["num_rerouted"].sum()) for b in from_cache) > 0
 
 
@@ -145,9 +177,14 @@ def test_training_from_the_cache_has_the_media_paths_loss(setup, tmp_path):
     from avllm_jax.training import step
 
     config, model = setup["config"], setup["model"]
-    iterator = pipeline.make_train_iterator(config.data, setup["tokenizer"], global_batch_size=config.global_batch_size,
-                                            process_index=0, process_count=1,
-                                            modality_rows=packing.ModalityRows.of(model.config, config.data))
+    iterator = pipeline.make_train_iterator(
+        config.data,
+        setup["tokenizer"],
+        global_batch_size=config.global_batch_size,
+        process_index=0,
+        process_count=1,
+        modality_rows=packing.ModalityRows.of(model.config, config.data),
+    )
     batch = {k: v for k, v in next(iterator).items() if k not in (*pipeline.COUNTERS, "skipped_reasons")}
     loss_sum, aux = nnx.jit(step.loss_sums)(model, batch)
     config = with_cache(config, setup["cache_dir"])
@@ -163,7 +200,9 @@ def test_training_refuses_a_cache_of_other_settings(setup, tmp_path):
         train.train(config, str(tmp_path / "run"))
     config = with_cache(setup["config"], setup["cache_dir"])
     config.seed = 1  # other random encoders
-    with pytest.raises(train.SetupError, match=r"other settings: weights.audio \(cache '[0-9a-f]+', run '[0-9a-f]+'\), weights.vision"):
+    with pytest.raises(
+        train.SetupError, match=r"other settings: weights.audio \(cache '[0-9a-f]+', run '[0-9a-f]+'\), weights.vision"
+    ):
         train.train(config, str(tmp_path / "run"))
 
 
@@ -188,9 +227,19 @@ def test_finished_shards_are_kept_and_an_interrupted_one_is_built_again(setup, t
         feature_cache.FeatureCache(cache_dir)
     kept = (cache_dir / f"{first}.array_record").stat().st_mtime_ns
     config = setup["config"]
-    assert cache_features.build(config, str(cache_dir), (0, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)["files"] == 0
+    assert (
+        cache_features.build(
+            config, str(cache_dir), (0, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0
+        )["files"]
+        == 0
+    )
     assert (cache_dir / f"{first}.array_record").stat().st_mtime_ns == kept
-    assert cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0)["files"] == 3
+    assert (
+        cache_features.build(
+            config, str(cache_dir), (1, NUM_SHARDS), batch_size=BUILD_BATCH, dtype="float32", workers=0
+        )["files"]
+        == 3
+    )
     rebuilt, original = feature_cache.FeatureCache(cache_dir), feature_cache.FeatureCache(setup["cache_dir"])
     assert rebuilt.index == original.index and not (cache_dir / f"{second}.array_record.partial").exists()
     for path in original.index:
@@ -203,8 +252,10 @@ def test_finished_shards_are_kept_and_an_interrupted_one_is_built_again(setup, t
 
 
 def test_records_keep_bfloat16_features_and_the_streams():
-    arrays = {"frame_cls": np.arange(6, dtype=np.float32).reshape(3, 2).astype(ml_dtypes.bfloat16),
-              "audio_embeddings": np.array([[0.1, -2.5]], ml_dtypes.bfloat16)}
+    arrays = {
+        "frame_cls": np.arange(6, dtype=np.float32).reshape(3, 2).astype(ml_dtypes.bfloat16),
+        "audio_embeddings": np.array([[0.1, -2.5]], ml_dtypes.bfloat16),
+    }
     record = feature_cache.decode_record(feature_cache.encode_record("a/b.mp4", True, True, arrays))
     assert (record.path, record.has_visual, record.has_audio) == ("a/b.mp4", True, True)
     for name, array in arrays.items():
@@ -216,8 +267,10 @@ def test_evaluation_answers_from_cached_features_as_from_the_files(setup):
     from avllm_jax.inference import prompts
 
     root, model, tokenizer = setup["root"], setup["model"], setup["tokenizer"]
-    settings = {k: setup["config"].data[k] for k in ("num_frames", "image_size", "num_audio_segments", "audio_max_length_s",
-                                                    "audio_truncation")}
+    settings = {
+        k: setup["config"].data[k]
+        for k in ("num_frames", "image_size", "num_audio_segments", "audio_max_length_s", "audio_truncation")
+    }
     data_config = prompts.inference_data_config(model, None, **settings)
     cached_config = prompts.inference_data_config(model, None, **settings, feature_cache=str(setup["cache_dir"]))
     cache = prompts.open_feature_cache(model, cached_config)
@@ -225,21 +278,32 @@ def test_evaluation_answers_from_cached_features_as_from_the_files(setup):
     decoded = [samples.load_sample_media(root / name, data_config, None) for name in names]
     cached = [samples.load_sample_media(root / name, cached_config, cache) for name in names]
     questions = ["What is shown?"] * len(names)
+
     # The unpacked prompt batch's logits, then greedy answers, from either.
     def logits(media, config):
         modalities = [prompts.resolve_modality(m, None) for m in media]
-        turns = [[(conversation.USER_ROLE, conversation.first_user_message(q, m))] for q, m in zip(questions, modalities)]
+        turns = [
+            [(conversation.USER_ROLE, conversation.first_user_message(q, m))] for q, m in zip(questions, modalities)
+        ]
         batch = prompts.conversation_batch(model, tokenizer, media, turns, modalities, config)
         return model(jax.tree.map(jnp.asarray, batch))[0]
 
     media_logits = logits(decoded, data_config)
-    np.testing.assert_allclose(logits(cached, cached_config), media_logits, atol=1e-5 * float(jnp.abs(media_logits).max()))
-    answer = lambda media, config: prompts.answer_questions(model, tokenizer, media, questions, max_new_tokens=4, data_config=config)  # noqa: E731
+    np.testing.assert_allclose(
+        logits(cached, cached_config), media_logits, atol=1e-5 * float(jnp.abs(media_logits).max())
+    )
+    answer = lambda media, config: prompts.answer_questions(
+        model, tokenizer, media, questions, max_new_tokens=4, data_config=config
+    )  # noqa: E731
     assert answer(cached, cached_config) == answer(decoded, data_config)
     # A cache of other media settings is refused, naming the field.
     with pytest.raises(feature_cache.FeatureCacheError, match="data.num_frames"):
-        prompts.open_feature_cache(model, prompts.inference_data_config(model, None, **settings | dict(num_frames=8),
-                                                                        feature_cache=str(setup["cache_dir"])))
+        prompts.open_feature_cache(
+            model,
+            prompts.inference_data_config(
+                model, None, **settings | dict(num_frames=8), feature_cache=str(setup["cache_dir"])
+            ),
+        )
 
 
 def test_bad_build_requests_are_clear_errors(setup, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ after the test) with draws from a Generator seeded like ours: `randint(lo, hi)` 
 `integers(lo, hi)`, `choice(r)` -> `r[integers(len(r))]` for HF's contiguous ranges. Both
 then pick the same crops, so the features must agree everywhere, crops included.
 """
+
 import numpy as np
 import pytest
 import transformers

@@ -2,6 +2,7 @@
 included; rows stop at their EOS; streaming equals the compiled loop; sampling filters keep
 exactly the tokens they should, with the right frequencies. (Mixed-modality AVLLM batches:
 test_prompts.py.)"""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +10,11 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_reference import build_hf
+from test_llama import TINY_GQA
 
 from avllm_jax.inference import generate as gen
 from avllm_jax.models import conversion, llama
-from hf_reference import build_hf
-from test_llama import TINY_GQA
 
 MAX_NEW = 16
 PROMPT_LENGTHS = (5, 11, 3)
@@ -26,7 +27,9 @@ def convert_llama(hf_model, directory):
     config = llama.LlamaConfig.from_hf(conversion.read_hf_config(directory))
     model = nnx.eval_shape(lambda: llama.Llama(config, rngs=nnx.Rngs(0)))
     tensors = conversion.iterate_tensors(conversion.checkpoint_files(directory))
-    conversion.load_into(model, conversion.convert_tensors(tensors, llama.hf_rules(config), conversion.flat_shapes(nnx.state(model))))
+    conversion.load_into(
+        model, conversion.convert_tensors(tensors, llama.hf_rules(config), conversion.flat_shapes(nnx.state(model)))
+    )
     return model
 
 
@@ -48,8 +51,13 @@ def padded_prompts(lengths=PROMPT_LENGTHS, width=12, seed=0):
 def hf_greedy(hf_model, prompt, max_new_tokens, eos_token_id=None, pad_token_id=0):
     """HF's greedy continuation of one unpadded prompt, padded with pad_token_id to max_new_tokens."""
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor(prompt[None]), max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=eos_token_id, pad_token_id=pad_token_id)[0, prompt.size:].numpy()
+        out = hf_model.generate(
+            torch.tensor(prompt[None]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )[0, prompt.size :].numpy()
     return np.pad(out, (0, max_new_tokens - out.size), constant_values=pad_token_id)
 
 
@@ -58,7 +66,9 @@ def test_greedy_padded_batch_equals_hf_generate_per_row(llama_pair):
     prompts, batch = padded_prompts()
     out = gen.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=None)
     for i, prompt in enumerate(prompts):
-        np.testing.assert_array_equal(np.asarray(out.tokens[i]), hf_greedy(hf_model, prompt, MAX_NEW), err_msg=f"row {i}")
+        np.testing.assert_array_equal(
+            np.asarray(out.tokens[i]), hf_greedy(hf_model, prompt, MAX_NEW), err_msg=f"row {i}"
+        )
     np.testing.assert_array_equal(np.asarray(out.lengths), [MAX_NEW] * len(prompts))
 
 
@@ -103,12 +113,19 @@ def test_decoding_phases_give_the_full_forwards_greedy_tokens(llama_pair):
     last_steps = [w - prompt_length for w in gen._cache_windows(prompt_length, max_new)]
     assert len(last_steps) == 3
     tokens = np.asarray(gen.generate(model, batch, max_new_tokens=max_new, eos_token_id=None).tokens)
-    ids, mask = np.zeros((len(prompts), prompt_length + max_new), np.int32), np.zeros((len(prompts), prompt_length + max_new), bool)
+    ids, mask = (
+        np.zeros((len(prompts), prompt_length + max_new), np.int32),
+        np.zeros((len(prompts), prompt_length + max_new), bool),
+    )
     for i, p in enumerate(prompts):
         ids[i, : p.size + max_new], mask[i, : p.size + max_new] = np.concatenate([p, tokens[i]]), True
-    logits = model(jnp.asarray(ids), positions=llama.kept_positions(jnp.asarray(mask)), segment_ids=jnp.asarray(mask, jnp.int32))
+    logits = model(
+        jnp.asarray(ids), positions=llama.kept_positions(jnp.asarray(mask)), segment_ids=jnp.asarray(mask, jnp.int32)
+    )
     for i, p in enumerate(prompts):
-        np.testing.assert_array_equal(np.argmax(np.asarray(logits[i, p.size - 1 : p.size - 1 + max_new]), -1), tokens[i], err_msg=f"row {i}")
+        np.testing.assert_array_equal(
+            np.argmax(np.asarray(logits[i, p.size - 1 : p.size - 1 + max_new]), -1), tokens[i], err_msg=f"row {i}"
+        )
     # Each row's EOS: its first token after the first phase that no row made in the first phase.
     seen = set(tokens[:, : last_steps[0] + 1].ravel())
     eos = tuple(int(next(t for t in row[last_steps[0] + 1 :] if t not in seen)) for row in tokens)

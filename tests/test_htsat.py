@@ -5,20 +5,20 @@ Tolerance: max |ours - HF| <= 1e-4 * max |HF| for the pooled output and the last
 HF's own initialisation leaves biases, relative position tables and batch-norm statistics at
 0/1, so every float tensor is re-drawn before saving, or a mapping mistake could hide.
 """
+
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
+from hf_reference import assert_parity, convert_saved
 
 from avllm_jax.data.features import clap_audio_features
 from avllm_jax.models import htsat
-import torch
-import transformers
-
 from avllm_jax.models.conversion import ConversionError, read_hf_config
-from hf_reference import assert_parity, convert_saved
 
 TOLERANCE = 1e-4
 SMALL_TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
@@ -84,8 +84,9 @@ def _audio(seconds, seed):
 def _segments(truncation, max_length_s=10.0):
     """Two different segments from the front end: one longer than the window, one shorter."""
     parts = [
-        clap_audio_features(_audio(seconds, seed), truncation=truncation, max_length_s=max_length_s,
-                            rng=np.random.default_rng(seed))
+        clap_audio_features(
+            _audio(seconds, seed), truncation=truncation, max_length_s=max_length_s, rng=np.random.default_rng(seed)
+        )
         for seconds, seed in ((1.3 * max_length_s, 1), (0.6 * max_length_s, 2))
     ]
     features, is_longer = (np.concatenate(p) for p in zip(*parts))
@@ -106,12 +107,30 @@ def test_full_size_matches_hf(fused, tmp_path):
 
 SMALL_CONFIGS = {
     # 1.5 s windows (151 frames, stretched to 256), window 6 pads 32x32 maps to 36x36, odd depth
-    "window6-fused": (dict(spec_size=128, window_size=6, depths=[2, 3], num_attention_heads=[2, 4],
-                           patch_embeds_hidden_size=32, enable_fusion=True), 1.5),
+    "window6-fused": (
+        dict(
+            spec_size=128,
+            window_size=6,
+            depths=[2, 3],
+            num_attention_heads=[2, 4],
+            patch_embeds_hidden_size=32,
+            enable_fusion=True,
+        ),
+        1.5,
+    ),
     # 2 s windows; four stages, the last one a single 4x4 window (attended unshifted), an
     # odd-depth stage, another MLP width
-    "window4-unfused": (dict(spec_size=128, window_size=4, depths=[2, 1, 2, 2], num_attention_heads=[2, 4, 8, 8],
-                             patch_embeds_hidden_size=16, mlp_ratio=2.0), 2.0),
+    "window4-unfused": (
+        dict(
+            spec_size=128,
+            window_size=4,
+            depths=[2, 1, 2, 2],
+            num_attention_heads=[2, 4, 8, 8],
+            patch_embeds_hidden_size=16,
+            mlp_ratio=2.0,
+        ),
+        2.0,
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """The package's layout rules, read from the source (an AST walk, nothing imported):
 imports go one way (data -> models -> training / inference / evaluation -> entry points),
 there are no import cycles, and no module is over 400 lines."""
+
 import ast
 import pathlib
 
@@ -13,12 +14,22 @@ MAX_LINES = 400
 # within their own package. `avllm_jax/__init__.py` (the public `load_model`, imported lazily)
 # is the package's front door and stands outside the layers.
 LAYERS = {
-    "modality": 0, "runtime": 0,
+    "modality": 0,
+    "runtime": 0,
     "data": 1,
     "models": 2,
-    "checkpoint": 3, "curation": 3,
-    "training": 4, "inference": 4, "evaluation": 4, "convert": 4, "export": 4,
-    "train": 5, "chat": 5, "evaluate": 5, "plan": 5, "web": 5,
+    "checkpoint": 3,
+    "curation": 3,
+    "training": 4,
+    "inference": 4,
+    "evaluation": 4,
+    "convert": 4,
+    "export": 4,
+    "train": 5,
+    "chat": 5,
+    "evaluate": 5,
+    "plan": 5,
+    "web": 5,
     "cache_features": 6,  # an entry point on top of train's: it resolves the model as a run does
 }
 
@@ -96,7 +107,7 @@ def test_no_import_cycles(graph):
         state[module] = "open"
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                cycle = stack[stack.index(target):] + [target]
+                cycle = stack[stack.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, stack + [target])
@@ -108,7 +119,11 @@ def test_no_import_cycles(graph):
 
 
 def test_no_module_over_400_lines():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 

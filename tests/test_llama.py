@@ -1,12 +1,13 @@
 """LLaMA/Vicuna decoder against transformers' LlamaForCausalLM on the same random weights."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import assert_parity, build_hf, convert_saved
 
 from avllm_jax.models import conversion, llama
-from hf_reference import assert_parity, build_hf, convert_saved
 
 
 def convert_llama(hf_model, tmp_path):
@@ -16,7 +17,12 @@ def convert_llama(hf_model, tmp_path):
 
 
 TINY_GQA = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
 )
 
 
@@ -30,7 +36,13 @@ TINY_GQA = dict(
             dict(
                 TINY_GQA,
                 rope_theta=500000.0,
-                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+                rope_scaling=dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                ),
             ),
         ),
         ("tiny linear rope scaling", dict(TINY_GQA, rope_scaling=dict(rope_type="linear", factor=2.0))),
@@ -48,7 +60,12 @@ def test_logits_match_hf_tiny(tmp_path, name, overrides):
 def test_logits_match_hf_vicuna_7b_width(tmp_path):
     # Vicuna-7B layer width (4096, 32 heads, 11008 MLP); a small vocabulary keeps the test fast.
     config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=32
+        vocab_size=1024,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
     )
     hf_model = build_hf(transformers.LlamaForCausalLM, config)
     model = convert_llama(hf_model, tmp_path)

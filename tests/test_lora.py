@@ -2,6 +2,7 @@
 the dense weights without changing the logits, only adapters and projectors train, a target
 that matches nothing is refused, a checkpoint loads folded or apart, a LoRA run starts with
 new adapters laid out on the mesh, and the planner shows the memory LoRA saves."""
+
 import dataclasses
 import json
 
@@ -9,19 +10,21 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+import plan_config
 import pytest
 import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec
+from tiny_models import tiny_tokenizer
 
 from avllm_jax import checkpoint, export, plan
 from avllm_jax.models import avllm, clip_vision, llama
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import optim, sharding
-import plan_config
-from tiny_models import tiny_tokenizer
 
-LORA = ml_collections.ConfigDict(dict(rank=4, alpha=8.0, targets=(r"layers\.(q|k|v|o)_proj", r"layers\.(gate|up|down)_proj")))
+LORA = ml_collections.ConfigDict(
+    dict(rank=4, alpha=8.0, targets=(r"layers\.(q|k|v|o)_proj", r"layers\.(gate|up|down)_proj"))
+)
 TRAINABLE = (r"(temporal|spatial)_proj\..*", config_lib.LORA_ADAPTERS)
 # The LLM alone, except where the projectors are counted (from shapes): the vision tower took
 # half of the test's time to build, and adapters have nothing to do with it.
@@ -159,7 +162,9 @@ def test_a_lora_run_starts_with_new_adapters_on_the_mesh(runs):
 
 def test_a_target_matching_no_projection_is_refused():
     llm = dataclasses.replace(llama.PRESETS["tiny"], lora_rank=4, lora_targets=(r"layers\.q_proj", r"layers\.qkv_proj"))
-    with pytest.raises(ValueError, match=r"LoRA target 'layers\\\.qkv_proj' matches none of the LLM's projections: layers\.q_proj"):
+    with pytest.raises(
+        ValueError, match=r"LoRA target 'layers\\\.qkv_proj' matches none of the LLM's projections: layers\.q_proj"
+    ):
         llama.Llama(llm, rngs=nnx.Rngs(0))
 
 
@@ -181,7 +186,10 @@ def test_the_config_check_names_what_is_wrong():
     assert r"config.lora: LoRA target 'mlp\.up' matches none" in config_problems(lora_run_config(targets=(r"mlp\.up",)))
     full_llm = lora_run_config()
     full_llm.trainable = (r"(temporal|spatial|audio)_proj\..*", r"llm\..*")
-    assert "config.lora.rank=8 freezes the LLM's base weights, but config.trainable trains llm.embed" in config_problems(full_llm)
+    assert (
+        "config.lora.rank=8 freezes the LLM's base weights, but config.trainable trains llm.embed"
+        in config_problems(full_llm)
+    )
     projectors_only = lora_run_config()
     projectors_only.trainable = (r"(temporal|spatial|audio)_proj\..*",)
     assert "config.trainable trains no adapter" in config_problems(projectors_only)

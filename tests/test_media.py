@@ -1,12 +1,12 @@
 """load_media on files written here with PyAV: every container/codec, stills, odd geometry, bad files."""
+
 import struct
 
 import av
 import numpy as np
 import pytest
 
-from avllm_jax.data.media import MediaError, load_media
-from avllm_jax.data.media import write_media
+from avllm_jax.data.media import MediaError, load_media, write_media
 
 SIZE = 32
 STEP = 24  # grey level step between consecutive source frames; identifies which frame was sampled
@@ -51,8 +51,16 @@ VIDEO_FORMATS = [
 def test_video_formats(tmp_path, suffix, video_codec, pix_fmt, audio_codec, sample_rate):
     path = tmp_path / f"clip{suffix}"
     audio = sine(1.25, sample_rate) if audio_codec else None
-    write_media(path, frames=ramp_frames(10), fps=8, audio=audio, sample_rate=sample_rate or 48000,
-                video_codec=video_codec, pix_fmt=pix_fmt, audio_codec=audio_codec or "aac")
+    write_media(
+        path,
+        frames=ramp_frames(10),
+        fps=8,
+        audio=audio,
+        sample_rate=sample_rate or 48000,
+        video_codec=video_codec,
+        pix_fmt=pix_fmt,
+        audio_codec=audio_codec or "aac",
+    )
     media = load_media(path, num_frames=8, image_size=SIZE, num_audio_segments=4)
 
     assert media.has_visual and media.frames.dtype == np.uint8 and media.frames.shape == (8, SIZE, SIZE, 3)
@@ -67,8 +75,13 @@ def test_video_formats(tmp_path, suffix, video_codec, pix_fmt, audio_codec, samp
         assert peak_frequency(media.audio) == pytest.approx(440, abs=8)
 
 
-AUDIO_FORMATS = [(".mp3", "libmp3lame", 44100), (".flac", "flac", 16000), (".wav", "pcm_s16le", 48000),
-                 (".opus", "libopus", 48000), (".m4a", "aac", 22050)]
+AUDIO_FORMATS = [
+    (".mp3", "libmp3lame", 44100),
+    (".flac", "flac", 16000),
+    (".wav", "pcm_s16le", 48000),
+    (".opus", "libopus", 48000),
+    (".m4a", "aac", 22050),
+]
 
 
 @pytest.mark.parametrize("suffix,codec,sample_rate", AUDIO_FORMATS)
@@ -208,8 +221,20 @@ def _write_bad(tmp_path, name):
     return bad
 
 
-@pytest.mark.parametrize("name", ["empty.mp4", "noise.mp4", "notes.txt", "truncated.mkv", "truncated.flac", "truncated.mp4",
-                                  "missing.mp4", "zero_frames.mkv", "unknown_codec.mp4"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "empty.mp4",
+        "noise.mp4",
+        "notes.txt",
+        "truncated.mkv",
+        "truncated.flac",
+        "truncated.mp4",
+        "missing.mp4",
+        "zero_frames.mkv",
+        "unknown_codec.mp4",
+    ],
+)
 def test_unreadable_files_raise_media_error_naming_the_file(tmp_path, name):
     bad = _write_bad(tmp_path, name)
     with pytest.raises(MediaError, match=name.replace(".", r"\.")) as error:

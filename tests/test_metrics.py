@@ -1,5 +1,6 @@
 """CIDEr-D on worked examples computed by hand, exact-match normalisation, SPICE availability;
 the training log line and its TensorBoard row on known inputs."""
+
 import math
 import os
 import stat
@@ -111,9 +112,13 @@ class RecordingWriter:
 def step_metrics(loss, visual, audio_visual, grad_norm=0.5, tokens=80):
     nan = float("nan")  # a loss group absent from the step's batch
     return {
-        "loss": np.float32(loss), "grad_norm": np.float32(grad_norm), "target_tokens": np.int32(tokens),
-        "loss/visual": np.float32(visual), "loss/audio": np.float32(nan),
-        "loss/audio_visual": np.float32(audio_visual), "loss/text": np.float32(nan),
+        "loss": np.float32(loss),
+        "grad_norm": np.float32(grad_norm),
+        "target_tokens": np.int32(tokens),
+        "loss/visual": np.float32(visual),
+        "loss/audio": np.float32(nan),
+        "loss/audio_visual": np.float32(audio_visual),
+        "loss/text": np.float32(nan),
         "work": np.array([3.0, 4.0, 0, 0, 0, 0], np.float32),  # 3 samples, 4 LLM tokens
     }
 
@@ -124,14 +129,21 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     writer = RecordingWriter()
     # Useful work: 1 TFLOP per LLM token (the work vector's second entry); each step's slots: 5 TFLOP.
     log = training_metrics.MetricsLog(
-        writer, useful_flops=lambda work: work[1] * 1e12, slot_flops_per_step=5e12, peak_flops=10e12, num_devices=2,
-        total=100, start_step=10,
+        writer,
+        useful_flops=lambda work: work[1] * 1e12,
+        slot_flops_per_step=5e12,
+        peak_flops=10e12,
+        num_devices=2,
+        total=100,
+        start_step=10,
     )
     nan = float("nan")
     for step in range(11, 21):  # losses 2 and 3 alternate; visual on even steps, audio_visual on odd
         even = step % 2 == 0
-        log.add(step_metrics(2.0 if even else 3.0, 2.0 if even else nan, nan if even else 3.0),
-                {"num_skipped_media": 1 if step == 11 else 0, "num_rerouted": 1 if step in (12, 13) else 0})
+        log.add(
+            step_metrics(2.0 if even else 3.0, 2.0 if even else nan, nan if even else 3.0),
+            {"num_skipped_media": 1 if step == 11 else 0, "num_rerouted": 1 if step in (12, 13) else 0},
+        )
     clock[0] = 105.0  # 10 steps in 5 s
     row = log.flush(20, learning_rate=1e-3)
     line = capsys.readouterr().out.strip()
@@ -145,7 +157,11 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     )
     assert writer.rows == [(20, row)]
     assert "loss/audio" not in row and "loss/text" not in row
-    assert row["data/num_rerouted"] == 2.0 and row["target_tokens_per_second"] == 160.0 and row["mfu"] == pytest.approx(0.4)
+    assert (
+        row["data/num_rerouted"] == 2.0
+        and row["target_tokens_per_second"] == 160.0
+        and row["mfu"] == pytest.approx(0.4)
+    )
 
     # The counts are totals; without a known device peak MFU is n/a; a step that had text only.
     log.peak_flops = None

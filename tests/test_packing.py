@@ -2,15 +2,16 @@
 
 The model side (a packed sample computes what it computes alone, zero gradients, accumulation)
 is in test_avllm.py."""
+
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
-import grain
 import pytest
+import test_pipeline
+from test_pipeline import FRAMES, SEGMENTS, chat, data_config, text_source, write_jsonl
 
 from avllm_jax.data import packing, pipeline
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS
-import test_pipeline
-from test_pipeline import FRAMES, SEGMENTS, chat, data_config, text_source, write_jsonl
 
 tokenizer, media_dir = test_pipeline.tokenizer, test_pipeline.media_dir  # the fixtures, shared
 
@@ -20,7 +21,9 @@ ROWS = packing.ModalityRows(temporal=FRAMES, spatial=SPATIAL, audio=SEGMENTS)
 
 def packed_config(*sources, num_epochs=None, **packing_fields):
     config = data_config(*sources, num_epochs=num_epochs)
-    config.packing.update(dict(enabled=True, rows=2, row_length=96, frames=2 * FRAMES + 1, visual_items=3, audio_clips=2) | packing_fields)
+    config.packing.update(
+        dict(enabled=True, rows=2, row_length=96, frames=2 * FRAMES + 1, visual_items=3, audio_clips=2) | packing_fields
+    )
     return config
 
 
@@ -37,7 +40,10 @@ def samples_of(batch, tokenizer):
             segments = batch["segment_ids"][pack, row]
             for segment in range(1, segments.max() + 1):
                 where = segments == segment
-                fields = {k: batch[k][pack, row][where] for k in ("input_ids", "modality_index", "positions", "targets", "loss_group")}
+                fields = {
+                    k: batch[k][pack, row][where]
+                    for k in ("input_ids", "modality_index", "positions", "targets", "loss_group")
+                }
                 text = tokenizer.decode(fields["input_ids"][fields["modality_index"] < 0], skip_special_tokens=True)
                 found.append(dict(fields, pack=pack, name=text.split("USER:")[1].split("ASSISTANT:")[0].strip()))
     return found
@@ -63,15 +69,22 @@ def test_pack_layout_slots_and_routing(tmp_path, tokenizer, media_dir):
         for pack in range(batch["frames"].shape[0]):
             items = batch["item_frames"][pack]
             used = batch["frame_item"][pack] >= 0
-            assert used.sum() == items.sum() and (batch["frames"][pack][~used] == 0).all() and batch["frames"][pack][used].any()
+            assert (
+                used.sum() == items.sum()
+                and (batch["frames"][pack][~used] == 0).all()
+                and batch["frames"][pack][used].any()
+            )
     assert sorted(table) == [f"item{i}" for i in range(1, 7)]
     assert sum(int(b["work"][:, 0].sum()) for b in batches) == 6  # WORK's first entry counts samples
     assert sum(int(b["num_rerouted"].sum()) for b in batches) == 1
     f, v = config.packing.frames, config.packing.visual_items
     audio_start = f + v * SPATIAL
     for name, modality, visual_rows, audio_rows in [
-        ("item1", "audio_visual", FRAMES + SPATIAL, SEGMENTS), ("item2", "visual", FRAMES + SPATIAL, 0),
-        ("item3", "audio", 0, SEGMENTS), ("item4", "text", 0, 0), ("item5", "visual", FRAMES + SPATIAL, 0),
+        ("item1", "audio_visual", FRAMES + SPATIAL, SEGMENTS),
+        ("item2", "visual", FRAMES + SPATIAL, 0),
+        ("item3", "audio", 0, SEGMENTS),
+        ("item4", "text", 0, 0),
+        ("item5", "visual", FRAMES + SPATIAL, 0),
     ]:
         sample = table[name]
         index = sample["modality_index"][sample["modality_index"] >= 0]
@@ -123,19 +136,25 @@ def test_hosts_pack_disjoint_samples_covering_the_data(tmp_path, tokenizer):
     config = packed_config((text_source(tmp_path / "a.jsonl", "a", 12), 1.0), num_epochs=1)
     names = []
     for host in range(2):
-        host_names = [s["name"] for b in iterator(config, tokenizer, packs=2, process_index=host, process_count=2)
-                      for s in samples_of(b, tokenizer)]
+        host_names = [
+            s["name"]
+            for b in iterator(config, tokenizer, packs=2, process_index=host, process_count=2)
+            for s in samples_of(b, tokenizer)
+        ]
         names.append(host_names)
     assert not set(names[0]) & set(names[1])
     assert sorted(names[0] + names[1]) == sorted(f"a item{i}" for i in range(12))
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(frames=FRAMES - 1), "a video needs num_frames=2 frames"),
-    (dict(visual_items=0), "a video needs"),
-    (dict(audio_clips=0), "audio_clips=0"),
-    (dict(row_length=FRAMES + SPATIAL + SEGMENTS), "leaves no text"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(frames=FRAMES - 1), "a video needs num_frames=2 frames"),
+        (dict(visual_items=0), "a video needs"),
+        (dict(audio_clips=0), "audio_clips=0"),
+        (dict(row_length=FRAMES + SPATIAL + SEGMENTS), "leaves no text"),
+    ],
+)
 def test_a_budget_some_sample_cannot_fit_is_refused(tmp_path, tokenizer, fields, message):
     config = packed_config((text_source(tmp_path / "a.jsonl", "a", 4), 1.0), **fields)
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@ modalities, the boundary falls at the configured step, a restored iterator (mid 
 boundary, in phase 1 before it) gives exactly an uninterrupted one's batches, bad phase configs
 are refused naming the field, the Table 4 configs load, the log line names the phase, and a
 training run resumed before the boundary ends with the uninterrupted run's parameters."""
+
 import json
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from training_runs import STEPS, environment, final_params, make_demo_files, max_difference, train_command
 
 from avllm_jax import checkpoint
 from avllm_jax.data import conversation as conv
@@ -22,12 +24,15 @@ from avllm_jax.data.media import write_media
 from avllm_jax.modality import Modality
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import metrics as training_metrics
-from training_runs import STEPS, environment, final_params, make_demo_files, max_difference, train_command
 
 SIZE, FRAMES, SEGMENTS, TEXT, BATCH = 16, 2, 2, 48, 4
 PT1 = (dict(modalities=("audio_visual",), share=0.5), dict(modalities=("visual", "audio", "text"), share=0.5))
 NUM_STEPS = 6  # phase 1: steps 1-3, phase 2: steps 4-6
-MEDIA = {Modality.AUDIO_VISUAL: dict(video="av.mp4"), Modality.VISUAL: dict(video="silent.mp4"), Modality.AUDIO: dict(audio="sound.flac")}
+MEDIA = {
+    Modality.AUDIO_VISUAL: dict(video="av.mp4"),
+    Modality.VISUAL: dict(video="silent.mp4"),
+    Modality.AUDIO: dict(audio="sound.flac"),
+}
 ABLATIONS = os.path.join(os.path.dirname(__file__), "..", "configs", "ablations")
 
 
@@ -76,8 +81,13 @@ def data_config(root, *names):
 def phased(config, tokenizer, phase_config=PT1, num_steps=NUM_STEPS):
     plan = phases.plan(phase_config, num_steps)
     return phases.make_phased_iterator(
-        config, plan, tokenizer, per_source=pipeline.read_sources(config), global_batch_size=BATCH,
-        process_index=0, process_count=1,
+        config,
+        plan,
+        tokenizer,
+        per_source=pipeline.read_sources(config),
+        global_batch_size=BATCH,
+        process_index=0,
+        process_count=1,
     )
 
 
@@ -199,16 +209,27 @@ def test_sources_and_samples_outside_a_phase_are_reported(sources):
         phases.describe(phases.plan(pt, 10), pipeline.read_sources(only_visual), only_visual.sources)
 
 
-@pytest.mark.parametrize("phase_config, message", [
-    ((dict(modalities=("video",), share=1.0),),
-     "config.phases[0].modalities names 'video', not a modality (choose from 'visual', 'audio', 'audio_visual', 'text')"),
-    ((dict(modalities=(), share=1.0),), "config.phases[0].modalities is empty"),
-    ((dict(modalities="visual", share=1.0),), "config.phases[0].modalities must be a tuple of names"),
-    ((dict(modalities=("visual",), share=0.5), dict(modalities=("audio",), share=0.0)), "config.phases[1].share=0.0: it must be a positive number"),
-    ((dict(modalities=("visual",), share=0.5), dict(modalities=("audio",), share=0.4)), "shares (0.5, 0.4) sum to 0.9, not 1"),
-    ((dict(modalities=("visual",), weight=1.0),), "config.phases[0].weight is not a field of a phase"),
-    ((dict(modalities=("visual", "visual"), share=1.0),), "names a modality twice"),
-])
+@pytest.mark.parametrize(
+    "phase_config, message",
+    [
+        (
+            (dict(modalities=("video",), share=1.0),),
+            "config.phases[0].modalities names 'video', not a modality (choose from 'visual', 'audio', 'audio_visual', 'text')",
+        ),
+        ((dict(modalities=(), share=1.0),), "config.phases[0].modalities is empty"),
+        ((dict(modalities="visual", share=1.0),), "config.phases[0].modalities must be a tuple of names"),
+        (
+            (dict(modalities=("visual",), share=0.5), dict(modalities=("audio",), share=0.0)),
+            "config.phases[1].share=0.0: it must be a positive number",
+        ),
+        (
+            (dict(modalities=("visual",), share=0.5), dict(modalities=("audio",), share=0.4)),
+            "shares (0.5, 0.4) sum to 0.9, not 1",
+        ),
+        ((dict(modalities=("visual",), weight=1.0),), "config.phases[0].weight is not a field of a phase"),
+        ((dict(modalities=("visual", "visual"), share=1.0),), "names a modality twice"),
+    ],
+)
 def test_bad_phase_configs_are_refused(phase_config, message):
     config = config_lib.base_config()
     config.phases = phase_config
@@ -226,7 +247,9 @@ def test_phases_need_the_data_repeated():
 
 
 def test_table4_configs_load():
-    loaded = {row: config_lib.load_config_file(os.path.join(ABLATIONS, f"table4_{row}.py")) for row in ("mat", "pt1", "pt2")}
+    loaded = {
+        row: config_lib.load_config_file(os.path.join(ABLATIONS, f"table4_{row}.py")) for row in ("mat", "pt1", "pt2")
+    }
     for config in loaded.values():
         config_lib.check_config(config)
         assert config.phases == () or abs(sum(p["share"] for p in config.phases) - 1) < 1e-6
@@ -245,8 +268,14 @@ def test_log_line_names_the_phase(capsys):
     plan = phases.plan(PT1, NUM_STEPS)
     writer = _Writer()
     log = training_metrics.MetricsLog(
-        writer, useful_flops=lambda work: 0.0, slot_flops_per_step=0.0, peak_flops=None, num_devices=1, total=NUM_STEPS,
-        start_step=0, phase_of=lambda step: phases.phase_at(plan, step),
+        writer,
+        useful_flops=lambda work: 0.0,
+        slot_flops_per_step=0.0,
+        peak_flops=None,
+        num_devices=1,
+        total=NUM_STEPS,
+        start_step=0,
+        phase_of=lambda step: phases.phase_at(plan, step),
     )
     log.add({"loss": np.float32(1.0), "work": np.zeros(6, np.float32)}, {})
     row = log.flush(4, learning_rate=1e-3)
@@ -259,7 +288,11 @@ def test_training_resumed_before_the_boundary_ends_as_the_uninterrupted_run(tmp_
     demo_files = make_demo_files(tmp_path / "demo")
     workdir = tmp_path / "run"
     command = train_command(
-        demo_files, workdir, f"--config.phases={PT1!r}", "--config.checkpoint_every=2", "--config.keep_checkpoints=3",
+        demo_files,
+        workdir,
+        f"--config.phases={PT1!r}",
+        "--config.checkpoint_every=2",
+        "--config.keep_checkpoints=3",
     )
     result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -276,6 +309,8 @@ def test_training_resumed_before_the_boundary_ends_as_the_uninterrupted_run(tmp_
     assert "resumed from step 2" in resumed.stdout and f"step 4/{STEPS} | phase 2/2" in resumed.stdout
     # The same batches give the same losses, step by step, and the same parameters.
     losses = [line.split(" | loss ")[1].split()[0] for line in result.stdout.splitlines() if " | loss " in line]
-    resumed_losses = [line.split(" | loss ")[1].split()[0] for line in resumed.stdout.splitlines() if " | loss " in line]
+    resumed_losses = [
+        line.split(" | loss ")[1].split()[0] for line in resumed.stdout.splitlines() if " | loss " in line
+    ]
     assert resumed_losses == losses[2:]
     assert max_difference(uninterrupted, final_params(workdir)) <= 1e-6

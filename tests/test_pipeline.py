@@ -1,10 +1,11 @@
 """The grain pipeline: batch layout, determinism, checkpointing, mixing, sharding, bad data."""
+
 import json
 import os
 
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
-import grain
 import pytest
 
 from avllm_jax import runtime
@@ -36,7 +37,11 @@ def data_config(*sources, **overrides):
 
 
 def chat(prompt, answer="a dog", **media):
-    return {"id": prompt, **media, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": prompt,
+        **media,
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
+    }
 
 
 def write_jsonl(path, records):
@@ -91,8 +96,11 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
         "frames": (np.uint8, (b, FRAMES, SIZE, SIZE, 3)),
         "audio_features": (np.float32, (b, SEGMENTS, 1, frames_f, 64)),
         "audio_is_longer": (np.bool_, (b, SEGMENTS)),
-        "has_visual": (np.bool_, (b,)), "has_audio": (np.bool_, (b,)),
-        "input_ids": (np.int32, (b, TEXT)), "labels": (np.int32, (b, TEXT)), "token_mask": (np.bool_, (b, TEXT)),
+        "has_visual": (np.bool_, (b,)),
+        "has_audio": (np.bool_, (b,)),
+        "input_ids": (np.int32, (b, TEXT)),
+        "labels": (np.int32, (b, TEXT)),
+        "token_mask": (np.bool_, (b, TEXT)),
         **{k: (np.int32, (b,)) for k in pipeline.COUNTERS},
         "skipped_reasons": (np.str_, (b,)),
     }
@@ -159,7 +167,9 @@ def test_epochs_cover_every_sample_once_reshuffled_by_seed(tmp_path, tokenizer):
 
     def epochs(seed):
         config = data_config((path, 1.0), num_epochs=2, seed=seed)
-        iterator = pipeline.make_train_iterator(config, tokenizer, global_batch_size=5, process_index=0, process_count=1)
+        iterator = pipeline.make_train_iterator(
+            config, tokenizer, global_batch_size=5, process_index=0, process_count=1
+        )
         names = [n for batch in iterator for n in prompt_names(batch, tokenizer)]
         return names[:10], names[10:]
 
@@ -174,7 +184,9 @@ def test_hosts_read_disjoint_shards(tmp_path, tokenizer):
     config = data_config((path, 1.0), num_epochs=1)
     shards = []
     for host in range(2):
-        iterator = pipeline.make_train_iterator(config, tokenizer, global_batch_size=6, process_index=host, process_count=2)
+        iterator = pipeline.make_train_iterator(
+            config, tokenizer, global_batch_size=6, process_index=host, process_count=2
+        )
         shards.append([n for batch in iterator for n in prompt_names(batch, tokenizer)])
     assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(f"a item{i}" for i in range(12))
@@ -183,10 +195,16 @@ def test_hosts_read_disjoint_shards(tmp_path, tokenizer):
 def test_hosts_batches_side_by_side_are_the_single_process_batch(tmp_path, tokenizer):
     path = text_source(tmp_path / "a.jsonl", "a", 12)
     config = data_config((path, 1.0), num_epochs=1)
-    alone = [prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(config, tokenizer, global_batch_size=6)]
+    alone = [
+        prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(config, tokenizer, global_batch_size=6)
+    ]
     hosts = [
-        [prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(
-            config, tokenizer, global_batch_size=6, process_index=host, process_count=3)]
+        [
+            prompt_names(batch, tokenizer)
+            for batch in pipeline.make_train_iterator(
+                config, tokenizer, global_batch_size=6, process_index=host, process_count=3
+            )
+        ]
         for host in range(3)
     ]
     assert len(alone) == 2 and all(len(batches) == 2 for batches in hosts)
@@ -228,7 +246,9 @@ def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer,
     path = write_jsonl(tmp_path / "data.jsonl", records)
     config = data_config((path, 1.0), num_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)
     config.sources[0]["media_root"] = str(media_dir)
-    batches = list(pipeline.make_train_iterator(config, tokenizer, global_batch_size=1, process_index=0, process_count=1))
+    batches = list(
+        pipeline.make_train_iterator(config, tokenizer, global_batch_size=1, process_index=0, process_count=1)
+    )
     assert len(batches) == 1 and batches[0]["has_audio"].all()
     assert sum(int(b["num_skipped_media"].sum()) for b in batches) == 1
 
@@ -256,7 +276,9 @@ def test_only_failures_stop_the_job_instead_of_spinning(tmp_path, tokenizer, med
 def test_malformed_lines_fail_or_are_skipped_per_config(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "data.jsonl", [chat(f"a item{i}") for i in range(9)] + ["{oops"])
     with pytest.raises(conv.MalformedSampleError, match=r"data\.jsonl:10"):
-        pipeline.make_train_iterator(data_config((path, 1.0)), tokenizer, global_batch_size=2, process_index=0, process_count=1)
+        pipeline.make_train_iterator(
+            data_config((path, 1.0)), tokenizer, global_batch_size=2, process_index=0, process_count=1
+        )
     config = data_config((path, 1.0), skip_malformed_lines=True, max_bad_fraction=0.2, num_epochs=1)
     iterator = pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1)
     assert sum(b["input_ids"].shape[0] for b in iterator) == 9
@@ -266,8 +288,12 @@ def test_malformed_lines_fail_or_are_skipped_per_config(tmp_path, tokenizer):
 
 
 def test_eval_reader_keeps_file_order(tmp_path, media_dir):
-    records = [chat("<AUD>\nq1", audio="sound.flac"), chat("q2"), chat("<VIS>\nq3", video="silent.mp4"),
-               chat("<VIS>\nq4", video="broken.mp4")]
+    records = [
+        chat("<AUD>\nq1", audio="sound.flac"),
+        chat("q2"),
+        chat("<VIS>\nq3", video="silent.mp4"),
+        chat("<VIS>\nq4", video="broken.mp4"),
+    ]
     path = write_jsonl(tmp_path / "eval.jsonl", records)
     config = data_config((path, 1.0))
     reader = pipeline.iterate_eval(path, config, media_root=media_dir)
@@ -333,7 +359,9 @@ def test_dedicated_worker_cpus_keep_decoding_and_training_apart(tmp_path, tokeni
 
 def test_dedicated_worker_cpus_must_leave_training_a_cpu(tmp_path):
     with pytest.raises(ValueError, match="leaves none"):
-        runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0))))
+        runtime.split_cpus(
+            data_config((tmp_path, 1.0), worker_count=1, dedicated_worker_cpus=len(os.sched_getaffinity(0)))
+        )
     assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=1)) == (None, None)
     assert runtime.split_cpus(data_config((tmp_path, 1.0), worker_count=0, dedicated_worker_cpus=1)) == (None, None)
 
@@ -341,11 +369,15 @@ def test_dedicated_worker_cpus_must_leave_training_a_cpu(tmp_path):
 def test_whisper_front_end_decodes_at_16khz(tmp_path, tokenizer, media_dir):
     """With audio_front_end='whisper' the pipeline resamples to 16 kHz and gives each sample
     Whisper's 30 s log-mel window and its count of real encoder frames (20 ms each)."""
-    records = [chat("<AUD>\nwhat is it?", audio="sound.flac", modality="audio"),
-               chat("<AUD_VIS>\nwhat is it?", video="av.mp4", modality="audio_visual"),
-               chat("<VIS>\nwhat is it?", video="silent.mp4", modality="visual")]
+    records = [
+        chat("<AUD>\nwhat is it?", audio="sound.flac", modality="audio"),
+        chat("<AUD_VIS>\nwhat is it?", video="av.mp4", modality="audio_visual"),
+        chat("<VIS>\nwhat is it?", video="silent.mp4", modality="visual"),
+    ]
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    config = data_config((path, 1.0), num_epochs=1, audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80)
+    config = data_config(
+        (path, 1.0), num_epochs=1, audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80
+    )
     config.sources[0]["media_root"] = str(media_dir)
     batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1))
     assert batch["audio_features"].shape == (3, 80, 3000) and batch["audio_valid_frames"].shape == (3, SEGMENTS)

@@ -1,6 +1,7 @@
 """The planner compiles the real train step ahead of time for a named topology (cpu:N here; a
 TPU slice when libtpu is installed) and reports memory and FLOPs; and the compiled step is
 FSDP: each device computes only its own samples, gathering each layer's weights."""
+
 import os
 import re
 import subprocess
@@ -9,12 +10,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from plan_config import GLOBAL_BATCH
+from plan_config import get_config as tiny_plan_config
 
 from avllm_jax import plan
 from avllm_jax.models import llama
 from avllm_jax.training import flops
-from plan_config import GLOBAL_BATCH
-from plan_config import get_config as tiny_plan_config
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "plan_config.py")
 
@@ -30,7 +31,11 @@ def cli(tmp_path_factory):
     hlo = tmp_path_factory.mktemp("plan") / "step.hlo"
     result = subprocess.run(
         [sys.executable, "-m", "avllm_jax.plan", f"--config={CONFIG_FILE}", "--topology=cpu:8", f"--hlo_dump={hlo}"],
-        capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ
+        | {"PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, hlo.read_text()
@@ -39,7 +44,9 @@ def cli(tmp_path_factory):
 def test_the_command_line_ends_with_the_plan_line(cli):
     out, _ = cli
     last = out.strip().splitlines()[-1]
-    match = re.fullmatch(r"plan: cpu:8 fits: ([\d.]+) GiB of host memory \(no HBM\) per device, compiled/analytic FLOPs ([\d.]+)", last)
+    match = re.fullmatch(
+        r"plan: cpu:8 fits: ([\d.]+) GiB of host memory \(no HBM\) per device, compiled/analytic FLOPs ([\d.]+)", last
+    )
     assert match, last
     # Like with like: the matmuls of the compiled program (loops counted trip-count times, x 8
     # devices) against flops.py. Above 1 by the masked half of causal attention, which XLA computes.
@@ -84,7 +91,11 @@ def test_a_packed_budget_is_planned_as_packs():
 def test_topology_names():
     v5p = plan.topology("v5p-32")
     assert (v5p.chips, v5p.hbm_gib, v5p.libtpu_name, v5p.chips_per_host) == (16, 95.0, "v5:2x2x4", (2, 2, 1))
-    assert (plan.topology("v4-8").chips, plan.topology("v5e-16").hbm_gib, plan.topology("v5e-64").libtpu_name) == (4, 16.0, "v5e:8x8")
+    assert (plan.topology("v4-8").chips, plan.topology("v5e-16").hbm_gib, plan.topology("v5e-64").libtpu_name) == (
+        4,
+        16.0,
+        "v5e:8x8",
+    )
     gpu = plan.topology("a100-40gb-8")
     assert (gpu.platform, gpu.chips, gpu.hbm_gib) == ("cpu", 8, 40.0) and "estimate" in gpu.note
     with pytest.raises(plan.PlanError, match=r"unknown topology 'v5p-7'; valid: .*v5p-32.*cpu:N"):
@@ -105,16 +116,20 @@ def test_the_batch_must_split_over_the_micro_batches_and_devices():
 
 def test_running_out_of_memory_is_reported_as_does_not_fit(monkeypatch):
     """What libtpu raises when the temporaries exceed HBM (here without compiling)."""
+
     def out_of_memory(lowered, compiler_options=None):
         raise jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (270.90G) "
-            "exceeds available HBM (15.75G).")
+            "exceeds available HBM (15.75G)."
+        )
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", out_of_memory)
     result = plan.compile_plan(tiny_plan_config(), plan.topology("a100-40gb-8"))
     assert not result.fits and result.ratio is None
     assert result.memory["temporaries"] == pytest.approx(270.90) and 0 < result.memory["arguments"] < 0.01
-    assert result.summary().startswith("plan: a100-40gb-8 does not fit: 270.9 GiB of 40.0 GiB per device, compiled/analytic FLOPs n/a")
+    assert result.summary().startswith(
+        "plan: a100-40gb-8 does not fit: 270.9 GiB of 40.0 GiB per device, compiled/analytic FLOPs n/a"
+    )
 
 
 def test_search_bisects_to_the_fewest_micro_batches_that_fit(monkeypatch):
@@ -123,8 +138,19 @@ def test_search_bisects_to_the_fewest_micro_batches_that_fit(monkeypatch):
 
     def fake_compile(config, target, num_microbatches):
         total = 100.0 / num_microbatches  # GiB; an A100-40G fits it from 4 micro-batches on
-        return plan.Plan(target, {}, num_microbatches, 8 / num_microbatches, {"total": total}, total <= target.hbm_gib,
-                         1.0, 1.0, None, 0.0, 0.0)
+        return plan.Plan(
+            target,
+            {},
+            num_microbatches,
+            8 / num_microbatches,
+            {"total": total},
+            total <= target.hbm_gib,
+            1.0,
+            1.0,
+            None,
+            0.0,
+            0.0,
+        )
 
     monkeypatch.setattr(plan, "compile_plan", fake_compile)
     best, tried = plan.search(config, plan.topology("a100-40gb-8"), report=lambda line: None)
@@ -134,6 +160,7 @@ def test_search_bisects_to_the_fewest_micro_batches_that_fit(monkeypatch):
 
 def test_hlo_flops_count_every_iteration_of_a_loop():
     """XLA's cost analysis counts a loop's body once; the planner's count, trip-count times."""
+
     def scanned(weights, x):
         return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, weights)[0].sum()
 

@@ -1,11 +1,13 @@
 """Prompts about media: rows of a padded, mixed-modality AVLLM batch generate what they generate
 alone; answer_questions answers what the batch generates; forced modalities and the inference
 data config; prompts that cannot be built are refused."""
+
 import dataclasses
 
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import TOKENIZER_CORPUS
 
 from avllm_jax.data import conversation
 from avllm_jax.data.media import Media
@@ -13,9 +15,10 @@ from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 from avllm_jax.models import avllm, clip_vision, conversion, htsat, llama
-from hf_reference import TOKENIZER_CORPUS
 
-SMALL_HTSAT = htsat.HTSATConfig(spec_size=128, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=16, mlp_ratio=2.0)
+SMALL_HTSAT = htsat.HTSATConfig(
+    spec_size=128, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=16, mlp_ratio=2.0
+)
 NUM_FRAMES, NUM_SEGMENTS, AUDIO_SECONDS = 3, 2, 2.0
 
 
@@ -46,8 +49,9 @@ def tiny_avllm():
     llm_config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer))
     config = avllm.AVLLMConfig(clip_vision.PRESETS["tiny"], SMALL_HTSAT, llm_config, tuple(modality_ids))
     model = random_model(config)
-    data_config = prompts.inference_data_config(model, num_frames=NUM_FRAMES, num_audio_segments=NUM_SEGMENTS,
-                                                audio_max_length_s=AUDIO_SECONDS)
+    data_config = prompts.inference_data_config(
+        model, num_frames=NUM_FRAMES, num_audio_segments=NUM_SEGMENTS, audio_max_length_s=AUDIO_SECONDS
+    )
     return model, tokenizer, data_config
 
 
@@ -62,17 +66,25 @@ def test_inference_data_config_follows_the_encoders(tiny_avllm):
     model, _, config = tiny_avllm
     assert config.image_size == 32 and config.audio_truncation == "rand_trunc"
     fused = dataclasses.replace(model.config, audio=dataclasses.replace(SMALL_HTSAT, enable_fusion=True))
-    assert prompts.inference_data_config(nnx.eval_shape(lambda: avllm.AVLLM(fused, rngs=nnx.Rngs(0)))).audio_truncation == "fusion"
+    assert (
+        prompts.inference_data_config(nnx.eval_shape(lambda: avllm.AVLLM(fused, rngs=nnx.Rngs(0)))).audio_truncation
+        == "fusion"
+    )
 
 
 def test_a_converted_checkpoint_gets_the_longest_audio_window_its_htsat_takes(tiny_avllm):
     """SMALL_HTSAT's 128-pixel image holds 2 x 128 = 256 frames: 255 hops of 10 ms, not CLAP's 10 s."""
     model, _, _ = tiny_avllm
     assert prompts.inference_data_config(model).audio_max_length_s == pytest.approx(2.55)
-    with pytest.raises(ValueError, match=r"audio_max_length_s=2.56 gives 257 spectrogram frames and the audio encoder takes at "
-                                         r"most 256: use a window of 2.55 s or less \(--audio-window-s"):
+    with pytest.raises(
+        ValueError,
+        match=r"audio_max_length_s=2.56 gives 257 spectrogram frames and the audio encoder takes at "
+        r"most 256: use a window of 2.55 s or less \(--audio-window-s",
+    ):
         prompts.inference_data_config(model, audio_max_length_s=2.56)
-    with pytest.raises(ValueError, match=r"audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"):
+    with pytest.raises(
+        ValueError, match=r"audio_truncation='fusion' but the audio encoder is unfused; use 'rand_trunc'"
+    ):
         prompts.inference_data_config(model, audio_truncation="fusion")
 
 
@@ -80,7 +92,11 @@ def test_mixed_modality_batch_rows_equal_rows_alone(tiny_avllm):
     model, tokenizer, data_config = tiny_avllm
     media = [random_media(0, audio=False), random_media(1, visual=False), random_media(2)]
     # Different lengths within one PROMPT_BUCKET, so the rows alone share one compiled program.
-    questions = ["What colour is the square?", "What is the shape, and which way does it move?", "Is the tone high or low?"]
+    questions = [
+        "What colour is the square?",
+        "What is the shape, and which way does it move?",
+        "Is the tone high or low?",
+    ]
     modalities = [prompts.resolve_modality(m, None) for m in media]
     assert modalities == [Modality.VISUAL, Modality.AUDIO, Modality.AUDIO_VISUAL]
     turns = [[(conversation.USER_ROLE, conversation.first_user_message(q, m))] for q, m in zip(questions, modalities)]
@@ -89,8 +105,12 @@ def test_mixed_modality_batch_rows_equal_rows_alone(tiny_avllm):
     assert len(set(lengths.tolist())) == 3  # rows of different prompt lengths
     together = np.asarray(gen.generate(model, batch, max_new_tokens=8, eos_token_id=None).tokens)
     for i in range(3):
-        alone = prompts.conversation_batch(model, tokenizer, media[i : i + 1], turns[i : i + 1], modalities[i : i + 1], data_config)
-        np.testing.assert_array_equal(together[i], np.asarray(gen.generate(model, alone, max_new_tokens=8, eos_token_id=None).tokens[0]))
+        alone = prompts.conversation_batch(
+            model, tokenizer, media[i : i + 1], turns[i : i + 1], modalities[i : i + 1], data_config
+        )
+        np.testing.assert_array_equal(
+            together[i], np.asarray(gen.generate(model, alone, max_new_tokens=8, eos_token_id=None).tokens[0])
+        )
     assert len({tuple(row) for row in together}) == 3  # the rows are not all alike
 
     answers = prompts.answer_questions(model, tokenizer, media, questions, max_new_tokens=8, data_config=data_config)
@@ -102,7 +122,14 @@ def test_forced_modality(tiny_avllm):
     both = random_media(3)
     frames_only = Media(both.frames, None, both.duration_s)
     ask = lambda m, modality: prompts.answer_questions(  # noqa: E731
-        model, tokenizer, [m], ["What colour is the square?"], modality=modality, max_new_tokens=8, data_config=data_config)
+        model,
+        tokenizer,
+        [m],
+        ["What colour is the square?"],
+        modality=modality,
+        max_new_tokens=8,
+        data_config=data_config,
+    )
     # Forcing 'visual' on an audio-visual file drops its audio rows: the same answer as no audio at all.
     assert ask(both, [Modality.VISUAL]) == ask(frames_only, None)
     with pytest.raises(ValueError, match="'audio' needs an audio stream, which media item 0 lacks"):
@@ -114,7 +141,8 @@ def test_prompts_that_cannot_be_built_are_refused(tiny_avllm):
     question = [(conversation.USER_ROLE, conversation.first_user_message("What is it?", Modality.VISUAL))]
     answered = question + [(conversation.ASSISTANT_ROLE, "red")]
     batch = lambda media, turns: prompts.conversation_batch(  # noqa: E731
-        model, tokenizer, [media], [turns], [Modality.VISUAL], data_config)
+        model, tokenizer, [media], [turns], [Modality.VISUAL], data_config
+    )
     with pytest.raises(ValueError, match="conversation 0 ends with an answer"):
         batch(random_media(4), answered)
     with pytest.raises(ValueError, match="'visual' needs a video stream, which media item 0 lacks"):

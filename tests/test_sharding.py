@@ -1,18 +1,30 @@
 """FSDP / tensor / data sharding on 8 CPU devices gives what one device gives; activations are
 laid out by the same rules; gradients in the compute dtype are the float32 ones."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import NUM_FRAMES, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
 from avllm_jax.data import packing
 from avllm_jax.models import avllm, layers
 from avllm_jax.training import optim, sharding, step
-from tiny_models import NUM_FRAMES, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
 
-OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_fraction=0.0, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, final_learning_rate=0.0))
+OPTIM = ml_collections.ConfigDict(
+    dict(
+        learning_rate=1e-2,
+        warmup_fraction=0.0,
+        beta1=0.9,
+        beta2=0.98,
+        eps=1e-8,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        final_learning_rate=0.0,
+    )
+)
 TRAINABLE = (r".*_proj\..*", r"llm\..*")
 
 
@@ -89,7 +101,11 @@ def test_packed_batch_on_the_mesh_matches_single_device(packed_setup):
     reference_params, reference_loss, _ = run_one_step(model, batch, None, num_microbatches=1)
     params, loss, _ = run_one_step(model, batch, (2, 2, 2), num_microbatches=1)
     np.testing.assert_allclose(loss, reference_loss, rtol=0, atol=1e-5)
-    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, reference_params)))
+    worst = max(
+        jax.tree.leaves(
+            jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, reference_params)
+        )
+    )
     print(f"packed, mesh (2, 2, 2): |loss diff| {abs(loss - reference_loss):.2e}, max |param diff| {worst:.2e}")
     assert worst <= 1e-5
 
@@ -98,7 +114,9 @@ def test_activation_names_map_to_the_batch_and_tensor_axes():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     residual = sharding.logical_to_spec(layers.RESIDUAL, (8, 16, 64), mesh)
     assert residual == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)  # the width stays whole
-    assert sharding.logical_to_spec(layers.MLP, (8, 16, 172), mesh) == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+    assert sharding.logical_to_spec(layers.MLP, (8, 16, 172), mesh) == jax.sharding.PartitionSpec(
+        ("data", "fsdp"), None, "tensor"
+    )
     # Without a mesh, or outside training's activation_sharding, constrain changes nothing.
     assert sharding.activation_spec(layers.RESIDUAL, (8, 16, 64)) is None
     x = jnp.ones((8, 16, 64))
@@ -122,7 +140,9 @@ def test_micro_batch_gradients_in_the_compute_dtype_are_the_same_values(setup):
     assert dtypes["llm.layers.q_proj"] == dtypes["llm.lm_head"] == dtypes["audio_proj.kernel"] == jnp.bfloat16
     assert dtypes["llm.layers.input_norm.scale"] == dtypes["audio_proj.bias"] == jnp.float32
     for (path, a), (_, b) in zip(nnx.to_flat_state(full), nnx.to_flat_state(compact)):
-        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value(), np.float32), err_msg=optim.path_name(path))
+        np.testing.assert_array_equal(
+            np.asarray(a.get_value()), np.asarray(b.get_value(), np.float32), err_msg=optim.path_name(path)
+        )
 
 
 def test_the_step_keeps_its_state_dtypes_with_bfloat16_parameters(setup):

@@ -1,5 +1,6 @@
 """The demo set: the split rules hold over the written files, and every answer, the cross-modal
 timing ones included, can be read back from the decoded media's own timeline."""
+
 import json
 
 import numpy as np
@@ -129,7 +130,12 @@ def test_held_out_split_flags_each_sample_seen_or_unseen(demo):
 def test_a_frame_does_not_show_the_direction():
     """The clip of a shape moving left is the clip moving right played backwards, frame for
     frame: only the order of the frames tells them apart."""
-    right = {"shape": "triangle", "direction": "right", "colours": ["red", "red", "blue", "blue"], "stops": [1, 1, 2, 2]}
+    right = {
+        "shape": "triangle",
+        "direction": "right",
+        "colours": ["red", "red", "blue", "blue"],
+        "stops": [1, 1, 2, 2],
+    }
     left = {"shape": "triangle", "direction": "left", "colours": ["blue", "blue", "red", "red"], "stops": [2, 2, 1, 1]}
     frames_right = synthetic.render_frames(right, np.random.default_rng(5))
     frames_left = synthetic.render_frames(left, np.random.default_rng(5))
@@ -146,14 +152,23 @@ def test_a_reversed_timeline_renders_the_clip_played_backwards():
     for seed in range(40):
         timeline = synthetic.draw_timeline(rng)
         backwards = synthetic.reversed_timeline(timeline)
-        np.testing.assert_array_equal(synthetic.render_frames(backwards, np.random.default_rng(seed)),
-                                      synthetic.render_frames(timeline, np.random.default_rng(seed))[::-1])
+        np.testing.assert_array_equal(
+            synthetic.render_frames(backwards, np.random.default_rng(seed)),
+            synthetic.render_frames(timeline, np.random.default_rng(seed))[::-1],
+        )
         assert backwards["beeps"] == timeline["beeps"][::-1] and backwards["direction"] != timeline["direction"]
         assert synthetic.answer("first colour", backwards) == synthetic.answer("last colour", timeline)
         last_beep = max(k for k, beeps in enumerate(timeline["beeps"]) if beeps)
         assert synthetic.answer("colour at first beep", backwards) == timeline["colours"][last_beep]
         changed |= {t for t in synthetic.GROUPS if synthetic.answer(t, backwards) != synthetic.answer(t, timeline)}
-    assert changed == {"first colour", "last colour", "direction", "direction+beeps", "colour at first beep", "stop at first beep"}
+    assert changed == {
+        "first colour",
+        "last colour",
+        "direction",
+        "direction+beeps",
+        "colour at first beep",
+        "stop at first beep",
+    }
 
 
 def test_one_frame_and_its_place_tell_the_direction_at_most_two_times_in_three():
@@ -172,7 +187,9 @@ def test_one_frame_and_its_place_tell_the_direction_at_most_two_times_in_three()
 def test_timing_questions_need_both_streams():
     baselines = synthetic.one_stream_baselines(num_clips=4000)
     for question_type in synthetic.TIMING_QUESTIONS:
-        assert baselines[question_type]["visual"] < 0.6 and baselines[question_type]["audio"] < 0.4, baselines[question_type]
+        assert baselines[question_type]["visual"] < 0.6 and baselines[question_type]["audio"] < 0.4, baselines[
+            question_type
+        ]
     assert baselines["shape"]["visual"] == 1.0 and baselines["pitch"]["audio"] == 1.0
 
 

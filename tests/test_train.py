@@ -1,6 +1,7 @@
 """`python -m avllm_jax.train` end to end: exact resume after a kill and after SIGTERM (with data
 worker processes), two processes with gloo collectives equal to one, load_model on a workdir,
 and clear messages when a converted checkpoint or the coordinator is missing."""
+
 import os
 import signal
 import subprocess
@@ -8,12 +9,21 @@ import sys
 import time
 
 import pytest
+from training_runs import (
+    REPO,
+    STEPS,
+    environment,
+    final_params,
+    free_port,
+    make_demo_files,
+    max_difference,
+    train_command,
+    wait_for_line,
+)
 
 import avllm_jax
 from avllm_jax import checkpoint
-from training_runs import (
-    REPO, STEPS, environment, final_params, free_port, make_demo_files, max_difference, train_command, wait_for_line,
-)
+
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
@@ -31,7 +41,9 @@ def uninterrupted(demo_files, tmp_path_factory):
 def test_killed_run_resumes_exactly(demo_files, uninterrupted, tmp_path):
     # Kill the second run with SIGKILL while it writes a checkpoint after the first one.
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(demo_files, killed), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command(demo_files, killed), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = killed / checkpoint.CHECKPOINTS_DIR
     killed_while_saving = False
     deadline = time.time() + 300
@@ -49,7 +61,9 @@ def test_killed_run_resumes_exactly(demo_files, uninterrupted, tmp_path):
     assert step is not None and step < STEPS
     avllm_jax.load_model(killed)  # the last good checkpoint loads
 
-    result = subprocess.run(train_command(demo_files, killed), check=True, env=environment(), capture_output=True, text=True)
+    result = subprocess.run(
+        train_command(demo_files, killed), check=True, env=environment(), capture_output=True, text=True
+    )
     assert f"resumed from step {step}" in result.stdout
     worst = max_difference(uninterrupted, final_params(killed))
     print(f"resume after kill at step {step}: max |param diff| = {worst:.2e}")
@@ -93,10 +107,22 @@ def start_processes(demo_files, workdir, port, count=2, devices=2):
     """`count` training processes on this machine, `devices` CPU devices each, gloo collectives, unpacked."""
     return [
         subprocess.Popen(
-            train_command(demo_files, workdir, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
-                          f"--process_id={index}", "--distributed_timeout_s=120", "--config.checkpoint_every=100",
-                          "--config.global_batch_size=8", f"--config.num_steps={MULTI_PROCESS_STEPS}", UNPACKED),
-            env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            train_command(
+                demo_files,
+                workdir,
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={count}",
+                f"--process_id={index}",
+                "--distributed_timeout_s=120",
+                "--config.checkpoint_every=100",
+                "--config.global_batch_size=8",
+                f"--config.num_steps={MULTI_PROCESS_STEPS}",
+                UNPACKED,
+            ),
+            env=environment(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for index in range(count)
     ]
@@ -118,9 +144,20 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_p
     # One process with 4 devices at global batch 8 and the demo model 32 wide: the case that
     # once aborted in an all-reduce rendezvous (README, "Several hosts").
     one = tmp_path / "one_process"
-    subprocess.run(train_command(demo_files, one, "--config.checkpoint_every=100", "--config.global_batch_size=8",
-                                 f"--config.num_steps={MULTI_PROCESS_STEPS}", UNPACKED),
-                   check=True, env=environment(4), capture_output=True, timeout=600)
+    subprocess.run(
+        train_command(
+            demo_files,
+            one,
+            "--config.checkpoint_every=100",
+            "--config.global_batch_size=8",
+            f"--config.num_steps={MULTI_PROCESS_STEPS}",
+            UNPACKED,
+        ),
+        check=True,
+        env=environment(4),
+        capture_output=True,
+        timeout=600,
+    )
 
     # SIGTERM to one process stops both at the same step; both save their parts and resume.
     # The resumed run is compared with the one-process run: a resume that lost or replayed
@@ -142,17 +179,28 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_p
     assert last_step in results[0][1] and last_step not in results[1][1]  # process 0 alone logs
     assert (two / "logs" / "process_1").is_dir()
     worst = max_difference(final_params(one), final_params(two))
-    print(f"2 processes x 2 devices, SIGTERM at step {stopped} and resumed, against 1 process x 4 devices: "
-          f"max |param diff| = {worst:.2e}")
+    print(
+        f"2 processes x 2 devices, SIGTERM at step {stopped} and resumed, against 1 process x 4 devices: "
+        f"max |param diff| = {worst:.2e}"
+    )
     assert worst <= 1e-6
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(demo_files, tmp_path):
     start = time.time()
     result = subprocess.run(
-        train_command(demo_files, tmp_path / "run", f"--coordinator_address=127.0.0.1:{free_port()}",
-                      "--num_processes=2", "--process_id=1", "--distributed_timeout_s=3"),
-        env=environment(), capture_output=True, text=True, timeout=120,
+        train_command(
+            demo_files,
+            tmp_path / "run",
+            f"--coordinator_address=127.0.0.1:{free_port()}",
+            "--num_processes=2",
+            "--process_id=1",
+            "--distributed_timeout_s=3",
+        ),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "process 1 of 2 could not reach the coordinator at 127.0.0.1:" in result.stderr
@@ -161,10 +209,24 @@ def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(demo_files, tm
 
 def test_sft_without_converted_checkpoint_says_how_to_make_it(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "avllm_jax.train", "--config", str(REPO / "configs/sft.py"), "--workdir", str(tmp_path / "run"),
-         f"--config.init_checkpoint={tmp_path / 'nowhere'}"],
-        env=environment(), capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "avllm_jax.train",
+            "--config",
+            str(REPO / "configs/sft.py"),
+            "--workdir",
+            str(tmp_path / "run"),
+            f"--config.init_checkpoint={tmp_path / 'nowhere'}",
+        ],
+        env=environment(),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "does not exist" in result.stderr and "configs/pretrain.py" in result.stderr and "convert_hf_weights.py" in result.stderr
+    assert (
+        "does not exist" in result.stderr
+        and "configs/pretrain.py" in result.stderr
+        and "convert_hf_weights.py" in result.stderr
+    )

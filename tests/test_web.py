@@ -3,6 +3,7 @@ serving a tiny random checkpoint converted from HF CLIP, CLAP and LLaMA. An uplo
 gets, streamed, the answers `python -m avllm_jax.chat` gives for the same clip, questions and
 settings: `--question` greedy, a follow-up turn, `--modality visual`, and sampled. A corrupt
 upload gets a message in the page, and the session goes on with an example clip."""
+
 import io
 import os
 import shutil
@@ -15,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
+from test_chat import write_converted_model
 
 import avllm_jax
 from avllm_jax import chat, web
@@ -22,7 +24,6 @@ from avllm_jax.data import conversation, synthetic
 from avllm_jax.data.media import MediaError, load_media, write_media
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
-from test_chat import write_converted_model
 
 NUM_FRAMES = 4
 MAX_NEW = 16
@@ -41,7 +42,9 @@ RECORD_ANSWERS = """() => {
     if (text && (!last || last.n !== bots.length || last.text !== text)) window.answerTexts.push({n: bots.length, text});
   }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
 }"""
-IDLE = "() => [...document.querySelectorAll('[data-testid=\"status-tracker\"]')].every(e => e.classList.contains('hide'))"
+IDLE = (
+    "() => [...document.querySelectorAll('[data-testid=\"status-tracker\"]')].every(e => e.classList.contains('hide'))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,9 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "examples").mkdir()
     clip = root / "examples" / "red_square.mp4"
-    write_media(clip, frames=synthetic.draw_clip("red", "square", "right", rng), audio=synthetic.tone_pattern("high", 2, rng))
+    write_media(
+        clip, frames=synthetic.draw_clip("red", "square", "right", rng), audio=synthetic.tone_pattern("high", 2, rng)
+    )
     corrupt = root / "corrupt.mp4"
     corrupt.write_bytes(clip.read_bytes()[:300])  # the header of an mp4, cut off
     return {"model": str(root / "model"), "clip": str(clip), "corrupt": str(corrupt), "root": root}
@@ -67,9 +72,25 @@ def server(files):
     # The same float32 matmuls as this process's (conftest), so the answers can be compared.
     env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "GRADIO_TEMP_DIR": str(files["root"] / "uploads")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "avllm_jax.web", "--checkpoint", files["model"], "--port", str(port), "--num-frames", str(NUM_FRAMES),
-         "--max-new-tokens", str(MAX_NEW), "--examples", files["clip"]],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "avllm_jax.web",
+            "--checkpoint",
+            files["model"],
+            "--port",
+            str(port),
+            "--num-frames",
+            str(NUM_FRAMES),
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--examples",
+            files["clip"],
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         yield {"process": process, "url": f"http://127.0.0.1:{port}", "log": log}
     finally:
@@ -104,10 +125,24 @@ def expected(files, server):
     visual only, and visual only sampled; and the second answer of a two-turn chat."""
     with pytest.MonkeyPatch.context() as patch:  # the chat's turns, typed
         patch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n{FOLLOW_UP}\nexit\n"))
-        _, follow_up = chat.main(["--checkpoint", files["model"], "--media", files["clip"], "--num-frames", str(NUM_FRAMES),
-                                  "--max-new-tokens", str(MAX_NEW)])
-    return {"from_file": chat_answer(files), "follow_up": follow_up, "visual": chat_answer(files, "--modality", "visual"),
-            "sampled": chat_answer(files, "--modality", "visual", *SAMPLING)}
+        _, follow_up = chat.main(
+            [
+                "--checkpoint",
+                files["model"],
+                "--media",
+                files["clip"],
+                "--num-frames",
+                str(NUM_FRAMES),
+                "--max-new-tokens",
+                str(MAX_NEW),
+            ]
+        )
+    return {
+        "from_file": chat_answer(files),
+        "follow_up": follow_up,
+        "visual": chat_answer(files, "--modality", "visual"),
+        "sampled": chat_answer(files, "--modality", "visual", *SAMPLING),
+    }
 
 
 @pytest.fixture()
@@ -133,8 +168,21 @@ def page(server, expected):
 
 
 def chat_answer(files, *extra):
-    return chat.main(["--checkpoint", files["model"], "--media", files["clip"], "--num-frames", str(NUM_FRAMES),
-                      "--max-new-tokens", str(MAX_NEW), "--question", QUESTION, *extra])[0]
+    return chat.main(
+        [
+            "--checkpoint",
+            files["model"],
+            "--media",
+            files["clip"],
+            "--num-frames",
+            str(NUM_FRAMES),
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--question",
+            QUESTION,
+            *extra,
+        ]
+    )[0]
 
 
 def status(page) -> str:
@@ -182,7 +230,11 @@ def test_browser_chat_streams_the_chat_commands_answers(files, expected, page):
     page.get_by_label("visual only").check()
     page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 3")
     assert answers(page) == [expected["from_file"], expected["follow_up"], expected["visual"]]
-    assert [e.inner_text() for e in page.query_selector_all('#chat [data-testid="user"]')] == [QUESTION, FOLLOW_UP, QUESTION]
+    assert [e.inner_text() for e in page.query_selector_all('#chat [data-testid="user"]')] == [
+        QUESTION,
+        FOLLOW_UP,
+        QUESTION,
+    ]
     assert status(page).endswith("Modality: visual only (chosen). The first question is asked again.")
 
     # A corrupt file: the decoder's message, in the page, naming the file as uploaded.
@@ -201,7 +253,12 @@ def test_browser_chat_streams_the_chat_commands_answers(files, expected, page):
     page.get_by_text("red_square.mp4", exact=True).click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Modality')")
     settings = dict(zip(SAMPLING[::2], SAMPLING[1::2]))
-    for name, flag in [("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"), ("seed", "--seed")]:
+    for name, flag in [
+        ("temperature", "--temperature"),
+        ("top_p", "--top-p"),
+        ("top_k", "--top-k"),
+        ("seed", "--seed"),
+    ]:
         set_number(page, name, settings[flag])
     page.fill("#question textarea", QUESTION)
     page.press("#question textarea", "Enter")
@@ -209,12 +266,16 @@ def test_browser_chat_streams_the_chat_commands_answers(files, expected, page):
     assert answers(page) == [expected["sampled"]]
     # Retry draws again with the next key, in place of the last answer; greedy, it gives the greedy answer.
     page.click("#retry")
-    page.wait_for_function(f"() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText !== {expected['sampled']!r}")
+    page.wait_for_function(
+        f"() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText !== {expected['sampled']!r}"
+    )
     redrawn = answers(page)
     assert len(redrawn) == 1 and redrawn[0] != expected["sampled"]
     set_number(page, "temperature", "0")
     page.click("#retry")
-    page.wait_for_function(f"() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText === {expected['visual']!r}")
+    page.wait_for_function(
+        f"() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText === {expected['visual']!r}"
+    )
     assert answers(page) == [expected["visual"]]
     # Clear, and the chat's bin, start the conversation over: the question is a first turn again.
     for clear in ("#clear", "#chat button[aria-label=Clear]"):
@@ -231,17 +292,29 @@ def test_file_handler_messages(files, tmp_path):
     message in the status line and no modality to answer with; one it can use, what it is."""
     model = avllm_jax.load_model(files["model"])
     args = web.parse_args(["--checkpoint", files["model"], "--num-frames", str(NUM_FRAMES)])
-    app = web.App(model, conversation.load_tokenizer(files["model"]), prompts.inference_data_config(model, files["model"]), args)
+    app = web.App(
+        model, conversation.load_tokenizer(files["model"]), prompts.inference_data_config(model, files["model"]), args
+    )
     rng = np.random.default_rng(0)
     write_media(tmp_path / "empty.wav", audio=np.zeros(2, np.float32), audio_codec="pcm_s16le")
     write_media(tmp_path / "beeps.flac", audio=synthetic.tone_pattern("low", 1, rng), audio_codec="flac")
-    write_media(tmp_path / "still.png", frames=synthetic.draw_clip("blue", "circle", "up", rng)[:1],
-                container_format="image2", video_codec="png", pix_fmt="rgb24")
+    write_media(
+        tmp_path / "still.png",
+        frames=synthetic.draw_clip("blue", "circle", "up", rng)[:1],
+        container_format="image2",
+        video_codec="png",
+        pix_fmt="rgb24",
+    )
     (tmp_path / "notes.txt").write_text("not media\n" * 50)
     refused = [  # file, modality choice, duration limit, message
         (files["clip"], "from_file", 1, "red_square.mp4: 1.5 s long, over the limit of 1 s. Upload another file."),
         (str(tmp_path / "empty.wav"), "from_file", 600, "empty.wav has no video or audio stream to use."),
-        (str(tmp_path / "beeps.flac"), "visual", 600, "modality 'visual' needs a video stream, which beeps.flac lacks."),
+        (
+            str(tmp_path / "beeps.flac"),
+            "visual",
+            600,
+            "modality 'visual' needs a video stream, which beeps.flac lacks.",
+        ),
         (str(tmp_path / "notes.txt"), "from_file", 600, "notes.txt: not a media file"),
     ]
     for path, choice, args.max_duration_s, message in refused:
@@ -249,11 +322,21 @@ def test_file_handler_messages(files, tmp_path):
         assert session.modality is None and history == []
         assert status.startswith(f"**Error:** {message}"), status
         # A question then is refused, and stays in the box to ask again.
-        (session, history, status, question), = app.ask("Hi?", session, history, 0.0, 1.0, 0, 4, 0)
+        ((session, history, status, question),) = app.ask("Hi?", session, history, 0.0, 1.0, 0, 4, 0)
         assert status.startswith("**Error:** nothing to answer about") and question == "Hi?" and history == []
     accepted = [  # file, modality choice, modality, status
-        ("beeps.flac", "from_file", Modality.AUDIO, "`beeps.flac`: audio, 1.5 s. Modality: **audio only** (from the file's streams)."),
-        ("still.png", "from_file", Modality.VISUAL, "`still.png`: image. Modality: **visual only** (from the file's streams)."),
+        (
+            "beeps.flac",
+            "from_file",
+            Modality.AUDIO,
+            "`beeps.flac`: audio, 1.5 s. Modality: **audio only** (from the file's streams).",
+        ),
+        (
+            "still.png",
+            "from_file",
+            Modality.VISUAL,
+            "`still.png`: image. Modality: **visual only** (from the file's streams).",
+        ),
     ]
     for name, choice, modality, message in accepted:
         session, history, status = app.load(str(tmp_path / name), choice)

@@ -10,6 +10,7 @@ biases at 0, norms at 1 and the position table at exact sinusoids, so every floa
 re-drawn before saving (the table perturbed): a mapping mistake, or recomputing the table
 instead of reading it, would fail.
 """
+
 import json
 
 import jax
@@ -19,26 +20,52 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from hf_reference import assert_parity, build_hf
 
 from avllm_jax import convert
 from avllm_jax.data.features import whisper_audio_features
 from avllm_jax.models import conversion, whisper
-from hf_reference import assert_parity, build_hf
 
 SR = 16_000
 FEATURE_TOLERANCE = 1e-4  # absolute, on the normalised log-mel
 TOLERANCE = 1e-4  # relative to max |HF|
 # A decoder as small as WhisperConfig allows: the converter must drop it whatever its size.
-SMALL_DECODER = dict(decoder_layers=1, decoder_ffn_dim=16, vocab_size=100, max_target_positions=16,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+SMALL_DECODER = dict(
+    decoder_layers=1,
+    decoder_ffn_dim=16,
+    vocab_size=100,
+    max_target_positions=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+)
 ENCODERS = {
     # Whisper-Tiny's encoder at full size (1500 positions; about 2 s a forward on CPU)
-    "tiny": (dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, decoder_attention_heads=6,
-                  encoder_ffn_dim=1536, num_mel_bins=80), transformers.WhisperModel),
+    "tiny": (
+        dict(
+            d_model=384,
+            encoder_layers=4,
+            encoder_attention_heads=6,
+            decoder_attention_heads=6,
+            encoder_ffn_dim=1536,
+            num_mel_bins=80,
+        ),
+        transformers.WhisperModel,
+    ),
     # an odd shape: head width 12, an FFN that is not 4x, 128 mel bins as in large-v3, and the
     # `model.encoder.` names of WhisperForConditionalGeneration
-    "odd": (dict(d_model=36, encoder_layers=2, encoder_attention_heads=3, decoder_attention_heads=3,
-                 encoder_ffn_dim=52, num_mel_bins=128), transformers.WhisperForConditionalGeneration),
+    "odd": (
+        dict(
+            d_model=36,
+            encoder_layers=2,
+            encoder_attention_heads=3,
+            decoder_attention_heads=3,
+            encoder_ffn_dim=52,
+            num_mel_bins=128,
+        ),
+        transformers.WhisperForConditionalGeneration,
+    ),
 }
 
 
@@ -59,7 +86,9 @@ def test_features_match_hf(seconds, num_mel_bins):
     hf = reference["input_features"][0]
     assert ours.dtype == np.float32 and ours.shape == hf.shape == (num_mel_bins, 3000)
     error = float(np.abs(ours - hf).max())
-    print(f"PARITY whisper features {seconds:g} s, {num_mel_bins} mel: max|diff|={error:.3e} max|HF|={np.abs(hf).max():.3e}")
+    print(
+        f"PARITY whisper features {seconds:g} s, {num_mel_bins} mel: max|diff|={error:.3e} max|HF|={np.abs(hf).max():.3e}"
+    )
     assert error <= FEATURE_TOLERANCE
     # HF's numpy path (float64 STFT, as ours) agrees to float32 rounding; its torch path, the
     # one called above, is float32 throughout and differs from its own numpy path by ~5e-5
@@ -137,7 +166,10 @@ def test_encoder_matches_hf(name, tmp_path):
     if name == "tiny":
         assert model.config == whisper.PRESETS["whisper_tiny"]
     mel = model.config.num_mel_bins
-    (features_a, valid_a), (features_b, valid_b) = whisper_audio_features(_clip(4.1, 1), mel), whisper_audio_features(_clip(12.5, 2), mel)
+    (features_a, valid_a), (features_b, valid_b) = (
+        whisper_audio_features(_clip(4.1, 1), mel),
+        whisper_audio_features(_clip(12.5, 2), mel),
+    )
     features, valid_frames = np.stack([features_a, features_b]), np.array([valid_a, valid_b])
     with torch.no_grad():
         reference = hf_encoder(torch.from_numpy(features)).last_hidden_state.numpy()
@@ -145,7 +177,9 @@ def test_encoder_matches_hf(name, tmp_path):
     hidden, segments = jax.device_get(forward(model, features, valid_frames))
     assert hidden.shape == reference.shape == (2, 1500, model.config.d_model)
     assert_parity(hidden, reference, f"whisper encoder {name} last hidden state", TOLERANCE)
-    assert_parity(segments, _pool_by_hand(reference, 5, valid_frames), f"whisper {name} 5 segment embeddings", TOLERANCE)
+    assert_parity(
+        segments, _pool_by_hand(reference, 5, valid_frames), f"whisper {name} 5 segment embeddings", TOLERANCE
+    )
     # the two clips differ by far more than the tolerance, so mixing up the batch would fail
     assert np.abs(reference[0] - reference[1]).max() > 10 * TOLERANCE * np.abs(reference).max()
 
@@ -157,12 +191,14 @@ def test_segment_pooling_by_hand():
     hidden = np.repeat(hidden, 4, axis=0)
     valid_frames = np.array([10, 3, 2000, 0])
     pooled = np.asarray(whisper.segment_embeddings(hidden, 4, valid_frames))
-    mean_index = np.array([
-        [0.5, 3.0, 5.5, 8.0],  # 10 frames: spans [0,2) [2,5) [5,7) [7,10)
-        [0.0, 0.0, 1.0, 2.0],  # 3 frames, 4 segments: [0,1) [0,1) [1,2) [2,3), each its starting frame
-        [1.0, 4.0, 7.0, 10.0],  # more than the 12 frames there are: all 12, in spans of 3
-        [0.0, 0.0, 0.0, 0.0],  # none: the first frame, so nothing divides by zero
-    ])
+    mean_index = np.array(
+        [
+            [0.5, 3.0, 5.5, 8.0],  # 10 frames: spans [0,2) [2,5) [5,7) [7,10)
+            [0.0, 0.0, 1.0, 2.0],  # 3 frames, 4 segments: [0,1) [0,1) [1,2) [2,3), each its starting frame
+            [1.0, 4.0, 7.0, 10.0],  # more than the 12 frames there are: all 12, in spans of 3
+            [0.0, 0.0, 0.0, 0.0],  # none: the first frame, so nothing divides by zero
+        ]
+    )
     np.testing.assert_allclose(pooled, mean_index[..., None] * np.arange(1, width + 1), rtol=1e-6)
     with pytest.raises(ValueError, match="num_segments"):
         whisper.segment_embeddings(hidden, 0, valid_frames)
@@ -190,13 +226,17 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
         tensors["model.encoder.layers.0.self_attn.k_proj.bias"] = np.zeros(36, np.float32)
 
     _edit_checkpoint(tmp_path, add_key_bias)
-    with pytest.raises(conversion.ConversionError, match=r"unexpected tensor 'model\.encoder\.layers\.0\.self_attn\.k_proj\.bias'"):
+    with pytest.raises(
+        conversion.ConversionError, match=r"unexpected tensor 'model\.encoder\.layers\.0\.self_attn\.k_proj\.bias'"
+    ):
         convert.convert_whisper(str(tmp_path))
 
 
 def test_clap_and_whisper_are_mutually_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        convert.main(["--clap", str(tmp_path / "clap"), "--whisper", str(tmp_path / "whisper"), "--out", str(tmp_path / "out")])
+        convert.main(
+            ["--clap", str(tmp_path / "clap"), "--whisper", str(tmp_path / "whisper"), "--out", str(tmp_path / "out")]
+        )
     assert "argument --whisper: not allowed with argument --clap" in capsys.readouterr().err
     with pytest.raises(conversion.ConversionError, match="--clap and --whisper are mutually exclusive"):
         convert.convert(clap=str(tmp_path / "clap"), whisper=str(tmp_path / "whisper"), out=str(tmp_path / "out"))
@@ -214,20 +254,30 @@ def test_whisper_converts_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["avllm"]
     assert saved["whisper"]["d_model"] == 36 and saved["audio"] is None
     model = avllm_jax.load_model(tmp_path / "out")
-    assert model.config.audio_encoder == "whisper" and model.audio is None and model.vision is None and model.llm is None
+    assert (
+        model.config.audio_encoder == "whisper" and model.audio is None and model.vision is None and model.llm is None
+    )
     features = whisper_audio_features(_clip(2.0), 128)[0][None]
     with torch.no_grad():
         reference = hf_encoder(torch.from_numpy(features)).last_hidden_state.numpy()
-    assert_parity(nnx.jit(lambda m, x: m(x))(model.whisper, features), reference, "converted whisper audio tower", TOLERANCE)
+    assert_parity(
+        nnx.jit(lambda m, x: m(x))(model.whisper, features), reference, "converted whisper audio tower", TOLERANCE
+    )
 
 
 def test_config_from_hf_and_presets():
-    assert whisper.WhisperEncoderConfig.from_hf(transformers.WhisperConfig().to_dict()) == whisper.PRESETS["whisper_tiny"]
+    assert (
+        whisper.WhisperEncoderConfig.from_hf(transformers.WhisperConfig().to_dict()) == whisper.PRESETS["whisper_tiny"]
+    )
     small = transformers.WhisperConfig(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072)
     assert whisper.WhisperEncoderConfig.from_hf(small.to_dict()) == whisper.PRESETS["whisper_small"]
-    assert whisper.PRESETS["whisper_large_v3"].num_mel_bins == 128 and whisper.PRESETS["whisper_large"].num_mel_bins == 80
+    assert (
+        whisper.PRESETS["whisper_large_v3"].num_mel_bins == 128 and whisper.PRESETS["whisper_large"].num_mel_bins == 80
+    )
     assert whisper.PRESETS["whisper_base"].num_features == 512 and whisper.PRESETS["whisper_base"].num_frames == 3000
-    config = whisper.WhisperEncoderConfig.from_hf(small.to_dict(), param_dtype="bfloat16", attention_implementation="cudnn")
+    config = whisper.WhisperEncoderConfig.from_hf(
+        small.to_dict(), param_dtype="bfloat16", attention_implementation="cudnn"
+    )
     assert config.param_dtype == "bfloat16" and config.attention_implementation == "cudnn" and config.d_model == 768
     with pytest.raises(TypeError, match="WhisperEncoderConfig has no field"):
         whisper.WhisperEncoderConfig.from_hf(small.to_dict(), heads=3)

@@ -1,11 +1,12 @@
 """A tiny audio-visual model and hand-made batches for the model and training tests."""
+
 import numpy as np
 from flax import nnx
+from hf_reference import TOKENIZER_CORPUS
 
 from avllm_jax.data import conversation
-from avllm_jax.models import avllm, clip_vision, htsat, llama, whisper
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
-from hf_reference import TOKENIZER_CORPUS
+from avllm_jax.models import avllm, clip_vision, htsat, llama, whisper
 
 NUM_FRAMES, NUM_SEGMENTS, AUDIO_FRAMES = 2, 2, 64
 TINY_HTSAT = htsat.HTSATConfig(spec_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2))
@@ -39,7 +40,12 @@ QUESTIONS = {
     Modality.AUDIO_VISUAL: "the circle moves left and the tone is high?",
     TEXT: "What colour is the square?",
 }
-ANSWERS = {Modality.VISUAL: "red", Modality.AUDIO: "three", Modality.AUDIO_VISUAL: "the triangle moves up", TEXT: "blue"}
+ANSWERS = {
+    Modality.VISUAL: "red",
+    Modality.AUDIO: "three",
+    Modality.AUDIO_VISUAL: "the triangle moves up",
+    TEXT: "blue",
+}
 
 
 def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_encoder="htsat"):
@@ -53,11 +59,15 @@ def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_encoder="htsat")
     )
     if audio_encoder == "whisper":
         config = whisper.PRESETS["tiny"]
-        audio = dict(audio_features=rng.randn(config.num_mel_bins, config.num_frames).astype(np.float32),
-                     audio_valid_frames=np.full(NUM_SEGMENTS, rng.randint(1, config.max_source_positions + 1), np.int32))
+        audio = dict(
+            audio_features=rng.randn(config.num_mel_bins, config.num_frames).astype(np.float32),
+            audio_valid_frames=np.full(NUM_SEGMENTS, rng.randint(1, config.max_source_positions + 1), np.int32),
+        )
     else:
-        audio = dict(audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
-                     audio_is_longer=np.zeros(NUM_SEGMENTS, bool))
+        audio = dict(
+            audio_features=rng.randn(NUM_SEGMENTS, 1, AUDIO_FRAMES, 64).astype(np.float32),
+            audio_is_longer=np.zeros(NUM_SEGMENTS, bool),
+        )
     return dict(
         input_ids=ids,
         labels=labels,
@@ -91,8 +101,11 @@ def prepared_sample(sample: dict, tokenizer, still: bool = False) -> dict:
     """A `sample_arrays` sample as the pipeline prepares it for packing: unpadded, with its
     frames (one for a still image) and the position of its modality token."""
     frames = sample["frames"][:1] if still else sample["frames"]
-    return dict(sample, frames=frames if sample["has_visual"] else frames[:0],
-                modality_token_at=np.int32(conversation.modality_token_position(sample["input_ids"], tokenizer)))
+    return dict(
+        sample,
+        frames=frames if sample["has_visual"] else frames[:0],
+        modality_token_at=np.int32(conversation.modality_token_position(sample["input_ids"], tokenizer)),
+    )
 
 
 def as_still(sample: dict) -> dict:
@@ -113,14 +126,19 @@ def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), a
     prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
     rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
     audio_names = ("audio_features", "audio_valid_frames" if audio_encoder == "whisper" else "audio_is_longer")
-    shapes = dict(frame={"frames": (samples[0]["frames"].shape[1:], np.dtype(np.uint8))}, item={},
-                  audio={name: (samples[0][name].shape, samples[0][name].dtype) for name in audio_names})
+    shapes = dict(
+        frame={"frames": (samples[0]["frames"].shape[1:], np.dtype(np.uint8))},
+        item={},
+        audio={name: (samples[0][name].shape, samples[0][name].dtype) for name in audio_names},
+    )
     packers = packing.pack_in_order([packing.footprint(s, rows) for s in prepared], budget)
     packs, places, start = [], [], 0
     for index, packer in enumerate(packers):
-        packs.append(packing.assemble(prepared[start:start + len(packer.placed)], budget, rows, 0, shapes))
+        packs.append(packing.assemble(prepared[start : start + len(packer.placed)], budget, rows, 0, shapes))
         start += len(packer.placed)
         # A sample's segment id is its place among the samples of its row.
-        places += [(index, row, [r for r, _ in packer.placed[: i + 1]].count(row)) for i, (row, _) in enumerate(packer.placed)]
+        places += [
+            (index, row, [r for r, _ in packer.placed[: i + 1]].count(row)) for i, (row, _) in enumerate(packer.placed)
+        ]
     batch = {k: np.stack([p[k] for p in packs]) for k in packs[0]}
     return batch, samples, places

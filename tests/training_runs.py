@@ -1,4 +1,5 @@
 """Running `python -m avllm_jax.train` in subprocesses on the demo data, for the end-to-end tests."""
+
 import os
 import pathlib
 import re
@@ -26,14 +27,28 @@ def make_demo_files(root):
 
 def train_command(demo_files, workdir, *extra):
     return [
-        sys.executable, "-m", "avllm_jax.train", "--config", str(REPO / "configs/demo.py"), "--workdir", str(workdir),
+        sys.executable,
+        "-m",
+        "avllm_jax.train",
+        "--config",
+        str(REPO / "configs/demo.py"),
+        "--workdir",
+        str(workdir),
         f"--config.tokenizer={demo_files / 'tokenizer'}",
         f"--config.data.sources=({{'path': '{demo_files / 'data/train.jsonl'}', 'weight': 1.0}},)",
-        f"--config.num_steps={STEPS}", f"--config.checkpoint_every={SAVE_EVERY}", "--config.keep_checkpoints=2",
-        "--config.global_batch_size=4", "--config.log_every=1", "--config.data.worker_count=0",
-        "--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64", "--config.model.llm.head_dim=8",
+        f"--config.num_steps={STEPS}",
+        f"--config.checkpoint_every={SAVE_EVERY}",
+        "--config.keep_checkpoints=2",
+        "--config.global_batch_size=4",
+        "--config.log_every=1",
+        "--config.data.worker_count=0",
+        "--config.model.llm.hidden_size=32",
+        "--config.model.llm.intermediate_size=64",
+        "--config.model.llm.head_dim=8",
         # Packed as configs/demo.py, in packs of one or two samples (its longest is 103 positions).
-        "--config.data.packing.rows=1", "--config.data.packing.row_length=112", "--config.data.packing.frames=8",
+        "--config.data.packing.rows=1",
+        "--config.data.packing.row_length=112",
+        "--config.data.packing.frames=8",
         "--config.data.packing.visual_items=2",
         "--config.data.packing.audio_clips=2",
         *extra,

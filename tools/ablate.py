@@ -12,6 +12,7 @@ Prints, per row, the mean and standard deviation over the seeds of exact match p
 group (visual, audio, audio-visual, cross-modal timing), on the whole held-out split and on
 its unseen combinations, then each seed's figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ ABLATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["table4"], help="the paper's table to reproduce")
-    parser.add_argument("--out", default="demo_out", help="the demo's directory: its data and tokenizer, and ablate/ (default demo_out)")
+    parser.add_argument(
+        "--out", default="demo_out", help="the demo's directory: its data and tokenizer, and ablate/ (default demo_out)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps of every run (default 1200; the demo trains 2600)")
+    parser.add_argument(
+        "--steps", type=int, default=1200, help="training steps of every run (default 1200; the demo trains 2600)"
+    )
     parser.add_argument("--num-train", type=int, default=3000, help="training clips, if the data is not written yet")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out clips, if the data is not written yet")
     args = parser.parse_args(argv)
@@ -43,7 +48,10 @@ def main(argv=None):
 
     data_dir, tokenizer_dir = demo.prepare(args.out, args.num_train, args.num_eval)
     eval_path = os.path.join(data_dir, "eval.jsonl")
-    phases = {"MAT": (), **{row: load_config_file(os.path.join(ABLATIONS, f"table4_{row.lower()}.py")).phases for row in ("PT1", "PT2")}}
+    phases = {
+        "MAT": (),
+        **{row: load_config_file(os.path.join(ABLATIONS, f"table4_{row.lower()}.py")).phases for row in ("PT1", "PT2")},
+    }
     scores = {row: [] for row in (*ROWS, VISUAL_ONLY)}  # per row, per seed: {"all": {group: acc}, "unseen": ...}
     for seed in args.seeds:
         for row in ROWS:
@@ -52,8 +60,10 @@ def main(argv=None):
             scores[row].append(results["normal"])
             if row == "MAT":
                 scores[VISUAL_ONLY].append(results["visual_only"])
-    print(f"\nTable 4 in miniature: {args.steps} steps a run, seeds {' '.join(map(str, args.seeds))}; "
-          f"exact match, mean ± standard deviation over the seeds")
+    print(
+        f"\nTable 4 in miniature: {args.steps} steps a run, seeds {' '.join(map(str, args.seeds))}; "
+        f"exact match, mean ± standard deviation over the seeds"
+    )
     for split, title in (("all", "held-out split"), ("unseen", "unseen combinations only")):
         print_table(scores, split, title)
     print("\nper seed (held-out split):")

@@ -4,6 +4,7 @@ Each benchmark lives in tools/benchmarks/NAME.py with `add_arguments(parser)` an
 `run(args)`; `python tools/benchmark.py --help` lists them. Benchmarks print numbers;
 correctness lives in tests/.
 """
+
 import argparse
 import importlib
 import pathlib

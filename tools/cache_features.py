@@ -2,6 +2,7 @@
 
 The builder is avllm_jax/cache_features.py; this file is its command line.
 """
+
 from avllm_jax.cache_features import run
 
 if __name__ == "__main__":

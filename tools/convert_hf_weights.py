@@ -2,6 +2,7 @@
 
 The conversion is avllm_jax/convert.py; this file is its command line.
 """
+
 from avllm_jax.convert import main
 
 if __name__ == "__main__":

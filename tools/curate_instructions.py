@@ -8,6 +8,7 @@ Contexts come from tools/extract_contexts.py. Rerunning the same command resumes
 already in --out (or rejected into <out>.rejected.jsonl) are not requested again. The summary
 counts accepted samples per task x modality over the whole output file, like the paper's Table 10.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", required=True, help="JSON lines from tools/extract_contexts.py")
     parser.add_argument("--out", required=True, help="instruction JSON lines (appended to; resumable)")
     parser.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--modality", nargs="+", choices=[m.value for m in Modality], default=[m.value for m in Modality])
+    parser.add_argument(
+        "--modality", nargs="+", choices=[m.value for m in Modality], default=[m.value for m in Modality]
+    )
     parser.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", required=True)
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")

@@ -15,6 +15,7 @@
 The last line is `demo accuracy: visual=... audio=... audio_visual=... timing=... (unseen combinations: ...)`.
 tools/ablate.py trains the paper's Table 4 rows on the same data with these functions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and run (default demo_out)")
     parser.add_argument("--num-train", type=int, default=3000, help="training clips (three questions each)")
-    parser.add_argument("--num-eval", type=int, default=300, help="held-out clips (every question of their modality each)")
+    parser.add_argument(
+        "--num-eval", type=int, default=300, help="held-out clips (every question of their modality each)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
-    parser.add_argument("--played-back", action="store_true",
-                        help="also ask every held-out question about its clip played backwards and print how the answers follow the order")
+    parser.add_argument(
+        "--played-back",
+        action="store_true",
+        help="also ask every held-out question about its clip played backwards and print how the answers follow the order",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     start = time.time()
@@ -53,8 +59,13 @@ def main(argv=None):
     chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
     print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
     seen, unseen = group_accuracy(results, "seen"), group_accuracy(results, "unseen")
-    print("demo accuracy: " + " ".join(f"{g}={seen[g]:.2f}" for g in GROUPS)
-          + " (unseen combinations: " + " ".join(f"{g}={unseen[g]:.2f}" for g in GROUPS) + ")")
+    print(
+        "demo accuracy: "
+        + " ".join(f"{g}={seen[g]:.2f}" for g in GROUPS)
+        + " (unseen combinations: "
+        + " ".join(f"{g}={unseen[g]:.2f}" for g in GROUPS)
+        + ")"
+    )
 
 
 def prepare(out: str, num_train: int, num_eval: int) -> tuple[str, str]:
@@ -90,7 +101,9 @@ def run_training(config, workdir: str) -> float:
     return time.time() - start
 
 
-def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, played_back: bool = False, batch_size: int = 64) -> list[dict]:
+def evaluate(
+    workdir: str, eval_path: str, *, visual_only: bool = False, played_back: bool = False, batch_size: int = 64
+) -> list[dict]:
     """Greedy answers to every held-out question: one {"type", "group", "combination", "answer", "reference", "correct"} each.
 
     Each held-out conversation is the prompt, its answer cut off: built as training builds it.
@@ -126,15 +139,34 @@ def evaluate(workdir: str, eval_path: str, *, visual_only: bool = False, played_
             reference = synthetic.answer(record["questions"][-1], synthetic.reversed_timeline(record["timeline"]))
         items.append((record, turns, modality, media, reference))
     results = []
-    desc = "evaluating held-out split" + (" (visual stream only)" if visual_only else "") + (" (played back)" if played_back else "")
+    desc = (
+        "evaluating held-out split"
+        + (" (visual stream only)" if visual_only else "")
+        + (" (played back)" if played_back else "")
+    )
     for begin in tqdm.trange(0, len(items), batch_size, desc=desc, unit="batch"):
         chunk = items[begin : begin + batch_size]
-        answers = answer_conversations(model, tokenizer, [i[3] for i in chunk], [i[1] for i in chunk], [i[2] for i in chunk],
-                                       max_new_tokens=6, data_config=data_config)
+        answers = answer_conversations(
+            model,
+            tokenizer,
+            [i[3] for i in chunk],
+            [i[1] for i in chunk],
+            [i[2] for i in chunk],
+            max_new_tokens=6,
+            data_config=data_config,
+        )
         for (record, _, _, _, reference), given in zip(chunk, answers):
             question_type = record["questions"][-1]
-            results.append({"type": question_type, "group": synthetic.GROUPS[question_type],
-                            "combination": record["combination"], "answer": given, "reference": reference, "correct": exact_match(given, [reference])})
+            results.append(
+                {
+                    "type": question_type,
+                    "group": synthetic.GROUPS[question_type],
+                    "combination": record["combination"],
+                    "answer": given,
+                    "reference": reference,
+                    "correct": exact_match(given, [reference]),
+                }
+            )
     return results
 
 
@@ -159,8 +191,10 @@ def print_question_table(results: list[dict]) -> None:
     for r in results:
         tally[r["type"], r["combination"]][0] += r["correct"]
         tally[r["type"], r["combination"]][1] += 1
-    print("\n| question type | group | chance | best from one stream | seen: questions | seen: exact match "
-          "| unseen: questions | unseen: exact match |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| question type | group | chance | best from one stream | seen: questions | seen: exact match "
+        "| unseen: questions | unseen: exact match |\n|---|---|---|---|---|---|---|---|"
+    )
     for question_type, group in synthetic.GROUPS.items():
         streams = {"visual": ("audio",), "audio": ("visual",)}.get(group, ("visual", "audio"))
         one_stream = max(baselines[question_type][s] for s in streams)
@@ -168,7 +202,11 @@ def print_question_table(results: list[dict]) -> None:
         for combination in ("seen", "unseen"):
             right, count = tally[question_type, combination]
             cells += [str(count), f"{right / count:.3f}" if count else "-"]
-        print(f"| {question_type} | {group} | {1 / len(synthetic.answer_words(question_type)):.2f} | {one_stream:.2f} | " + " | ".join(cells) + " |")
+        print(
+            f"| {question_type} | {group} | {1 / len(synthetic.answer_words(question_type)):.2f} | {one_stream:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 def print_played_back_table(as_recorded: list[dict], played_back: list[dict]) -> None:
@@ -184,13 +222,17 @@ def print_played_back_table(as_recorded: list[dict], played_back: list[dict]) ->
         if backward["reference"] != forward["reference"]:
             counts["should change"] += 1
             counts["kept"] += backward["answer"] == forward["answer"]
-    print("\n| question type | questions | exact match | played back: exact match | right answer changed | model's answer kept |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        "\n| question type | questions | exact match | played back: exact match | right answer changed | model's answer kept |\n"
+        "|---|---|---|---|---|---|"
+    )
     for question_type, counts in tally.items():
         if counts["should change"]:
             n = counts["questions"]
-            print(f"| {question_type} | {n} | {counts['right'] / n:.3f} | {counts['right played back'] / n:.3f} | "
-                  f"{counts['should change']} | {counts['kept'] / counts['should change']:.3f} |")
+            print(
+                f"| {question_type} | {n} | {counts['right'] / n:.3f} | {counts['right played back'] / n:.3f} | "
+                f"{counts['should change']} | {counts['kept'] / counts['should change']:.3f} |"
+            )
 
 
 def chat_once(workdir: str, eval_path: str) -> None:
@@ -204,7 +246,10 @@ def chat_once(workdir: str, eval_path: str) -> None:
     media = next(s.media_path for s in samples if s.modality == Modality.AUDIO_VISUAL)
     question = "What colour is the shape when the beeps start?"
     print(f"\n$ python -m avllm_jax.chat --checkpoint {workdir} --media {media} --question {question!r}", flush=True)
-    subprocess.run([sys.executable, "-m", "avllm_jax.chat", "--checkpoint", workdir, "--media", media, "--question", question], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "avllm_jax.chat", "--checkpoint", workdir, "--media", media, "--question", question],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 The export is avllm_jax/export.py; this file is its command line.
 """
+
 from avllm_jax.export import main
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from CLAP zero-shot labels (--clap, --audio-labels) or from your own captioner
 of float32 audio segments to their captions; its `sample_rate` attribute, if any, sets the rate).
 Rerunning the same command resumes: ids already in --out are skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ from avllm_jax.curation.contexts import (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--media", nargs="+", required=True, help="media files and/or directories (searched recursively)")
+    parser.add_argument(
+        "--media", nargs="+", required=True, help="media files and/or directories (searched recursively)"
+    )
     parser.add_argument("--out", required=True, help="context JSON lines (appended to; resumable)")
     parser.add_argument("--captioner", default=DEFAULT_FRAME_CAPTIONER, help="image-to-text model name or path")
     parser.add_argument("--caption-prompt", default=None, help='text each frame caption starts from, e.g. "a video of"')
@@ -52,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         module, _, function = args.audio_captioner.partition(":")
         audio_captioner = getattr(importlib.import_module(module), function)()
     else:
-        audio_captioner = ClapLabeller(read_labels(args.audio_labels), args.clap, template=args.audio_template,
-                                       device=args.device)
+        audio_captioner = ClapLabeller(
+            read_labels(args.audio_labels), args.clap, template=args.audio_template, device=args.device
+        )
     counts = extract_contexts(
         media,
         args.out,

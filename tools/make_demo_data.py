@@ -7,6 +7,7 @@ question of its modality as a sample of its own, flagged "combination": "seen" o
 Their media lie in DIR/media/, referenced relative to DIR. See avllm_jax/data/synthetic.py
 for what the clips show and what is asked.
 """
+
 import argparse
 
 from avllm_jax.data import synthetic
@@ -19,13 +20,17 @@ def main(argv=None):
     parser.add_argument("--num-eval", type=int, default=None, help="held-out clips (default: num / 10, at least 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training split; eval uses seed + 1")
     parser.add_argument("--train-turns", type=int, default=3, help="questions per training clip, one conversation")
-    parser.add_argument("--unseen-share", type=float, default=0.5, help="share of held-out clips made of held-out combinations")
+    parser.add_argument(
+        "--unseen-share", type=float, default=0.5, help="share of held-out clips made of held-out combinations"
+    )
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be positive")
     num_eval = args.num_eval if args.num_eval is not None else max(50, args.num // 10)
     train = synthetic.make_demo_split(args.out, "train", args.num, args.seed, turns_per_sample=args.train_turns)
-    held_out = synthetic.make_demo_split(args.out, "eval", num_eval, args.seed + 1, unseen_share=args.unseen_share, every_question=True)
+    held_out = synthetic.make_demo_split(
+        args.out, "eval", num_eval, args.seed + 1, unseen_share=args.unseen_share, every_question=True
+    )
     print(f"wrote {train} ({args.num} clips) and {held_out} ({num_eval} clips)")
 
 

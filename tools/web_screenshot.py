@@ -5,6 +5,7 @@
 It starts `python -m avllm_jax.web` on a free port, uploads an audio-visual held-out clip, asks
 a question, asks it again with visual only (the paper's Figure 8 comparison) and saves the page.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ import urllib.request
 
 from playwright.sync_api import sync_playwright
 
-IDLE = "() => [...document.querySelectorAll('[data-testid=\"status-tracker\"]')].every(e => e.classList.contains('hide'))"
+IDLE = (
+    "() => [...document.querySelectorAll('[data-testid=\"status-tracker\"]')].every(e => e.classList.contains('hide'))"
+)
 BOTS = '#chat [data-testid="bot"]'
 
 
@@ -35,8 +38,19 @@ def main(argv=None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "avllm_jax.web", "--checkpoint", args.checkpoint, "--port", str(port),
-                               "--examples", *examples])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avllm_jax.web",
+            "--checkpoint",
+            args.checkpoint,
+            "--port",
+            str(port),
+            "--examples",
+            *examples,
+        ]
+    )
     try:
         deadline = time.monotonic() + 300
         while True:

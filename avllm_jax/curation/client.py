@@ -5,6 +5,7 @@ hit rate limits (429), server errors (5xx) or connection failures are retried wi
 backoff, honouring `Retry-After`; any other 4xx fails at once. The API key goes only into the
 Authorization header: it is never logged and never part of an error message.
 """
+
 from __future__ import annotations
 
 import ast

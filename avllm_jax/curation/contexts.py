@@ -7,6 +7,7 @@ callable from a list of float32 [L] segments to their captions can take its plac
 `{"id", "video"|"image"|"audio": path, "visual_captions": [...], "audio_captions": [...]}`,
 the path relative to the output file's directory (the data pipeline's convention).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,8 +28,23 @@ DEFAULT_CLAP = "laion/clap-htsat-unfused"
 DEFAULT_AUDIO_LABELS = Path(__file__).parent / "audio_labels.txt"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | {
-    ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".gif",
-    ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus",
+    ".mp4",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mov",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".gif",
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".m4a",
+    ".aac",
+    ".opus",
 }
 
 FrameCaptioner = Callable[[list[np.ndarray]], list[str]]  # B frames uint8 [S, S, 3] -> B captions
@@ -40,8 +56,14 @@ class TransformersCaptioner:
     `AutoModelForImageTextToText` loads and that captions an image without a chat template),
     from the Hugging Face hub or a local path. `prompt` starts each caption (e.g. "a video of")."""
 
-    def __init__(self, model: str = DEFAULT_FRAME_CAPTIONER, *, device: str = "cpu", max_new_tokens: int = 30,
-                 prompt: str | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_FRAME_CAPTIONER,
+        *,
+        device: str = "cpu",
+        max_new_tokens: int = 30,
+        prompt: str | None = None,
+    ):
         import transformers  # heavy; only needed when captioning
 
         self.processor = transformers.AutoProcessor.from_pretrained(model)
@@ -61,7 +83,7 @@ class TransformersCaptioner:
         captions = [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
         if self.prompt:  # the model continues the prompt: keep only what it added
             prompt = self.prompt.strip().lower()
-            captions = [c[len(prompt):].strip() if c.lower().startswith(prompt) else c for c in captions]
+            captions = [c[len(prompt) :].strip() if c.lower().startswith(prompt) else c for c in captions]
         return captions
 
 
@@ -69,8 +91,9 @@ class ClapLabeller:
     """Zero-shot audio captions: each segment gets the label whose CLAP text embedding is
     closest to its audio embedding, written into `template`."""
 
-    def __init__(self, labels: list[str], model: str = DEFAULT_CLAP, *, template: str = "The sound of {}.",
-                 device: str = "cpu"):
+    def __init__(
+        self, labels: list[str], model: str = DEFAULT_CLAP, *, template: str = "The sound of {}.", device: str = "cpu"
+    ):
         import torch
         import transformers
 
@@ -169,13 +192,21 @@ def extract_contexts(
 
     def decode(item):
         try:
-            return item, load_media(item[1], num_frames=num_frames, image_size=image_size,
-                                    num_audio_segments=num_audio_segments, audio_sample_rate=sample_rate)
+            return item, load_media(
+                item[1],
+                num_frames=num_frames,
+                image_size=image_size,
+                num_audio_segments=num_audio_segments,
+                audio_sample_rate=sample_rate,
+            )
         except MediaError as error:
             return item, error
 
-    with open(out_path, "a", encoding="utf-8") as out, concurrent.futures.ThreadPoolExecutor(decode_workers) as pool, \
-            tqdm(total=len(todo), desc="captioning", unit="file") as progress:
+    with (
+        open(out_path, "a", encoding="utf-8") as out,
+        concurrent.futures.ThreadPoolExecutor(decode_workers) as pool,
+        tqdm(total=len(todo), desc="captioning", unit="file") as progress,
+    ):
         upcoming = [pool.submit(decode, item) for item in groups[0]] if groups else []
         for number in range(len(groups)):
             results = [future.result() for future in upcoming]
@@ -194,13 +225,16 @@ def extract_contexts(
             segments = [s for _, _, m in decoded if m.has_audio for s in m.audio] if audio_captioner is not None else []
             audio_captions = iter(_caption_in_batches(audio_captioner, segments, batch_size))
             for media_id, path, m in decoded:
-                kind = "audio" if not m.has_visual else "image" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video"
+                kind = (
+                    "audio" if not m.has_visual else "image" if Path(path).suffix.lower() in IMAGE_SUFFIXES else "video"
+                )
                 record = {
                     "id": media_id,
                     kind: os.path.relpath(Path(path).absolute(), out_dir),
                     "visual_captions": [next(frame_captions) for _ in range(len(m.frames))] if m.has_visual else [],
                     "audio_captions": [next(audio_captions) for _ in range(len(m.audio))]
-                    if m.has_audio and audio_captioner is not None else [],
+                    if m.has_audio and audio_captioner is not None
+                    else [],
                 }
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts[kind] += 1

@@ -7,6 +7,7 @@ or complex-reasoning questions and answers; each reply becomes one training samp
 holds the modality token. Replies that break the template's rules are rejected and counted.
 Templates and rules are data files in `templates/` (edit them, or pass another directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ class Rejected(ValueError):
 def load_template(task: str, modality: str, template_dir: str | os.PathLike = TEMPLATE_DIR) -> str:
     """The template text for `task` x `modality`, checked for the placeholders its modality needs."""
     if task not in TASKS or modality not in list(Modality):
-        raise ValueError(f"unknown task/modality {task!r}/{modality!r}; choose from {TASKS} x {[m.value for m in Modality]}")
+        raise ValueError(
+            f"unknown task/modality {task!r}/{modality!r}; choose from {TASKS} x {[m.value for m in Modality]}"
+        )
     path = Path(template_dir) / f"{task}_{modality}.txt"
     text = path.read_text(encoding="utf-8")
     needed = {"visual": [VISUAL_PLACEHOLDER], "audio": [AUDIO_PLACEHOLDER]}.get(
@@ -78,16 +81,17 @@ def join_captions(captions: list[str]) -> str:
 
 def build_messages(template: str, context: dict, modality: str) -> list[dict] | None:
     """The chat request for one context record, or None when it lacks captions `modality` needs."""
-    visual, audio = join_captions(context.get("visual_captions") or []), join_captions(context.get("audio_captions") or [])
+    visual, audio = (
+        join_captions(context.get("visual_captions") or []),
+        join_captions(context.get("audio_captions") or []),
+    )
     if (modality != "audio" and not visual) or (modality != "visual" and not audio):
         return None
     prompt = template.replace(VISUAL_PLACEHOLDER, visual).replace(AUDIO_PLACEHOLDER, audio)
     return [{"role": "user", "content": prompt}]
 
 
-_LABEL = re.compile(
-    r"^[\s>*#\-\d.)]*\**\s*(question|q|answer|a)\s*\d*\s*\**\s*[:：]\s*\**\s*(.*)$", re.IGNORECASE
-)
+_LABEL = re.compile(r"^[\s>*#\-\d.)]*\**\s*(question|q|answer|a)\s*\d*\s*\**\s*[:：]\s*\**\s*(.*)$", re.IGNORECASE)
 _DESCRIPTION_LABEL = re.compile(r"^\s*\**\s*(?:detail(?:ed)?\s+)?description\s*\**\s*[:：]\s*\**\s*", re.IGNORECASE)
 
 
@@ -271,9 +275,11 @@ def curate(
                 continue
             jobs.append((context, task, modality, messages))
 
-    with open(out_path, "a", encoding="utf-8") as out, open(rejected_path, "a", encoding="utf-8") as rejected, tqdm(
-        total=len(jobs), desc="curating", unit="reply"
-    ) as progress:
+    with (
+        open(out_path, "a", encoding="utf-8") as out,
+        open(rejected_path, "a", encoding="utf-8") as rejected,
+        tqdm(total=len(jobs), desc="curating", unit="reply") as progress,
+    ):
         for start in range(0, len(jobs), chunk_size):
             chunk = jobs[start : start + chunk_size]
 
@@ -288,8 +294,13 @@ def curate(
                     sample = reply_to_sample(reply, context, task, modality, rules)
                 except Rejected as why:
                     counts[f"rejected: {why.reason}"] += 1
-                    record = {"id": sample_id(context["id"], task, modality), "task": task,
-                              "modality": modality, "reason": str(why), "reply": reply}
+                    record = {
+                        "id": sample_id(context["id"], task, modality),
+                        "task": task,
+                        "modality": modality,
+                        "reason": str(why),
+                        "reply": reply,
+                    }
                     rejected.write(json.dumps(record, ensure_ascii=False) + "\n")
                     rejected.flush()
                     return
@@ -312,6 +323,9 @@ def summary_table(samples: list[dict]) -> str:
     totals = [sum(counts[task, modality] for task in TASKS) for modality, _ in columns]
     rows.append(["Total", *map(str, totals), str(sum(totals))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

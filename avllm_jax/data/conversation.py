@@ -2,6 +2,7 @@
 
 The modality tokens (avllm_jax/modality.py) mark where the encoders' rows go in the prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,6 @@ import string
 from collections.abc import Iterable
 
 import numpy as np
-
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -157,7 +157,9 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
     if media_root is not None:
         root = os.path.normpath(os.path.abspath(media_root))
         if confined and os.path.commonpath([root, os.path.normpath(os.path.join(root, media_path))]) != root:
-            fail(f"media path {media_path!r} lies outside media_root {root} (set the source's media_root to a directory that holds it)")
+            fail(
+                f"media path {media_path!r} lies outside media_root {root} (set the source's media_root to a directory that holds it)"
+            )
         media_path = os.path.join(media_root, media_path)
     return Sample(str(record.get("id", origin)), media_path, token_modality, turns, origin)
 

@@ -19,6 +19,7 @@ skipped with their reasons; written last, so it marks the shard finished). Files
 their path as the data sources resolve it, so a cache serves the sources it was built from
 and any others that name the same files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,17 @@ from avllm_jax.data.media import MediaError
 
 MANIFEST = "manifest.json"
 # The data fields the features depend on (the text fields do not matter to them).
-MEDIA_FIELDS = ("num_frames", "image_size", "num_audio_segments", "audio_front_end", "audio_sample_rate",
-                "audio_max_length_s", "audio_truncation", "audio_padding", "whisper_mel_bins")
+MEDIA_FIELDS = (
+    "num_frames",
+    "image_size",
+    "num_audio_segments",
+    "audio_front_end",
+    "audio_sample_rate",
+    "audio_max_length_s",
+    "audio_truncation",
+    "audio_padding",
+    "whisper_mel_bins",
+)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
@@ -52,13 +62,16 @@ def media_key(path: str | os.PathLike) -> str:
 
 # -- the fingerprint -------------------------------------------------------------------------
 
+
 def fingerprint(data_config, encoder_configs: dict[str, dict], encoder_digests: dict[str, str]) -> dict:
     """Everything the cached features depend on, as flat {field: value}: the data config's
     media fields, each encoder's config (by part name) and a digest of its weights
     (`models.avllm.AVLLM.encoder_identity` gives both)."""
     out = {f"data.{name}": data_config[name] for name in MEDIA_FIELDS}
     for part, fields in sorted(encoder_configs.items()):
-        out |= {f"model.{part}.{name}": list(value) if isinstance(value, tuple) else value for name, value in fields.items()}
+        out |= {
+            f"model.{part}.{name}": list(value) if isinstance(value, tuple) else value for name, value in fields.items()
+        }
     out |= {f"weights.{part}": digest for part, digest in sorted(encoder_digests.items())}
     return out
 
@@ -68,24 +81,31 @@ def fingerprint_problem(cached: dict, current: dict) -> str | None:
     differ = [name for name in sorted(cached.keys() | current.keys()) if cached.get(name) != current.get(name)]
     if not differ:
         return None
-    shown = ", ".join(f"{name} (cache {cached.get(name, 'absent')!r}, run {current.get(name, 'absent')!r})" for name in differ[:4])
+    shown = ", ".join(
+        f"{name} (cache {cached.get(name, 'absent')!r}, run {current.get(name, 'absent')!r})" for name in differ[:4]
+    )
     more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
     return f"the cache's features were computed with other settings: {shown}{more}"
 
 
 # -- records ---------------------------------------------------------------------------------
 
+
 def encode_record(path: str, has_visual: bool, has_audio: bool, arrays: dict[str, np.ndarray]) -> bytes:
     """One file's record: a JSON header (path, streams, each array's dtype and shape) then the arrays' bytes."""
-    header = dict(path=path, has_visual=has_visual, has_audio=has_audio,
-                  arrays={name: [str(a.dtype), list(a.shape)] for name, a in arrays.items()})
+    header = dict(
+        path=path,
+        has_visual=has_visual,
+        has_audio=has_audio,
+        arrays={name: [str(a.dtype), list(a.shape)] for name, a in arrays.items()},
+    )
     head = json.dumps(header).encode()
     return len(head).to_bytes(4, "little") + head + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
 
 
-def decode_record(record: bytes) -> "CachedMedia":
+def decode_record(record: bytes) -> CachedMedia:
     size = int.from_bytes(record[:4], "little")
-    header = json.loads(record[4:4 + size])
+    header = json.loads(record[4 : 4 + size])
     offset, arrays = 4 + size, {}
     for name, (dtype, shape) in header["arrays"].items():
         dtype = np.dtype(DTYPES.get(dtype, dtype))
@@ -110,6 +130,7 @@ class CachedMedia:
 
 
 # -- reading ---------------------------------------------------------------------------------
+
 
 class FeatureCache:
     """A finished cache directory: looks files up by path. Picklable (grain's worker processes
@@ -144,9 +165,13 @@ class FeatureCache:
     def check(self, current_fingerprint: dict, *, weights: bool = True) -> None:
         """FeatureCacheError naming the fields the run's fingerprint differs in; `weights` False
         leaves the weight digests out (before the weights are loaded)."""
-        cached = self.fingerprint if weights else {k: v for k, v in self.fingerprint.items() if not k.startswith("weights.")}
+        cached = (
+            self.fingerprint if weights else {k: v for k, v in self.fingerprint.items() if not k.startswith("weights.")}
+        )
         if problem := fingerprint_problem(cached, current_fingerprint):
-            raise FeatureCacheError(f"{self.directory}: {problem}; rebuild the cache for this config, or use the config it was built for")
+            raise FeatureCacheError(
+                f"{self.directory}: {problem}; rebuild the cache for this config, or use the config it was built for"
+            )
 
     def missing(self, paths) -> list[str]:
         """Those of `paths` the cache neither holds nor skipped: it was built from other sources."""
@@ -172,7 +197,9 @@ class FeatureCache:
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
-        raise FeatureCacheError(f"{directory}: no feature cache here (no {MANIFEST}); build it with tools/cache_features.py")
+        raise FeatureCacheError(
+            f"{directory}: no feature cache here (no {MANIFEST}); build it with tools/cache_features.py"
+        )
     with open(path) as f:
         return json.load(f)
 

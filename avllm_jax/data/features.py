@@ -20,6 +20,7 @@ clip (16 kHz, 400-point Hann STFT, hop 160, 80 or 128 slaney mel bins up to 8 kH
 a floor, an 80 dB dynamic range, then (x + 4) / 4), over the 30 s window the Whisper encoder
 takes: shorter clips are padded with silence, longer ones cut to their first 30 s.
 """
+
 from __future__ import annotations
 
 import functools
@@ -155,7 +156,9 @@ def _mel_filters(sampling_rate: int, scale: str) -> np.ndarray:
 
 
 @functools.cache
-def _triangular_filters(sampling_rate: int, fft_size: int, num_bins: int, min_hz: float, max_hz: float, scale: str) -> np.ndarray:
+def _triangular_filters(
+    sampling_rate: int, fft_size: int, num_bins: int, min_hz: float, max_hz: float, scale: str
+) -> np.ndarray:
     """[fft_size // 2 + 1, num_bins] mel filters with edges evenly spaced in mel from min_hz to max_hz."""
     edges_mel = np.linspace(_hz_to_mel(min_hz, scale), _hz_to_mel(max_hz, scale), num_bins + 2)
     edges = _mel_to_hz(edges_mel, scale)
@@ -198,7 +201,9 @@ WHISPER_LOG_FLOOR = 1e-10
 WHISPER_DYNAMIC_RANGE = 8.0  # log10 units below the clip's peak, i.e. 80 dB
 
 
-def whisper_audio_features(audio: np.ndarray, num_mel_bins: int = 80, *, sampling_rate: int = WHISPER_SAMPLE_RATE) -> tuple[np.ndarray, int]:
+def whisper_audio_features(
+    audio: np.ndarray, num_mel_bins: int = 80, *, sampling_rate: int = WHISPER_SAMPLE_RATE
+) -> tuple[np.ndarray, int]:
     """Whisper log-mel features of one mono clip, and how many encoder frames hold real audio.
 
     Args:
@@ -256,7 +261,9 @@ def audio_settings_problem(config, audio_encoder: str, encoder_config) -> str | 
     'whisper' (its WhisperEncoderConfig: 16 kHz, its mel bins); None when they do."""
     front_end = "whisper" if audio_encoder == "whisper" else "clap"
     if config.audio_front_end != front_end:
-        return f"audio_front_end={config.audio_front_end!r} but the audio encoder is {audio_encoder!r}: use {front_end!r}"
+        return (
+            f"audio_front_end={config.audio_front_end!r} but the audio encoder is {audio_encoder!r}: use {front_end!r}"
+        )
     if audio_encoder == "whisper":
         if config.audio_sample_rate != WHISPER_SAMPLE_RATE:
             return f"audio_sample_rate={config.audio_sample_rate} but Whisper takes {WHISPER_SAMPLE_RATE} Hz audio: use {WHISPER_SAMPLE_RATE}"
@@ -265,9 +272,13 @@ def audio_settings_problem(config, audio_encoder: str, encoder_config) -> str | 
         return None
     fused_encoder, max_frames = encoder_config.enable_fusion, encoder_config.max_frames
     if (config.audio_truncation == "fusion") != fused_encoder:
-        return (f"audio_truncation={config.audio_truncation!r} but the audio encoder is {'fused' if fused_encoder else 'unfused'}; "
-                f"use {'fusion' if fused_encoder else 'rand_trunc'!r}")
+        return (
+            f"audio_truncation={config.audio_truncation!r} but the audio encoder is {'fused' if fused_encoder else 'unfused'}; "
+            f"use {'fusion' if fused_encoder else 'rand_trunc'!r}"
+        )
     if (frames := audio_frames(config)) > max_frames:
-        return (f"audio_max_length_s={config.audio_max_length_s:g} gives {frames} spectrogram frames and the audio encoder takes "
-                f"at most {max_frames}: use a window of {longest_audio_window_s(max_frames, config):g} s or less")
+        return (
+            f"audio_max_length_s={config.audio_max_length_s:g} gives {frames} spectrogram frames and the audio encoder takes "
+            f"at most {max_frames}: use a window of {longest_audio_window_s(max_frames, config):g} s or less"
+        )
     return None

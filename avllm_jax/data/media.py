@@ -8,6 +8,7 @@ times falls inside it, and only up to that frame. A short clip therefore costs a
 full decode, and a long one with frequent keyframes costs a fraction of it, without relying
 on the container's seek index (which webm, avi and streamed files may lack).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ import os
 from collections.abc import Iterable
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # Demuxers that open almost any file (ANSI art, raw binary) and would turn text into "video".
 _TEXT_ART_FORMATS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
@@ -238,7 +239,11 @@ class _FrameSampler:
             while len(self.chosen) < len(self.targets) and self.targets[len(self.chosen)] < time_s:
                 # The target lies before this frame: the previous frame was on screen (or, before
                 # the first frame, this one is the nearest).
-                self.chosen.append(self._previous_rgb() if self.previous is not None else _to_rgb(frame, self.image_size, self.reformatter))
+                self.chosen.append(
+                    self._previous_rgb()
+                    if self.previous is not None
+                    else _to_rgb(frame, self.image_size, self.reformatter)
+                )
             self.previous = [frame, None]
 
     def _previous_rgb(self):
@@ -297,11 +302,15 @@ def write_media(
             video_stream.height, video_stream.width = first.shape[:2]
             video_stream.pix_fmt = pix_fmt
         if planar is not None:
-            audio_stream = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {})
+            audio_stream = container.add_stream(
+                audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {}
+            )
 
         def encode_audio(start, stop):
             if audio_stream is not None and stop > start:
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:stop]), format="fltp", layout=audio_layout)
+                frame = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(planar[:, start:stop]), format="fltp", layout=audio_layout
+                )
                 frame.sample_rate, frame.pts = sample_rate, start
                 container.mux(audio_stream.encode(frame))
 

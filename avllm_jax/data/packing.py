@@ -36,6 +36,7 @@ The modality table of a pack has F temporal rows (each frame's CLS through W_t),
 visual_items x N spatial rows (each item's patches averaged over its frames, through W_s),
 then audio_clips x K audio rows. A still image's T temporal rows all read its one frame.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,7 +52,15 @@ FRAME_ARRAYS = ("frames", "frame_cls")
 # Per-sample counts of the work that matters, summed per pack: samples, LLM positions, their
 # squares (causal attention), ViT frames, visual items, audio clips (what a Whisper encoder
 # costs) and their segments (what an HTSAT costs).
-WORK = ("samples", "llm_tokens", "llm_tokens_squared", "encoded_frames", "visual_items", "audio_clips", "audio_segments")
+WORK = (
+    "samples",
+    "llm_tokens",
+    "llm_tokens_squared",
+    "encoded_frames",
+    "visual_items",
+    "audio_clips",
+    "audio_segments",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +73,7 @@ class ModalityRows:
     audio: int
 
     @classmethod
-    def of(cls, model_config, data_config) -> "ModalityRows":
+    def of(cls, model_config, data_config) -> ModalityRows:
         vision, audio = model_config.vision, model_config.audio_tower
         return cls(
             temporal=data_config.num_frames if vision else 0,
@@ -90,7 +99,7 @@ class PackBudget:
     audio_clips: int
 
     @classmethod
-    def from_config(cls, packing_config) -> "PackBudget":
+    def from_config(cls, packing_config) -> PackBudget:
         return cls(**{field.name: int(packing_config[field.name]) for field in dataclasses.fields(cls)})
 
     def problem(self, modality_rows: ModalityRows, num_frames: int) -> str | None:
@@ -98,8 +107,10 @@ class PackBudget:
         if min(self.rows, self.row_length) < 1:
             return f"rows={self.rows} and row_length={self.row_length} must be >= 1"
         if self.row_length <= modality_rows.visual() + modality_rows.audio:
-            return (f"row_length={self.row_length} leaves no text beside an audio-visual sample's "
-                    f"{modality_rows.visual() + modality_rows.audio} modality rows")
+            return (
+                f"row_length={self.row_length} leaves no text beside an audio-visual sample's "
+                f"{modality_rows.visual() + modality_rows.audio} modality rows"
+            )
         if modality_rows.visual() and (self.visual_items < 1 or self.frames < num_frames):
             return f"frames={self.frames}, visual_items={self.visual_items}: a video needs num_frames={num_frames} frames and an item"
         if modality_rows.audio and self.audio_clips < 1:
@@ -128,10 +139,16 @@ class Footprint:
 
 def footprint(sample: dict, modality_rows: ModalityRows) -> Footprint:
     """Of a prepared sample: its ids (modality token included), its frames and its flags."""
-    modality = Modality.from_flags(sample["has_visual"] and modality_rows.visual() > 0, sample["has_audio"] and modality_rows.audio > 0)
+    modality = Modality.from_flags(
+        sample["has_visual"] and modality_rows.visual() > 0, sample["has_audio"] and modality_rows.audio > 0
+    )
     has_token = sample["modality_token_at"] >= 0
     length = sample["input_ids"].size - has_token + modality_rows.count(modality)
-    frames = sample[next(n for n in FRAME_ARRAYS if n in sample)].shape[0] if modality is not None and modality.has_visual else 0
+    frames = (
+        sample[next(n for n in FRAME_ARRAYS if n in sample)].shape[0]
+        if modality is not None and modality.has_visual
+        else 0
+    )
     return Footprint(length, frames, int(modality is not None and modality.has_audio))
 
 
@@ -147,8 +164,11 @@ class Packer:
     def place(self, need: Footprint) -> bool:
         """Places the sample if it fits; False (nothing changed) when it does not."""
         b = self.budget
-        if (self.frames + need.frames > b.frames or self.items + (need.frames > 0) > b.visual_items
-                or self.clips + need.audio_clips > b.audio_clips):
+        if (
+            self.frames + need.frames > b.frames
+            or self.items + (need.frames > 0) > b.visual_items
+            or self.clips + need.audio_clips > b.audio_clips
+        ):
             return False
         row = next((r for r, used in enumerate(self.row_used) if used + need.length <= b.row_length), None)
         if row is None:
@@ -174,11 +194,23 @@ def pack_in_order(needs: list[Footprint], budget: PackBudget) -> list[Packer]:
 
 
 def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
-    return np.array([1, need.length, need.length**2, need.frames, need.frames > 0, need.audio_clips,
-                     need.audio_clips * modality_rows.audio], np.float32)
+    return np.array(
+        [
+            1,
+            need.length,
+            need.length**2,
+            need.frames,
+            need.frames > 0,
+            need.audio_clips,
+            need.audio_clips * modality_rows.audio,
+        ],
+        np.float32,
+    )
 
 
-def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict) -> dict:
+def assemble(
+    samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict
+) -> dict:
     """The arrays of one pack (module docstring) from prepared samples that `Packer` placed.
 
     media_shapes: the shapes and dtypes of the arrays kept per frame, per visual item and per
@@ -213,10 +245,10 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         modality_rows = []  # table index of each modality row, in order
         if need.frames:
             for name in media_shapes["frame"]:
-                out[name][frame:frame + need.frames] = sample[name][: need.frames]
+                out[name][frame : frame + need.frames] = sample[name][: need.frames]
             for name in media_shapes["item"]:
                 out[name][item] = sample[name]
-            out["frame_item"][frame:frame + need.frames] = item
+            out["frame_item"][frame : frame + need.frames] = item
             out["item_frames"][item] = need.frames
             temporal = frame + (np.arange(r.temporal) if need.frames > 1 else np.zeros(r.temporal, int))
             modality_rows += [*temporal, *(spatial_start + item * r.spatial + np.arange(r.spatial))]
@@ -231,8 +263,10 @@ def assemble(samples: list[dict], budget: PackBudget, modality_rows: ModalityRow
         next_labels = np.append(labels[1:], IGNORE_INDEX)
         if token_at < 0:
             token_at = ids.size  # text only: no modality rows
-        text_ids = np.concatenate([ids[:token_at], np.full(len(modality_rows), pad_id), ids[token_at + 1:]])
-        targets = np.concatenate([next_labels[:token_at], np.full(len(modality_rows), IGNORE_INDEX), next_labels[token_at + 1:]])
+        text_ids = np.concatenate([ids[:token_at], np.full(len(modality_rows), pad_id), ids[token_at + 1 :]])
+        targets = np.concatenate(
+            [next_labels[:token_at], np.full(len(modality_rows), IGNORE_INDEX), next_labels[token_at + 1 :]]
+        )
         index = np.concatenate([np.full(token_at, -1), modality_rows, np.full(max(ids.size - token_at - 1, 0), -1)])
         span = slice(offset, offset + need.length)
         out["input_ids"][row, span] = text_ids
@@ -254,8 +288,15 @@ class PackSamples(grain.IterDataset):
     """Prepared samples -> packs, in order. Counters of the samples (skips, re-routes) are
     summed per pack."""
 
-    def __init__(self, parent, budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict,
-                 counters: tuple[str, ...]):
+    def __init__(
+        self,
+        parent,
+        budget: PackBudget,
+        modality_rows: ModalityRows,
+        pad_id: int,
+        media_shapes: dict,
+        counters: tuple[str, ...],
+    ):
         super().__init__(parent)
         self.args = (budget, modality_rows, pad_id, media_shapes, counters)
 
@@ -270,7 +311,13 @@ class _PackIterator(grain.DatasetIterator):
 
     def __init__(self, parent, budget, modality_rows, pad_id, media_shapes, counters):
         super().__init__(parent)
-        self.budget, self.modality_rows, self.pad_id, self.media_shapes, self.counters = budget, modality_rows, pad_id, media_shapes, counters
+        self.budget, self.modality_rows, self.pad_id, self.media_shapes, self.counters = (
+            budget,
+            modality_rows,
+            pad_id,
+            media_shapes,
+            counters,
+        )
         self.held: dict | None = None
         self.state_before_held = parent.get_state()
 
@@ -309,8 +356,9 @@ class _PackIterator(grain.DatasetIterator):
 _STILL_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def estimate_samples_per_pack(per_source, weights, data_config, tokenizer, modality_rows: ModalityRows, budget: PackBudget,
-                              *, limit: int = 2000) -> float:
+def estimate_samples_per_pack(
+    per_source, weights, data_config, tokenizer, modality_rows: ModalityRows, budget: PackBudget, *, limit: int = 2000
+) -> float:
     """Average samples per pack over up to `limit` samples drawn from the sources by weight,
     from their text lengths and requested modalities (an image file counted as a still), for
     the step count of an epoch-based run. No media is decoded, so re-routed samples count as
@@ -321,7 +369,9 @@ def estimate_samples_per_pack(per_source, weights, data_config, tokenizer, modal
         for sample in samples[: max(1, round(limit * weight / total))]:
             ids, _ = conversation.tokenize_turns(sample.turns, tokenizer)
             rows = modality_rows.count(sample.modality)
-            length = min(ids.size, data_config.max_text_length, budget.row_length - rows + (sample.modality is not None))
+            length = min(
+                ids.size, data_config.max_text_length, budget.row_length - rows + (sample.modality is not None)
+            )
             visual = sample.modality is not None and sample.modality.has_visual and modality_rows.visual() > 0
             still = str(sample.media_path).lower().endswith(_STILL_SUFFIXES)
             frames = (1 if still else data_config.num_frames) if visual else 0

@@ -25,6 +25,7 @@ PT1 is `(dict(modalities=("audio_visual", "text"), share=0.5), dict(modalities=(
   own state, so a run resumed in phase 2 continues there exactly, and one saved at the
   boundary starts phase 2 as an uninterrupted run does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,11 @@ def config_problems(config) -> list[str]:
         if not hasattr(phase, "keys"):
             problems.append(f"{name} must be a dict(modalities=(...), share=...), not {phase!r}")
             continue
-        problems += [f"{name}.{key} is not a field of a phase (it has {', '.join(PHASE_FIELDS)})" for key in phase.keys()
-                     if key not in PHASE_FIELDS]
+        problems += [
+            f"{name}.{key} is not a field of a phase (it has {', '.join(PHASE_FIELDS)})"
+            for key in phase.keys()
+            if key not in PHASE_FIELDS
+        ]
         problems += [f"{name} lacks {key}" for key in PHASE_FIELDS if key not in phase]
         modalities = phase.get("modalities")
         if "modalities" not in phase:
@@ -89,8 +93,11 @@ def config_problems(config) -> list[str]:
         elif not modalities:
             problems.append(f"{name}.modalities is empty: name at least one of {', '.join(map(repr, MODALITY_NAMES))}")
         else:
-            problems += [f"{name}.modalities names {m!r}, not a modality (choose from {', '.join(map(repr, MODALITY_NAMES))})"
-                         for m in modalities if m not in MODALITY_NAMES]
+            problems += [
+                f"{name}.modalities names {m!r}, not a modality (choose from {', '.join(map(repr, MODALITY_NAMES))})"
+                for m in modalities
+                if m not in MODALITY_NAMES
+            ]
             if len(set(modalities)) != len(modalities):
                 problems.append(f"{name}.modalities={tuple(modalities)!r} names a modality twice")
         share = phase.get("share")
@@ -103,8 +110,10 @@ def config_problems(config) -> list[str]:
     if phases and len(shares) == len(phases) and abs(sum(shares) - 1) > SHARE_TOLERANCE:
         problems.append(f"config.phases' shares {tuple(shares)!r} sum to {sum(shares):g}, not 1")
     if phases and config.data.num_epochs is not None:
-        problems.append(f"config.phases needs config.data.num_epochs=None, not {config.data.num_epochs}: each phase "
-                        "repeats its samples for as many steps as its share takes")
+        problems.append(
+            f"config.phases needs config.data.num_epochs=None, not {config.data.num_epochs}: each phase "
+            "repeats its samples for as many steps as its share takes"
+        )
     return problems
 
 
@@ -120,8 +129,10 @@ def plan(phases_config, num_steps: int) -> list[Phase]:
         phases.append(Phase(index + 1, len(ends), tuple(phase["modalities"]), first, end))
         first = end + 1
     if short := [p for p in phases if p.num_steps < 1]:
-        raise ValueError(f"{num_steps} steps leave {short[0].label} (share {phases_config[short[0].number - 1]['share']}) "
-                         "no step: a run with phases needs more steps")
+        raise ValueError(
+            f"{num_steps} steps leave {short[0].label} (share {phases_config[short[0].number - 1]['share']}) "
+            "no step: a run with phases needs more steps"
+        )
     return phases
 
 
@@ -149,13 +160,27 @@ def describe(phases: list[Phase], per_source, sources) -> list[str]:
     for phase in phases:
         held = [sum(c[m] for m in phase.modalities) for c in counts]
         if not any(held):
-            have = "; ".join(f"{_source_name(s)}: " + ", ".join(f"{m} {n}" for m, n in c.items() if n) for s, c in zip(sources, counts))
-            raise ValueError(f"{phase.label} has no samples: no source holds {' or '.join(phase.modalities)} samples ({have})")
-        parts = [f"{_source_name(s)}: {n} samples" if n else f"{_source_name(s)}: none, left out of this phase"
-                 for s, n in zip(sources, held)]
-        lines.append(f"{phase.label}: steps {phase.first_step}-{phase.last_step} of {phases[-1].last_step}; {', '.join(parts)}")
+            have = "; ".join(
+                f"{_source_name(s)}: " + ", ".join(f"{m} {n}" for m, n in c.items() if n)
+                for s, c in zip(sources, counts)
+            )
+            raise ValueError(
+                f"{phase.label} has no samples: no source holds {' or '.join(phase.modalities)} samples ({have})"
+            )
+        parts = [
+            f"{_source_name(s)}: {n} samples" if n else f"{_source_name(s)}: none, left out of this phase"
+            for s, n in zip(sources, held)
+        ]
+        lines.append(
+            f"{phase.label}: steps {phase.first_step}-{phase.last_step} of {phases[-1].last_step}; {', '.join(parts)}"
+        )
     named = {m for phase in phases for m in phase.modalities}
-    unused = [f"{n} {m} samples of {_source_name(s)}" for s, c in zip(sources, counts) for m, n in c.items() if n and m not in named]
+    unused = [
+        f"{n} {m} samples of {_source_name(s)}"
+        for s, c in zip(sources, counts)
+        for m, n in c.items()
+        if n and m not in named
+    ]
     if unused:
         lines.append(f"in no phase, so not trained on: {', '.join(unused)}")
     return lines
@@ -164,8 +189,10 @@ def describe(phases: list[Phase], per_source, sources) -> list[str]:
 def phase_data(phase: Phase, data_config, per_source):
     """(the phase's data config, its sources' samples): the sources filtered to the phase's
     modalities, those left empty dropped, and the phase's seed."""
-    kept = [(source, [s for s in samples if modality_name(s) in phase.modalities])
-            for source, samples in zip(data_config.sources, per_source)]
+    kept = [
+        (source, [s for s in samples if modality_name(s) in phase.modalities])
+        for source, samples in zip(data_config.sources, per_source)
+    ]
     kept = [(source, samples) for source, samples in kept if samples]
     config = data_config.copy_and_resolve_references()
     config.seed = data_config.seed + (phase.number - 1) * _SEED_STRIDE
@@ -214,8 +241,10 @@ class PhasedIterator(grain.DatasetIterator):
             batch = next(self._inner)
         except StopIteration:
             taken = self._batches - phase.first_step + 1
-            raise pipeline.DataError(f"{phase.label} ran out of samples after {taken} of its {phase.num_steps} "
-                                     "batches: set data.num_epochs=None") from None
+            raise pipeline.DataError(
+                f"{phase.label} ran out of samples after {taken} of its {phase.num_steps} "
+                "batches: set data.num_epochs=None"
+            ) from None
         self._batches += 1
         return batch
 
@@ -235,8 +264,10 @@ class PhasedIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         saved = [tuple(m) for m in state["modalities"]]
         if saved != [p.modalities for p in self.phases]:
-            raise ValueError(f"the data iterator was saved with the phases {saved}, but config.phases has "
-                             f"{[p.modalities for p in self.phases]}: resume with the phases it was saved with")
+            raise ValueError(
+                f"the data iterator was saved with the phases {saved}, but config.phases has "
+                f"{[p.modalities for p in self.phases]}: resume with the phases it was saved with"
+            )
         self._batches = state["batches"]
         if state["phase"] - 1 != self._index:
             self._enter(state["phase"] - 1)

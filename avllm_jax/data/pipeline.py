@@ -40,6 +40,7 @@ trainer). Each sample's prompt holds
 one modality token matching (has_visual, has_audio), or none for a text-only sample.
 Malformed lines are found when the files are read, before training starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,10 +49,10 @@ import os
 import signal
 
 import grain
-from absl import flags
 import ml_collections
 import numpy as np
 import threadpoolctl
+from absl import flags
 
 from avllm_jax import runtime
 from avllm_jax.data import conversation, feature_cache, packing
@@ -152,7 +153,9 @@ class _PrepareSample:
             if packed:
                 used, _ = routed_modality(sample.modality, media)
                 max_length = min(max_length, config.packing.row_length - rows.count(used) + (used is not None))
-            built = build_sample(sample.turns, media, sample.modality, config, self.tokenizer, rng=rng, max_length=max_length)
+            built = build_sample(
+                sample.turns, media, sample.modality, config, self.tokenizer, rng=rng, max_length=max_length
+            )
         except MediaError as e:
             return _Failure("num_skipped_media", f"{sample.origin}: {e}")
         except conversation.PromptTooLongError as e:
@@ -161,8 +164,11 @@ class _PrepareSample:
         if rows is not None:
             num_frames = (1 if media.is_still else config.num_frames) if built["has_visual"] else 0
             # A still's one frame, as a pack holds it.
-            unpadded = dict(built, **{name: built[name][:num_frames] for name in packing.FRAME_ARRAYS if name in built},
-                            modality_token_at=np.int32(conversation.modality_token_position(built["input_ids"], self.tokenizer)))
+            unpadded = dict(
+                built,
+                **{name: built[name][:num_frames] for name in packing.FRAME_ARRAYS if name in built},
+                modality_token_at=np.int32(conversation.modality_token_position(built["input_ids"], self.tokenizer)),
+            )
             if packed:
                 return unpadded
             built["work"] = packing.sample_work(packing.footprint(unpadded, rows), rows)
@@ -276,8 +282,16 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
 
 
 def make_train_iterator(
-    data_config, tokenizer, *, global_batch_size, process_index=None, process_count=None, worker_cpus=None, per_source=None,
-    modality_rows: packing.ModalityRows | None = None, cache: feature_cache.FeatureCache | None = None,
+    data_config,
+    tokenizer,
+    *,
+    global_batch_size,
+    process_index=None,
+    process_count=None,
+    worker_cpus=None,
+    per_source=None,
+    modality_rows: packing.ModalityRows | None = None,
+    cache: feature_cache.FeatureCache | None = None,
 ):
     """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
 
@@ -364,4 +378,7 @@ def iterate_eval(path: str | os.PathLike, data_config, media_root=None):
     samples, _ = conversation.read_samples(path, media_root)
     cache = feature_cache.FeatureCache(data_config.feature_cache) if data_config.feature_cache else None
     for sample in samples:
-        yield sample, (load_sample_media(sample.media_path, data_config, cache) if sample.media_path is not None else None)
+        yield (
+            sample,
+            (load_sample_media(sample.media_path, data_config, cache) if sample.media_path is not None else None),
+        )

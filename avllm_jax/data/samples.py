@@ -4,6 +4,7 @@ encoder's features (CLAP's or Whisper's log-mel), the re-routing of a request fo
 `build_sample` is the one path from turns and media to model inputs: the training pipeline
 (data/pipeline.py) builds its samples here and chat, evaluation and the web demo their prompts.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,9 @@ def _cached_arrays(media: CachedMedia | None, config, has_visual: bool, has_audi
             out["frame_cls"][:] = media.arrays["frame_cls"]  # a still (one row) broadcasts over the T frames
             out["item_patches"][:] = media.arrays["item_patches"]
     if "audio_embeddings" in shapes:
-        out["audio_embeddings"] = media.arrays["audio_embeddings"].copy() if has_audio else np.zeros(*shapes["audio_embeddings"])
+        out["audio_embeddings"] = (
+            media.arrays["audio_embeddings"].copy() if has_audio else np.zeros(*shapes["audio_embeddings"])
+        )
     return dict(out, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
 
 
@@ -72,13 +75,21 @@ def audio_arrays(segments: np.ndarray | None, config, *, rng=None) -> dict:
     k = config.num_audio_segments
     if config.audio_front_end == "whisper":
         if segments is None:
-            return dict(audio_features=np.zeros((config.whisper_mel_bins, features.WHISPER_FRAMES), np.float32),
-                        audio_valid_frames=np.zeros(k, np.int32))
-        mel, valid_frames = features.whisper_audio_features(segments.reshape(-1), config.whisper_mel_bins, sampling_rate=config.audio_sample_rate)
+            return dict(
+                audio_features=np.zeros((config.whisper_mel_bins, features.WHISPER_FRAMES), np.float32),
+                audio_valid_frames=np.zeros(k, np.int32),
+            )
+        mel, valid_frames = features.whisper_audio_features(
+            segments.reshape(-1), config.whisper_mel_bins, sampling_rate=config.audio_sample_rate
+        )
         return dict(audio_features=mel, audio_valid_frames=np.full(k, valid_frames, np.int32))
     if segments is None:
-        return dict(audio_features=np.zeros((k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32),
-                    audio_is_longer=np.zeros(k, bool))
+        return dict(
+            audio_features=np.zeros(
+                (k, features.audio_channels(config), features.audio_frames(config), features.NUM_MEL_BINS), np.float32
+            ),
+            audio_is_longer=np.zeros(k, bool),
+        )
     mel, is_longer = features.clap_audio_features(
         segments,
         truncation=config.audio_truncation,
@@ -134,7 +145,9 @@ def build_sample(
     ids, labels = conversation.tokenize_turns(turns, tokenizer)
     num_truncated = int(max_length is not None and ids.size > max_length)
     ids, labels = conversation.truncate(ids, labels, max_length, tokenizer)
-    return dict(arrays, input_ids=ids, labels=labels, num_rerouted=np.int32(rerouted), num_truncated=np.int32(num_truncated))
+    return dict(
+        arrays, input_ids=ids, labels=labels, num_rerouted=np.int32(rerouted), num_truncated=np.int32(num_truncated)
+    )
 
 
 def pad_text(sample: dict, length: int, tokenizer) -> dict:
@@ -156,15 +169,21 @@ def media_shapes(data_config) -> dict:
         kinds = dict(frame="frame_cls", item="item_patches", audio="audio_embeddings")
         return {kind: {name: shapes[name]} if name in shapes else {} for kind, name in kinds.items()}
     audio = audio_arrays(None, data_config)
-    return dict(frame={"frames": ((data_config.image_size, data_config.image_size, 3), np.dtype(np.uint8))}, item={},
-                audio={name: (array.shape, array.dtype) for name, array in audio.items()})
+    return dict(
+        frame={"frames": ((data_config.image_size, data_config.image_size, 3), np.dtype(np.uint8))},
+        item={},
+        audio={name: (array.shape, array.dtype) for name, array in audio.items()},
+    )
 
 
 def example_batch_element(data_config, modality_rows: packing.ModalityRows) -> dict:
     """One element of a training batch (a pack, or a padded sample) with the right shapes and
     dtypes, for compiling ahead of time."""
     if data_config.packing.enabled:
-        return packing.assemble([], packing.budget_of(data_config, modality_rows), modality_rows, 0, media_shapes(data_config))
+        return packing.assemble(
+            [], packing.budget_of(data_config, modality_rows), modality_rows, 0, media_shapes(data_config)
+        )
     text = np.zeros(data_config.max_text_length, np.int32)
-    return media_arrays(None, data_config) | dict(input_ids=text, labels=text, token_mask=text.astype(bool),
-                                                   work=np.zeros(len(packing.WORK), np.float32))
+    return media_arrays(None, data_config) | dict(
+        input_ids=text, labels=text, token_mask=text.astype(bool), work=np.zeros(len(packing.WORK), np.float32)
+    )

@@ -27,6 +27,7 @@ Files: audio-visual clips (.mp4, H.264 + AAC), silent clips (.mp4 or .webm, no a
 track) and audio-only files (.flac or .m4a). A sample asks a visual question about a silent
 clip, an audio question about an audio-only file, and any kind about an audio-visual clip.
 """
+
 from __future__ import annotations
 
 import collections
@@ -84,7 +85,10 @@ PAIRED_QUESTIONS = {
 }
 # Cross-modal timing: the picture at the moment the sound starts.
 TIMING_QUESTIONS = {
-    "colour at first beep": ("What colour is the shape when the beeps start?", "Which colour is the shape at the first beep?"),
+    "colour at first beep": (
+        "What colour is the shape when the beeps start?",
+        "Which colour is the shape at the first beep?",
+    ),
     "stop at first beep": ("Where is the shape when the beeps start?", "Where is the shape at the first beep?"),
 }
 QUESTIONS = {
@@ -94,8 +98,10 @@ QUESTIONS = {
 }
 # Each question type's group: the columns of the demo's tables.
 GROUPS = {
-    **{t: "visual" for t in VISUAL_QUESTIONS}, **{t: "audio" for t in AUDIO_QUESTIONS},
-    **{t: "audio_visual" for t in PAIRED_QUESTIONS}, **{t: "timing" for t in TIMING_QUESTIONS},
+    **{t: "visual" for t in VISUAL_QUESTIONS},
+    **{t: "audio" for t in AUDIO_QUESTIONS},
+    **{t: "audio_visual" for t in PAIRED_QUESTIONS},
+    **{t: "timing" for t in TIMING_QUESTIONS},
 }
 # Encoder settings that write a demo clip in about 10 ms instead of 40-60 ms.
 _FAST_AAC = {"aac_coder": "fast"}
@@ -122,7 +128,8 @@ def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool 
         start = int(rng.integers(0, len(STOPS) - 1)) + (step < 0)  # a stop from which the hop stays in the picture
         before, after = (list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=2, replace=False))
         timeline.update(
-            shape=SHAPES[rng.integers(len(SHAPES))], direction=direction,
+            shape=SHAPES[rng.integers(len(SHAPES))],
+            direction=direction,
             colours=[before if k < change else after for k in range(NUM_SEGMENTS)],
             stops=[start + step * (k >= change) for k in range(NUM_SEGMENTS)],
         )
@@ -132,7 +139,10 @@ def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool 
         onset = int(rng.integers(0, change) if rng.random() < 0.5 else rng.integers(change, NUM_SEGMENTS))
         count = int(rng.integers(1, min(max(BEEP_COUNTS), NUM_SEGMENTS - onset) + 1))
         later = rng.choice(np.arange(onset + 1, NUM_SEGMENTS), size=count - 1, replace=False)
-        timeline.update(pitch=list(PITCHES)[rng.integers(len(PITCHES))], beeps=[k == onset or k in later for k in range(NUM_SEGMENTS)])
+        timeline.update(
+            pitch=list(PITCHES)[rng.integers(len(PITCHES))],
+            beeps=[k == onset or k in later for k in range(NUM_SEGMENTS)],
+        )
         if _holds_held_out(timeline, "audio") == unseen:
             break
     return timeline
@@ -152,7 +162,10 @@ def played_back(media: Media) -> Media:
     """Decoded media played backwards at the timeline's resolution: the frames and the audio
     segments in reverse order (each segment's samples as they are). A clip decoded at one frame
     and one audio segment per timeline segment then shows `reversed_timeline` of its timeline."""
-    return dataclasses.replace(media, **{name: getattr(media, name)[::-1].copy() for name in ("frames", "audio") if getattr(media, name) is not None})
+    return dataclasses.replace(
+        media,
+        **{name: getattr(media, name)[::-1].copy() for name in ("frames", "audio") if getattr(media, name) is not None},
+    )
 
 
 def _holds_held_out(timeline: dict, stream: str) -> bool:
@@ -246,8 +259,12 @@ def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator)
     step = -1 if direction in ("left", "up") else 1
     start = 2 if step < 0 else 1
     half = NUM_SEGMENTS // 2
-    timeline = {"shape": shape, "direction": direction, "colours": [colour] * NUM_SEGMENTS,
-                "stops": [start + step * (k >= half) for k in range(NUM_SEGMENTS)]}
+    timeline = {
+        "shape": shape,
+        "direction": direction,
+        "colours": [colour] * NUM_SEGMENTS,
+        "stops": [start + step * (k >= half) for k in range(NUM_SEGMENTS)],
+    }
     return render_frames(timeline, rng)
 
 
@@ -282,8 +299,14 @@ def tone_pattern(pitch: str, beeps: int, rng: np.random.Generator) -> np.ndarray
 
 
 def make_demo_split(
-    out_dir: str | os.PathLike, split: str, num_samples: int, seed: int, turns_per_sample: int = 1,
-    *, unseen_share: float = 0.0, every_question: bool = False,
+    out_dir: str | os.PathLike,
+    split: str,
+    num_samples: int,
+    seed: int,
+    turns_per_sample: int = 1,
+    *,
+    unseen_share: float = 0.0,
+    every_question: bool = False,
 ) -> pathlib.Path:
     """Writes `num_samples` clips as out_dir/media/{split}_NNNNN.* and their samples to
     out_dir/{split}.jsonl (paths relative to out_dir); returns the JSONL's path.
@@ -301,12 +324,16 @@ def make_demo_split(
     jsonl_path = out_dir / f"{split}.jsonl"
     with open(jsonl_path, "w") as out:
         for index in tqdm.trange(num_samples, desc=f"demo {split}", unit="clip"):
-            for sample in _make_samples(out_dir, f"{split}_{index:05d}", rng, turns_per_sample, rng.random() < unseen_share, every_question):
+            for sample in _make_samples(
+                out_dir, f"{split}_{index:05d}", rng, turns_per_sample, rng.random() < unseen_share, every_question
+            ):
                 out.write(json.dumps(sample) + "\n")
     return jsonl_path
 
 
-def _make_samples(out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int, unseen: bool, every_question: bool) -> list[dict]:
+def _make_samples(
+    out_dir: pathlib.Path, name: str, rng: np.random.Generator, turns: int, unseen: bool, every_question: bool
+) -> list[dict]:
     kind = _draw(rng, FILE_KINDS)
     timeline = draw_timeline(rng, visual=kind.has_visual, audio=kind.has_audio, unseen=unseen)
     path = _write_clip(out_dir, name, kind, timeline, rng)
@@ -324,12 +351,21 @@ def _make_samples(out_dir: pathlib.Path, name: str, rng: np.random.Generator, tu
             question = str(rng.choice(table[question_type]))
             if not conversations:
                 question = conversation.first_user_message(question, modality)
-            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer(question_type, timeline)}]
-        samples.append({
-            "id": f"{name}_{asked[0]}" if every_question else name, "video" if kind.has_visual else "audio": path,
-            "modality": modality.value, "conversations": conversations,
-            "questions": asked, "combination": "unseen" if unseen else "seen", "timeline": timeline,
-        })
+            conversations += [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer(question_type, timeline)},
+            ]
+        samples.append(
+            {
+                "id": f"{name}_{asked[0]}" if every_question else name,
+                "video" if kind.has_visual else "audio": path,
+                "modality": modality.value,
+                "conversations": conversations,
+                "questions": asked,
+                "combination": "unseen" if unseen else "seen",
+                "timeline": timeline,
+            }
+        )
     return samples
 
 
@@ -343,7 +379,13 @@ def _write_clip(out_dir: pathlib.Path, name: str, kind: Modality, timeline: dict
     audio = render_audio(timeline, rng) if kind.has_audio else None
     if kind == Modality.AUDIO:
         path = f"media/{name}" + rng.choice([".flac", ".m4a"])
-        write_media(out_dir / path, audio=audio, audio_codec="flac" if path.endswith(".flac") else "aac", audio_options=_FAST_AAC, **_RATES)
+        write_media(
+            out_dir / path,
+            audio=audio,
+            audio_codec="flac" if path.endswith(".flac") else "aac",
+            audio_options=_FAST_AAC,
+            **_RATES,
+        )
     elif kind == Modality.VISUAL:
         path = f"media/{name}" + rng.choice([".mp4", ".webm"])
         if path.endswith(".mp4"):

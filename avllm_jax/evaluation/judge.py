@@ -6,6 +6,7 @@ the score the mean. The video-chat benchmark scores five dimensions 0..5 with {'
 correctness, detail, context (from the generic questions), temporal (temporal questions) and
 consistency (two phrasings of one question, both predictions judged together).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

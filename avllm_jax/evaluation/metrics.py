@@ -15,6 +15,7 @@ which is what stops a candidate from scoring by repeating a frequent n-gram. Raw
 what the widely used COCO evaluation code weighs with, so scores are comparable to published
 tables. The length l is the number of words.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,10 +119,14 @@ def spice(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> tup
     with tempfile.TemporaryDirectory() as tmp:
         request, result = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
         with open(request, "w") as f:
-            json.dump([{"image_id": i, "test": c, "refs": list(r)} for i, (c, r) in enumerate(zip(candidates, references))], f)
+            json.dump(
+                [{"image_id": i, "test": c, "refs": list(r)} for i, (c, r) in enumerate(zip(candidates, references))], f
+            )
         run = subprocess.run(
             [java, "-Xmx8G", "-jar", jar, request, "-out", result, "-subset", "-silent"],
-            capture_output=True, text=True, cwd=os.path.dirname(jar),
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(jar),
         )
         if run.returncode != 0:
             raise RuntimeError(f"SPICE ({jar}) failed with exit code {run.returncode}: {run.stderr.strip()[-500:]}")

@@ -10,6 +10,7 @@ service's key-value store (`client`: `key_value_set(key, value, allow_overwrite)
 missing answers are counted as failed, and a rerun asks them again), and the others give up
 on a leader that has shown no progress for that long.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ class ProcessGroup:
         self._progress = 0  # heartbeats (leader)
 
     @classmethod
-    def of_this_job(cls, timeout_s: float) -> "ProcessGroup | None":
+    def of_this_job(cls, timeout_s: float) -> ProcessGroup | None:
         """The group of the running jax.distributed job; None when it has one process."""
         import jax
 
@@ -42,8 +43,13 @@ class ProcessGroup:
             return None
         from orbax.checkpoint import multihost
 
-        return cls(jax.process_index(), jax.process_count(), multihost.get_jax_distributed_client(), timeout_s,
-                   shutdown=jax.distributed.shutdown)
+        return cls(
+            jax.process_index(),
+            jax.process_count(),
+            multihost.get_jax_distributed_client(),
+            timeout_s,
+            shutdown=jax.distributed.shutdown,
+        )
 
     @property
     def is_leader(self) -> bool:
@@ -60,7 +66,7 @@ class ProcessGroup:
 
     def _entries(self, directory: str) -> list[tuple[str, object]]:
         prefix = f"{NAMESPACE}/{directory}/"
-        return sorted((key[len(prefix):], json.loads(value)) for key, value in self._client.key_value_dir_get(prefix))
+        return sorted((key[len(prefix) :], json.loads(value)) for key, value in self._client.key_value_dir_get(prefix))
 
     def _wait_for(self, directory: str, what: str, watch: str | None = None):
         """The value stored under `directory`, waiting while `watch` (a directory the other side
@@ -71,7 +77,9 @@ class ProcessGroup:
             if seen != last_seen:
                 last_change, last_seen = time.monotonic(), seen
             if time.monotonic() - last_change > self.timeout_s:
-                raise ProcessGroupError(f"process {self.index} of {self.count} waited {self.timeout_s:.0f} s for {what} in vain")
+                raise ProcessGroupError(
+                    f"process {self.index} of {self.count} waited {self.timeout_s:.0f} s for {what} in vain"
+                )
             time.sleep(POLL_S)
         return entries[0][1]
 
@@ -89,7 +97,9 @@ class ProcessGroup:
         if self.is_leader:
             self._beat()
             return
-        self._set(f"results/{self.index}/{self._posted:09d}", {"records": records, "problems": [list(p) for p in problems]})
+        self._set(
+            f"results/{self.index}/{self._posted:09d}", {"records": records, "problems": [list(p) for p in problems]}
+        )
         self._posted += 1
 
     def collect(self, take: Callable[[list[dict], list[tuple[str, str, str]]], None]) -> set[int]:

@@ -9,6 +9,7 @@
 The two caches are appended to one line at a time as results arrive, so an interrupted run
 loses at most the line being written; a torn last line is skipped and its question redone.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,7 +95,12 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation: {summary['task']}", ""]
     lines += [f"- annotation file: `{summary['data']}`", f"- checkpoint: `{summary['checkpoint']}`"]
     lines += [f"- judge model: {summary['judge_model'] or 'none (no judge endpoint given)'}", ""]
-    lines += ["## Metrics", "", "Over the questions answered (and judged); those listed under Problems are left out.", ""]
+    lines += [
+        "## Metrics",
+        "",
+        "Over the questions answered (and judged); those listed under Problems are left out.",
+        "",
+    ]
     lines += ["| metric | value | over |", "|---|---|---|"]
     for name, metric in summary["metrics"].items():
         for key, value in metric.items():

@@ -7,6 +7,7 @@ asks the model and the judge only for what is missing. Bad input never stops the
 question without an answer, a missing media file, a failed answer or a judge that keeps
 failing is counted and listed in the summary, and everything else is still scored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,7 +100,9 @@ def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problem
                 predictions[record["id"]] = record["predictions"]
             problems.extend(batch_problems)
             failed.update(sample_id for sample_id, _, _ in batch_problems)
-            bar.update(sum(len(by_id[i].questions) for i in [r["id"] for r in records] + [p[0] for p in batch_problems]))
+            bar.update(
+                sum(len(by_id[i].questions) for i in [r["id"] for r in records] + [p[0] for p in batch_problems])
+            )
 
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
@@ -109,14 +112,23 @@ def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problem
                     continue
                 if isinstance(answer, Exception):
                     failed.add(query.sample_id)
-                    batch_problems.append((query.sample_id, "answer_failed", f"{query.media_path}: {_describe(answer)}"))
+                    batch_problems.append(
+                        (query.sample_id, "answer_failed", f"{query.media_path}: {_describe(answer)}")
+                    )
                     continue
                 sample = by_id[query.sample_id]
                 answers = partial.setdefault(sample.id, [])
                 answers.append(answer)
                 if len(answers) == len(sample.questions):
-                    records.append({"id": sample.id, "media": query.media_path, "questions": list(sample.questions),
-                                    "answers": list(sample.answers), "predictions": answers})
+                    records.append(
+                        {
+                            "id": sample.id,
+                            "media": query.media_path,
+                            "questions": list(sample.questions),
+                            "answers": list(sample.answers),
+                            "predictions": answers,
+                        }
+                    )
             if leader:
                 take(records, batch_problems)
             else:
@@ -129,7 +141,13 @@ def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problem
             silent = group.finish(take)
             for index in silent:
                 lost = [s.id for s in group.share(pending, index) if s.id not in predictions and s.id not in failed]
-                take([], [(i, "answer_failed", f"process {index} sent no answers for {group.timeout_s:.0f} s") for i in lost])
+                take(
+                    [],
+                    [
+                        (i, "answer_failed", f"process {index} sent no answers for {group.timeout_s:.0f} s")
+                        for i in lost
+                    ],
+                )
     return predictions
 
 
@@ -158,8 +176,14 @@ def _judge(samples, predictions, dimensions, judge, out_dir, problems) -> dict[t
             except ValueError as error:
                 problems.append((sample.id, "judge_failed", f"{dimension}: unusable reply: {error}"))
                 return
-            record = {"id": sample.id, "dimension": dimension, "judge_model": judge.model, **verdict,
-                      "predictions": predictions[sample.id], "reply": reply}
+            record = {
+                "id": sample.id,
+                "dimension": dimension,
+                "judge_model": judge.model,
+                **verdict,
+                "predictions": predictions[sample.id],
+                "reply": reply,
+            }
             out.write(record)
             verdicts[(sample.id, dimension)] = record
 
@@ -191,8 +215,11 @@ def _caption_scores(answered, predictions, per_question) -> dict:
     spice = metrics.spice(candidates, references)
     if isinstance(spice, str):
         return {"cider_d": {"score": cider, "n": n}, "spider": {"score": spice, "n": n}}
-    return {"cider_d": {"score": cider, "n": n}, "spice": {"score": spice[0], "n": n},
-            "spider": {"score": (cider + spice[0]) / 2, "n": n}}
+    return {
+        "cider_d": {"score": cider, "n": n},
+        "spice": {"score": spice[0], "n": n},
+        "spider": {"score": (cider + spice[0]) / 2, "n": n},
+    }
 
 
 def _judge_scores(answered, verdicts, dimensions, per_question) -> dict:
@@ -238,7 +265,9 @@ def run_evaluation(
     out_dir = Path(out_dir)
     if group is None or group.is_leader:
         out_dir.mkdir(parents=True, exist_ok=True)
-        report.check_run(out_dir, {"task": task_name, "data": str(Path(data_path).resolve()), "checkpoint": str(checkpoint)})
+        report.check_run(
+            out_dir, {"task": task_name, "data": str(Path(data_path).resolve()), "checkpoint": str(checkpoint)}
+        )
 
     problems: list[tuple[str, str, str]] = []  # (sample id, kind, detail)
     media_index = index_media(media_root)
@@ -256,7 +285,9 @@ def run_evaluation(
             media_of[s.id] = path
 
     forced = modality or task.modality
-    predictions = _answer(usable, media_of, answer_fn, Modality(forced) if forced else None, out_dir, batch_size, problems, group)
+    predictions = _answer(
+        usable, media_of, answer_fn, Modality(forced) if forced else None, out_dir, batch_size, problems, group
+    )
     if group is not None:
         group.close()
         if not group.is_leader:
@@ -267,8 +298,13 @@ def run_evaluation(
 
     answered = [s for s in usable if s.id in predictions]
     per_question = {
-        s.id: {"id": s.id, "media": media_of.get(s.id), "questions": list(s.questions), "answers": list(s.answers),
-               "predictions": predictions.get(s.id)}
+        s.id: {
+            "id": s.id,
+            "media": media_of.get(s.id),
+            "questions": list(s.questions),
+            "answers": list(s.answers),
+            "predictions": predictions.get(s.id),
+        }
         for s in samples
     }
     scores: dict[str, dict] = {}

@@ -6,6 +6,7 @@ dimensions it is scored on and the question asked where the dataset has none. A 
 an answer (or question) still becomes a Sample, with empty `answers`, so that the evaluation
 counts and lists it instead of dropping it silently.
 """
+
 from __future__ import annotations
 
 import csv
@@ -148,7 +149,9 @@ def load_music_avqa(path: Path) -> list[Sample]:
         try:
             values = json.loads(values) if isinstance(values, str) else values
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: question {_text(r, 'question_id')}: templ_values {values!r} is not a JSON list") from None
+            raise ValueError(
+                f"{path}: question {_text(r, 'question_id')}: templ_values {values!r} is not a JSON list"
+            ) from None
         fill = iter(values)
         question = _PLACEHOLDER.sub(lambda m: str(next(fill, m.group(0))), _text(r, "question_content"))
         samples.append(

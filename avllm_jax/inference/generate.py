@@ -14,6 +14,7 @@ mixed-modality batch generates what it generates alone.
 
 Prompt batches about media are built in avllm_jax/inference/prompts.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from avllm_jax.models.avllm import AVLLM, ENCODER_OUTPUTS
 from avllm_jax.models.llama import KVCache, Llama, kept_positions
 
-MODEL_INPUT_KEYS = ("frames", "audio_features", "audio_is_longer", "audio_valid_frames", *ENCODER_OUTPUTS, "has_visual", "has_audio",
-                    "input_ids", "token_mask")
+MODEL_INPUT_KEYS = (
+    "frames",
+    "audio_features",
+    "audio_is_longer",
+    "audio_valid_frames",
+    *ENCODER_OUTPUTS,
+    "has_visual",
+    "has_audio",
+    "input_ids",
+    "token_mask",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +179,9 @@ def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_
         *before, cache, rng = carry
         # The phase ends with the step that writes the window's last slot.
         last_step = window - prompt_length
-        carry = jax.lax.while_loop(functools.partial(keep_going, last_step=last_step), decode, (*before, cache.padded(window), rng))
+        carry = jax.lax.while_loop(
+            functools.partial(keep_going, last_step=last_step), decode, (*before, cache.padded(window), rng)
+        )
     tokens = carry[4]
     ended = is_eos(tokens)
     lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1), max_new_tokens).astype(jnp.int32)
@@ -221,7 +233,10 @@ def _split_rows(inputs: dict, mesh: jax.sharding.Mesh) -> dict:
     rows = inputs["input_ids"].shape[0]
     extra = -rows % mesh.size
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-    return {k: jax.device_put(jnp.concatenate([v, jnp.repeat(v[-1:], extra, axis=0)]) if extra else v, sharding) for k, v in inputs.items()}
+    return {
+        k: jax.device_put(jnp.concatenate([v, jnp.repeat(v[-1:], extra, axis=0)]) if extra else v, sharding)
+        for k, v in inputs.items()
+    }
 
 
 def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -263,8 +278,14 @@ def generate(
     inputs = _model_batch(batch)
     rows = inputs["input_ids"].shape[0]
     tokens, lengths = _generate_compiled(
-        graphdef, state, inputs if mesh is None else _split_rows(inputs, mesh), jax.random.key(0) if rng is None else rng,
-        jnp.asarray(eos_ids or (-1,), jnp.int32), jnp.int32(pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
+        graphdef,
+        state,
+        inputs if mesh is None else _split_rows(inputs, mesh),
+        jax.random.key(0) if rng is None else rng,
+        jnp.asarray(eos_ids or (-1,), jnp.int32),
+        jnp.int32(pad_id),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
     )
     return Generated(tokens[:rows], lengths[:rows])
 
@@ -295,7 +316,9 @@ def stream_tokens(
     rng = jax.random.key(0) if rng is None else rng
     rng, prefill_rng = jax.random.split(rng)
     graphdef, state = nnx.split(model)
-    token, cache, positions = _prefill_compiled(graphdef, state, inputs, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling)
+    token, cache, positions = _prefill_compiled(
+        graphdef, state, inputs, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling
+    )
     llm_graphdef, llm_state = nnx.split(model.llm if isinstance(model, AVLLM) else model)
     for step in range(max_new_tokens):
         value = int(token[0])

@@ -13,6 +13,7 @@ last "ASSISTANT:".
     answer_conversations(...), answer_questions(model, tokenizer, media, questions)
                         those prompts answered in one `generate` batch, decoded
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,15 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
             config.image_size = model.config.vision.image_size
         if audio is not None:
             config.audio_truncation = "fusion" if audio.enable_fusion else "rand_trunc"
-            config.audio_max_length_s = min(config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config))
+            config.audio_max_length_s = min(
+                config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config)
+            )
         if whisper is not None:
-            config.update(audio_front_end="whisper", audio_sample_rate=features.WHISPER_SAMPLE_RATE, whisper_mel_bins=whisper.num_mel_bins)
+            config.update(
+                audio_front_end="whisper",
+                audio_sample_rate=features.WHISPER_SAMPLE_RATE,
+                whisper_mel_bins=whisper.num_mel_bins,
+            )
     config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
     tower = model.config.audio_tower
@@ -70,21 +77,40 @@ def add_media_arguments(parser: argparse.ArgumentParser, *, feature_cache: bool 
     default = "default: the checkpoint's training setting, else"
     parser.add_argument("--num-frames", type=int, default=None, help=f"frames sampled from a video ({default} 32)")
     parser.add_argument("--num-audio-segments", type=int, default=None, help=f"audio segments per clip ({default} 4)")
-    parser.add_argument("--image-size", type=int, default=None, help=f"frame size in pixels ({default} the vision encoder's input size)")
-    parser.add_argument("--audio-window-s", type=float, default=None,
-                        help=f"seconds of audio per segment ({default} CLAP's 10 s, or the longest the HTSAT takes)")
-    parser.add_argument("--audio-truncation", choices=["fusion", "rand_trunc"], default=None,
-                        help=f"how a long segment is cut ({default} what the HTSAT takes: fusion for a fused one)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help=f"frame size in pixels ({default} the vision encoder's input size)"
+    )
+    parser.add_argument(
+        "--audio-window-s",
+        type=float,
+        default=None,
+        help=f"seconds of audio per segment ({default} CLAP's 10 s, or the longest the HTSAT takes)",
+    )
+    parser.add_argument(
+        "--audio-truncation",
+        choices=["fusion", "rand_trunc"],
+        default=None,
+        help=f"how a long segment is cut ({default} what the HTSAT takes: fusion for a fused one)",
+    )
     if feature_cache:
-        parser.add_argument("--feature-cache", default=None,
-                            help="a feature cache (tools/cache_features.py) holding the media files' encoder outputs, read "
-                                 "instead of decoding them; it must be of this checkpoint's encoders and media settings")
+        parser.add_argument(
+            "--feature-cache",
+            default=None,
+            help="a feature cache (tools/cache_features.py) holding the media files' encoder outputs, read "
+            "instead of decoding them; it must be of this checkpoint's encoders and media settings",
+        )
 
 
 def media_overrides(args: argparse.Namespace) -> dict:
     """`add_media_arguments`' flags as `inference_data_config` overrides."""
-    return dict(num_frames=args.num_frames, num_audio_segments=args.num_audio_segments, image_size=args.image_size,
-                audio_max_length_s=args.audio_window_s, audio_truncation=args.audio_truncation, feature_cache=getattr(args, "feature_cache", None))
+    return dict(
+        num_frames=args.num_frames,
+        num_audio_segments=args.num_audio_segments,
+        image_size=args.image_size,
+        audio_max_length_s=args.audio_window_s,
+        audio_truncation=args.audio_truncation,
+        feature_cache=getattr(args, "feature_cache", None),
+    )
 
 
 def open_feature_cache(model: AVLLM, data_config) -> feature_cache.FeatureCache | None:
@@ -125,7 +151,10 @@ def resolve_modality(media: Media, forced: str | None, name: str = "the media") 
     if forced not in list(Modality):
         raise ValueError(f"unknown modality {forced!r}; expected one of {[m.value for m in Modality]}")
     forced = Modality(forced)
-    streams = (("a video stream", forced.has_visual, media.has_visual), ("an audio stream", forced.has_audio, media.has_audio))
+    streams = (
+        ("a video stream", forced.has_visual, media.has_visual),
+        ("an audio stream", forced.has_audio, media.has_audio),
+    )
     missing = [stream for stream, need, has in streams if need and not has]
     if missing:
         raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
@@ -184,15 +213,30 @@ def answer_conversations(
     if not media:
         return []
     batch = conversation_batch(model, tokenizer, media, turns, modalities, data_config)
-    tokens, lengths = jax.device_get(generate(
-        model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, rng=rng,
-        temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
-    ))
+    tokens, lengths = jax.device_get(
+        generate(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            rng=rng,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            mesh=mesh,
+        )
+    )
     return [decode_answer(tokenizer, row[:length]) for row, length in zip(tokens, lengths)]
 
 
 def answer_questions(
-    model: AVLLM, tokenizer, media: Sequence[Media], questions: Sequence[str], *, modality: Sequence[str] | None = None, **options
+    model: AVLLM,
+    tokenizer,
+    media: Sequence[Media],
+    questions: Sequence[str],
+    *,
+    modality: Sequence[str] | None = None,
+    **options,
 ) -> list[str]:
     """One answer per (media, question), each question the first user turn of a conversation.
 
@@ -201,7 +245,11 @@ def answer_questions(
     answer_conversations (max_new_tokens, temperature, top_k, top_p, rng, data_config, mesh).
     """
     if len(media) != len(questions) or (modality is not None and len(modality) != len(media)):
-        raise ValueError(f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number")
-    modalities = [resolve_modality(m, None if modality is None else modality[i], f"media item {i}") for i, m in enumerate(media)]
+        raise ValueError(
+            f"{len(media)} media, {len(questions)} questions and {len(modality or media)} modalities differ in number"
+        )
+    modalities = [
+        resolve_modality(m, None if modality is None else modality[i], f"media item {i}") for i, m in enumerate(media)
+    ]
     turns = [[(conversation.USER_ROLE, conversation.first_user_message(q, m))] for q, m in zip(questions, modalities)]
     return answer_conversations(model, tokenizer, media, turns, modalities, **options)

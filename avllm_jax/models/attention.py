@@ -22,6 +22,7 @@ Implementations (the config field `attention_implementation`):
             for single-token decoding and for float32 inputs on NVIDIA GPUs, which cuDNN does
             not take.
 """
+
 from __future__ import annotations
 
 import functools
@@ -212,9 +213,7 @@ def _cudnn_attention(query, key, value, query_segment_ids, kv_segment_ids, causa
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_kv)), constant_values=False)
             if pad_q:
                 mask = mask.at[:, :, query_length:, :].set(True)
-    output = jax.nn.dot_product_attention(
-        query, key, value, mask=mask, is_causal=cudnn_causal, implementation="cudnn"
-    )
+    output = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=cudnn_causal, implementation="cudnn")
     return output[:, :query_length]
 
 
@@ -329,7 +328,7 @@ def _flash_attention_gpu(query, key, value, segment_ids, causal, *, interpret, b
     return _shard_over_mesh(kernel, query, key, value, *extra)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(length: int, num_heads: int, causal: bool, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 

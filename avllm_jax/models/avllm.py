@@ -10,6 +10,7 @@ segment, so a sample in a packed, mixed batch computes what it computes alone an
 gradient to the projector of a modality it lacks (a row nothing reads gets none). An
 unpacked batch, as inference builds it, is laid out as packs of one sample (`as_packs`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,9 @@ class AVLLMConfig:
 
     def __post_init__(self):
         if self.audio is not None and self.whisper is not None:
-            raise ValueError("a model has one audio encoder: an HTSAT ('audio') or a Whisper encoder ('whisper'), not both")
+            raise ValueError(
+                "a model has one audio encoder: an HTSAT ('audio') or a Whisper encoder ('whisper'), not both"
+            )
 
     @property
     def audio_encoder(self) -> str | None:
@@ -73,13 +76,20 @@ class AVLLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AVLLMConfig":
-        fields = {name: None if d.get(name) is None else _dataclass_from_dict(kind, d[name]) for name, (kind, _) in PARTS.items()}
+    def from_dict(cls, d: dict) -> AVLLMConfig:
+        fields = {
+            name: None if d.get(name) is None else _dataclass_from_dict(kind, d[name])
+            for name, (kind, _) in PARTS.items()
+        }
         return cls(**fields, modality_token_ids=tuple(d.get("modality_token_ids", (-1, -1, -1))))
 
-    def replace(self, **overrides) -> "AVLLMConfig":
+    def replace(self, **overrides) -> AVLLMConfig:
         """`replace(llm={'dtype': 'bfloat16'}, vision={...})`: updates fields of the parts."""
-        parts = {name: dataclasses.replace(getattr(self, name), **fields) for name, fields in overrides.items() if getattr(self, name)}
+        parts = {
+            name: dataclasses.replace(getattr(self, name), **fields)
+            for name, fields in overrides.items()
+            if getattr(self, name)
+        }
         return dataclasses.replace(self, **parts)
 
 
@@ -132,10 +142,14 @@ class AVLLM(nnx.Module):
             hidden = hidden.reshape(packs, num_frames, *hidden.shape[1:])
             # Each item's mean over its frames: a [F, items] averaging matrix per pack.
             item_frames = batch["item_frames"]  # [P, V]
-            membership = jax.nn.one_hot(batch["frame_item"], item_frames.shape[1], dtype=jnp.float32)  # empty (-1): zeros
+            membership = jax.nn.one_hot(
+                batch["frame_item"], item_frames.shape[1], dtype=jnp.float32
+            )  # empty (-1): zeros
             weights = (membership / jnp.maximum(item_frames[:, None, :], 1)).astype(hidden.dtype)
             outputs["frame_cls"] = hidden[:, :, 0]
-            outputs["item_patches"] = jnp.einsum("pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32)
+            outputs["item_patches"] = jnp.einsum(
+                "pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32
+            )
         if self.config.audio_tower is not None and "audio_features" in batch:
             outputs["audio_embeddings"] = self.audio_embeddings(batch)
         return outputs
@@ -157,7 +171,9 @@ class AVLLM(nnx.Module):
             packs, clips, segments = pooled.shape[:3]
             parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
         if not parts:
-            raise ValueError("the batch has neither media (frames, audio_features) nor cached features for the model's encoders")
+            raise ValueError(
+                "the batch has neither media (frames, audio_features) nor cached features for the model's encoders"
+            )
         return jnp.concatenate(parts, axis=1)
 
     def audio_embeddings(self, batch: dict) -> jax.Array:
@@ -175,7 +191,9 @@ class AVLLM(nnx.Module):
             pooled = self.whisper.audio_embeddings(flat, valid_frames[..., 0].reshape(-1), valid_frames.shape[-1])
         else:
             segments = features.shape[2]
-            flat = layers.constrain(features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None))
+            flat = layers.constrain(
+                features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None)
+            )
             pooled = self.audio(flat, batch["audio_is_longer"].reshape(-1))
         return pooled.reshape(packs, clips, -1, pooled.shape[-1])
 
@@ -185,10 +203,14 @@ class AVLLM(nnx.Module):
         digests = {}
         for part in self.config.encoder_configs():
             digest = hashlib.sha256()
-            for path, value in sorted(nnx.to_flat_state(nnx.state(getattr(self, part))), key=lambda item: tuple(map(str, item[0]))):
+            for path, value in sorted(
+                nnx.to_flat_state(nnx.state(getattr(self, part))), key=lambda item: tuple(map(str, item[0]))
+            ):
                 array = value.get_value()
                 # On several hosts a sharded parameter is gathered whole on each.
-                array = np.asarray(array if array.is_fully_addressable else multihost_utils.process_allgather(array, tiled=True))
+                array = np.asarray(
+                    array if array.is_fully_addressable else multihost_utils.process_allgather(array, tiled=True)
+                )
                 digest.update(f"{'.'.join(map(str, path))}:{array.dtype}:{array.shape};".encode())
                 digest.update(np.ascontiguousarray(array).tobytes())
             digests[part] = digest.hexdigest()
@@ -212,8 +234,12 @@ class AVLLM(nnx.Module):
         # an exactly-zero gradient from that sample.
         inputs_embeds = jnp.where((index >= 0)[..., None], gathered, text).reshape(packs * rows, length, -1)
         flat = lambda name: batch[name].reshape(packs * rows, length)  # noqa: E731
-        out = {"inputs_embeds": layers.constrain(inputs_embeds, layers.RESIDUAL), "positions": flat("positions"),
-               "segment_ids": flat("segment_ids"), "loss_group": flat("loss_group")}
+        out = {
+            "inputs_embeds": layers.constrain(inputs_embeds, layers.RESIDUAL),
+            "positions": flat("positions"),
+            "segment_ids": flat("segment_ids"),
+            "loss_group": flat("loss_group"),
+        }
         if "targets" in batch:
             out["targets"] = flat("targets")
         return out
@@ -271,8 +297,11 @@ class AVLLM(nnx.Module):
         take = lambda x, index: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
         is_kept_modality = in_modality & take(row_kept, modality_offset)
         kept = jnp.where(in_modality, is_kept_modality, take(token_mask, text_index))
-        group = jnp.stack([(batch["has_visual"] == m.has_visual) & (batch["has_audio"] == m.has_audio) for m in Modality]
-                          + [~batch["has_visual"] & ~batch["has_audio"]], axis=1)
+        group = jnp.stack(
+            [(batch["has_visual"] == m.has_visual) & (batch["has_audio"] == m.has_audio) for m in Modality]
+            + [~batch["has_visual"] & ~batch["has_audio"]],
+            axis=1,
+        )
         packs.update(
             # With one item and one clip per pack, the table rows are the modality slots in order.
             input_ids=take(input_ids, text_index)[:, None],

@@ -6,6 +6,7 @@ checkpoint) and returns the hidden states after a chosen layer, [B, 1+N, D]: row
 class token (the paper's per-frame temporal token), rows 1..N the patches (averaged over time
 into the spatial tokens by the composite model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,10 @@ from avllm_jax.models.conversion import Rule, config_from_hf, transpose
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +55,7 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "CLIPVisionConfig":
+    def from_hf(cls, hf: dict, **overrides) -> CLIPVisionConfig:
         """From a CLIPVisionConfig dict, or a CLIPConfig dict (its `vision_config`); `overrides`
         set any field, over what the checkpoint says."""
         hf = hf.get("vision_config", hf)
@@ -74,8 +78,12 @@ PRESETS = {
     "vit_b16": CLIPVisionConfig(patch_size=16, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
     "vit_l14": CLIPVisionConfig(),
     "vit_l14_336": CLIPVisionConfig(image_size=336),
-    "vit_h14": CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16, hidden_act="gelu"),
-    "tiny": CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2),
+    "vit_h14": CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16, hidden_act="gelu"
+    ),
+    "tiny": CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2
+    ),
 }
 
 
@@ -92,13 +100,27 @@ class EncoderLayer(nnx.Module):
         c, dtype = config, layers.dtype_of(config.param_dtype)
         head_dim = c.hidden_size // c.num_heads
         stddev = c.hidden_size**-0.5  # fan-in scaled, as in CLIPVision (fc1/fc2: Dense's default)
-        norm = functools.partial(layers.LayerNorm, c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        norm = functools.partial(
+            layers.LayerNorm, c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
         self.norm1 = norm()
         # q/k/v/o are [embed, heads, head_dim] kernels, not Dense: 'tensor' splits whole heads.
         for name in ("q", "k", "v"):
-            setattr(self, f"{name}_proj", layers.param(rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=stddev))
-            setattr(self, f"{name}_bias", layers.param(rngs, (c.num_heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros"))
-        self.o_proj = layers.param(rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype, stddev=stddev)
+            setattr(
+                self,
+                f"{name}_proj",
+                layers.param(
+                    rngs, (c.hidden_size, c.num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=stddev
+                ),
+            )
+            setattr(
+                self,
+                f"{name}_bias",
+                layers.param(rngs, (c.num_heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros"),
+            )
+        self.o_proj = layers.param(
+            rngs, (c.num_heads, head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype, stddev=stddev
+        )
         self.o_bias = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, init="zeros")
         self.norm2 = norm()
         self.fc1 = layers.Dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), param_dtype=dtype, rngs=rngs)
@@ -110,11 +132,19 @@ class EncoderLayer(nnx.Module):
         x = layers.constrain(x, layers.RESIDUAL)
         h = self.norm1(x)
         q, k, v = (
-            layers.constrain(jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias")), layers.HEADS)
+            layers.constrain(
+                jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{n}_proj"))) + cast(getattr(self, f"{n}_bias")),
+                layers.HEADS,
+            )
             for n in ("q", "k", "v")
         )
-        out = layers.constrain(attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation), layers.HEADS)
-        x = layers.constrain(x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias), layers.RESIDUAL)
+        out = layers.constrain(
+            attention.dot_product_attention(q, k, v, causal=False, implementation=c.attention_implementation),
+            layers.HEADS,
+        )
+        x = layers.constrain(
+            x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias), layers.RESIDUAL
+        )
         hidden = layers.constrain(ACTIVATIONS[c.hidden_act](self.fc1(self.norm2(x))), layers.MLP)
         return layers.constrain(x + self.fc2(hidden), layers.RESIDUAL)
 
@@ -130,14 +160,24 @@ class CLIPVision(nnx.Module):
         # replace all of this.
         patch_inputs = c.patch_size * c.patch_size * 3
         self.patch_embed = layers.param(
-            rngs, (c.patch_size, c.patch_size, 3, c.hidden_size), (None, None, None, "embed"), dtype=dtype, stddev=patch_inputs**-0.5
+            rngs,
+            (c.patch_size, c.patch_size, 3, c.hidden_size),
+            (None, None, None, "embed"),
+            dtype=dtype,
+            stddev=patch_inputs**-0.5,
         )
         self.class_embed = layers.param(rngs, (c.hidden_size,), ("embed",), dtype=dtype, stddev=1.0)
-        self.position_embed = layers.param(rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype, stddev=1.0)
-        self.pre_norm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        self.position_embed = layers.param(
+            rngs, (c.num_patches + 1, c.hidden_size), (None, "embed"), dtype=dtype, stddev=1.0
+        )
+        self.pre_norm = layers.LayerNorm(
+            c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
         self.layers = layers.stacked(c.num_layers, lambda r: EncoderLayer(c, rngs=r), rngs)
         # HF applies it to the pooled class token; `apply_post_layernorm` applies it to every row.
-        self.post_norm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        self.post_norm = layers.LayerNorm(
+            c.hidden_size, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels: float32 [B, H, W, 3], CLIP-normalised. Returns [B, 1+N, D]."""
@@ -157,7 +197,11 @@ class CLIPVision(nnx.Module):
         num_layers = c.select_layer % (c.num_layers + 1)
         if num_layers:
             x, _ = layers.scan_layers(
-                self.layers, x, call=lambda layer, h, _: (layer(h), None), remat_policy=c.remat_policy, num_layers=num_layers
+                self.layers,
+                x,
+                call=lambda layer, h, _: (layer(h), None),
+                remat_policy=c.remat_policy,
+                num_layers=num_layers,
             )
         return self.post_norm(x) if c.apply_post_layernorm else x
 
@@ -181,7 +225,11 @@ def hf_rules(config: CLIPVisionConfig) -> list[Rule]:
         Rule(tower + r"pre_layrnorm\.bias", "pre_norm.bias"),
         Rule(tower + r"post_layernorm\.weight", "post_norm.scale"),
         Rule(tower + r"post_layernorm\.bias", "post_norm.bias"),
-        Rule(layer + r"self_attn\.out_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, head_dim, c.hidden_size)),
+        Rule(
+            layer + r"self_attn\.out_proj\.weight",
+            "layers.o_proj",
+            lambda w: w.T.reshape(c.num_heads, head_dim, c.hidden_size),
+        ),
         Rule(layer + r"self_attn\.out_proj\.bias", "layers.o_bias"),
         # A full CLIPModel checkpoint also holds the text tower and the contrastive heads.
         Rule(r"(text_model|text_projection|visual_projection|logit_scale).*", None),

@@ -9,6 +9,7 @@ the tensor on purpose (e.g. the text tower of a CLAP checkpoint).
 Every tensor must match a rule, every parameter of ours must be filled, and every shape
 must agree, else `ConversionError` names the tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,9 @@ def checkpoint_files(directory: str | os.PathLike, *, allow_pickle: bool = False
             if not os.path.exists(path):
                 raise ConversionError(f"{path} is listed in the index of {directory} but does not exist")
         return paths
-    raise ConversionError(f"no model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin or {PYTORCH_INDEX} in {directory}")
+    raise ConversionError(
+        f"no model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin or {PYTORCH_INDEX} in {directory}"
+    )
 
 
 def iterate_tensors(paths: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -172,7 +175,9 @@ def _pattern_for(target: str, rules: list[Rule]) -> str:
 def _check_shape(name, shape, expected, stacked, source):
     expected = tuple(expected[1:]) if stacked else tuple(expected)
     if tuple(shape) != expected:
-        raise ConversionError(f"tensor {name!r} in {source} has shape {tuple(shape)} (after conversion), expected {expected}")
+        raise ConversionError(
+            f"tensor {name!r} in {source} has shape {tuple(shape)} (after conversion), expected {expected}"
+        )
 
 
 def flat_shapes(state) -> dict[str, tuple[int, ...]]:

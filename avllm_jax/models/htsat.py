@@ -15,6 +15,7 @@ selected per segment, so that shapes stay static.
 Weights: `hf_rules` maps a `ClapAudioModel` or `ClapModel` checkpoint (text tower and
 projections dropped on purpose); `HTSATConfig.from_hf` reads its config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -199,14 +200,24 @@ class HTSAT(nnx.Module):
         dtype = dtype_of(config.param_dtype)
         norm = functools.partial(LayerNorm, eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs)
         self.patch_norm = norm(width) if config.patch_layer_norm else None
-        self.stages = nnx.List([
-            Stage(
-                width * 2**i, config.resolutions[i], config.depths[i], config.num_heads[i],
-                window_size=config.window_size, merge=i + 1 < len(config.depths), mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
-                eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs,
-            )
-            for i in range(len(config.depths))
-        ])
+        self.stages = nnx.List(
+            [
+                Stage(
+                    width * 2**i,
+                    config.resolutions[i],
+                    config.depths[i],
+                    config.num_heads[i],
+                    window_size=config.window_size,
+                    merge=i + 1 < len(config.depths),
+                    mlp_ratio=config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    eps=config.layer_norm_eps,
+                    param_dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(len(config.depths))
+            ]
+        )
         self.norm = norm(config.num_features)
 
     def __call__(self, features, is_longer=None, *, return_last_hidden_state=False):

@@ -1,5 +1,6 @@
 """Building blocks shared by the networks: parameters with logical axes, sharding constraints
 on activations, Dense, LayerNorm, RMSNorm, LoRA adapters, and stacked (scanned) layers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,10 @@ class LoRA(nnx.Module):
         value, axes = kernel.get_value(), kernel.get_metadata()["logical_axes"]
         shape, dtype = value.shape, value.dtype
         stddev = math.prod(shape[:num_inputs]) ** -0.5
-        self.a = nnx.LoRAParam(stddev * jax.random.normal(rngs.params(), (*shape[:num_inputs], rank), dtype),
-                               logical_axes=(*axes[:num_inputs], None))
+        self.a = nnx.LoRAParam(
+            stddev * jax.random.normal(rngs.params(), (*shape[:num_inputs], rank), dtype),
+            logical_axes=(*axes[:num_inputs], None),
+        )
         self.b = nnx.LoRAParam(jnp.zeros((rank, *shape[num_inputs:]), dtype), logical_axes=(None, *axes[num_inputs:]))
         self.scale = alpha / rank
 
@@ -133,15 +136,20 @@ def merge_lora(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> j
     rank], b [L, rank, *outputs]), in float32 at full matmul precision (TPUs multiply float32 in
     bfloat16 passes by default), returned in the kernel's dtype."""
     num_layers, rank = a.shape[0], a.shape[-1]
-    update = jnp.matmul(a.reshape(num_layers, -1, rank).astype(jnp.float32), b.reshape(num_layers, rank, -1).astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
+    update = jnp.matmul(
+        a.reshape(num_layers, -1, rank).astype(jnp.float32),
+        b.reshape(num_layers, rank, -1).astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return (kernel.astype(jnp.float32) + scale * update.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, computed in float32, returned in the input's dtype."""
 
-    def __init__(self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.scale = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="ones")
         self.bias = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="zeros")
         self.eps = eps
@@ -157,7 +165,9 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis, computed in float32 as LLaMA does, returned in the input's dtype."""
 
-    def __init__(self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, features: int, *, eps: float, logical_axis: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.scale = param(rngs, (features,), (logical_axis,), dtype=param_dtype, init="ones")
         self.eps = eps
 

@@ -5,6 +5,7 @@ multimodal model splices encoder rows into the embeddings), explicit position id
 absent modality are left out of the count) and segment ids (0 = a row no real token sees).
 A `KVCache` makes decoding one token at a time cost one layer pass per token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ class LlamaConfig:
     lora_targets: tuple[str, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
+    def from_hf(cls, hf: dict, **overrides) -> LlamaConfig:
         """From a LlamaConfig's config.json dict; `overrides` set any field, over what the
         checkpoint says."""
         num_heads = hf["num_attention_heads"]
@@ -147,7 +148,7 @@ class KVCache:
     length: jax.Array  # int32 scalar: slots filled so far
 
     @classmethod
-    def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+    def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
         dtype = dtype or layers.dtype_of(config.dtype)
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         return cls(
@@ -157,15 +158,28 @@ class KVCache:
             length=jnp.zeros((), jnp.int32),
         )
 
-    def padded(self, max_length: int) -> "KVCache":
+    def padded(self, max_length: int) -> KVCache:
         """This cache with empty slots added up to `max_length` (a copy of every array)."""
         extra = max_length - self.segment_ids.shape[1]
         pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
-        return KVCache(tuple(pad(k, 2) for k in self.keys), tuple(pad(v, 2) for v in self.values), pad(self.segment_ids, 1), self.length)
+        return KVCache(
+            tuple(pad(k, 2) for k in self.keys),
+            tuple(pad(v, 2) for v in self.values),
+            pad(self.segment_ids, 1),
+            self.length,
+        )
 
 
 # The projections an adapter can target, each with the number of its kernel's input axes.
-ADAPTABLE_PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+ADAPTABLE_PROJECTIONS = {
+    "q_proj": 1,
+    "k_proj": 1,
+    "v_proj": 1,
+    "o_proj": 2,
+    "gate_proj": 1,
+    "up_proj": 1,
+    "down_proj": 1,
+}
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -175,8 +189,10 @@ def lora_targets(config: LlamaConfig) -> tuple[str, ...]:
     if config.lora_rank == 0:
         return ()
     if config.lora_rank < 0 or not config.lora_targets:
-        raise ValueError(f"LoRA rank {config.lora_rank} with targets {config.lora_targets!r}: the rank must be "
-                         "positive and at least one target regex given (rank 0 turns LoRA off)")
+        raise ValueError(
+            f"LoRA rank {config.lora_rank} with targets {config.lora_targets!r}: the rank must be "
+            "positive and at least one target regex given (rank 0 turns LoRA off)"
+        )
     names = {f"layers.{name}": name for name in ADAPTABLE_PROJECTIONS}
     chosen = set()
     for pattern in config.lora_targets:
@@ -194,24 +210,38 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         c, dtype = config, layers.dtype_of(config.param_dtype)
-        norm = functools.partial(layers.RMSNorm, c.hidden_size, eps=c.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        norm = functools.partial(
+            layers.RMSNorm, c.hidden_size, eps=c.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
         dense = functools.partial(layers.Dense, bias=False, stddev=0.02, param_dtype=dtype, rngs=rngs)
         self.input_norm = norm()
         # q/k/v/o are [embed, heads, head_dim] kernels, not Dense: 'tensor' splits whole heads.
-        self.q_proj = layers.param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
-        self.k_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
-        self.v_proj = layers.param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype)
-        self.o_proj = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype)
+        self.q_proj = layers.param(
+            rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype
+        )
+        self.k_proj = layers.param(
+            rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype
+        )
+        self.v_proj = layers.param(
+            rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "heads", "kv"), dtype=dtype
+        )
+        self.o_proj = layers.param(
+            rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "kv", "embed"), dtype=dtype
+        )
         self.post_attention_norm = norm()
         self.gate_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
         self.up_proj = dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
         self.down_proj = dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"))
         # Beside the kernels, not in them: the base weights keep their names, so converted and
         # trained checkpoints load into a model with adapters.
-        self.lora = nnx.Dict({
-            name: layers.LoRA(self._kernel(name), ADAPTABLE_PROJECTIONS[name], rank=c.lora_rank, alpha=c.lora_alpha, rngs=rngs)
-            for name in lora_targets(c)
-        })
+        self.lora = nnx.Dict(
+            {
+                name: layers.LoRA(
+                    self._kernel(name), ADAPTABLE_PROJECTIONS[name], rank=c.lora_rank, alpha=c.lora_alpha, rngs=rngs
+                )
+                for name in lora_targets(c)
+            }
+        )
 
     def _kernel(self, name: str) -> nnx.Param:
         projection = getattr(self, name)
@@ -230,8 +260,10 @@ class DecoderLayer(nnx.Module):
         c, dtype = self.config, x.dtype
         x = layers.constrain(x, layers.RESIDUAL)
         h = self.input_norm(x)
-        q, k, v = (self._adapted(name, h, jnp.einsum("bsd,dhk->bshk", h, self._kernel(name)[...].astype(dtype)))
-                   for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            self._adapted(name, h, jnp.einsum("bsd,dhk->bshk", h, self._kernel(name)[...].astype(dtype)))
+            for name in ("q_proj", "k_proj", "v_proj")
+        )
         q, k, v = (layers.constrain(t, layers.HEADS) for t in (q, k, v))
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -241,7 +273,9 @@ class DecoderLayer(nnx.Module):
             # k, v become the updated cache arrays (returned below); attention reads them through
             # a transposed view, which XLA folds into its matmuls.
             k, v = (
-                jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), (0, 0, cache_length, 0))
+                jax.lax.dynamic_update_slice(
+                    cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), (0, 0, cache_length, 0)
+                )
                 for cached, new in zip(kv_cache, (k, v))
             )
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -272,7 +306,9 @@ class Llama(nnx.Module):
         dtype = layers.dtype_of(config.param_dtype)
         self.embed = layers.param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype=dtype)
         self.layers = layers.stacked(config.num_layers, lambda r: DecoderLayer(config, rngs=r), rngs)
-        self.final_norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        self.final_norm = layers.RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
         # Not a Dense: the logits are accumulated in float32, and with tied embeddings they
         # come from `embed` transposed.
         if not config.tie_word_embeddings:
@@ -319,7 +355,9 @@ class Llama(nnx.Module):
                 remat_policy=self.config.remat_policy,
             )
         else:
-            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length))
+            kv_segment_ids = jax.lax.dynamic_update_slice(
+                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length)
+            )
             call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)  # noqa: E731
             if length == 1:
                 # Decoding: layers unrolled, so that each updates its own cache arrays in place; a
@@ -352,9 +390,13 @@ class Llama(nnx.Module):
     def logits(self, hidden_states: jax.Array) -> jax.Array:
         dtype = hidden_states.dtype
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", hidden_states, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bsd,vd->bsv", hidden_states, self.embed[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         else:
-            logits = jnp.einsum("bsd,dv->bsv", hidden_states, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bsd,dv->bsv", hidden_states, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
+            )
         return layers.constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -369,11 +411,18 @@ def hf_rules(config: LlamaConfig) -> list[Rule]:
         Rule(layer + r"self_attn\.q_proj\.weight", "layers.q_proj", heads(c.num_heads)),
         Rule(layer + r"self_attn\.k_proj\.weight", "layers.k_proj", heads(c.num_kv_heads)),
         Rule(layer + r"self_attn\.v_proj\.weight", "layers.v_proj", heads(c.num_kv_heads)),
-        Rule(layer + r"self_attn\.o_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
+        Rule(
+            layer + r"self_attn\.o_proj\.weight",
+            "layers.o_proj",
+            lambda w: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+        ),
         # Older checkpoints (Vicuna v0/v1.1) saved the rotary buffer; it is recomputed here.
         Rule(layer + r"self_attn\.rotary_emb\.inv_freq", None),
         Rule(layer + r"post_attention_layernorm\.weight", "layers.post_attention_norm.scale"),
-        *(Rule(layer + rf"mlp\.{name}\.weight", f"layers.{name}.kernel", transpose) for name in ("gate_proj", "up_proj", "down_proj")),
+        *(
+            Rule(layer + rf"mlp\.{name}\.weight", f"layers.{name}.kernel", transpose)
+            for name in ("gate_proj", "up_proj", "down_proj")
+        ),
         Rule(r"model\.norm\.weight", "final_norm.scale"),
         Rule(r"lm_head\.weight", None if c.tie_word_embeddings else "lm_head", transpose),
     ]

@@ -12,6 +12,7 @@ over many small windows (64 tokens) with an additive per-head relative position 
 additive per-window mask, which the shared function's segment-id interface does not express.
 It is a plain einsum with the softmax in float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,9 @@ class SwinBlock(nnx.Module):
         self.query = dense(width, width, ("embed", "heads"), bias=qkv_bias)
         self.key = dense(width, width, ("embed", "heads"), bias=qkv_bias)
         self.value = dense(width, width, ("embed", "heads"), bias=qkv_bias)
-        self.relative_position_bias = param(rngs, ((2 * window - 1) ** 2, heads), (None, None), dtype=param_dtype, init="zeros")
+        self.relative_position_bias = param(
+            rngs, ((2 * window - 1) ** 2, heads), (None, None), dtype=param_dtype, init="zeros"
+        )
         self.attn_out = dense(width, width, ("heads", "embed"))
         self.mlp_norm = norm(width)
         self.mlp_in = dense(width, hidden, ("embed", "mlp"))
@@ -87,7 +90,19 @@ class Stage(nnx.Module):
     patch merging to [B, H/2, W/2, 2 * width]."""
 
     def __init__(
-        self, width, resolution, depth, heads, *, window_size, merge, mlp_ratio, qkv_bias, eps, param_dtype, rngs: nnx.Rngs
+        self,
+        width,
+        resolution,
+        depth,
+        heads,
+        *,
+        window_size,
+        merge,
+        mlp_ratio,
+        qkv_bias,
+        eps,
+        param_dtype,
+        rngs: nnx.Rngs,
     ):
         # A stage no larger than one window attends over all of it, unshifted (as Swin does).
         fits_one_window = min(resolution) <= window_size
@@ -95,7 +110,15 @@ class Stage(nnx.Module):
         shift = 0 if fits_one_window else window_size // 2
         self.depth = depth
         block = functools.partial(
-            SwinBlock, width, heads, window, shift, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, eps=eps, param_dtype=param_dtype
+            SwinBlock,
+            width,
+            heads,
+            window,
+            shift,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            eps=eps,
+            param_dtype=param_dtype,
         )
         self.blocks = stacked(depth, lambda r: block(rngs=r), rngs)
         if merge:

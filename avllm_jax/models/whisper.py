@@ -19,6 +19,7 @@ Weights: `hf_rules` maps a `WhisperModel` (`encoder.`) or `WhisperForConditional
 (`model.encoder.`) checkpoint; the decoder is dropped on purpose. `WhisperEncoderConfig.from_hf`
 reads its config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,14 +76,25 @@ class WhisperEncoderConfig:
         if activation != "gelu":
             raise ValueError(f"Whisper activation_function {activation!r} is not supported (only 'gelu')")
         defaults = cls()
-        names = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "max_source_positions")
+        names = (
+            "num_mel_bins",
+            "d_model",
+            "encoder_layers",
+            "encoder_attention_heads",
+            "encoder_ffn_dim",
+            "max_source_positions",
+        )
         fields = {name: config.get(name, getattr(defaults, name)) for name in names}
         return config_from_hf(cls, fields, overrides)
 
 
 def _preset(d_model, num_layers, heads, num_mel_bins=80):
     return WhisperEncoderConfig(
-        num_mel_bins=num_mel_bins, d_model=d_model, encoder_layers=num_layers, encoder_attention_heads=heads, encoder_ffn_dim=4 * d_model
+        num_mel_bins=num_mel_bins,
+        d_model=d_model,
+        encoder_layers=num_layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
     )
 
 
@@ -112,12 +124,20 @@ class Conv1d(nnx.Module):
     """A 1-D convolution over [B, T, C_in] (kernel 3, padding 1) with a [3, in, out] kernel."""
 
     def __init__(self, channels_in: int, channels_out: int, *, stride: int, param_dtype, rngs: nnx.Rngs):
-        self.kernel = layers.param(rngs, (3, channels_in, channels_out), (None, None, "embed"), dtype=param_dtype, stddev=(3 * channels_in) ** -0.5)
+        self.kernel = layers.param(
+            rngs,
+            (3, channels_in, channels_out),
+            (None, None, "embed"),
+            dtype=param_dtype,
+            stddev=(3 * channels_in) ** -0.5,
+        )
         self.bias = layers.param(rngs, (channels_out,), ("embed",), dtype=param_dtype, init="zeros")
         self.stride = stride
 
     def __call__(self, x):
-        y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (self.stride,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC"))
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), (self.stride,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")
+        )
         return y + self.bias[...].astype(x.dtype)
 
 
@@ -127,15 +147,23 @@ class EncoderLayer(nnx.Module):
         c, dtype = config, layers.dtype_of(config.param_dtype)
         heads, head_dim = c.encoder_attention_heads, c.d_model // c.encoder_attention_heads
         stddev = c.d_model**-0.5
-        norm = functools.partial(layers.LayerNorm, c.d_model, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        norm = functools.partial(
+            layers.LayerNorm, c.d_model, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
         self.attn_norm = norm()
         # q/k/v/o are [embed, heads, head_dim] kernels, not Dense: 'tensor' splits whole heads.
         for name in ("q", "k", "v"):
-            setattr(self, f"{name}_proj", layers.param(rngs, (c.d_model, heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=stddev))
+            setattr(
+                self,
+                f"{name}_proj",
+                layers.param(rngs, (c.d_model, heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, stddev=stddev),
+            )
         # Whisper's key projection has no bias (a bias on k would not change the softmax).
         self.q_bias = layers.param(rngs, (heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros")
         self.v_bias = layers.param(rngs, (heads, head_dim), ("heads", "kv"), dtype=dtype, init="zeros")
-        self.o_proj = layers.param(rngs, (heads, head_dim, c.d_model), ("heads", "kv", "embed"), dtype=dtype, stddev=stddev)
+        self.o_proj = layers.param(
+            rngs, (heads, head_dim, c.d_model), ("heads", "kv", "embed"), dtype=dtype, stddev=stddev
+        )
         self.o_bias = layers.param(rngs, (c.d_model,), ("embed",), dtype=dtype, init="zeros")
         self.mlp_norm = norm()
         self.fc1 = layers.Dense(c.d_model, c.encoder_ffn_dim, ("embed", "mlp"), param_dtype=dtype, rngs=rngs)
@@ -150,9 +178,13 @@ class EncoderLayer(nnx.Module):
         q = layers.constrain(project("q") + cast(self.q_bias), layers.HEADS)
         k = layers.constrain(project("k"), layers.HEADS)
         v = layers.constrain(project("v") + cast(self.v_bias), layers.HEADS)
-        out = attention.dot_product_attention(q, k, v, causal=False, implementation=self.config.attention_implementation)
+        out = attention.dot_product_attention(
+            q, k, v, causal=False, implementation=self.config.attention_implementation
+        )
         out = layers.constrain(out, layers.HEADS)
-        x = layers.constrain(x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias), layers.RESIDUAL)
+        x = layers.constrain(
+            x + jnp.einsum("bshk,hkd->bsd", out, cast(self.o_proj)) + cast(self.o_bias), layers.RESIDUAL
+        )
         hidden = layers.constrain(gelu(self.fc1(self.mlp_norm(x))), layers.MLP)
         return layers.constrain(x + self.fc2(hidden), layers.RESIDUAL)
 
@@ -168,13 +200,17 @@ class WhisperEncoder(nnx.Module):
         table = jnp.asarray(sinusoids(c.max_source_positions, c.d_model), dtype)
         self.position_embed = nnx.Param(table, logical_axes=(None, "embed"))
         self.layers = layers.stacked(c.encoder_layers, lambda r: EncoderLayer(c, rngs=r), rngs)
-        self.norm = layers.LayerNorm(c.d_model, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(
+            c.d_model, eps=c.layer_norm_eps, logical_axis="embed", param_dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, features: jax.Array) -> jax.Array:
         """features [B, num_mel_bins, 3000] (HF's `input_features` layout) -> [B, 1500, D]."""
         c = self.config
         if features.ndim != 3 or features.shape[1:] != (c.num_mel_bins, c.num_frames):
-            raise ValueError(f"Whisper takes features [B, {c.num_mel_bins}, {c.num_frames}] (one 30 s window), got {features.shape}")
+            raise ValueError(
+                f"Whisper takes features [B, {c.num_mel_bins}, {c.num_frames}] (one 30 s window), got {features.shape}"
+            )
         x = features.astype(layers.dtype_of(c.dtype)).transpose(0, 2, 1)  # channels last
         x = gelu(self.conv2(gelu(self.conv1(x))))
         x = layers.constrain(x + self.position_embed[...].astype(x.dtype), layers.RESIDUAL)
@@ -226,7 +262,9 @@ def hf_rules(config: WhisperEncoderConfig) -> list[Rule]:
         # the decoder, and the output projection of WhisperForConditionalGeneration (tied to it)
         Rule(r"(?:model\.)?decoder\..*|proj_out\.weight", None),
         Rule(encoder + r"embed_positions\.weight", "position_embed"),
-        Rule(layer + r"self_attn\.out_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(heads, head_dim, c.d_model)),
+        Rule(
+            layer + r"self_attn\.out_proj\.weight", "layers.o_proj", lambda w: w.T.reshape(heads, head_dim, c.d_model)
+        ),
         Rule(layer + r"self_attn\.out_proj\.bias", "layers.o_bias"),
         Rule(layer + r"self_attn\.q_proj\.bias", "layers.q_bias", head_bias),
         Rule(layer + r"self_attn\.v_proj\.bias", "layers.v_bias", head_bias),
@@ -234,10 +272,20 @@ def hf_rules(config: WhisperEncoderConfig) -> list[Rule]:
     for name in ("q", "k", "v"):
         rules.append(Rule(layer + rf"self_attn\.{name}_proj\.weight", f"layers.{name}_proj", to_heads))
     for conv in ("conv1", "conv2"):
-        rules += [Rule(encoder + rf"{conv}\.weight", f"{conv}.kernel", _conv_kernel), Rule(encoder + rf"{conv}\.bias", f"{conv}.bias")]
-    norms = [(encoder + "layer_norm", "norm"), (layer + "self_attn_layer_norm", "layers.attn_norm"), (layer + "final_layer_norm", "layers.mlp_norm")]
+        rules += [
+            Rule(encoder + rf"{conv}\.weight", f"{conv}.kernel", _conv_kernel),
+            Rule(encoder + rf"{conv}\.bias", f"{conv}.bias"),
+        ]
+    norms = [
+        (encoder + "layer_norm", "norm"),
+        (layer + "self_attn_layer_norm", "layers.attn_norm"),
+        (layer + "final_layer_norm", "layers.mlp_norm"),
+    ]
     for hf, ours in norms:
         rules += [Rule(hf + r"\.weight", ours + ".scale"), Rule(hf + r"\.bias", ours + ".bias")]
     for fc in ("fc1", "fc2"):
-        rules += [Rule(layer + rf"{fc}\.weight", f"layers.{fc}.kernel", transpose), Rule(layer + rf"{fc}\.bias", f"layers.{fc}.bias")]
+        rules += [
+            Rule(layer + rf"{fc}\.weight", f"layers.{fc}.kernel", transpose),
+            Rule(layer + rf"{fc}\.bias", f"layers.{fc}.bias"),
+        ]
     return rules

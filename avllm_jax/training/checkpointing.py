@@ -8,6 +8,7 @@ as many processes) and the learning-rate schedule. With several processes, each 
 shards of the arrays and its iterator state. A damaged step is reported and the one before
 it restored.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def checkpoint_manager(workdir: str, *, save_every: int, keep: int) -> ocp.Check
     Orbax writes each step to a temporary directory and renames it when complete, so a
     process killed mid-save leaves the previous step as the latest loadable one.
     """
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=True
+    )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR)),
         options=options,
@@ -36,7 +39,9 @@ def checkpoint_manager(workdir: str, *, save_every: int, keep: int) -> ocp.Check
     )
 
 
-def save_train_state(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iterator, run: dict, *, force: bool = False) -> bool:
+def save_train_state(
+    manager: ocp.CheckpointManager, step: int, params, opt_state, data_iterator, run: dict, *, force: bool = False
+) -> bool:
     """params: the whole model's state (trainable and frozen), so the step loads on its own.
     run: what a resume must match (`run_record`)."""
     return manager.save(
@@ -58,7 +63,9 @@ def run_record(num_steps: int, optim_config) -> dict:
     return {"process_count": jax.process_count(), "num_steps": num_steps, "optim": optim_config.to_dict()}
 
 
-def restore_train_state(manager, abstract_params, abstract_opt_state, data_iterator, run: dict, *, new_schedule_ok: bool):
+def restore_train_state(
+    manager, abstract_params, abstract_opt_state, data_iterator, run: dict, *, new_schedule_ok: bool
+):
     """(step, params, opt_state) of the newest intact step, onto the shardings of the abstract
     trees; the data iterator is restored in place. A damaged step is reported (naming its item)
     and the one before it tried. An intact step of another process count, or of another
@@ -109,8 +116,16 @@ def _check_same_run(manager, step, saved, run, new_schedule_ok):
         )
     schedule = {k: saved.get(k) for k in ("num_steps", "optim")}
     if schedule != {k: run[k] for k in ("num_steps", "optim")}:
-        changed = [f"num_steps {schedule['num_steps']} -> {run['num_steps']}"] if schedule["num_steps"] != run["num_steps"] else []
-        changed += [f"optim.{k} {v!r} -> {run['optim'].get(k)!r}" for k, v in (schedule["optim"] or {}).items() if run["optim"].get(k) != v]
+        changed = (
+            [f"num_steps {schedule['num_steps']} -> {run['num_steps']}"]
+            if schedule["num_steps"] != run["num_steps"]
+            else []
+        )
+        changed += [
+            f"optim.{k} {v!r} -> {run['optim'].get(k)!r}"
+            for k, v in (schedule["optim"] or {}).items()
+            if run["optim"].get(k) != v
+        ]
         if not new_schedule_ok:
             raise checkpoint.CheckpointMismatch(
                 f"{where} belongs to another schedule ({'; '.join(changed)}); rerun with the checkpoint's settings, "

@@ -24,6 +24,7 @@ LoRA (`config.lora`, the paper's Table 9) is set apart from `config.model.llm`, 
 fields stay unset: it adds weights, which an override of a starting checkpoint may not, and it
 is the run's choice, not the checkpoint's (`optim.apply_lora` puts it on the model config).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -117,7 +118,9 @@ def load_config_file(path: str, *arguments: str) -> ml_collections.ConfigDict:
 STAGES = ("pretrain", "sft")
 
 
-def ablation_stage(configs_dir: str, stage: str, name: str, *, converted: str | None = None) -> ml_collections.ConfigDict:
+def ablation_stage(
+    configs_dir: str, stage: str, name: str, *, converted: str | None = None
+) -> ml_collections.ConfigDict:
     """`configs/<stage>.py` for the ablation `name`, which trains both stages in runs/<name>/:
     its pretraining starts from `converted` (the converted checkpoint of its own encoders and
     LLM; None: the default one), its SFT from its own pretraining."""
@@ -173,11 +176,17 @@ def check_config(config) -> None:
     problems = list(_compare(config, base_config(), "config"))
     if not problems:
         parts = config.model.parts
-        problems += [f"config.model.parts names {p!r}, not a part ({_nearest(p, MODEL_PARTS)})" for p in parts if p not in MODEL_PARTS]
+        problems += [
+            f"config.model.parts names {p!r}, not a part ({_nearest(p, MODEL_PARTS)})"
+            for p in parts
+            if p not in MODEL_PARTS
+        ]
         if len(set(parts)) != len(parts):
             problems.append(f"config.model.parts={parts!r} names a part twice")
         if "audio" in parts and "whisper" in parts:
-            problems.append(f"config.model.parts={parts!r} names two audio encoders: a model has 'audio' (HTSAT) or 'whisper'")
+            problems.append(
+                f"config.model.parts={parts!r} names two audio encoders: a model has 'audio' (HTSAT) or 'whisper'"
+            )
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
         problems += _lora_problems(config)
@@ -190,15 +199,20 @@ def _lora_problems(config) -> list[str]:
     """LoRA fields set in config.model.llm, and with config.lora.rank > 0: a target matching no
     projection, a non-positive alpha, and a config.trainable that trains a base weight of the LLM
     or no adapter."""
-    problems = [f"config.model.llm.{name} is set: LoRA is set through config.lora (rank, alpha, targets)"
-                for name in llama.LORA_FIELDS if config.model.llm[name] is not None]
+    problems = [
+        f"config.model.llm.{name} is set: LoRA is set through config.lora (rank, alpha, targets)"
+        for name in llama.LORA_FIELDS
+        if config.model.llm[name] is not None
+    ]
     lora = config.lora
     if not lora.rank:
         return problems
     if lora.alpha <= 0:
         problems.append(f"config.lora.alpha={lora.alpha!r}: it must be positive (the update's scale is alpha / rank)")
     # The parameter names do not depend on the sizes: the tiny LLM with the run's adapters has them all.
-    llm = dataclasses.replace(llama.PRESETS["tiny"], lora_rank=int(lora.rank), lora_alpha=1.0, lora_targets=tuple(lora.targets))
+    llm = dataclasses.replace(
+        llama.PRESETS["tiny"], lora_rank=int(lora.rank), lora_alpha=1.0, lora_targets=tuple(lora.targets)
+    )
     try:
         state = nnx.state(nnx.eval_shape(lambda: llama.Llama(llm, rngs=nnx.Rngs(0))))
     except ValueError as error:
@@ -206,11 +220,16 @@ def _lora_problems(config) -> list[str]:
     if not config.trainable:
         return problems  # training's trainable filter says so
     trained = optim.trainable_regex(config.trainable)
-    names = {"llm." + optim.path_name(path): isinstance(variable, nnx.LoRAParam) for path, variable in nnx.to_flat_state(state)}
+    names = {
+        "llm." + optim.path_name(path): isinstance(variable, nnx.LoRAParam)
+        for path, variable in nnx.to_flat_state(state)
+    }
     base = sorted(name for name, is_adapter in names.items() if not is_adapter and trained.fullmatch(name))
     if base:
-        problems.append(f"config.lora.rank={lora.rank} freezes the LLM's base weights, but config.trainable trains "
-                        f"{base[0]} ({len(base)} in all): list the adapters, r'{LORA_ADAPTERS}', and no other LLM weight")
+        problems.append(
+            f"config.lora.rank={lora.rank} freezes the LLM's base weights, but config.trainable trains "
+            f"{base[0]} ({len(base)} in all): list the adapters, r'{LORA_ADAPTERS}', and no other LLM weight"
+        )
     if not any(is_adapter and trained.fullmatch(name) for name, is_adapter in names.items()):
         problems.append(f"config.lora.rank={lora.rank} but config.trainable trains no adapter: add r'{LORA_ADAPTERS}'")
     return problems
@@ -260,7 +279,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         print(f"error: the config file {config_file} does not exist (No such file)", file=sys.stderr)
         sys.exit(2)
     for arg in argv[1:]:
-        if arg.startswith("--config.") and (problem := unknown_field(arg[len("--config."):].split("=")[0])):
+        if arg.startswith("--config.") and (problem := unknown_field(arg[len("--config.") :].split("=")[0])):
             print(f"error: {arg.split('=')[0]}: {problem}", file=sys.stderr)
             sys.exit(2)
     try:
@@ -268,5 +287,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     except Exception as error:  # absl's and ml_collections' parse errors, a failing config file
         if debug:
             raise
-        print(f"error: {f'config file {config_file}: ' if config_file else ''}{checkpoint.describe_error(error)}", file=sys.stderr)
+        print(
+            f"error: {f'config file {config_file}: ' if config_file else ''}{checkpoint.describe_error(error)}",
+            file=sys.stderr,
+        )
         sys.exit(2)

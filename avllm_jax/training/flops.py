@@ -19,6 +19,7 @@ attention, the usual 6·N·S when the LLM trains.
 figure): XLA's own cost analysis counts the body of a loop once, whatever its trip count,
 so for a step with scanned layers and micro-batches it reports a small fraction of the work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,10 +66,14 @@ def llm_flops(config, sequence_length: int, *, weights_train: bool, squared_toke
     """Of `sequence_length` tokens in one sequence, or in several whose lengths' squares sum to
     `squared_tokens`."""
     c = config
-    per_layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    per_layer = (
+        c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    )
     matmul_weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size  # + LM head
     passes = 2 + 2 + (2 if weights_train else 0)  # forward, input gradient, weight gradient
-    return passes * matmul_weights * sequence_length + llm_attention_flops(c, sequence_length, squared_tokens=squared_tokens)
+    return passes * matmul_weights * sequence_length + llm_attention_flops(
+        c, sequence_length, squared_tokens=squared_tokens
+    )
 
 
 def vision_attention_flops(config, num_frames: int) -> float:
@@ -132,8 +137,15 @@ def work_flops(config: AVLLMConfig, work, *, llm_trains: bool, encoders: bool = 
     return total
 
 
-def sample_flops(config: AVLLMConfig, *, sequence_length: int, num_frames: int, num_audio_segments: int, llm_trains: bool,
-                 encoders: bool = True) -> float:
+def sample_flops(
+    config: AVLLMConfig,
+    *,
+    sequence_length: int,
+    num_frames: int,
+    num_audio_segments: int,
+    llm_trains: bool,
+    encoders: bool = True,
+) -> float:
     """FLOPs of one unpacked training sample (every sample has all T+N+K slots, so all pay the same)."""
     work = (1, sequence_length, sequence_length**2, num_frames if config.vision else 0, 1, 1, num_audio_segments)
     return work_flops(config, work, llm_trains=llm_trains, encoders=encoders)
@@ -174,8 +186,18 @@ def slot_flops_per_step(model_config: AVLLMConfig, config) -> float:
         return config.global_batch_size * run_sample_flops(model_config, config)
     p = config.data.packing
     length = p.rows * p.row_length
-    work = (0, length, p.rows * p.row_length**2, p.frames, p.visual_items, p.audio_clips, p.audio_clips * config.data.num_audio_segments)
-    return config.global_batch_size * work_flops(model_config, work, llm_trains=llm_trains(config), encoders=not config.data.feature_cache)
+    work = (
+        0,
+        length,
+        p.rows * p.row_length**2,
+        p.frames,
+        p.visual_items,
+        p.audio_clips,
+        p.audio_clips * config.data.num_audio_segments,
+    )
+    return config.global_batch_size * work_flops(
+        model_config, work, llm_trains=llm_trains(config), encoders=not config.data.feature_cache
+    )
 
 
 def step_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ...]) -> float:
@@ -188,7 +210,9 @@ def step_attention_flops(model_config: AVLLMConfig, config, parts: tuple[str, ..
         else:
             total += llm_attention_flops(model_config.llm, llm_sequence_length(model_config, config.data))
     if "vision" in parts and model_config.vision:
-        total += vision_attention_flops(model_config.vision, packing.frames if packing.enabled else config.data.num_frames)
+        total += vision_attention_flops(
+            model_config.vision, packing.frames if packing.enabled else config.data.num_frames
+        )
     return config.global_batch_size * total
 
 
@@ -280,11 +304,16 @@ def _convolution_flops(rest: str, lhs: tuple[int, ...], kernel: tuple[int, ...])
     window = re.search(r"window=\{([^}]*)\}", rest)
     fields = dict(field.split("=") for field in window[1].split()) if window else {}
     for axis, label in enumerate(sorted(label for label in out_labels if label.isdigit())):
+
         def value(key, default, part=0):
             return int(fields[key].split("x")[axis].split("_")[part]) if key in fields else default
 
         lhs_dilate, rhs_dilate, stride = value("lhs_dilate", 1), value("rhs_dilate", 1), value("stride", 1)
-        taps = np.arange(value("size", 1))[:, None] * rhs_dilate - value("pad", 0) + np.arange(size(out, out_labels, label))[None, :] * stride
+        taps = (
+            np.arange(value("size", 1))[:, None] * rhs_dilate
+            - value("pad", 0)
+            + np.arange(size(out, out_labels, label))[None, :] * stride
+        )
         extent = (size(lhs, lhs_labels, label) - 1) * lhs_dilate + 1
         total *= int(np.sum((taps >= 0) & (taps < extent) & (taps % lhs_dilate == 0)))
     return total
@@ -307,7 +336,7 @@ def _balanced(text: str) -> int:
 
 def _op_and_operands(rest: str) -> tuple[str, list[str]]:
     """'f32[8,64]{1,0} dot(%a, %b), ...' -> ('dot', ['a', 'b']); a tuple type is skipped whole."""
-    rest = rest[_balanced(rest):] if rest.startswith("(") else rest.partition(" ")[2]
+    rest = rest[_balanced(rest) :] if rest.startswith("(") else rest.partition(" ")[2]
     op, paren, arguments = rest.strip().partition("(")
     return op, re.findall(r"%([^\s,)]+)", (paren + arguments)[: _balanced(paren + arguments)])
 

@@ -4,6 +4,7 @@ TensorBoard event files (read with `tensorboard --logdir WORKDIR/logs`).
 clu's metric writers would do the writing, but clu 0.0.12 imports TensorFlow as soon as its
 metric_writers package is imported; the tensorboard package alone writes the same files.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,7 +25,9 @@ class TensorBoardWriter:
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value)) for name, value in scalars.items()]
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+        self._writer.add_event(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+        )
 
     def flush(self) -> None:
         self._writer.flush()
@@ -54,12 +57,19 @@ class MetricsLog:
     gets its number as `phase`.
     """
 
-    def __init__(self, writer, *, useful_flops, slot_flops_per_step, peak_flops, num_devices, total, start_step, phase_of=None):
+    def __init__(
+        self, writer, *, useful_flops, slot_flops_per_step, peak_flops, num_devices, total, start_step, phase_of=None
+    ):
         self.writer, self.useful_flops, self.slot_flops_per_step = writer, useful_flops, slot_flops_per_step
         self.phase_of = phase_of
         self.peak_flops, self.num_devices, self.total = peak_flops, num_devices, total
         self.pending, self.counters = [], {name: 0 for name in pipeline.COUNTERS}
-        self.last_time, self.last_step, self.start_time, self.start_step = time.time(), start_step, time.time(), start_step
+        self.last_time, self.last_step, self.start_time, self.start_step = (
+            time.time(),
+            start_step,
+            time.time(),
+            start_step,
+        )
 
     def add(self, metrics, counters):
         self.pending.append(metrics)
@@ -125,7 +135,9 @@ class MetricsLog:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class SkipReport:
@@ -139,12 +151,14 @@ class SkipReport:
     def add(self, batch_reasons) -> None:
         for text in batch_reasons:
             self.reasons.extend(line for line in str(text).splitlines() if line)
-        del self.reasons[self.MAX_LISTED:]
+        del self.reasons[self.MAX_LISTED :]
 
     def summary(self, counts: dict[str, int]) -> str | None:
         """None when nothing was skipped or re-routed."""
         if not any(counts.values()):
             return None
-        lines = ["samples " + ", ".join(f"{name.removeprefix('num_').replace('_', ' ')}: {n}" for name, n in counts.items())]
+        lines = [
+            "samples " + ", ".join(f"{name.removeprefix('num_').replace('_', ' ')}: {n}" for name, n in counts.items())
+        ]
         lines += [f"  {reason}" for reason in self.reasons]
         return "\n".join(lines)

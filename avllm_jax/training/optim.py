@@ -1,5 +1,6 @@
 """Which weights train, and how: the trainable filter, LoRA adapters on the LLM, AdamW, the
 learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,13 @@ def apply_lora(model_config, lora_config):
     if not lora_config.rank:
         defaults = llama.LlamaConfig()
         return model_config.replace(llm={name: getattr(defaults, name) for name in llama.LORA_FIELDS})
-    return model_config.replace(llm=dict(
-        lora_rank=int(lora_config.rank), lora_alpha=float(lora_config.alpha), lora_targets=tuple(lora_config.targets)
-    ))
+    return model_config.replace(
+        llm=dict(
+            lora_rank=int(lora_config.rank),
+            lora_alpha=float(lora_config.alpha),
+            lora_targets=tuple(lora_config.targets),
+        )
+    )
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:

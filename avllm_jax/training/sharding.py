@@ -7,6 +7,7 @@ and optimizer state (ZeRO-3 style: each device holds 1/fsdp of every matrix and 
 a layer's weights when it runs), 'tensor' splits heads and the MLP (Megatron style), and the
 batch is split over 'data' x 'fsdp'.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,7 +109,9 @@ def shard_batch(batch: dict, mesh) -> dict:
 def create_sharded_model(model_config, init_dir, mesh, seed):
     """The model with parameters laid out on the mesh (restored from `init_dir` or random)."""
     if init_dir is not None:
-        overrides = {part: dataclasses.asdict(getattr(model_config, part)) for part in PARTS if getattr(model_config, part)}
+        overrides = {
+            part: dataclasses.asdict(getattr(model_config, part)) for part in PARTS if getattr(model_config, part)
+        }
         shardings = state_shardings(checkpoint.abstract_model(model_config)[1], mesh)
         return checkpoint.load_model(init_dir, config_overrides=overrides, shardings=shardings)
     graphdef, init = _random_init(model_config, mesh, seed)

@@ -9,6 +9,7 @@ run). The argument is "STAGE,COUNT":
 
 Pretraining starts from the default converted checkpoint (checkpoints/avllm-init).
 """
+
 import os
 
 from avllm_jax.training.config import ablation_stage

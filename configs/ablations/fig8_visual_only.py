@@ -8,6 +8,7 @@ ablation is the evaluation's --modality:
     python -m avllm_jax.evaluate --checkpoint runs/sft --task msrvtt_qa --data test_qa.json \
         --media-root videos/ --modality visual --out results/msrvtt_visual
 """
+
 import os
 
 from avllm_jax.training.config import load_config_file

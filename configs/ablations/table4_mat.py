@@ -6,6 +6,7 @@ configs/sft.py as it is (no config.phases); the file names the row beside PT1 an
     python -m avllm_jax.train --config=configs/ablations/table4_mat.py --workdir=runs/table4_mat \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
 """
+
 import os
 
 from avllm_jax.training.config import load_config_file

@@ -10,6 +10,7 @@ The paper gives no split between the phases: each takes half the steps, and the 
 MAT's (configs/sft.py's one epoch over all the samples), so the three rows train equally long.
 Text-only samples (the paper's data has none) are in both phases, mixed through the run as in MAT.
 """
+
 import os
 
 from avllm_jax.training.config import load_config_file

@@ -11,6 +11,7 @@ table's ViT-L/14 row.
 
 The sizes below are the checkpoint's (training refuses a converted checkpoint they do not fit).
 """
+
 import os
 
 from avllm_jax.training.config import ablation_stage
@@ -20,5 +21,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..")
 
 def get_config(stage="sft"):
     config = ablation_stage(CONFIGS, stage, "table5_vit_b16", converted="checkpoints/avllm-init-table5_vit_b16")
-    config.model.vision.update(dict(patch_size=16, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12))
+    config.model.vision.update(
+        dict(patch_size=16, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12)
+    )
     return config

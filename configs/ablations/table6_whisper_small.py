@@ -10,6 +10,7 @@ frames over 4 equal spans of the real audio (README, "Whisper as the audio encod
     python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:sft --workdir=runs/table6_whisper_small/sft \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
 """
+
 import os
 
 from avllm_jax.training.config import ablation_stage
@@ -18,9 +19,19 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..")
 
 
 def get_config(stage="sft"):
-    config = ablation_stage(CONFIGS, stage, "table6_whisper_small", converted="checkpoints/avllm-init-table6_whisper_small")
+    config = ablation_stage(
+        CONFIGS, stage, "table6_whisper_small", converted="checkpoints/avllm-init-table6_whisper_small"
+    )
     config.model.parts = ("vision", "whisper", "llm")
-    config.model.whisper.update(dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
-                                     dtype="bfloat16", attention_implementation="auto"))
+    config.model.whisper.update(
+        dict(
+            d_model=768,
+            encoder_layers=12,
+            encoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            dtype="bfloat16",
+            attention_implementation="auto",
+        )
+    )
     config.data.update(dict(audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80))
     return config

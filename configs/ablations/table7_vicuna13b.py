@@ -11,6 +11,7 @@ configs/sft.py with Vicuna-13B v1.5 as the LLM. configs/sft.py is the table's Vi
 
 The sizes below are the checkpoint's (training refuses a converted checkpoint they do not fit).
 """
+
 import os
 
 from avllm_jax.training.config import ablation_stage
@@ -20,5 +21,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..")
 
 def get_config(stage="sft"):
     config = ablation_stage(CONFIGS, stage, "table7_vicuna13b", converted="checkpoints/avllm-init-table7_vicuna13b")
-    config.model.llm.update(dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40))
+    config.model.llm.update(
+        dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+    )
     return config

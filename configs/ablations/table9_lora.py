@@ -10,6 +10,7 @@ projections, beside the projectors. configs/sft.py is the table's full-tuning ro
 The paper gives no LoRA settings; these are LLaVA-1.5's LoRA recipe (rank 128, alpha 256, every
 linear layer of the LLM, learning rate 2e-4), with one learning rate for the projectors too.
 """
+
 import os
 
 from avllm_jax.training.config import load_config_file

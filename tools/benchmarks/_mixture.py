@@ -1,6 +1,7 @@
 """Realistic batches for `train_step --data mix`: samples drawn from a modality mixture with
 text lengths measured on an instruction file, laid out padded (one sample a row, every slot)
 and packed (data/packing.py), so that both layouts are timed on the same sample stream."""
+
 import dataclasses
 import pathlib
 import tempfile
@@ -14,7 +15,12 @@ from avllm_jax.modality import IGNORE_INDEX, Modality
 # (130k visual, 45k audio, 85k audio-visual), LLaVA's 650k images and Valley's 770k videos
 # (visual).
 PAPER_MIX = "visual=900,image=650,audio=45,audio_visual=85"
-KINDS = {"visual": Modality.VISUAL, "image": Modality.VISUAL, "audio": Modality.AUDIO, "audio_visual": Modality.AUDIO_VISUAL}
+KINDS = {
+    "visual": Modality.VISUAL,
+    "image": Modality.VISUAL,
+    "audio": Modality.AUDIO,
+    "audio_visual": Modality.AUDIO_VISUAL,
+}
 MODALITY_TOKEN_IDS = (32000, 32001, 32002)
 
 
@@ -55,7 +61,9 @@ class Sample:
     answer: int
 
 
-def draw_samples(count: int, mix: dict[str, float], lengths: list[tuple[int, int]], text_limit: int, seed: int = 0) -> list[Sample]:
+def draw_samples(
+    count: int, mix: dict[str, float], lengths: list[tuple[int, int]], text_limit: int, seed: int = 0
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     names = list(mix)
     weights = np.array([mix[n] for n in names]) / sum(mix.values())
@@ -76,11 +84,14 @@ def prepared(sample: Sample, rng, *, num_frames: int, image_size: int, audio_sha
     labels = np.where(np.arange(length) >= sample.prompt, ids, IGNORE_INDEX).astype(np.int32)
     frames = 1 if sample.kind == "image" else num_frames
     return dict(
-        input_ids=ids, labels=labels, modality_token_at=np.int32(token_at),
+        input_ids=ids,
+        labels=labels,
+        modality_token_at=np.int32(token_at),
         frames=rng.integers(0, 256, (frames if modality.has_visual else 0, image_size, image_size, 3), dtype=np.uint8),
         audio_features=rng.standard_normal(audio_shape, dtype=np.float32),
         audio_is_longer=np.ones(audio_shape[0], bool),
-        has_visual=np.bool_(modality.has_visual), has_audio=np.bool_(modality.has_audio),
+        has_visual=np.bool_(modality.has_visual),
+        has_audio=np.bool_(modality.has_audio),
     )
 
 
@@ -95,26 +106,37 @@ def padded_batch(samples: list[dict], text_length: int, num_frames: int, modalit
         labels = np.full(text_length, IGNORE_INDEX, np.int32)
         ids[: s["input_ids"].size], labels[: s["labels"].size] = s["input_ids"], s["labels"]
         work = packing.sample_work(packing.footprint(s, modality_rows), modality_rows)
-        row = dict(frames=frames, audio_features=s["audio_features"], audio_is_longer=s["audio_is_longer"],
-                   has_visual=s["has_visual"], has_audio=s["has_audio"], input_ids=ids, labels=labels,
-                   token_mask=np.arange(text_length) < s["input_ids"].size, work=work)
+        row = dict(
+            frames=frames,
+            audio_features=s["audio_features"],
+            audio_is_longer=s["audio_is_longer"],
+            has_visual=s["has_visual"],
+            has_audio=s["has_audio"],
+            input_ids=ids,
+            labels=labels,
+            token_mask=np.arange(text_length) < s["input_ids"].size,
+            work=work,
+        )
         for key, value in row.items():
             batch.setdefault(key, []).append(value)
     return {k: np.stack(v) for k, v in batch.items()}
 
 
-def packed_batch(samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes) -> tuple[dict, int]:
+def packed_batch(
+    samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes
+) -> tuple[dict, int]:
     """The first samples packed in order into `num_packs` full packs; (batch, samples used)."""
     packers = packing.pack_in_order([packing.footprint(s, modality_rows) for s in samples], budget)
     if len(packers) <= num_packs:
         raise SystemExit("not enough samples drawn to fill the packs")
     packs, used = [], 0
     for packer in packers[:num_packs]:
-        packs.append(packing.assemble(samples[used:used + len(packer.placed)], budget, modality_rows, 0, media_shapes))
+        packs.append(
+            packing.assemble(samples[used : used + len(packer.placed)], budget, modality_rows, 0, media_shapes)
+        )
         used += len(packer.placed)
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}, used
 
 
 def answer_tokens(samples: list[dict]) -> int:
     return int(sum((s["labels"] != IGNORE_INDEX).sum() for s in samples))
-

@@ -14,6 +14,7 @@ Memory: 'temp' is the scratch memory XLA plans for that one compiled call (input
 excluded); 'peak' is the device's `peak_bytes_in_use` so far in this process (it never goes
 down, so it bounds every earlier row too), 'n/a' where the device does not report it.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,11 +30,14 @@ def add_arguments(parser):
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
-        "--impl", nargs="+", default=None,
+        "--impl",
+        nargs="+",
+        default=None,
         help="implementations to time (default: those the backend offers; 'pallas' on CPU is interpret mode)",
     )
     parser.add_argument(
-        "--padded", action="store_true",
+        "--padded",
+        action="store_true",
         help="pass segment ids with the last eighth of every sequence as padding (segment 0)",
     )
     parser.add_argument("--iters", type=int, default=10, help="timed calls per row")
@@ -104,8 +108,13 @@ def run(args):
 
             def forward(query, key, value, implementation=implementation):
                 return attention.dot_product_attention(
-                    query, key, value, query_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                    causal=True, implementation=implementation,
+                    query,
+                    key,
+                    value,
+                    query_segment_ids=segment_ids,
+                    kv_segment_ids=segment_ids,
+                    causal=True,
+                    implementation=implementation,
                 )
 
             def forward_backward(query, key, value, cotangent, forward=forward):

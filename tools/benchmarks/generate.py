@@ -11,6 +11,7 @@ generation, scoring) on --eval-questions held-out demo clips with the demo model
 `make demo` trained (--demo-checkpoint) when it is there, else the same architecture
 (configs/demo.py) with random weights, whose answers run to the token limit.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,16 @@ def add_arguments(parser):
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--iters", type=int, default=3, help="timed calls per row (the best is reported)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="run both on this many CPUs (pinned, as many torch threads; default: all). On a shared "
-                             "machine, --threads 1 compares the two on one core each run alike")
-    parser.add_argument("--eval-questions", type=int, default=200, help="demo questions for the evaluation throughput (0: skip)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="run both on this many CPUs (pinned, as many torch threads; default: all). On a shared "
+        "machine, --threads 1 compares the two on one core each run alike",
+    )
+    parser.add_argument(
+        "--eval-questions", type=int, default=200, help="demo questions for the evaluation throughput (0: skip)"
+    )
     parser.add_argument("--eval-batch", type=int, nargs="+", default=[1, 50], help="evaluation batch sizes")
     parser.add_argument("--demo-checkpoint", default="demo_out/run", help="the model make demo trained, if there")
 
@@ -52,9 +59,11 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; CPUs {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads; CPUs {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     generation_table(args)
     if args.eval_questions:
         evaluation_throughput(args)
@@ -70,8 +79,13 @@ def generation_table(args):
     from avllm_jax.models import conversion, llama
 
     hf_config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096,
     )
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
@@ -80,7 +94,9 @@ def generation_table(args):
         config = llama.LlamaConfig.from_hf(conversion.read_hf_config(directory))
         model = nnx.eval_shape(lambda: llama.Llama(config, rngs=nnx.Rngs(0)))
         tensors = conversion.iterate_tensors(conversion.checkpoint_files(directory))
-        conversion.load_into(model, conversion.convert_tensors(tensors, llama.hf_rules(config), conversion.flat_shapes(nnx.state(model))))
+        conversion.load_into(
+            model, conversion.convert_tensors(tensors, llama.hf_rules(config), conversion.flat_shapes(nnx.state(model)))
+        )
 
     print(f"model: {config}")
     print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, greedy, EOS disabled, float32")
@@ -91,14 +107,22 @@ def generation_table(args):
         ids = rng.randint(3, args.vocab, (batch, args.prompt_length)).astype(np.int32)
 
         def ours():
-            return np.asarray(generate(model, {"input_ids": ids}, max_new_tokens=args.new_tokens, eos_token_id=None).tokens)
+            return np.asarray(
+                generate(model, {"input_ids": ids}, max_new_tokens=args.new_tokens, eos_token_id=None).tokens
+            )
 
         def hf():
             with torch.no_grad():
-                out = hf_model.generate(torch.from_numpy(ids).long(), attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0)
-            return out[:, args.prompt_length:].numpy()
+                out = hf_model.generate(
+                    torch.from_numpy(ids).long(),
+                    attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+            return out[:, args.prompt_length :].numpy()
 
         start = time.perf_counter()
         our_tokens = ours()
@@ -109,8 +133,11 @@ def generation_table(args):
         ours_s, hf_s = best_seconds(ours, args.iters), best_seconds(hf, args.iters)
         generated = batch * args.new_tokens
         same = "yes" if np.array_equal(our_tokens, hf_tokens) else f"{(our_tokens == hf_tokens).mean():.0%}"
-        print(f"{batch:>5} {generated / ours_s:>11.0f} {generated / hf_s:>9.0f} {hf_s / ours_s:>7.2f}x "
-              f"{compile_s:>14.1f} {hf_first_s:>13.1f} {same:>11}", flush=True)
+        print(
+            f"{batch:>5} {generated / ours_s:>11.0f} {generated / hf_s:>9.0f} {hf_s / ours_s:>7.2f}x "
+            f"{compile_s:>14.1f} {hf_first_s:>13.1f} {same:>11}",
+            flush=True,
+        )
 
 
 def demo_benchmark(directory: str, num_questions: int) -> tuple[str, str]:
@@ -119,7 +146,10 @@ def demo_benchmark(directory: str, num_questions: int) -> tuple[str, str]:
 
     data = os.path.join(directory, "data")
     samples, _ = conversation.read_samples(synthetic.make_demo_split(data, "eval", num_questions, seed=1))
-    records = [{"id": s.id, "video_id": s.id, "question": s.turns[0][1].split("\n", 1)[1], "answer": s.turns[1][1]} for s in samples]
+    records = [
+        {"id": s.id, "video_id": s.id, "question": s.turns[0][1].split("\n", 1)[1], "answer": s.turns[1][1]}
+        for s in samples
+    ]
     path = os.path.join(directory, "qa.json")
     with open(path, "w") as f:
         json.dump(records, f)
@@ -134,11 +164,13 @@ def random_demo_model(directory: str) -> str:
 
     from avllm_jax import checkpoint
     from avllm_jax.data import conversation, synthetic
-    from avllm_jax.models import avllm
     from avllm_jax.modality import MODALITY_TOKENS
+    from avllm_jax.models import avllm
     from avllm_jax.training import config as config_lib
 
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "demo_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -147,8 +179,10 @@ def random_demo_model(directory: str) -> str:
     overrides = config_lib.model_overrides(config)
     overrides["llm"]["vocab_size"] = len(tokenizer)
     # The parts the config names: model_overrides also has blocks for parts it leaves out (Whisper).
-    model_config = avllm.AVLLMConfig(**{part: config_lib.MODEL_PARTS[part](**overrides[part]) for part in config.model.parts},
-                                     modality_token_ids=tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS))
+    model_config = avllm.AVLLMConfig(
+        **{part: config_lib.MODEL_PARTS[part](**overrides[part]) for part in config.model.parts},
+        modality_token_ids=tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS),
+    )
     path = os.path.join(directory, "model")
     model = avllm.AVLLM(model_config, rngs=nnx.Rngs(0))
     checkpoint.save_params(os.path.join(path, checkpoint.PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
@@ -168,16 +202,27 @@ def evaluation_throughput(args):
         data, media_root = demo_benchmark(directory, args.eval_questions)
         trained = os.path.exists(os.path.join(args.demo_checkpoint, "config.json"))
         checkpoint = args.demo_checkpoint if trained else random_demo_model(directory)
-        print(f"\nevaluation: {args.eval_questions} held-out demo questions, {'the trained demo model ' + checkpoint if trained else 'the demo model with random weights (no ' + args.demo_checkpoint + ')'}, "
-              f"greedy, at most {DEMO_MAX_NEW_TOKENS} new tokens, {len(jax.local_devices())} device(s)")
+        print(
+            f"\nevaluation: {args.eval_questions} held-out demo questions, {'the trained demo model ' + checkpoint if trained else 'the demo model with random weights (no ' + args.demo_checkpoint + ')'}, "
+            f"greedy, at most {DEMO_MAX_NEW_TOKENS} new tokens, {len(jax.local_devices())} device(s)"
+        )
         print(f"{'batch':>5} {'questions/s':>11} {'answered':>8} {'first run s (compiles)':>22}")
-        answer_fn = evaluate.model_answer_fn(checkpoint, media_settings={},
-                                             max_new_tokens=DEMO_MAX_NEW_TOKENS)
+        answer_fn = evaluate.model_answer_fn(checkpoint, media_settings={}, max_new_tokens=DEMO_MAX_NEW_TOKENS)
         for batch in args.eval_batch:
             seconds = []
             for attempt in range(2):  # the first compiles every shape the benchmark needs
                 start = time.perf_counter()
-                summary = run_evaluation("msrvtt_qa", data, media_root, os.path.join(directory, f"out_{batch}_{attempt}"),
-                                         answer_fn, checkpoint=checkpoint, batch_size=batch)
+                summary = run_evaluation(
+                    "msrvtt_qa",
+                    data,
+                    media_root,
+                    os.path.join(directory, f"out_{batch}_{attempt}"),
+                    answer_fn,
+                    checkpoint=checkpoint,
+                    batch_size=batch,
+                )
                 seconds.append(time.perf_counter() - start)
-            print(f"{batch:>5} {summary['counts']['questions'] / seconds[1]:>11.1f} {summary['counts']['answered']:>8} {seconds[0]:>22.1f}", flush=True)
+            print(
+                f"{batch:>5} {summary['counts']['questions'] / seconds[1]:>11.1f} {summary['counts']['answered']:>8} {seconds[0]:>22.1f}",
+                flush=True,
+            )

@@ -3,6 +3,7 @@
 Times a batch of 10 s segments (default: 4, the default CLAP config) through both and prints
 the median of several runs of each and their ratio. Compilation is timed separately.
 """
+
 import argparse
 
 
@@ -69,8 +70,10 @@ def run(args) -> None:
         jax_times.append(time_jax())
         torch_times.append(time_torch())
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-    print(f"HTSAT ({'fused' if args.fused else 'unfused'}), {args.segments} x 10 s segments, "
-          f"features {tuple(features.shape)}, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+    print(
+        f"HTSAT ({'fused' if args.fused else 'unfused'}), {args.segments} x 10 s segments, "
+        f"features {tuple(features.shape)}, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
+    )
     print(f"  jax compile      {compile_s:8.2f} s")
     print(f"  jax forward      {jax_s * 1e3:8.1f} ms  (median of {args.repeats}; min {min(jax_times) * 1e3:.1f})")
     print(f"  pytorch forward  {torch_s * 1e3:8.1f} ms  (median of {args.repeats}; min {min(torch_times) * 1e3:.1f})")

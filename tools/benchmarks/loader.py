@@ -6,6 +6,7 @@ has. For each it prints the best of --repeats runs of `ffmpeg -threads 1 -i FILE
 and of `load_media(FILE)`, and their ratio; the targets are <= 1.3 for the short clip and
 <= 0.5 for the long one (sparse sampling skips the groups of pictures it does not need).
 """
+
 import pathlib
 import shutil
 import subprocess
@@ -18,8 +19,11 @@ CLIPS = {"10s_720p": (10, {}), "120s_720p_gop2s": (120, {"g": "60", "keyint_min"
 
 
 def add_arguments(parser):
-    parser.add_argument("--workdir", default=str(pathlib.Path(tempfile.gettempdir()) / "avllm_loader_benchmark"),
-                        help="where the clips are written (reused when present)")
+    parser.add_argument(
+        "--workdir",
+        default=str(pathlib.Path(tempfile.gettempdir()) / "avllm_loader_benchmark"),
+        help="where the clips are written (reused when present)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is kept")
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
@@ -46,8 +50,14 @@ def _write_clip(path, seconds, options):
     t = np.arange(seconds * 48000) / 48000
     audio = (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) / 2).astype(np.float32)
     print(f"writing {path} ...", flush=True)
-    write_media(path, frames=_frames(seconds), fps=FPS, audio=audio,
-                video_options={"preset": "veryfast", **options}, audio_options={"aac_coder": "fast"})
+    write_media(
+        path,
+        frames=_frames(seconds),
+        fps=FPS,
+        audio=audio,
+        video_options={"preset": "veryfast", **options},
+        audio_options={"aac_coder": "fast"},
+    )
 
 
 def run(args):
@@ -55,7 +65,9 @@ def run(args):
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise SystemExit("the loader benchmark compares with the ffmpeg command-line tool; install it (apt-get install ffmpeg)")
+        raise SystemExit(
+            "the loader benchmark compares with the ffmpeg command-line tool; install it (apt-get install ffmpeg)"
+        )
     version = subprocess.run([ffmpeg, "-version"], capture_output=True, text=True).stdout.splitlines()[0]
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,11 @@ def add_arguments(parser):
     parser.add_argument("--llm-layers", type=int, default=None, help="override the LLM depth (to fit SFT in memory)")
     parser.add_argument("--vision", default="vit_l14", help="clip_vision preset")
     parser.add_argument("--audio", default="fused", choices=("fused", "unfused"), help="CLAP HTSAT variant")
-    parser.add_argument("--reduced", action="store_true",
-                        help="the paper's shapes (224 px, patch 14, HTSAT's 256 spectrogram) at small widths, float32: for a CPU")
+    parser.add_argument(
+        "--reduced",
+        action="store_true",
+        help="the paper's shapes (224 px, patch 14, HTSAT's 256 spectrogram) at small widths, float32: for a CPU",
+    )
     parser.add_argument("--batch", type=int, default=8, help="global batch size (samples; padded layout)")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--frames", type=int, default=32)
@@ -38,8 +41,12 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     mix = parser.add_argument_group("--data mix")
     mix.add_argument("--data", choices=("random", "mix"), default="random")
-    mix.add_argument("--mix", default=None, help="KIND=WEIGHT,... over visual, image, audio, audio_visual (default: the paper's)")
-    mix.add_argument("--instructions", default=None, help="JSONL whose text lengths the samples take (default: the demo data)")
+    mix.add_argument(
+        "--mix", default=None, help="KIND=WEIGHT,... over visual, image, audio, audio_visual (default: the paper's)"
+    )
+    mix.add_argument(
+        "--instructions", default=None, help="JSONL whose text lengths the samples take (default: the demo data)"
+    )
     mix.add_argument("--packs", type=int, default=2, help="packs a step")
     mix.add_argument("--rows", type=int, default=1, help="LLM rows a pack")
     mix.add_argument("--row-length", type=int, default=2048)
@@ -55,19 +62,39 @@ def model_config(args):
 
     if args.reduced:
         dtypes = dict(param_dtype="float32", dtype="float32")
-        vision = dataclasses.replace(clip_vision.PRESETS[args.vision], hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
-        audio = dataclasses.replace(htsat.PRESETS[f"clap_htsat_{args.audio}"], embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
-        llm = dataclasses.replace(llama.PRESETS["tiny"], hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=8,
-                                  head_dim=32, max_position_embeddings=4096)
+        vision = dataclasses.replace(
+            clip_vision.PRESETS[args.vision], hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2
+        )
+        audio = dataclasses.replace(
+            htsat.PRESETS[f"clap_htsat_{args.audio}"], embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)
+        )
+        llm = dataclasses.replace(
+            llama.PRESETS["tiny"],
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=8,
+            head_dim=32,
+            max_position_embeddings=4096,
+        )
     else:
         dtypes = dict(param_dtype=args.param_dtype, dtype="bfloat16")
-        vision, audio, llm = clip_vision.PRESETS[args.vision], htsat.PRESETS[f"clap_htsat_{args.audio}"], llama.PRESETS[args.llm]
-    llm = dataclasses.replace(llm, vocab_size=32003, remat_policy=args.remat, attention_implementation=args.attention, **dtypes)
+        vision, audio, llm = (
+            clip_vision.PRESETS[args.vision],
+            htsat.PRESETS[f"clap_htsat_{args.audio}"],
+            llama.PRESETS[args.llm],
+        )
+    llm = dataclasses.replace(
+        llm, vocab_size=32003, remat_policy=args.remat, attention_implementation=args.attention, **dtypes
+    )
     if args.llm_layers:
         llm = dataclasses.replace(llm, num_layers=args.llm_layers)
     return avllm.AVLLMConfig(
         vision=dataclasses.replace(vision, attention_implementation=args.attention, **dtypes),
-        audio=dataclasses.replace(audio, **dtypes), llm=llm, modality_token_ids=(32000, 32001, 32002),
+        audio=dataclasses.replace(audio, **dtypes),
+        llm=llm,
+        modality_token_ids=(32000, 32001, 32002),
     )
 
 
@@ -81,7 +108,9 @@ def random_batch(args, config):
     input_ids[:, min(40, length // 4)] = 32002  # <AUD_VIS> after the system prompt
     labels = np.where(np.arange(length) > length // 2, input_ids, -100).astype(np.int32)
     return dict(
-        frames=rng.integers(0, 256, (b, args.frames, config.vision.image_size, config.vision.image_size, 3), dtype=np.uint8),
+        frames=rng.integers(
+            0, 256, (b, args.frames, config.vision.image_size, config.vision.image_size, 3), dtype=np.uint8
+        ),
         audio_features=rng.standard_normal((b, args.segments, channels, 1001, 64), dtype=np.float32),
         audio_is_longer=np.ones((b, args.segments), bool),
         has_visual=np.arange(b) % 3 != 1,
@@ -105,23 +134,40 @@ def time_step(config, args, batch, label):
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     trainable_patterns = [r"(temporal|spatial|audio)_proj\..*"] + ([r"llm\..*"] if args.stage == "sft" else [])
-    optim_config = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_fraction=0.03, beta1=0.9, beta2=0.98, eps=1e-8,
-                                                  weight_decay=0.0, max_grad_norm=1.0, final_learning_rate=0.0))
+    optim_config = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-5,
+            warmup_fraction=0.03,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-8,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            final_learning_rate=0.0,
+        )
+    )
     with jax.set_mesh(mesh):
         start = time.time()
         model = sharding.create_sharded_model(config, None, mesh, seed=0)
         graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(trainable_patterns), ...)
         optimizer = optim.make_optimizer(optim_config, 1000, trainable)
-        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(
+            trainable
+        )
         state = step.TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
         train_step = step.make_train_step(graphdef, optimizer, num_microbatches=args.microbatches)
         device_batch = sharding.shard_batch(batch, mesh)
-        print(f"[{label}] init {time.time() - start:.1f} s; trainable {sum(x.size for x in jax.tree.leaves(trainable)):,}, "
-              f"frozen {sum(x.size for x in jax.tree.leaves(frozen)):,} parameters", flush=True)
+        print(
+            f"[{label}] init {time.time() - start:.1f} s; trainable {sum(x.size for x in jax.tree.leaves(trainable)):,}, "
+            f"frozen {sum(x.size for x in jax.tree.leaves(frozen)):,} parameters",
+            flush=True,
+        )
         start = time.time()
         state, metrics = train_step(state, frozen, device_batch)
         jax.block_until_ready(metrics["loss"])
-        print(f"[{label}] compile + first step {time.time() - start:.1f} s, loss {float(metrics['loss']):.3f}", flush=True)
+        print(
+            f"[{label}] compile + first step {time.time() - start:.1f} s, loss {float(metrics['loss']):.3f}", flush=True
+        )
         start = time.time()
         for _ in range(args.steps):
             state, metrics = train_step(state, frozen, device_batch)
@@ -137,19 +183,29 @@ def run(args):
     config = model_config(args)
     peak = flops.peak_flops_per_device(jax.devices()[0])
     llm_trains = args.stage == "sft"
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; stage {args.stage}, LLM {config.llm.num_layers} layers "
-          f"x {config.llm.hidden_size}, {args.frames} frames, {args.segments} audio segments, remat {args.remat}, attention {args.attention}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; stage {args.stage}, LLM {config.llm.num_layers} layers "
+        f"x {config.llm.hidden_size}, {args.frames} frames, {args.segments} audio segments, remat {args.remat}, attention {args.attention}"
+    )
     if args.data == "mix":
         return run_mix(args, config, peak, llm_trains)
     sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
     seconds, _, _ = time_step(config, args, random_batch(args, config), "random")
-    per_sample = flops.sample_flops(config, sequence_length=sequence, num_frames=args.frames, num_audio_segments=args.segments, llm_trains=llm_trains)
+    per_sample = flops.sample_flops(
+        config,
+        sequence_length=sequence,
+        num_frames=args.frames,
+        num_audio_segments=args.segments,
+        llm_trains=llm_trains,
+    )
     tflops = per_sample * args.batch / seconds / jax.device_count() / 1e12
     memory = jax.devices()[0].memory_stats() or {}
     print(f"batch {args.batch}, {args.text_length} text tokens -> {sequence} LLM tokens")
-    print(f"step {seconds * 1000:.0f} ms, {args.batch / seconds:.2f} samples/s, {tflops:.1f} TFLOP/s/device"
-          + (f", MFU {tflops * 1e12 / peak:.1%}" if peak else ", MFU n/a (unknown peak)")
-          + (f", peak memory {memory['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in memory else ""))
+    print(
+        f"step {seconds * 1000:.0f} ms, {args.batch / seconds:.2f} samples/s, {tflops:.1f} TFLOP/s/device"
+        + (f", MFU {tflops * 1e12 / peak:.1%}" if peak else ", MFU n/a (unknown peak)")
+        + (f", peak memory {memory['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in memory else "")
+    )
 
 
 def run_mix(args, config, peak, llm_trains):
@@ -163,9 +219,11 @@ def run_mix(args, config, peak, llm_trains):
     mix = _mixture.parse_mix(args.mix or _mixture.PAPER_MIX)
     lengths = _mixture.text_lengths(args.instructions)
     answers = np.array([a for _, a in lengths])
-    print(f"mix {mix}; {len(lengths)} instruction samples from {args.instructions or 'the demo data'}: "
-          f"answer tokens mean {answers.mean():.1f}, median {np.median(answers):.0f}, max {answers.max()}; "
-          f"prompt tokens mean {np.mean([p for p, _ in lengths]):.1f}")
+    print(
+        f"mix {mix}; {len(lengths)} instruction samples from {args.instructions or 'the demo data'}: "
+        f"answer tokens mean {answers.mean():.1f}, median {np.median(answers):.0f}, max {answers.max()}; "
+        f"prompt tokens mean {np.mean([p for p, _ in lengths]):.1f}"
+    )
     rows = packing.ModalityRows(args.frames, config.vision.num_patches, args.segments)
     budget = packing.PackBudget(args.rows, args.row_length, args.pack_frames, args.pack_items, args.pack_clips)
     if problem := budget.problem(rows, args.frames):
@@ -175,35 +233,71 @@ def run_mix(args, config, peak, llm_trains):
     size = config.vision.image_size
     draws = _mixture.draw_samples(args.batch + args.packs * 64, mix, lengths, args.text_length)
     rng = np.random.default_rng(1)
-    samples = [_mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws]
+    samples = [
+        _mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws
+    ]
     layouts = {
         "padded": (_mixture.padded_batch(samples[: args.batch], args.text_length, args.frames, rows), args.batch),
-        "packed": _mixture.packed_batch(samples, budget, args.packs, rows, dict(frame=dict(frames=((size, size, 3), np.uint8)), item={}, audio=dict(
-            audio_features=(audio_shape, np.float32), audio_is_longer=(audio_shape[:1], bool)))),
+        "packed": _mixture.packed_batch(
+            samples,
+            budget,
+            args.packs,
+            rows,
+            dict(
+                frame=dict(frames=((size, size, 3), np.uint8)),
+                item={},
+                audio=dict(audio_features=(audio_shape, np.float32), audio_is_longer=(audio_shape[:1], bool)),
+            ),
+        ),
     }
     padded_sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
     slot_work = {
-        "padded": (args.batch, args.batch * padded_sequence, args.batch * padded_sequence**2, args.batch * args.frames, args.batch,
-                   args.batch, args.batch * args.segments),
-        "packed": (0, args.packs * budget.rows * budget.row_length, args.packs * budget.rows * budget.row_length**2,
-                   args.packs * budget.frames, args.packs * budget.visual_items, args.packs * budget.audio_clips,
-                   args.packs * budget.audio_clips * args.segments),
+        "padded": (
+            args.batch,
+            args.batch * padded_sequence,
+            args.batch * padded_sequence**2,
+            args.batch * args.frames,
+            args.batch,
+            args.batch,
+            args.batch * args.segments,
+        ),
+        "packed": (
+            0,
+            args.packs * budget.rows * budget.row_length,
+            args.packs * budget.rows * budget.row_length**2,
+            args.packs * budget.frames,
+            args.packs * budget.visual_items,
+            args.packs * budget.audio_clips,
+            args.packs * budget.audio_clips * args.segments,
+        ),
     }
     results = {}
     for name, (batch, num_samples) in layouts.items():
         seconds, work, _ = time_step(config, args, batch, name)
         useful = flops.work_flops(config, work, llm_trains=llm_trains)
         slots = flops.work_flops(config, slot_work[name], llm_trains=llm_trains)
-        results[name] = dict(seconds=seconds, samples=num_samples, answers=_mixture.answer_tokens(samples[:num_samples]),
-                             useful=useful, slots=slots, work=work)
+        results[name] = dict(
+            seconds=seconds,
+            samples=num_samples,
+            answers=_mixture.answer_tokens(samples[:num_samples]),
+            useful=useful,
+            slots=slots,
+            work=work,
+        )
     devices = jax.device_count()
     print(f"\npadded: {args.batch} samples a step, rows of {padded_sequence}; packed: {args.packs} packs of {budget}")
-    print("| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful share of slots |")
+    print(
+        "| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful share of slots |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         useful_tflops = r["useful"] / r["seconds"] / devices / 1e12
         mfu = (lambda flops_: f"{flops_ / r['seconds'] / devices / peak:.1%}") if peak else (lambda _: "n/a")
-        print(f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | {useful_tflops:.4f} "
-              f"| {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |")
-    gain = (results["packed"]["answers"] / results["packed"]["seconds"]) / (results["padded"]["answers"] / results["padded"]["seconds"])
+        print(
+            f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | {useful_tflops:.4f} "
+            f"| {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |"
+        )
+    gain = (results["packed"]["answers"] / results["packed"]["seconds"]) / (
+        results["padded"]["answers"] / results["padded"]["seconds"]
+    )
     print(f"packed / padded useful answer tokens/s: {gain:.2f}x")
