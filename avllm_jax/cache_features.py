@@ -289,7 +289,8 @@ def _write_manifest(out_dir: str, fingerprint: dict, num_shards: int, dtype: str
         for field in ("num_shards", "dtype"):
             if existing[field] != manifest[field]:
                 raise CacheBuildError(
-                    f"{out_dir} holds a cache of {field}={existing[field]!r}, not {manifest[field]!r}; use another --out"
+                    f"{out_dir} holds a cache of {field}={existing[field]!r}, not {manifest[field]!r}; use another "
+                    "--out"
                 )
         return
     _atomic_write(path, json.dumps(manifest, indent=1))

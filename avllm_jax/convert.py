@@ -78,7 +78,7 @@ def convert_whisper(
     """The encoder of a WhisperModel / WhisperForConditionalGeneration directory: its config and
     {our dotted path: array} (the decoder is dropped on purpose)."""
     config = whisper_encoder.WhisperEncoderConfig.from_hf(conversion.read_hf_config(directory), param_dtype=dtype)
-    make_encoder = lambda: whisper_encoder.WhisperEncoder(config, rngs=nnx.Rngs(0))  # noqa: E731
+    make_encoder = lambda: whisper_encoder.WhisperEncoder(config, rngs=nnx.Rngs(0))
     part = convert_part(
         directory,
         whisper_encoder.hf_rules(config),
@@ -204,7 +204,10 @@ def main(argv=None):
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="read PyTorch .bin checkpoints with torch.load(weights_only=True); needs torch. Off by default: pickles can run code",
+        help=(
+            "read PyTorch .bin checkpoints with torch.load(weights_only=True); needs torch. "
+            "Off by default: pickles can run code"
+        ),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the projectors' random initialisation (default 0)")
     args = parser.parse_args(argv)

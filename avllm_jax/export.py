@@ -52,7 +52,7 @@ class ExportError(ValueError):
 def hf_llama_tensors(params: dict, config: llama.LlamaConfig):
     """(HF name, array) for every tensor of a LlamaForCausalLM: the inverse of `llama.hf_rules`."""
     c = config
-    heads = lambda w: w.reshape(c.hidden_size, -1).T  # noqa: E731  [D, heads, head_dim] -> torch [heads * head_dim, D]
+    heads = lambda w: w.reshape(c.hidden_size, -1).T
     yield "model.embed_tokens.weight", params["embed"]
     layer = params["layers"]
     for i in range(c.num_layers):
@@ -186,7 +186,8 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
         lora = stage.get("lora") or {}
         lora_line = (
             [
-                f"- LoRA on the LLM: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(f'`{t}`' for t in lora['targets'])}; "
+                f"- LoRA on the LLM: rank {lora['rank']}, alpha {lora['alpha']}, on "
+                f"{', '.join(f'`{t}`' for t in lora['targets'])}; "
                 "its base weights frozen, the adapters folded into the exported weights"
             ]
             if lora.get("rank")
@@ -198,7 +199,8 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
             f"- trains: {', '.join(f'`{p}`' for p in stage.get('trainable', []))}",
             *lora_line,
             f"- starts from: `{stage.get('init_checkpoint') or 'random weights'}`",
-            f"- {length}, global batch {stage.get('global_batch_size')}{_batch_unit(stage)}, learning rate {optim.get('learning_rate')}, "
+            f"- {length}, global batch {stage.get('global_batch_size')}{_batch_unit(stage)}, learning rate "
+            f"{optim.get('learning_rate')}, "
             f"AdamW betas ({optim.get('beta1')}, {optim.get('beta2')}), weight decay {optim.get('weight_decay')}",
             "- data:",
         ]
@@ -241,7 +243,8 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
         raise ExportError(str(error)) from None
     if config.llm is None:
         raise ExportError(
-            f"{workdir} holds no LLM (its {checkpoint.CONFIG_FILE} has only the encoders), so there is nothing to export"
+            f"{workdir} holds no LLM (its {checkpoint.CONFIG_FILE} has only the encoders), so there is nothing to "
+            "export"
         )
     model = checkpoint.load_model(workdir)  # a LoRA run's adapters folded into the dense weights
     tokenizer = load_tokenizer(workdir)
@@ -340,4 +343,7 @@ def _batch_unit(stage: dict) -> str:
     packing = stage.get("data", {}).get("packing", {})
     if not packing.get("enabled"):
         return ""
-    return f" packs (each {packing.get('rows')} x {packing.get('row_length')} positions, {packing.get('frames')} ViT frames, {packing.get('audio_clips')} audio clips)"
+    return (
+        f" packs (each {packing.get('rows')} x {packing.get('row_length')} positions, "
+        f"{packing.get('frames')} ViT frames, {packing.get('audio_clips')} audio clips)"
+    )

@@ -255,7 +255,8 @@ class Plan:
         fits = "fits" if self.fits else "does not fit"
         hbm = f"{self.topology.hbm_gib:.1f} GiB" if self.topology.hbm_gib else "host memory (no HBM)"
         ratio = "n/a (did not compile)" if self.ratio is None else f"{self.ratio:.2f}"
-        return f"plan: {self.topology.name} {fits}: {self.memory['total']:.1f} GiB of {hbm} per device, compiled/analytic FLOPs {ratio}"
+        memory = f"{self.memory['total']:.1f} GiB of {hbm} per device"
+        return f"plan: {self.topology.name} {fits}: {memory}, compiled/analytic FLOPs {ratio}"
 
 
 def compile_plan(config, target: Topology, num_microbatches: int | None = None) -> Plan:
@@ -385,10 +386,12 @@ def describe(plan: Plan, config, model_source: str) -> str:
     else:
         lines.append(
             f"memory per device: arguments {_size(m['arguments'])}, outputs {_size(m['outputs'])} "
-            f"({_size(m['aliased'])} aliased to the arguments), temporaries {_size(m['temporaries'])}, total {_size(m['total'])}"
+            f"({_size(m['aliased'])} aliased to the arguments), temporaries {_size(m['temporaries'])}, total "
+            f"{_size(m['total'])}"
         )
         kernel = (
-            f" + {plan.kernel_attention_flops:.3e} of attention in {plan.kernel_calls} kernel calls, counted analytically"
+            f" + {plan.kernel_attention_flops:.3e} of attention in {plan.kernel_calls} kernel calls, counted "
+            "analytically"
             if plan.kernel_calls
             else ""
         )
@@ -428,7 +431,8 @@ def main(argv, flag_values: dict):
                 print(describe(plan, config, model_source))
                 print(
                     f"search: fewest micro-batches that fit: {plan.num_microbatches} "
-                    f"({plan.samples_per_device:g} sample(s) per device per micro-batch); --config.num_microbatches={plan.num_microbatches}"
+                    f"({plan.samples_per_device:g} sample(s) per device per micro-batch); "
+                    f"--config.num_microbatches={plan.num_microbatches}"
                 )
         else:
             plan = compile_plan(config, target)

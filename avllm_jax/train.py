@@ -72,7 +72,8 @@ def resolve_model(config):
             overrides[part] = fields
         elif fields:
             print(
-                f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name {part!r}",
+                f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name "
+                f"{part!r}",
                 flush=True,
             )
     if config.init_checkpoint:

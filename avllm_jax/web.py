@@ -187,8 +187,8 @@ class App:
             question_turn = question
         session.turns = session.turns + [(conversation.USER_ROLE, question_turn)]
         history = history + [{"role": "user", "content": question}]
-        for session, history, status in self._answer(session, history, gr.skip(), *sampling):
-            yield session, history, status, ""
+        for answered_session, answered_history, status in self._answer(session, history, gr.skip(), *sampling):
+            yield answered_session, answered_history, status, ""
 
     def retry(self, session: Session, history: list, *sampling):
         """Draws the last answer again (the same one when decoding greedily)."""

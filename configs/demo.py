@@ -4,7 +4,8 @@
     # or by hand:
     python tools/make_demo_data.py --out demo_out/data --num 3000
     python -m avllm_jax.train --config=configs/demo.py --workdir=demo_out/run \
-        --config.tokenizer=demo_out/tokenizer --config.data.sources='[{"path": "demo_out/data/train.jsonl", "weight": 1.0}]'
+        --config.tokenizer=demo_out/tokenizer \
+        --config.data.sources='[{"path": "demo_out/data/train.jsonl", "weight": 1.0}]'
 
 The encoders are random (nothing can be downloaded) and frozen, as the paper freezes its
 pretrained ones; the projectors and the LLM train, from scratch.

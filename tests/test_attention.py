@@ -165,7 +165,7 @@ def test_pallas_under_jit_scan_remat_and_fsdp_mesh(capsys):
         query, key, value = (jax.device_put(x, heads_sharding) for x in (query, key, value))
         results = {}
         for implementation in ("xla", "pallas"):
-            attend = lambda q, k, v, impl=implementation: scanned_layers(impl, q, k, v, segment_ids)  # noqa: E731
+            attend = lambda q, k, v, impl=implementation: scanned_layers(impl, q, k, v, segment_ids)
             results[implementation] = jax.jit(output_and_grads, static_argnums=0)(attend, query, key, value, cotangent)
     assert "computes this call with 'xla'" not in capsys.readouterr().out  # the kernel really ran
     assert_matches_reference(results["pallas"], results["xla"], dtype)

@@ -268,7 +268,7 @@ def test_clap_labeller_picks_the_nearest_label(tiny_clap, media_dir):
     model = transformers.ClapModel.from_pretrained(tiny_clap).eval()
     with torch.no_grad():
         text = model.get_text_features(
-            **processor(text=[f"The sound of {l}." for l in LABELS], return_tensors="pt", padding=True)
+            **processor(text=[f"The sound of {label}." for label in LABELS], return_tensors="pt", padding=True)
         ).pooler_output
         audio = model.get_audio_features(
             **processor(audio=list(segments), sampling_rate=SR, return_tensors="pt")

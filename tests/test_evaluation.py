@@ -332,7 +332,7 @@ def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path
     def script(question, attempt, user):  # 5 when both predictions equal the reference, else 2
         predicted = re.findall(r"Predicted answer \d: (.*)", user)
         reference = re.search(r"Correct answer: (.*)", user).group(1)
-        return 200, "{'score': %d}" % (5 if set(predicted) == {reference} else 2)
+        return 200, f"{{'score': {5 if set(predicted) == {reference} else 2}}}"
 
     judge.script = script
     summary = run_evaluation(
@@ -574,7 +574,7 @@ def test_processes_split_the_questions_and_the_leader_writes_what_one_process_wr
     assert all(shares) and sorted(sum(shares, [])) == [f"question {i}?" for i in (2, 3, 5, 6, 7, 8)]
     for name in (report.SUMMARY_MD, report.PER_QUESTION_FILE):
         assert (shared / name).read_text() == (tmp_path / "alone" / name).read_text()
-    key = lambda r: r["id"]  # noqa: E731  (the shares arrive in any order)
+    key = lambda r: r["id"]
     assert sorted(report.read_jsonl(shared / report.PREDICTIONS_FILE)[0], key=key) == sorted(
         report.read_jsonl(tmp_path / "alone" / report.PREDICTIONS_FILE)[0], key=key
     )

@@ -292,9 +292,10 @@ def test_evaluation_answers_from_cached_features_as_from_the_files(setup):
     np.testing.assert_allclose(
         logits(cached, cached_config), media_logits, atol=1e-5 * float(jnp.abs(media_logits).max())
     )
-    answer = lambda media, config: prompts.answer_questions(
-        model, tokenizer, media, questions, max_new_tokens=4, data_config=config
-    )  # noqa: E731
+
+    def answer(media, config):
+        return prompts.answer_questions(model, tokenizer, media, questions, max_new_tokens=4, data_config=config)
+
     assert answer(cached, cached_config) == answer(decoded, data_config)
     # A cache of other media settings is refused, naming the field.
     with pytest.raises(feature_cache.FeatureCacheError, match="data.num_frames"):

@@ -94,7 +94,7 @@ def test_pack_layout_slots_and_routing(tmp_path, tokenizer, media_dir):
         assert (sample["loss_group"] == LOSS_GROUPS.index(modality)).all(), name
         assert tokenizer.decode(sample["targets"][sample["targets"] != IGNORE_INDEX]).strip() == "a dog</s>", name
     # The still's temporal rows all read its one frame; a video's read FRAMES different frames.
-    temporal = lambda name: [i for i in table[name]["modality_index"].tolist() if 0 <= i < f]  # noqa: E731
+    temporal = lambda name: [i for i in table[name]["modality_index"].tolist() if 0 <= i < f]
     assert len(temporal("item2")) == FRAMES and len(set(temporal("item2"))) == 1
     assert len(set(temporal("item1"))) == FRAMES
 

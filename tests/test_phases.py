@@ -214,7 +214,8 @@ def test_sources_and_samples_outside_a_phase_are_reported(sources):
     [
         (
             (dict(modalities=("video",), share=1.0),),
-            "config.phases[0].modalities names 'video', not a modality (choose from 'visual', 'audio', 'audio_visual', 'text')",
+            "config.phases[0].modalities names 'video', not a modality (choose from 'visual', 'audio', "
+            "'audio_visual', 'text')",
         ),
         ((dict(modalities=(), share=1.0),), "config.phases[0].modalities is empty"),
         ((dict(modalities="visual", share=1.0),), "config.phases[0].modalities must be a tuple of names"),

@@ -121,7 +121,7 @@ def test_forced_modality(tiny_avllm):
     model, tokenizer, data_config = tiny_avllm
     both = random_media(3)
     frames_only = Media(both.frames, None, both.duration_s)
-    ask = lambda m, modality: prompts.answer_questions(  # noqa: E731
+    ask = lambda m, modality: prompts.answer_questions(
         model,
         tokenizer,
         [m],
@@ -140,7 +140,7 @@ def test_prompts_that_cannot_be_built_are_refused(tiny_avllm):
     model, tokenizer, data_config = tiny_avllm
     question = [(conversation.USER_ROLE, conversation.first_user_message("What is it?", Modality.VISUAL))]
     answered = question + [(conversation.ASSISTANT_ROLE, "red")]
-    batch = lambda media, turns: prompts.conversation_batch(  # noqa: E731
+    batch = lambda media, turns: prompts.conversation_batch(
         model, tokenizer, [media], [turns], [Modality.VISUAL], data_config
     )
     with pytest.raises(ValueError, match="conversation 0 ends with an answer"):

@@ -155,5 +155,5 @@ def test_the_step_keeps_its_state_dtypes_with_bfloat16_parameters(setup):
     optimizer = optim.make_optimizer(OPTIM, total_steps=2, params=trainable)
     state = step.TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
     new_state, _ = jax.eval_shape(step.make_train_step(graphdef, optimizer, num_microbatches=2), state, frozen, batch)
-    dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]  # noqa: E731
+    dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
     assert jnp.bfloat16 in dtypes(state.opt_state) and dtypes(new_state) == dtypes(state)

@@ -16,7 +16,8 @@ NUM_TRAIN, NUM_EVAL = 30, 24
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """A training split (three questions a clip) and a held-out split (every question, half unseen), as tools/demo.py writes them."""
+    """A training split (three questions a clip) and a held-out split (every question, half unseen), as "
+    "tools/demo.py writes them."""
     out = tmp_path_factory.mktemp("demo")
     train = synthetic.make_demo_split(out, "train", NUM_TRAIN, seed=3, turns_per_sample=3)
     held_out = synthetic.make_demo_split(out, "eval", NUM_EVAL, seed=4, unseen_share=0.5, every_question=True)

@@ -39,7 +39,8 @@ RECORD_ANSWERS = """() => {
     const bots = document.querySelectorAll('#chat [data-testid="bot"]');
     const text = bots.length ? bots[bots.length - 1].innerText : '';
     const last = window.answerTexts[window.answerTexts.length - 1];
-    if (text && (!last || last.n !== bots.length || last.text !== text)) window.answerTexts.push({n: bots.length, text});
+    if (text && (!last || last.n !== bots.length || last.text !== text))
+      window.answerTexts.push({n: bots.length, text});
   }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
 }"""
 IDLE = (

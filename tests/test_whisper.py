@@ -87,7 +87,8 @@ def test_features_match_hf(seconds, num_mel_bins):
     assert ours.dtype == np.float32 and ours.shape == hf.shape == (num_mel_bins, 3000)
     error = float(np.abs(ours - hf).max())
     print(
-        f"PARITY whisper features {seconds:g} s, {num_mel_bins} mel: max|diff|={error:.3e} max|HF|={np.abs(hf).max():.3e}"
+        f"PARITY whisper features {seconds:g} s, {num_mel_bins} mel: max|diff|={error:.3e} "
+        f"max|HF|={np.abs(hf).max():.3e}"
     )
     assert error <= FEATURE_TOLERANCE
     # HF's numpy path (float64 STFT, as ours) agrees to float32 rounding; its torch path, the

@@ -40,7 +40,10 @@ def main(argv=None):
     parser.add_argument(
         "--played-back",
         action="store_true",
-        help="also ask every held-out question about its clip played backwards and print how the answers follow the order",
+        help=(
+            "also ask every held-out question about its clip played backwards "
+            "and print how the answers follow the order"
+        ),
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -104,7 +107,8 @@ def run_training(config, workdir: str) -> float:
 def evaluate(
     workdir: str, eval_path: str, *, visual_only: bool = False, played_back: bool = False, batch_size: int = 64
 ) -> list[dict]:
-    """Greedy answers to every held-out question: one {"type", "group", "combination", "answer", "reference", "correct"} each.
+    """Greedy answers to every held-out question: one
+    {"type", "group", "combination", "answer", "reference", "correct"} each.
 
     Each held-out conversation is the prompt, its answer cut off: built as training builds it.
     `visual_only` (the paper's Figure 8): questions about an audio-visual clip are asked with
@@ -223,7 +227,8 @@ def print_played_back_table(as_recorded: list[dict], played_back: list[dict]) ->
             counts["should change"] += 1
             counts["kept"] += backward["answer"] == forward["answer"]
     print(
-        "\n| question type | questions | exact match | played back: exact match | right answer changed | model's answer kept |\n"
+        "\n| question type | questions | exact match | played back: exact match | right answer changed | model's "
+        "answer kept |\n"
         "|---|---|---|---|---|---|"
     )
     for question_type, counts in tally.items():

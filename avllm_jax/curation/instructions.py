@@ -240,7 +240,7 @@ def curate(
     contexts_path: str | os.PathLike,
     out_path: str | os.PathLike,
     client: ChatClient,
-    tasks: list[str] = list(TASKS),
+    tasks: Sequence[str] = tuple(TASKS),
     modalities: Sequence[str] = tuple(Modality),
     template_dir: str | os.PathLike = TEMPLATE_DIR,
     chunk_size: int = 512,

@@ -158,7 +158,8 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
         root = os.path.normpath(os.path.abspath(media_root))
         if confined and os.path.commonpath([root, os.path.normpath(os.path.join(root, media_path))]) != root:
             fail(
-                f"media path {media_path!r} lies outside media_root {root} (set the source's media_root to a directory that holds it)"
+                f"media path {media_path!r} lies outside media_root {root} (set the source's media_root to a "
+                "directory that holds it)"
             )
         media_path = os.path.join(media_root, media_path)
     return Sample(str(record.get("id", origin)), media_path, token_modality, turns, origin)

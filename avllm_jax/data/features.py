@@ -266,19 +266,23 @@ def audio_settings_problem(config, audio_encoder: str, encoder_config) -> str | 
         )
     if audio_encoder == "whisper":
         if config.audio_sample_rate != WHISPER_SAMPLE_RATE:
-            return f"audio_sample_rate={config.audio_sample_rate} but Whisper takes {WHISPER_SAMPLE_RATE} Hz audio: use {WHISPER_SAMPLE_RATE}"
+            rate = WHISPER_SAMPLE_RATE
+            return f"audio_sample_rate={config.audio_sample_rate} but Whisper takes {rate} Hz audio: use {rate}"
         if config.whisper_mel_bins != encoder_config.num_mel_bins:
-            return f"whisper_mel_bins={config.whisper_mel_bins} but the Whisper encoder takes {encoder_config.num_mel_bins}"
+            bins = encoder_config.num_mel_bins
+            return f"whisper_mel_bins={config.whisper_mel_bins} but the Whisper encoder takes {bins}"
         return None
     fused_encoder, max_frames = encoder_config.enable_fusion, encoder_config.max_frames
     if (config.audio_truncation == "fusion") != fused_encoder:
         return (
-            f"audio_truncation={config.audio_truncation!r} but the audio encoder is {'fused' if fused_encoder else 'unfused'}; "
+            f"audio_truncation={config.audio_truncation!r} but the audio encoder is "
+            f"{'fused' if fused_encoder else 'unfused'}; "
             f"use {'fusion' if fused_encoder else 'rand_trunc'!r}"
         )
     if (frames := audio_frames(config)) > max_frames:
         return (
-            f"audio_max_length_s={config.audio_max_length_s:g} gives {frames} spectrogram frames and the audio encoder takes "
+            f"audio_max_length_s={config.audio_max_length_s:g} gives {frames} spectrogram frames and the audio "
+            "encoder takes "
             f"at most {max_frames}: use a window of {longest_audio_window_s(max_frames, config):g} s or less"
         )
     return None

@@ -112,7 +112,10 @@ class PackBudget:
                 f"{modality_rows.visual() + modality_rows.audio} modality rows"
             )
         if modality_rows.visual() and (self.visual_items < 1 or self.frames < num_frames):
-            return f"frames={self.frames}, visual_items={self.visual_items}: a video needs num_frames={num_frames} frames and an item"
+            return (
+                f"frames={self.frames}, visual_items={self.visual_items}: "
+                f"a video needs num_frames={num_frames} frames and an item"
+            )
         if modality_rows.audio and self.audio_clips < 1:
             return "audio_clips=0, but the model has an audio encoder"
         return None

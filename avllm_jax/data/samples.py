@@ -1,5 +1,6 @@
 """One sample's arrays, as training and inference both build them: decoded media, the audio
-encoder's features (CLAP's or Whisper's log-mel), the re-routing of a request for a stream the file lacks, token ids and labels.
+encoder's features (CLAP's or Whisper's log-mel), the re-routing of a request for a stream the
+file lacks, token ids and labels.
 
 `build_sample` is the one path from turns and media to model inputs: the training pipeline
 (data/pipeline.py) builds its samples here and chat, evaluation and the web demo their prompts.

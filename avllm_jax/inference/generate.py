@@ -158,7 +158,7 @@ def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_
     rng, prefill_rng = jax.random.split(rng)
     llm, first, cache, positions = _prefill(model, batch, prefill_rng, sampling=sampling)
     unstacked = llm.unstack_layers()  # once, outside the loop (see Llama.unstack_layers)
-    is_eos = lambda t: jnp.isin(t, eos_ids)  # noqa: E731
+    is_eos = lambda t: jnp.isin(t, eos_ids)
     tokens = jnp.full((first.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     prompt_length = cache.segment_ids.shape[1]
 

@@ -105,7 +105,7 @@ def _dataclass_from_dict(cls, d: dict):
 def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.Dense]:
     """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder (HTSAT or
     Whisper) and an LLM: linear with bias, from an encoder's width to the LLM's (float32 parameters)."""
-    projector = lambda in_features: layers.Dense(in_features, config.llm.hidden_size, (None, "embed"), rngs=rngs)  # noqa: E731
+    projector = lambda in_features: layers.Dense(in_features, config.llm.hidden_size, (None, "embed"), rngs=rngs)
     projectors = {}
     if config.llm and config.vision:
         projectors["temporal_proj"] = projector(config.vision.hidden_size)
@@ -233,7 +233,7 @@ class AVLLM(nnx.Module):
         # `where`, not a sum: a modality row a sample lacks is never read, so its projector gets
         # an exactly-zero gradient from that sample.
         inputs_embeds = jnp.where((index >= 0)[..., None], gathered, text).reshape(packs * rows, length, -1)
-        flat = lambda name: batch[name].reshape(packs * rows, length)  # noqa: E731
+        flat = lambda name: batch[name].reshape(packs * rows, length)
         out = {
             "inputs_embeds": layers.constrain(inputs_embeds, layers.RESIDUAL),
             "positions": flat("positions"),
@@ -294,7 +294,7 @@ class AVLLM(nnx.Module):
         # The modality token itself is replaced: text after it shifts by num_rows - 1.
         text_index = jnp.clip(jnp.where(slot < token_position, slot, slot - num_rows + 1), 0, length - 1)
         modality_offset = jnp.clip(slot - token_position, 0, num_rows - 1)
-        take = lambda x, index: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
+        take = lambda x, index: jnp.take_along_axis(x, index, axis=1)
         is_kept_modality = in_modality & take(row_kept, modality_offset)
         kept = jnp.where(in_modality, is_kept_modality, take(token_mask, text_index))
         group = jnp.stack(

@@ -128,7 +128,7 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, x.dtype
-        cast = lambda p: p[...].astype(dtype)  # noqa: E731
+        cast = lambda p: p[...].astype(dtype)
         x = layers.constrain(x, layers.RESIDUAL)
         h = self.norm1(x)
         q, k, v = (
@@ -213,8 +213,8 @@ def hf_rules(config: CLIPVisionConfig) -> list[Rule]:
     # transformers 5 saves a bare CLIPVisionModel without the `vision_model.` prefix.
     tower = r"(?:vision_model\.)?"
     layer = tower + r"encoder\.layers\.(?P<layer>\d+)\."
-    heads = lambda w: w.T.reshape(c.hidden_size, c.num_heads, head_dim)  # noqa: E731
-    head_bias = lambda b: b.reshape(c.num_heads, head_dim)  # noqa: E731
+    heads = lambda w: w.T.reshape(c.hidden_size, c.num_heads, head_dim)
+    head_bias = lambda b: b.reshape(c.num_heads, head_dim)
     rules = [
         Rule(tower + r"embeddings\.class_embedding", "class_embed"),
         # torch conv [D, 3, p, p] -> [p, p, 3, D], the order of our flattened NHWC patches.

@@ -126,7 +126,7 @@ def convert_tensors(
     stacked: dict[str, dict[int, np.ndarray]] = {}
     hf_name_of: dict[str, str] = {}
     for name, array in tensors:
-        for regex, rule in compiled:
+        for regex, rule in compiled:  # noqa: B007 (the matching rule is read after the loop)
             match = regex.fullmatch(name)
             if match:
                 break

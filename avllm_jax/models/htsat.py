@@ -96,7 +96,7 @@ class HTSATConfig:
         for key, supported in only_supported.items():
             if config.get(key, supported) != supported:
                 raise ValueError(f"HTSAT config {key}={config[key]!r} is not supported (only {supported!r})")
-        pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+        pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)
         defaults = cls()
         fields = dict(
             num_mel_bins=config.get("num_mel_bins", defaults.num_mel_bins),
@@ -190,7 +190,7 @@ class HTSAT(nnx.Module):
         self.patch_embed = Conv(1, width, config.patch_size, config.patch_stride, config=config, rngs=rngs)
         if config.enable_fusion:
             # the crops are embedded with a kernel 3x wider in time, then laid side by side
-            wide = lambda size: (size[0], 3 * size[1])  # noqa: E731
+            wide = lambda size: (size[0], 3 * size[1])
             self.fusion_embed = Conv(
                 1, width, wide(config.patch_size), wide(config.patch_stride), config=config, rngs=rngs
             )
@@ -292,8 +292,8 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     source = scale * np.arange(out_size, dtype=np.float32)
     base = np.floor(source).astype(int)
     t = (source - base).astype(np.float64)
-    near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # noqa: E731  |d| <= 1
-    far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # noqa: E731  1 < |d| < 2
+    near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1
+    far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
     weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
     matrix = np.zeros((out_size, in_size), np.float32)
     for k in range(4):

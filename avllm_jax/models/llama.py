@@ -161,7 +161,7 @@ class KVCache:
     def padded(self, max_length: int) -> KVCache:
         """This cache with empty slots added up to `max_length` (a copy of every array)."""
         extra = max_length - self.segment_ids.shape[1]
-        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
         return KVCache(
             tuple(pad(k, 2) for k in self.keys),
             tuple(pad(v, 2) for v in self.values),
@@ -358,7 +358,7 @@ class Llama(nnx.Module):
             kv_segment_ids = jax.lax.dynamic_update_slice(
                 cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length)
             )
-            call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)  # noqa: E731
+            call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)
             if length == 1:
                 # Decoding: layers unrolled, so that each updates its own cache arrays in place; a
                 # scan would copy every layer's cache out of a stacked array at every token.
@@ -404,7 +404,7 @@ def hf_rules(config: LlamaConfig) -> list[Rule]:
     """HF LlamaForCausalLM tensor names -> ours."""
     c = config
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    heads = lambda n: lambda w: w.T.reshape(c.hidden_size, n, c.head_dim)  # noqa: E731
+    heads = lambda n: lambda w: w.T.reshape(c.hidden_size, n, c.head_dim)
     return [
         Rule(r"model\.embed_tokens\.weight", "embed"),
         Rule(layer + r"input_layernorm\.weight", "layers.input_norm.scale"),

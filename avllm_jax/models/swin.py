@@ -76,7 +76,7 @@ class SwinBlock(nnx.Module):
     def _attention(self, windows, additive):
         """windows [B, W, N, C]; additive [B | 1, W, heads, N, N] bias and mask."""
         *lead, channels = windows.shape
-        split = lambda t: t.reshape(*lead, self.heads, channels // self.heads)  # noqa: E731
+        split = lambda t: t.reshape(*lead, self.heads, channels // self.heads)
         query, key, value = split(self.query(windows)), split(self.key(windows)), split(self.value(windows))
         scores = jnp.einsum("bwqhd,bwkhd->bwhqk", query, key, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(channels // self.heads) + additive.astype(jnp.float32)

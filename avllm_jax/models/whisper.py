@@ -171,10 +171,10 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        cast = lambda p: p[...].astype(dtype)  # noqa: E731
+        cast = lambda p: p[...].astype(dtype)
         x = layers.constrain(x, layers.RESIDUAL)
         h = self.attn_norm(x)
-        project = lambda name: jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{name}_proj")))  # noqa: E731
+        project = lambda name: jnp.einsum("bsd,dhk->bshk", h, cast(getattr(self, f"{name}_proj")))
         q = layers.constrain(project("q") + cast(self.q_bias), layers.HEADS)
         k = layers.constrain(project("k"), layers.HEADS)
         v = layers.constrain(project("v") + cast(self.v_bias), layers.HEADS)
@@ -256,8 +256,8 @@ def hf_rules(config: WhisperEncoderConfig) -> list[Rule]:
     heads, head_dim = c.encoder_attention_heads, c.d_model // c.encoder_attention_heads
     encoder = r"(?:model\.)?encoder\."
     layer = encoder + r"layers\.(?P<layer>\d+)\."
-    to_heads = lambda w: w.T.reshape(c.d_model, heads, head_dim)  # noqa: E731
-    head_bias = lambda b: b.reshape(heads, head_dim)  # noqa: E731
+    to_heads = lambda w: w.T.reshape(c.d_model, heads, head_dim)
+    head_bias = lambda b: b.reshape(heads, head_dim)
     rules = [
         # the decoder, and the output projection of WhisperForConditionalGeneration (tied to it)
         Rule(r"(?:model\.)?decoder\..*|proj_out\.weight", None),

@@ -244,7 +244,8 @@ def _compare(config, reference, prefix):
             if isinstance(config[key], ml_collections.ConfigDict):
                 yield from _compare(config[key], reference[key], name)
             else:
-                yield f"{name} must be a block of fields ({', '.join(sorted(reference[key].keys()))}), not {config[key]!r}"
+                fields = ", ".join(sorted(reference[key].keys()))
+                yield f"{name} must be a block of fields ({fields}), not {config[key]!r}"
     missing = sorted(set(reference.keys()) - set(config.keys()))
     if missing:
         # A block replaced wholesale loses base_config()'s fields: set them on it instead.

@@ -263,7 +263,7 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
             return memo[name]
         memo[name] = 0.0  # a computation that (impossibly) calls itself adds nothing
         computation = computations.get(name, _Computation({}))
-        shape = lambda instruction: _dims(computation.instructions[instruction])  # noqa: E731
+        shape = lambda instruction: _dims(computation.instructions[instruction])
         total = 0.0
         for rest in computation.instructions.values():
             op, operands = _op_and_operands(rest)
@@ -299,7 +299,7 @@ def _convolution_flops(rest: str, lhs: tuple[int, ...], kernel: tuple[int, ...])
     matmuls as convolutions, batch dimensions as windows dilated so that one tap is real."""
     lhs_labels, kernel_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest).groups()
     out = _dims(rest)
-    size = lambda dims, labels, label: dims[labels.index(label)]  # noqa: E731
+    size = lambda dims, labels, label: dims[labels.index(label)]
     total = 2.0 * size(out, out_labels, "b") * size(out, out_labels, "f") * size(kernel, kernel_labels, "i")
     window = re.search(r"window=\{([^}]*)\}", rest)
     fields = dict(field.split("=") for field in window[1].split()) if window else {}

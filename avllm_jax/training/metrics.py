@@ -126,7 +126,8 @@ class MetricsLog:
         return (
             f"step {step_number}/{self.total}{f' | {phase.label}' if phase is not None else ''}"
             f" | loss {row.get('loss', float('nan')):.4f}"
-            f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm {row.get('grad_norm', float('nan')):.3g}"
+            f"{f' ({groups})' if groups else ''} | lr {row['learning_rate']:.2e} | grad norm "
+            f"{row.get('grad_norm', float('nan')):.3g}"
             f" | {row['steps_per_second']:.2f} steps/s, {row['samples_per_second']:.1f} samples/s,"
             f" {row['target_tokens_per_second']:.0f} answer tok/s,"
             f" {row['tflops_per_device']:.3f} TFLOP/s/device, mfu {mfu} | eta {_duration(eta)} | {counts}"

@@ -2,7 +2,8 @@
 configs/sft.py with num_audio_segments = COUNT, one of 1, 2, 4, 8, 16 (4 is the default
 run). The argument is "STAGE,COUNT":
 
-    python -m avllm_jax.train --config=configs/ablations/fig10_segments.py:pretrain,8 --workdir=runs/fig10_segments_8/pretrain \
+    python -m avllm_jax.train --config=configs/ablations/fig10_segments.py:pretrain,8 \
+        --workdir=runs/fig10_segments_8/pretrain \
         --config.data.sources='[{"path": "data/pretrain.jsonl", "media_root": "data/media", "weight": 1.0}]'
     python -m avllm_jax.train --config=configs/ablations/fig10_segments.py:sft,8 --workdir=runs/fig10_segments_8/sft \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'

@@ -2,7 +2,8 @@
 configs/sft.py with num_frames = COUNT, one of 4, 8, 16, 32, 64 (32 is the default
 run). The argument is "STAGE,COUNT":
 
-    python -m avllm_jax.train --config=configs/ablations/fig9_frames.py:pretrain,8 --workdir=runs/fig9_frames_8/pretrain \
+    python -m avllm_jax.train --config=configs/ablations/fig9_frames.py:pretrain,8 \
+        --workdir=runs/fig9_frames_8/pretrain \
         --config.data.sources='[{"path": "data/pretrain.jsonl", "media_root": "data/media", "weight": 1.0}]'
     python -m avllm_jax.train --config=configs/ablations/fig9_frames.py:sft,8 --workdir=runs/fig9_frames_8/sft \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'

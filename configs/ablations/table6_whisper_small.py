@@ -3,11 +3,14 @@ configs/pretrain.py and configs/sft.py with Whisper-Small's encoder in place of 
 Each clip's first 30 s are encoded once at 16 kHz and its K = 4 audio tokens pool the encoder's
 frames over 4 equal spans of the real audio (README, "Whisper as the audio encoder").
 
-    python tools/convert_hf_weights.py --clip openai/clip-vit-large-patch14 --whisper openai/whisper-small --llm lmsys/vicuna-7b-v1.5 --allow-pickle \
+    python tools/convert_hf_weights.py --clip openai/clip-vit-large-patch14 --whisper openai/whisper-small \
+        --llm lmsys/vicuna-7b-v1.5 --allow-pickle \
         --out checkpoints/avllm-init-table6_whisper_small
-    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:pretrain --workdir=runs/table6_whisper_small/pretrain \
+    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:pretrain \
+        --workdir=runs/table6_whisper_small/pretrain \
         --config.data.sources='[{"path": "data/pretrain.jsonl", "media_root": "data/media", "weight": 1.0}]'
-    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:sft --workdir=runs/table6_whisper_small/sft \
+    python -m avllm_jax.train --config=configs/ablations/table6_whisper_small.py:sft \
+        --workdir=runs/table6_whisper_small/sft \
         --config.data.sources='[{"path": "data/instructions.jsonl", "media_root": "data/media", "weight": 1.0}]'
 """
 

@@ -47,7 +47,8 @@ def run(args):
         seconds = time.time() - start
         size = sum(p.stat().st_size for p in (root / "features").iterdir())
         print(
-            f"cache of {args.clips} files: built in {seconds:.1f} s wall ({args.clips / seconds:.1f} files/s, start-up and "
+            f"cache of {args.clips} files: built in {seconds:.1f} s wall ({args.clips / seconds:.1f} files/s, "
+            "start-up and "
             f"compile included), {size / 1e6:.2f} MB ({size / args.clips / 1e3:.1f} KB a file)"
         )
         rates = {}

@@ -100,7 +100,10 @@ def generation_table(args):
 
     print(f"model: {config}")
     print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, greedy, EOS disabled, float32")
-    header = f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'speed-up':>8} {'ours compile s':>14} {'HF 1st call s':>13} {'same tokens':>11}"
+    header = (
+        f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'speed-up':>8} {'ours compile s':>14} "
+        f"{'HF 1st call s':>13} {'same tokens':>11}"
+    )
     print(header)
     rng = np.random.RandomState(0)
     for batch in args.batch:
@@ -202,8 +205,14 @@ def evaluation_throughput(args):
         data, media_root = demo_benchmark(directory, args.eval_questions)
         trained = os.path.exists(os.path.join(args.demo_checkpoint, "config.json"))
         checkpoint = args.demo_checkpoint if trained else random_demo_model(directory)
+        model_described = (
+            f"the trained demo model {checkpoint}"
+            if trained
+            else f"the demo model with random weights (no {args.demo_checkpoint})"
+        )
         print(
-            f"\nevaluation: {args.eval_questions} held-out demo questions, {'the trained demo model ' + checkpoint if trained else 'the demo model with random weights (no ' + args.demo_checkpoint + ')'}, "
+            f"\nevaluation: {args.eval_questions} held-out demo questions, "
+            f"{model_described}, "
             f"greedy, at most {DEMO_MAX_NEW_TOKENS} new tokens, {len(jax.local_devices())} device(s)"
         )
         print(f"{'batch':>5} {'questions/s':>11} {'answered':>8} {'first run s (compiles)':>22}")
@@ -223,6 +232,7 @@ def evaluation_throughput(args):
                 )
                 seconds.append(time.perf_counter() - start)
             print(
-                f"{batch:>5} {summary['counts']['questions'] / seconds[1]:>11.1f} {summary['counts']['answered']:>8} {seconds[0]:>22.1f}",
+                f"{batch:>5} {summary['counts']['questions'] / seconds[1]:>11.1f} {summary['counts']['answered']:>8} "
+                f"{seconds[0]:>22.1f}",
                 flush=True,
             )

@@ -158,7 +158,8 @@ def time_step(config, args, batch, label):
         train_step = step.make_train_step(graphdef, optimizer, num_microbatches=args.microbatches)
         device_batch = sharding.shard_batch(batch, mesh)
         print(
-            f"[{label}] init {time.time() - start:.1f} s; trainable {sum(x.size for x in jax.tree.leaves(trainable)):,}, "
+            f"[{label}] init {time.time() - start:.1f} s; trainable "
+            f"{sum(x.size for x in jax.tree.leaves(trainable)):,}, "
             f"frozen {sum(x.size for x in jax.tree.leaves(frozen)):,} parameters",
             flush=True,
         )
@@ -184,8 +185,10 @@ def run(args):
     peak = flops.peak_flops_per_device(jax.devices()[0])
     llm_trains = args.stage == "sft"
     print(
-        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; stage {args.stage}, LLM {config.llm.num_layers} layers "
-        f"x {config.llm.hidden_size}, {args.frames} frames, {args.segments} audio segments, remat {args.remat}, attention {args.attention}"
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; stage {args.stage}, LLM "
+        f"{config.llm.num_layers} layers "
+        f"x {config.llm.hidden_size}, {args.frames} frames, {args.segments} audio segments, remat {args.remat}, "
+        f"attention {args.attention}"
     )
     if args.data == "mix":
         return run_mix(args, config, peak, llm_trains)
@@ -287,14 +290,16 @@ def run_mix(args, config, peak, llm_trains):
     devices = jax.device_count()
     print(f"\npadded: {args.batch} samples a step, rows of {padded_sequence}; packed: {args.packs} packs of {budget}")
     print(
-        "| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful share of slots |"
+        "| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful "
+        "share of slots |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         useful_tflops = r["useful"] / r["seconds"] / devices / 1e12
         mfu = (lambda flops_: f"{flops_ / r['seconds'] / devices / peak:.1%}") if peak else (lambda _: "n/a")
         print(
-            f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | {useful_tflops:.4f} "
+            f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | "
+            f"{useful_tflops:.4f} "
             f"| {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |"
         )
     gain = (results["packed"]["answers"] / results["packed"]["seconds"]) / (
