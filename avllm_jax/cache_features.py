@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from avllm_jax import runtime
 from avllm_jax.data import feature_cache, pipeline, samples
 from avllm_jax.data.media import MediaError
+from avllm_jax.errors import AvllmError
 from avllm_jax.models import layers
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import sharding
@@ -63,7 +64,7 @@ _WORKERS = flags.DEFINE_integer(
 _HELP = flags.DEFINE_bool("help", False, "Show this help.", flag_values=_FLAGS)
 
 
-class CacheBuildError(RuntimeError):
+class CacheBuildError(AvllmError, RuntimeError):
     """The cache cannot be built as asked: the message says why."""
 
 

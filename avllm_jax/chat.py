@@ -14,23 +14,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 
 import jax
 
+from avllm_jax import cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import MediaError
+from avllm_jax.errors import AvllmError, UsageError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 from avllm_jax.models import attention
 
 QUIT_WORDS = ("exit", "quit")
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m avllm_jax.chat", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("python -m avllm_jax.chat", __doc__)
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--media", required=True, help="video, audio file or image")
     parser.add_argument(
@@ -44,6 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     prompts.add_media_arguments(parser)
     return parser.parse_args(argv)
+
+
+def checkpoint_config(path: str, flag: str = "--checkpoint"):
+    """The model config stored at `path`, read without its weights: a UsageError naming the
+    flag when `path` is no model."""
+    from avllm_jax import checkpoint
+
+    try:
+        return checkpoint.read_model_config(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {path}: {error}") from None
 
 
 class _StreamPrinter:
@@ -61,26 +76,34 @@ class _StreamPrinter:
             self.shown = text
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> list[str]:
     """Runs the chat; returns the answers given."""
     args = parse_args(argv)
+    cli.configure_logging(args)
+    # Everything the user gave is checked before the weights load (minutes for a 7B model).
+    model_config = checkpoint_config(args.checkpoint)
+    cli.require_file(args.media, "--media", "media file")
+    try:
+        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
+        media = None if data_config.feature_cache else samples.load_sample_media(args.media, data_config, None)
+        modality = prompts.resolve_modality(media, args.modality, args.media) if media is not None else None
+    except (MediaError, ValueError) as error:
+        raise AvllmError(str(error)) from None
+    if modality is not None:
+        _check_parts(model_config, modality, args.checkpoint)
     from avllm_jax.checkpoint import load_model
 
-    print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
+    logger.info("loading %s ...", args.checkpoint)
     model = load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)
-    try:
-        data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
-        media = samples.load_sample_media(args.media, data_config, prompts.open_feature_cache(model, data_config))
-        modality = prompts.resolve_modality(media, args.modality, args.media)
-    except (MediaError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if (
-        (modality.has_visual and model.vision is None)
-        or (modality.has_audio and model.config.audio_tower is None)
-        or model.llm is None
-    ):
-        sys.exit(f"error: {args.checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")
+    if media is None:  # read from the feature cache, which is checked against the loaded weights
+        try:
+            media = samples.load_sample_media(args.media, data_config, prompts.open_feature_cache(model, data_config))
+            modality = prompts.resolve_modality(media, args.modality, args.media)
+        except (MediaError, ValueError) as error:
+            raise AvllmError(str(error)) from None
+        _check_parts(model_config, modality, args.checkpoint)
     # The attention module reports its choice on stdout, once per name: say it now, on stderr,
     # so that stdout holds only answers.
     with contextlib.redirect_stdout(sys.stderr):
@@ -88,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             if part is not None:
                 attention.resolve_implementation(part.attention_implementation)
     how = "forced by --modality" if args.modality else "from the file's streams"
-    print(f"modality: {modality.value} ({how})", file=sys.stderr, flush=True)
+    logger.info("modality: %s (%s)", modality.value, how)
 
     rng = jax.random.key(args.seed)
     turns: list[tuple[str, str]] = []
@@ -117,11 +140,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         printer.update(answer, final=True)
         print(flush=True)
         seconds = time.perf_counter() - start
-        print(
-            f"({len(tokens)} tokens in {seconds:.1f} s, compilation included on a first turn)",
-            file=sys.stderr,
-            flush=True,
-        )
+        logger.info("(%d tokens in %.1f s, compilation included on a first turn)", len(tokens), seconds)
         turns.append((conversation.ASSISTANT_ROLE, answer))
         answers.append(answer)
         return answer
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         if args.question is not None:
             reply(args.question)
             return answers
-        print("type a question; 'exit' or Ctrl-D ends the chat", file=sys.stderr, flush=True)
+        logger.info("type a question; 'exit' or Ctrl-D ends the chat")
         while True:
             try:
                 question = input(f"{conversation.USER_ROLE}: ").strip()
@@ -145,6 +164,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return answers
+
+
+def _check_parts(model_config, modality: Modality, checkpoint: str) -> None:
+    if (
+        (modality.has_visual and model_config.vision is None)
+        or (modality.has_audio and model_config.audio_tower is None)
+        or model_config.llm is None
+    ):
+        raise AvllmError(f"{checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")
 
 
 if __name__ == "__main__":

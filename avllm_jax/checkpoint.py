@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.errors import AvllmError
 from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
@@ -99,7 +100,7 @@ def abstract_model(config: AVLLMConfig):
     return nnx.split(nnx.eval_shape(lambda: AVLLM(config, rngs=nnx.Rngs(0))))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AvllmError, RuntimeError):
     """A checkpoint that cannot be read; the message names the step or directory and why."""
 
 

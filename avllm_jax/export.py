@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from avllm_jax import checkpoint
 from avllm_jax.data.conversation import SYSTEM_PROMPT, load_tokenizer
+from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
 from avllm_jax.models import llama
 
@@ -45,7 +46,7 @@ PROJECTOR_INPUTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(AvllmError, ValueError):
     """A workdir that cannot be exported, or an output directory that cannot take it."""
 
 

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from avllm_jax import checkpoint
 from avllm_jax.data import packing, samples
+from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
 from avllm_jax.models import attention
 from avllm_jax.models.avllm import AVLLMConfig
@@ -69,7 +70,7 @@ REQUIREMENTS_TPU = "requirements-tpu.txt"
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-class PlanError(RuntimeError):
+class PlanError(AvllmError, RuntimeError):
     """A plan that cannot be made (unknown topology, missing compiler, bad batch split)."""
 
 

@@ -28,6 +28,8 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from avllm_jax.errors import AvllmError
+
 
 def split_cpus(data_config) -> tuple[set[int] | None, set[int] | None]:
     """(CPUs of the training process, CPUs of the decoding processes) as
@@ -77,7 +79,7 @@ ENVIRONMENT = {
 }
 
 
-class DistributedError(RuntimeError):
+class DistributedError(AvllmError, RuntimeError):
     """The processes of a job cannot find each other; the message says which and where."""
 
 

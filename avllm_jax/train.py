@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from avllm_jax import checkpoint, runtime
 from avllm_jax.data import conversation, feature_cache, features, packing, phases, pipeline
+from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
@@ -52,7 +53,7 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error 
 PREEMPTED_EXIT_STATUS = 143  # what a process ended by SIGTERM returns: the job did not finish
 
 
-class SetupError(RuntimeError):
+class SetupError(AvllmError, RuntimeError):
     """A run that cannot start (missing checkpoint, bad config): the message says what to do."""
 
 

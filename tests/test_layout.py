@@ -14,8 +14,10 @@ MAX_LINES = 400
 # within their own package. `avllm_jax/__init__.py` (the public `load_model`, imported lazily)
 # is the package's front door and stands outside the layers.
 LAYERS = {
+    "errors": -1,  # the user-error base class and exit statuses: below everything that raises them
     "modality": 0,
     "runtime": 0,
+    "cli": 1,  # the command-line convention: errors and runtime below it, every command above
     "data": 1,
     "models": 2,
     "checkpoint": 3,
@@ -87,10 +89,12 @@ def test_imports_go_one_way(graph):
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
 
 
-def test_models_import_only_models_and_modality(graph):
+def test_models_import_only_models_modality_and_errors(graph):
     for module, imports in graph.items():
         if module.startswith("avllm_jax.models"):
-            outside = {t for t in imports if not t.startswith(("avllm_jax.models", "avllm_jax.modality"))}
+            outside = {
+                t for t in imports if not t.startswith(("avllm_jax.models", "avllm_jax.modality", "avllm_jax.errors"))
+            }
             assert not outside, f"{module} imports {sorted(outside)}"
 
 

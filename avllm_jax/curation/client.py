@@ -20,8 +20,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from avllm_jax.errors import AvllmError
 
-class ChatError(RuntimeError):
+
+class ChatError(AvllmError, RuntimeError):
     """A chat request that failed for good (after all retries, or at once on a client error)."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from avllm_jax.errors import AvllmError
 from avllm_jax.modality import IGNORE_INDEX, MODALITY_TOKENS, Modality
 
 
@@ -81,11 +82,11 @@ ASSISTANT_ROLE = "ASSISTANT"
 _ROLES = {"human": USER_ROLE, "user": USER_ROLE, "gpt": ASSISTANT_ROLE, "assistant": ASSISTANT_ROLE}
 
 
-class MalformedSampleError(ValueError):
+class MalformedSampleError(AvllmError, ValueError):
     """An instruction sample that cannot be used; the message starts with `file:line`."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(AvllmError, ValueError):
     """A conversation whose modality token falls past the length its ids are cut to."""
 
 

@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from avllm_jax.data.media import MediaError
+from avllm_jax.errors import AvllmError
 
 MANIFEST = "manifest.json"
 # The data fields the features depend on (the text fields do not matter to them).
@@ -48,7 +49,7 @@ MEDIA_FIELDS = (
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(AvllmError, ValueError):
     """A cache that cannot serve this run: not built, unfinished, or of other features."""
 
 

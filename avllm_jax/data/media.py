@@ -20,6 +20,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from avllm_jax.errors import AvllmError
+
 # Demuxers that open almost any file (ANSI art, raw binary) and would turn text into "video".
 _TEXT_ART_FORMATS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
 # A file whose streams end this much before the duration its header declares was cut short.
@@ -29,7 +31,7 @@ _TRUNCATION_TOLERANCE_S = 0.5
 _HEADER_DURATION_FORMATS = frozenset({"matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "avi", "flac"})
 
 
-class MediaError(ValueError):
+class MediaError(AvllmError, ValueError):
     """A media file that cannot be decoded; the message names the file and the reason."""
 
 

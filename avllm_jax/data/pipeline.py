@@ -58,6 +58,7 @@ from avllm_jax import runtime
 from avllm_jax.data import conversation, feature_cache, packing
 from avllm_jax.data.media import MediaError
 from avllm_jax.data.samples import build_sample, load_sample_media, media_shapes, pad_text, routed_modality
+from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
 
 _SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
@@ -65,7 +66,7 @@ COUNTERS = (*_SKIP_COUNTERS, "num_rerouted", "num_truncated")
 _MAX_LISTED_FAILURES = 10
 
 
-class DataError(RuntimeError):
+class DataError(AvllmError, RuntimeError):
     """Too many bad samples: the input data, not the model, needs fixing."""
 
 

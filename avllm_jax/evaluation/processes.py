@@ -17,11 +17,13 @@ import json
 import time
 from collections.abc import Callable
 
+from avllm_jax.errors import AvllmError
+
 NAMESPACE = "avllm_jax/evaluate"
 POLL_S = 0.2
 
 
-class ProcessGroupError(RuntimeError):
+class ProcessGroupError(AvllmError, RuntimeError):
     """A process that did not hear from another in time; the message says which and for how long."""
 
 

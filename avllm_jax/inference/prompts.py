@@ -28,15 +28,17 @@ from avllm_jax.data import conversation, feature_cache, features, pipeline, samp
 from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
-from avllm_jax.models.avllm import AVLLM
+from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
 # Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
 # length share one compiled program.
 PROMPT_BUCKET = 32
 
 
-def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **overrides) -> ml_collections.ConfigDict:
-    """The media settings the model is fed with at inference.
+def inference_data_config(
+    model: AVLLM | AVLLMConfig, checkpoint_dir: str | None = None, **overrides
+) -> ml_collections.ConfigDict:
+    """The media settings the model (or, before its weights load, its config) is fed with at inference.
 
     A training workdir's saved data settings when `checkpoint_dir` is one; otherwise the
     pipeline's defaults fitted to the encoders: the vision encoder's input size, the audio
@@ -46,12 +48,13 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
     `overrides` (None values are ignored). Audio settings the encoder cannot take are a
     ValueError that names the fitting ones.
     """
+    model_config = model.config if isinstance(model, AVLLM) else model
     config = read_data_config(checkpoint_dir) if checkpoint_dir else None
-    audio, whisper = model.config.audio, model.config.whisper
+    audio, whisper = model_config.audio, model_config.whisper
     if config is None:
         config = pipeline.default_data_config()
-        if model.config.vision is not None:
-            config.image_size = model.config.vision.image_size
+        if model_config.vision is not None:
+            config.image_size = model_config.vision.image_size
         if audio is not None:
             config.audio_truncation = "fusion" if audio.enable_fusion else "rand_trunc"
             config.audio_max_length_s = min(
@@ -65,8 +68,8 @@ def inference_data_config(model: AVLLM, checkpoint_dir: str | None = None, **ove
             )
     config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
-    tower = model.config.audio_tower
-    if tower is not None and (problem := features.audio_settings_problem(config, model.config.audio_encoder, tower)):
+    tower = model_config.audio_tower
+    if tower is not None and (problem := features.audio_settings_problem(config, model_config.audio_encoder, tower)):
         raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
 

@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from avllm_jax.errors import AvllmError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 
 
-class ConversionError(ValueError):
+class ConversionError(AvllmError, ValueError):
     """A checkpoint that does not fit the model: the message names the tensor."""
 
 

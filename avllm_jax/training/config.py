@@ -41,6 +41,7 @@ from ml_collections import config_dict
 from avllm_jax import checkpoint
 from avllm_jax.data import phases as phases_lib
 from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm, llama
 from avllm_jax.training import optim
 
@@ -50,7 +51,7 @@ MODEL_PARTS = {part: config_class for part, (config_class, _) in avllm.PARTS.ite
 LORA_ADAPTERS = r"llm\.layers\.lora\..*"  # the LLM's adapters, for config.trainable
 
 
-class ConfigError(ValueError):
+class ConfigError(AvllmError, ValueError):
     """A config that names a field or model part that does not exist."""
 
 

@@ -1,0 +1,163 @@
+"""The command-line convention (avllm_jax/cli.py, docs/cli.md): every entry point turns a user
+error into one line with a documented exit status, before any model loads, and takes --debug.
+
+The subprocess tests drive each entry point's bad inputs as a user would; they fail before any
+weights load, so each takes the seconds that importing JAX takes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import tiny_config, tiny_tokenizer
+from training_runs import REPO, environment
+
+from avllm_jax import checkpoint, cli
+from avllm_jax.errors import EXIT_ERROR, EXIT_USAGE, AvllmError, UsageError
+from avllm_jax.training import config as config_lib
+
+DEMO_CONFIG = str(REPO / "configs/demo.py")
+
+
+def run(*argv, cwd=None):
+    """`python ARGV...` (a module with -m, or a tool's path) as a user runs it."""
+    return subprocess.run(
+        [sys.executable, *argv], check=False, env=environment(), capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def assert_one_line_error(result, *needles, code=EXIT_ERROR):
+    """Exit `code`, and stderr's last line is the only error line: `error: ...` holding every needle."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and lines, result.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and [line for line in lines if line.startswith("error:")] == lines[-1:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    assert "PyTorch was not found" not in result.stderr + result.stdout
+    assert "loading " not in result.stderr  # no model started loading
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A model directory holding only its config (no weights: nothing may load them), a media
+    file that is not media, and an instruction file."""
+    root = tmp_path_factory.mktemp("cli")
+    checkpoint.write_model_config(str(root / "model"), tiny_config(tiny_tokenizer()))
+    (root / "not_media.mp4").write_bytes(b"not a video")
+    (root / "data.jsonl").write_text(json.dumps({"video": "a.mp4", "conversations": []}) + "\n")
+    return root
+
+
+# The shared pieces, in-process.
+
+
+def test_flags_take_hyphens_or_underscores_and_errors_are_usage_errors():
+    parser = cli.Parser("prog")
+    parser.add_argument("--max-new-tokens", type=int, default=1)
+    assert parser.parse_args(["--max_new_tokens=7"]).max_new_tokens == 7
+    assert parser.parse_args(["--max-new-tokens", "8"]).max_new_tokens == 8
+    with pytest.raises(UsageError, match=r"argument --max-new-tokens: invalid int value: 'x'") as error:
+        parser.parse_args(["--max-new-tokens=x"])
+    assert error.value.exit_code == EXIT_USAGE
+    with pytest.raises(UsageError, match=r"unrecognized arguments: --nope"):
+        parser.parse_args(["--nope"])
+
+
+def config_parser():
+    parser = cli.Parser("prog")
+    parser.add_config_flag("config", config_lib.unknown_field)
+    return parser
+
+
+def test_config_overrides_apply_in_any_order_with_the_fields_types():
+    args = config_parser().parse_args(
+        ["--config.num_steps=7", "--config", DEMO_CONFIG, "--config.optim.learning_rate", "3", "--config.data.seed=5"]
+    )
+    assert args.config.num_steps == 7 and args.config.optim.learning_rate == 3.0 and args.config.data.seed == 5
+    assert isinstance(args.config.optim.learning_rate, float)
+
+
+def test_config_mistakes_name_their_cause(tmp_path):
+    with pytest.raises(UsageError) as error:  # the value, not the config file, is to blame
+        config_parser().parse_args(["--config", DEMO_CONFIG, "--config.num_steps=abc"])
+    assert str(error.value).startswith("--config.num_steps=abc: invalid literal for int()")
+    with pytest.raises(
+        UsageError, match=r"^--config\.optim\.lr: config\.optim\.lr is not a field \(choose from beta1, .*learning_rate"
+    ):
+        config_parser().parse_args(["--config", DEMO_CONFIG, "--config.optim.lr=1"])
+    missing = str(tmp_path / "nothere.py")
+    with pytest.raises(UsageError) as error:
+        config_parser().parse_args(["--config", missing])
+    assert str(error.value) == f"--config={missing}: the config file {missing} does not exist (No such file)"
+
+
+def test_a_failing_config_file_is_named(tmp_path):
+    failing = tmp_path / "failing.py"
+    failing.write_text("def get_config():\n    return 1 / 0\n")
+    with pytest.raises(UsageError, match=rf"^config file {failing}: ZeroDivisionError: division by zero$"):
+        config_parser().parse_args(["--config", str(failing)])
+
+
+def test_entry_point_turns_a_user_error_into_one_line_and_its_status(capsys):
+    @cli.entry_point
+    def main(argv):
+        raise AvllmError(f"bad {argv[0]}")
+
+    with pytest.raises(SystemExit) as exit:
+        main(["input"])
+    assert exit.value.code == EXIT_ERROR and str(exit.value) == "error: bad input"
+    assert capsys.readouterr().err == "error: bad input\n"
+    with pytest.raises(AvllmError, match="bad --debug"):  # --debug: the exception itself, with its traceback
+        main(["--debug"])
+
+
+def test_every_library_error_has_the_base():
+    from avllm_jax import cache_features, export, plan, runtime, train
+    from avllm_jax.curation import client
+    from avllm_jax.data import conversation, feature_cache, media, pipeline
+    from avllm_jax.evaluation import processes
+    from avllm_jax.models import conversion
+
+    errors = [
+        processes.ProcessGroupError,
+        config_lib.ConfigError,
+        export.ExportError,
+        runtime.DistributedError,
+        cache_features.CacheBuildError,
+        client.ChatError,
+        conversion.ConversionError,
+        plan.PlanError,
+        checkpoint.CheckpointError,
+        checkpoint.CheckpointMismatch,
+        media.MediaError,
+        pipeline.DataError,
+        conversation.MalformedSampleError,
+        conversation.PromptTooLongError,
+        feature_cache.FeatureCacheError,
+        train.SetupError,
+    ]
+    assert [e.__name__ for e in errors if not issubclass(e, AvllmError)] == []
+
+
+# Each entry point's bad inputs, as subprocesses.
+
+
+def test_chat_bad_inputs(inputs, tmp_path):
+    assert_one_line_error(
+        run("-m", "avllm_jax.chat", "--checkpoint", str(tmp_path / "none"), "--media", "x.mp4"),
+        f"--checkpoint {tmp_path / 'none'}:",
+        "has no config.json",
+        code=EXIT_USAGE,
+    )
+    assert_one_line_error(run("-m", "avllm_jax.chat", "--media", "x.mp4"), "required: --checkpoint", code=EXIT_USAGE)
+    model = str(inputs / "model")
+    assert_one_line_error(
+        run("-m", "avllm_jax.chat", "--checkpoint", model, "--media", str(tmp_path / "gone.mp4")),
+        f"--media {tmp_path / 'gone.mp4'}: the media file does not exist",
+        code=EXIT_USAGE,
+    )
+    assert_one_line_error(
+        run("-m", "avllm_jax.chat", "--checkpoint", model, "--media", str(inputs / "not_media.mp4")),
+        str(inputs / "not_media.mp4"),
+    )
