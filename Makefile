@@ -1,23 +1,23 @@
-# `make demo`, `make ablate`, `make test` and `make web` work on a fresh machine: each creates .venv and installs what
-# it needs (`make test` also Debian's chromium, for the browser test). `make web` serves the model
+# Every target works on a fresh machine: it creates .venv and installs what it needs, with the exact versions
+# of constraints.txt. `make test` also installs Debian's chromium (the browser test). `make web` serves the model
 # `make demo` trained; WEB_ARGS adds flags, e.g. make web WEB_ARGS="--host 0.0.0.0 --port 8000".
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet -c constraints.txt
 DEMO_OUT := demo_out
 WEB_ARGS ?=
 
-.PHONY: demo ablate test web browser install install-dev clean
+.PHONY: demo ablate test test-fast lint format web browser install install-dev clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PIP) -e ".[web]"
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-tpu.txt
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,12 +34,25 @@ ablate: $(VENV)/.installed
 browser:
 	bash tools/install_browser.sh
 
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 test: $(VENV)/.installed-dev browser
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: no training subprocesses, no browser, no TPU compile (under 3 minutes).
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests -m "not slow and not subprocess and not browser and not tpu"
 
 web: $(VENV)/.installed
 	@test -f $(DEMO_OUT)/run/config.json || { echo "make web serves the model that make demo trains: run make demo first"; exit 1; }
 	$(PY) -m avllm_jax.web --checkpoint $(DEMO_OUT)/run --examples $(wildcard $(DEMO_OUT)/data/media/eval_0000[0-5].*) $(WEB_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

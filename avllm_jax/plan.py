@@ -6,7 +6,7 @@ It builds the config's train state from shapes alone (the converted checkpoint's
 when `init_checkpoint` has one, else each model part's defaults; no weights are read), lays
 it out on the topology's mesh with training's shardings, and compiles the real train step
 ahead of time for that topology: a TPU slice with libtpu's compiler on this CPU host
-(`pip install -r requirements-tpu.txt`), `cpu:N` on N host devices, and a GPU machine
+(`pip install -c constraints.txt -e ".[tpu]"`), `cpu:N` on N host devices, and a GPU machine
 (`a100-40gb-8`, `h100-80gb-8`, ...) with the CPU compiler as an estimate for that mesh.
 Attention resolves for the target ('auto' is splash attention on a TPU), not for this host.
 
@@ -64,7 +64,7 @@ def _define_flags() -> dict:
 
 
 GIB = 2**30
-REQUIREMENTS_TPU = "requirements-tpu.txt"
+INSTALL_TPU = "pip install -c constraints.txt -e '.[tpu]'"
 # The CPU compiler plans memory before LLVM runs, and a plan never runs the program: skipping
 # LLVM's optimisations halves the compile and leaves the memory figures the same.
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -150,7 +150,7 @@ def topology_devices(target: Topology) -> list:
     if target.platform == "tpu":
         if not libtpu_installed():
             raise PlanError(
-                f"{target.name} is compiled by libtpu, which is not installed: pip install -r {REQUIREMENTS_TPU}"
+                f"{target.name} is compiled by libtpu, which is not installed: {INSTALL_TPU}"
             )
         from jax.experimental import topologies
 

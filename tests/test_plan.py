@@ -104,7 +104,7 @@ def test_topology_names():
 
 def test_a_missing_libtpu_names_the_requirements_file(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` fail
-    with pytest.raises(plan.PlanError, match=r"v5e-4 is compiled by libtpu.*pip install -r requirements-tpu.txt"):
+    with pytest.raises(plan.PlanError, match=r"v5e-4 is compiled by libtpu.*pip install -c constraints.txt -e '\.\[tpu\]'"):
         plan.topology_devices(plan.topology("v5e-4"))
 
 
@@ -186,7 +186,7 @@ ENTRY %main (a: f32[4,8,16], b: f32[4,16,32]) -> f32[4,8,32] {
     assert flops.hlo_matmul_flops(hlo).flops == 2 * 4 * 8 * 16 * 32
 
 
-@pytest.mark.skipif(not plan.libtpu_installed(), reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
+@pytest.mark.skipif(not plan.libtpu_installed(), reason="libtpu is not installed (the tpu extra)")
 def test_a_tpu_slice_compiles_with_splash_attention(capsys):
     """v5e-4 from this CPU host: 'auto' attention is splash (Mosaic kernels in the program),
     whose attention the FLOPs count analytically."""
