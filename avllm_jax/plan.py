@@ -149,9 +149,7 @@ def libtpu_installed() -> bool:
 def topology_devices(target: Topology) -> list:
     if target.platform == "tpu":
         if not libtpu_installed():
-            raise PlanError(
-                f"{target.name} is compiled by libtpu, which is not installed: {INSTALL_TPU}"
-            )
+            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: {INSTALL_TPU}")
         from jax.experimental import topologies
 
         # libtpu locks the host's chips against a second process; compiling uses none, and

@@ -104,7 +104,7 @@ def test_topology_names():
 
 def test_a_missing_libtpu_names_the_requirements_file(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` fail
-    with pytest.raises(plan.PlanError, match=r"v5e-4 is compiled by libtpu.*pip install -c constraints.txt -e '\.\[tpu\]'"):
+    with pytest.raises(plan.PlanError, match=r"v5e-4 is compiled by libtpu.*-c constraints.txt -e '\.\[tpu\]'"):
         plan.topology_devices(plan.topology("v5e-4"))
 
 
