@@ -10,6 +10,7 @@ import json
 import os
 import string
 from collections.abc import Iterable
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import transformers
@@ -24,7 +25,8 @@ def add_modality_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list
     missing = [t for t in MODALITY_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    return [tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS]
+    # cast: transformers annotates the result int | list[int], though one token gives one id
+    return [cast(int, tokenizer.convert_tokens_to_ids(t)) for t in MODALITY_TOKENS]
 
 
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
@@ -110,7 +112,7 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
 
     Media paths are joined to `media_root`; `confined`: a path that leaves it is malformed."""
 
-    def fail(reason):
+    def fail(reason: str) -> NoReturn:
         raise MalformedSampleError(f"{origin}: {reason}")
 
     if not isinstance(record, dict):
@@ -122,8 +124,8 @@ def parse_sample(record, origin: str, media_root: str | os.PathLike | None = Non
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             fail(f"turn {i} must be an object with a string 'value'")
-        role = _ROLES.get(turn.get("from"))
-        if role != (USER_ROLE if i % 2 == 0 else ASSISTANT_ROLE):
+        role = USER_ROLE if i % 2 == 0 else ASSISTANT_ROLE
+        if _ROLES.get(turn.get("from", "")) != role:
             fail(f"turn {i} is from {turn.get('from')!r}; turns must alternate human, gpt, starting with human")
         text = turn["value"]
         for foreign, ours in FOREIGN_TOKENS.items():
@@ -188,7 +190,9 @@ def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bo
             raise MalformedSampleError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
         if not isinstance(records, list):
             raise MalformedSampleError(f"{path}: expected a JSON array of samples")
-        entries = [(f"{path}[{i}]", record, None) for i, record in enumerate(records)]
+        entries: list[tuple[str, Any, str | None]] = [
+            (f"{path}[{i}]", record, None) for i, record in enumerate(records)
+        ]
     else:
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -210,7 +214,7 @@ def read_samples(path: str | os.PathLike, media_root=None, *, skip_malformed: bo
     return samples, malformed
 
 
-def first_user_message(question: str, modality: Modality) -> str:
+def first_user_message(question: str, modality: Modality | str) -> str:
     """The first user turn of a sample about media: the modality token, a newline, the question."""
     return f"{Modality(modality).token}\n{question}"
 

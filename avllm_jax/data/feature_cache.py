@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
@@ -157,7 +158,7 @@ class FeatureCache:
             for path in shard["paths"]:
                 self.index[path] = len(self.index)
             self.skipped |= shard["skipped"]
-        self._source = None
+        self._source: Sequence[bytes] | None = None  # grain's ArrayRecordDataSource, opened at the first lookup
 
     @property
     def fingerprint(self) -> dict:

@@ -53,7 +53,7 @@ class Media:
 
     @property
     def is_still(self) -> bool:
-        return self.has_visual and self.frames.shape[0] == 1
+        return self.frames is not None and self.frames.shape[0] == 1
 
 
 def load_media(
@@ -110,6 +110,9 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
     stream_end_s = 0.0  # where the last packet of any stream ends, to detect truncated files
 
     def take_audio(frames):
+        assert (
+            resampler is not None
+        )  # only audio packets reach here, and the resampler is created with the audio stream
         for f in frames:
             audio_chunks.extend(r.to_ndarray()[0] for r in resampler.resample(f))
 
@@ -125,10 +128,12 @@ def _decode(container, path, num_frames, image_size, num_audio_segments, audio_s
             take_audio(audio.codec_context.decode(packet) if packet.size else ())
         elif packet.size:
             if packet.is_keyframe and gop:
+                assert sampler is not None  # a packet not from the audio stream is from the video stream
                 sampler.decode_gop(gop, end_s=_packet_time(packet, video_start))
                 gop = []
             gop.append(packet)
     if audio is not None:
+        assert resampler is not None  # created with the audio stream
         take_audio(audio.codec_context.decode(None))
         audio_chunks.extend(r.to_ndarray()[0] for r in resampler.resample(None))
     if sampler is not None:
@@ -295,18 +300,25 @@ def write_media(
     """
     planar = None if audio is None else np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)
     with av.open(os.fspath(path), "w", format=container_format) as container:
-        video_stream = audio_stream = None
+        video_stream: av.VideoStream | None = None
+        audio_stream: av.AudioStream | None = None
         if frames is not None:
             frames = iter(frames)
             first = next(frames)
             frames = itertools.chain([first], frames)
-            video_stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
+            stream = container.add_stream(video_codec, rate=fps, options=video_options or {})
+            if not isinstance(stream, av.VideoStream):
+                raise ValueError(f"video_codec {video_codec!r} is not a video codec")
+            video_stream = stream
             video_stream.height, video_stream.width = first.shape[:2]
             video_stream.pix_fmt = pix_fmt
         if planar is not None:
-            audio_stream = container.add_stream(
+            stream = container.add_stream(
                 audio_codec, rate=sample_rate, layout=audio_layout, options=audio_options or {}
             )
+            if not isinstance(stream, av.AudioStream):
+                raise ValueError(f"audio_codec {audio_codec!r} is not an audio codec")
+            audio_stream = stream
 
         def encode_audio(start, stop):
             if audio_stream is not None and stop > start:
@@ -318,12 +330,14 @@ def write_media(
 
         audio_done = 0  # interleave: each video frame is followed by its share of the audio
         for index, image in enumerate(frames or ()):
+            assert video_stream is not None  # added above whenever frames are given
             container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             if planar is not None:
                 stop = min(planar.shape[1], round((index + 1) * sample_rate / fps))
                 encode_audio(audio_done, stop)
                 audio_done = max(audio_done, stop)
         if planar is not None:
+            assert audio_stream is not None  # added above whenever audio is given
             encode_audio(audio_done, planar.shape[1])
             container.mux(audio_stream.encode())
         if video_stream is not None:

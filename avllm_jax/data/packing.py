@@ -245,7 +245,7 @@ def assemble(
     samples_in_row = [0] * b.rows
     for sample, need, (row, offset) in zip(samples, needs, packer.placed):
         samples_in_row[row] += 1
-        modality_rows = []  # table index of each modality row, in order
+        table_rows: list[int] = []  # table index of each modality row, in order
         if need.frames:
             for name in media_shapes["frame"]:
                 out[name][frame : frame + need.frames] = sample[name][: need.frames]
@@ -254,23 +254,23 @@ def assemble(
             out["frame_item"][frame : frame + need.frames] = item
             out["item_frames"][item] = need.frames
             temporal = frame + (np.arange(r.temporal) if need.frames > 1 else np.zeros(r.temporal, int))
-            modality_rows += [*temporal, *(spatial_start + item * r.spatial + np.arange(r.spatial))]
+            table_rows += [*temporal, *(spatial_start + item * r.spatial + np.arange(r.spatial))]
             frame, item = frame + need.frames, item + 1
         if need.audio_clips:
             for name in media_shapes["audio"]:
                 out[name][clip] = sample[name]
-            modality_rows += [*(audio_start + clip * r.audio + np.arange(r.audio))]
+            table_rows += [*(audio_start + clip * r.audio + np.arange(r.audio))]
             clip += 1
         ids, labels, token_at = sample["input_ids"], sample["labels"], int(sample["modality_token_at"])
         # Each text position predicts the next text token (the modality token's label is ignored).
         next_labels = np.append(labels[1:], IGNORE_INDEX)
         if token_at < 0:
             token_at = ids.size  # text only: no modality rows
-        text_ids = np.concatenate([ids[:token_at], np.full(len(modality_rows), pad_id), ids[token_at + 1 :]])
+        text_ids = np.concatenate([ids[:token_at], np.full(len(table_rows), pad_id), ids[token_at + 1 :]])
         targets = np.concatenate(
-            [next_labels[:token_at], np.full(len(modality_rows), IGNORE_INDEX), next_labels[token_at + 1 :]]
+            [next_labels[:token_at], np.full(len(table_rows), IGNORE_INDEX), next_labels[token_at + 1 :]]
         )
-        index = np.concatenate([np.full(token_at, -1), modality_rows, np.full(max(ids.size - token_at - 1, 0), -1)])
+        index = np.concatenate([np.full(token_at, -1), table_rows, np.full(max(ids.size - token_at - 1, 0), -1)])
         span = slice(offset, offset + need.length)
         out["input_ids"][row, span] = text_ids
         out["targets"][row, span] = targets
@@ -325,7 +325,8 @@ class _PackIterator(grain.DatasetIterator):
         self.state_before_held = parent.get_state()
 
     def __next__(self) -> dict:
-        packer, samples = Packer(self.budget), []
+        packer = Packer(self.budget)
+        samples: list[dict] = []
         while True:
             if self.held is None:
                 state = self._parent.get_state()

@@ -221,6 +221,8 @@ class PhasedIterator(grain.DatasetIterator):
     saved at a boundary). A state of other phases' modalities is a ValueError. Past the last
     phase's steps the last phase goes on."""
 
+    _closed: bool  # set by grain.DatasetIterator.__init__ (grain ships no type information)
+
     def __init__(self, phases: list[Phase], make_phase):
         super().__init__()
         self.phases, self._make_phase = phases, make_phase

@@ -149,9 +149,13 @@ class _PrepareSample:
         packed = config.packing.enabled
         rng = np.random.default_rng((config.seed, index))
         try:
-            media = load_sample_media(sample.media_path, config, self.cache) if sample.modality is not None else None
+            media = None
+            if sample.modality is not None:
+                assert sample.media_path is not None  # parse_sample gives a modality only with a media path
+                media = load_sample_media(sample.media_path, config, self.cache)
             max_length = config.max_text_length
             if packed:
+                assert rows is not None  # make_train_iterator's packing.budget_of checked them
                 used, _ = routed_modality(sample.modality, media)
                 max_length = min(max_length, config.packing.row_length - rows.count(used) + (used is not None))
             built = build_sample(
@@ -163,7 +167,9 @@ class _PrepareSample:
             return _Failure("num_skipped_text", f"{sample.origin}: {e}")
         built.update({counter: np.int32(0) for counter in _SKIP_COUNTERS})
         if rows is not None:
-            num_frames = (1 if media.is_still else config.num_frames) if built["has_visual"] else 0
+            num_frames = (
+                (1 if media.is_still else config.num_frames) if media is not None and built["has_visual"] else 0
+            )
             # A still's one frame, as a pack holds it.
             unpadded = dict(
                 built,
@@ -341,6 +347,7 @@ def make_train_iterator(
     )
     if packed:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        assert modality_rows is not None  # packing.budget_of checked them
         iterable = packing.PackSamples(iterable, budget, modality_rows, pad_id, media_shapes(data_config), COUNTERS)
     iterable = iterable.batch(batch_size, drop_remainder=True)
     if data_config.worker_count > 0:

@@ -42,12 +42,14 @@ def media_arrays(media: Media | CachedMedia | None, config, *, use_visual=True, 
     has_visual = bool(media is not None and media.has_visual and use_visual)
     has_audio = bool(media is not None and media.has_audio and use_audio)
     if config.get("feature_cache"):
+        assert not isinstance(media, Media), "with a feature cache, load_sample_media gives CachedMedia"
         return _cached_arrays(media, config, has_visual, has_audio)
+    assert not isinstance(media, CachedMedia), "CachedMedia needs the config's feature_cache"
     t, s = config.num_frames, config.image_size
     frames = np.zeros((t, s, s, 3), np.uint8)
-    if has_visual:
+    if media is not None and has_visual:
         frames[:] = media.frames  # a still (T = 1) broadcasts over the T frames
-    audio = audio_arrays(media.audio if has_audio else None, config, rng=rng)
+    audio = audio_arrays(media.audio if media is not None and has_audio else None, config, rng=rng)
     return dict(frames=frames, **audio, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
 
 
@@ -58,12 +60,14 @@ def _cached_arrays(media: CachedMedia | None, config, has_visual: bool, has_audi
         (width,), dtype = shapes["frame_cls"]
         out["frame_cls"] = np.zeros((config.num_frames, width), dtype)
         out["item_patches"] = np.zeros(*shapes["item_patches"])
-        if has_visual:
+        if media is not None and has_visual:
             out["frame_cls"][:] = media.arrays["frame_cls"]  # a still (one row) broadcasts over the T frames
             out["item_patches"][:] = media.arrays["item_patches"]
     if "audio_embeddings" in shapes:
         out["audio_embeddings"] = (
-            media.arrays["audio_embeddings"].copy() if has_audio else np.zeros(*shapes["audio_embeddings"])
+            media.arrays["audio_embeddings"].copy()
+            if media is not None and has_audio
+            else np.zeros(*shapes["audio_embeddings"])
         )
     return dict(out, has_visual=np.bool_(has_visual), has_audio=np.bool_(has_audio))
 
@@ -102,11 +106,13 @@ def audio_arrays(segments: np.ndarray | None, config, *, rng=None) -> dict:
     return dict(audio_features=mel, audio_is_longer=is_longer)
 
 
-def routed_modality(modality: Modality | None, media: Media | None) -> tuple[Modality | None, bool]:
+def routed_modality(modality: Modality | None, media: Media | CachedMedia | None) -> tuple[Modality | None, bool]:
     """The modality a sample is built with, and whether it was re-routed: `modality` when the
     file has its streams, else the streams the file has. MediaError when it has none."""
     if modality is None:
         return None, False
+    if media is None:
+        raise ValueError(f"a sample that asks for {modality!r} has no media")
     used = Modality.from_flags(modality.has_visual and media.has_visual, modality.has_audio and media.has_audio)
     if used == modality:
         return used, False
@@ -118,7 +124,7 @@ def routed_modality(modality: Modality | None, media: Media | None) -> tuple[Mod
 
 def build_sample(
     turns: list[tuple[str, str]],
-    media: Media | None,
+    media: Media | CachedMedia | None,
     modality: Modality | None,
     config,
     tokenizer,
@@ -138,6 +144,7 @@ def build_sample(
     """
     used, rerouted = routed_modality(modality, media)
     if rerouted:
+        assert used is not None  # a sample is re-routed to the streams its file has
         turns = conversation.with_modality(turns, used)
     if used is not None:
         arrays = media_arrays(media, config, use_visual=used.has_visual, use_audio=used.has_audio, rng=rng)

@@ -36,6 +36,8 @@ import itertools
 import json
 import os
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -91,7 +93,7 @@ TIMING_QUESTIONS = {
     ),
     "stop at first beep": ("Where is the shape when the beeps start?", "Where is the shape at the first beep?"),
 }
-QUESTIONS = {
+QUESTIONS: dict[Modality, Mapping[str, tuple[str, ...]]] = {
     Modality.VISUAL: VISUAL_QUESTIONS,
     Modality.AUDIO: AUDIO_QUESTIONS,
     Modality.AUDIO_VISUAL: {**PAIRED_QUESTIONS, **TIMING_QUESTIONS},
@@ -106,7 +108,6 @@ GROUPS = {
 # Encoder settings that write a demo clip in about 10 ms instead of 40-60 ms.
 _FAST_AAC = {"aac_coder": "fast"}
 _FAST_VP9 = {"deadline": "realtime", "cpu-used": "8"}
-_RATES = {"fps": FPS, "sample_rate": SAMPLE_RATE}  # of every demo file
 # Fractions of files with each set of streams, and of an audio-visual clip's samples asking
 # each modality: a third of all samples ask about both streams.
 FILE_KINDS = {Modality.AUDIO_VISUAL: 0.6, Modality.VISUAL: 0.2, Modality.AUDIO: 0.2}
@@ -121,7 +122,7 @@ def draw_timeline(rng: np.random.Generator, *, visual: bool = True, audio: bool 
     present holds a HELD_OUT combination; otherwise none does (each stream drawn again until so).
     """
     change = int(rng.integers(1, NUM_SEGMENTS))  # the visual change happens as segment `change` starts
-    timeline = {}
+    timeline: dict[str, Any] = {}
     while visual:
         direction = MOTIONS[rng.integers(len(MOTIONS))]
         step = 1 if direction == "right" else -1
@@ -219,12 +220,12 @@ def one_stream_baselines(num_clips: int = 20000, seed: int = 0) -> dict[str, dic
         "audio": lambda t: (t["pitch"], tuple(t["beeps"])),
     }
     fit, scored = timelines[: num_clips // 2], timelines[num_clips // 2 :]
-    baselines = {}
+    baselines: dict[str, dict[str, float]] = {}
     for question_type in GROUPS:
         baselines[question_type] = {}
         overall = collections.Counter(answer(question_type, t) for t in fit).most_common(1)[0][0]
         for stream, key in keys.items():
-            counts = collections.defaultdict(collections.Counter)
+            counts: dict[tuple, collections.Counter[str]] = collections.defaultdict(collections.Counter)
             for t in fit:
                 counts[key(t)][answer(question_type, t)] += 1
             guess = {k: c.most_common(1)[0][0] for k, c in counts.items()}
@@ -346,7 +347,7 @@ def _make_samples(
         askings = [[types[i] for i in rng.permutation(len(types))[:turns]]]
     samples = []
     for asked in askings:
-        conversations = []
+        conversations: list[dict[str, str]] = []
         for question_type in asked:
             question = str(rng.choice(table[question_type]))
             if not conversations:
@@ -384,17 +385,19 @@ def _write_clip(out_dir: pathlib.Path, name: str, kind: Modality, timeline: dict
             audio=audio,
             audio_codec="flac" if path.endswith(".flac") else "aac",
             audio_options=_FAST_AAC,
-            **_RATES,
+            sample_rate=SAMPLE_RATE,
         )
     elif kind == Modality.VISUAL:
         path = f"media/{name}" + rng.choice([".mp4", ".webm"])
         if path.endswith(".mp4"):
-            write_media(out_dir / path, frames=frames, **_RATES)
+            write_media(out_dir / path, frames=frames, fps=FPS)
         else:
-            write_media(out_dir / path, frames=frames, video_codec="libvpx-vp9", video_options=_FAST_VP9, **_RATES)
+            write_media(out_dir / path, frames=frames, video_codec="libvpx-vp9", video_options=_FAST_VP9, fps=FPS)
     else:
         path = f"media/{name}.mp4"
-        write_media(out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC, **_RATES)
+        write_media(
+            out_dir / path, frames=frames, audio=audio, audio_options=_FAST_AAC, fps=FPS, sample_rate=SAMPLE_RATE
+        )
     return path
 
 
