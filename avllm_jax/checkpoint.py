@@ -107,8 +107,8 @@ class CheckpointError(AvllmError, RuntimeError):
 def describe_error(error: BaseException) -> str:
     """The root cause of a (chained) exception in one line: orbax and tensorstore bury the
     file that is missing or damaged under several wrappers."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
     lines = str(error).strip().splitlines() or [""]
     return f"{type(error).__name__}: {lines[0][:400]}"
 
@@ -173,6 +173,7 @@ def load_model(
     config = stored.replace(**config_overrides) if config_overrides else stored
     restore_config, fold, add = config, False, False
     if config.llm is not None:
+        assert stored.llm is not None  # replace() sets fields of the parts the stored config has only
         stored_lora = {name: getattr(stored.llm, name) for name in llama.LORA_FIELDS}
         asked_lora = {name: getattr(config.llm, name) for name in llama.LORA_FIELDS}
         if keep_adapters and asked_lora != stored_lora:
@@ -195,6 +196,7 @@ def load_model(
     shardings = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
     params = _restore_params(path, restore_config, shardings)
     if fold:
+        assert restore_config.llm is not None  # fold is set for a model with an LLM only
         params = fold_adapters(params, restore_config.llm)
     if add:
         params["llm"]["layers"] |= new_adapters(config, adapter_seed, shardings)

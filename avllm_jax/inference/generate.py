@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,7 @@ def _prompt_inputs(model: AVLLM | Llama, batch: dict) -> tuple[Llama, dict]:
     """The decoder and its inputs_embeds / positions / segment_ids for a prompt batch."""
     if isinstance(model, AVLLM):
         inputs = model.embed_inputs(batch)
-        return model.llm, {k: inputs[k] for k in ("inputs_embeds", "positions", "segment_ids")}
+        return model.language_model, {k: inputs[k] for k in ("inputs_embeds", "positions", "segment_ids")}
     kept = batch["token_mask"].astype(jnp.int32)
     positions = kept_positions(kept)
     return model, {"inputs_embeds": model.embed_tokens(batch["input_ids"]), "positions": positions, "segment_ids": kept}
@@ -220,7 +220,10 @@ def _model_batch(batch: dict) -> dict:
     return inputs
 
 
-def replicate(model: AVLLM | Llama, mesh: jax.sharding.Mesh) -> AVLLM | Llama:
+_Model = TypeVar("_Model", AVLLM, Llama)
+
+
+def replicate(model: _Model, mesh: jax.sharding.Mesh) -> _Model:
     """The model with every parameter copied onto each device of `mesh`, as `generate(...,
     mesh=mesh)` takes it."""
     graphdef, state = nnx.split(model)
@@ -242,7 +245,7 @@ def _split_rows(inputs: dict, mesh: jax.sharding.Mesh) -> dict:
 def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
-    return (int(eos_token_id),) if np.ndim(eos_token_id) == 0 else tuple(int(i) for i in eos_token_id)
+    return tuple(int(i) for i in np.atleast_1d(eos_token_id))
 
 
 def generate(
@@ -319,7 +322,7 @@ def stream_tokens(
     token, cache, positions = _prefill_compiled(
         graphdef, state, inputs, prefill_rng, max_new_tokens=max_new_tokens, sampling=sampling
     )
-    llm_graphdef, llm_state = nnx.split(model.llm if isinstance(model, AVLLM) else model)
+    llm_graphdef, llm_state = nnx.split(model.language_model if isinstance(model, AVLLM) else model)
     for step in range(max_new_tokens):
         value = int(token[0])
         if value in eos_ids:

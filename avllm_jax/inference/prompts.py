@@ -25,6 +25,7 @@ import numpy as np
 
 from avllm_jax.checkpoint import read_data_config
 from avllm_jax.data import conversation, feature_cache, features, pipeline, samples
+from avllm_jax.data.feature_cache import CachedMedia
 from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
@@ -68,8 +69,8 @@ def inference_data_config(
             )
     config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
-    tower = model_config.audio_tower
-    if tower is not None and (problem := features.audio_settings_problem(config, model_config.audio_encoder, tower)):
+    encoder = model_config.audio_encoder
+    if encoder is not None and (problem := features.audio_settings_problem(config, encoder, model_config.audio_tower)):
         raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
 
@@ -126,15 +127,17 @@ def open_feature_cache(model: AVLLM, data_config) -> feature_cache.FeatureCache 
     return cache
 
 
-def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Media]) -> ml_collections.ConfigDict:
+def _fit_config_to_media(
+    config: ml_collections.ConfigDict, media: Sequence[Media | CachedMedia]
+) -> ml_collections.ConfigDict:
     """Frame count, image size and audio segment count as the media were decoded (all alike;
     cached features are as the cache's settings, which match the config's)."""
     config = ml_collections.ConfigDict(config.to_dict())
-    media = [m for m in media if isinstance(m, Media)]
+    decoded = [m for m in media if isinstance(m, Media)]
     seen = {
-        "num_frames": {m.frames.shape[0] for m in media if m.has_visual and m.frames.shape[0] > 1},
-        "image_size": {m.frames.shape[1] for m in media if m.has_visual},
-        "num_audio_segments": {m.audio.shape[0] for m in media if m.has_audio},
+        "num_frames": {m.frames.shape[0] for m in decoded if m.frames is not None and m.frames.shape[0] > 1},
+        "image_size": {m.frames.shape[1] for m in decoded if m.frames is not None},
+        "num_audio_segments": {m.audio.shape[0] for m in decoded if m.audio is not None},
     }
     for name, values in seen.items():
         if len(values) > 1:
@@ -144,7 +147,7 @@ def _fit_config_to_media(config: ml_collections.ConfigDict, media: Sequence[Medi
     return config
 
 
-def resolve_modality(media: Media, forced: str | None, name: str = "the media") -> Modality:
+def resolve_modality(media: Media | CachedMedia, forced: str | None, name: str = "the media") -> Modality:
     """The modality a prompt about `media` uses: `forced`, or the streams the file has."""
     if forced is None:
         modality = Modality.from_flags(media.has_visual, media.has_audio)
@@ -167,9 +170,9 @@ def resolve_modality(media: Media, forced: str | None, name: str = "the media") 
 def conversation_batch(
     model: AVLLM,
     tokenizer,
-    media: Sequence[Media],
+    media: Sequence[Media | CachedMedia],
     turns: Sequence[list[tuple[str, str]]],
-    modalities: Sequence[str],
+    modalities: Sequence[str | None],
     data_config: ml_collections.ConfigDict | None = None,
 ) -> dict:
     """A right-padded model batch of conversations about media, each ending with a user turn.
@@ -199,9 +202,9 @@ def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
 def answer_conversations(
     model: AVLLM,
     tokenizer,
-    media: Sequence[Media],
+    media: Sequence[Media | CachedMedia],
     turns: Sequence[list[tuple[str, str]]],
-    modalities: Sequence[str],
+    modalities: Sequence[str | None],
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -235,10 +238,10 @@ def answer_conversations(
 def answer_questions(
     model: AVLLM,
     tokenizer,
-    media: Sequence[Media],
+    media: Sequence[Media | CachedMedia],
     questions: Sequence[str],
     *,
-    modality: Sequence[str] | None = None,
+    modality: Sequence[str | None] | None = None,
     **options,
 ) -> list[str]:
     """One answer per (media, question), each question the first user turn of a conversation.

@@ -155,6 +155,8 @@ def attention_mask(
         query_slots = jnp.arange(query_length)[:, None] + query_offset
         mask = (jnp.arange(kv_length)[None, :] <= query_slots)[None, None]
     if query_segment_ids is not None:
+        if kv_segment_ids is None:
+            raise ValueError("query_segment_ids need kv_segment_ids")
         same_segment = (query_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
         mask = same_segment if mask is None else mask & same_segment
     return mask

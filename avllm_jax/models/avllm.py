@@ -26,6 +26,9 @@ from jax.experimental import multihost_utils
 from avllm_jax.modality import IGNORE_INDEX, Modality
 from avllm_jax.models import clip_vision, htsat, layers, llama, whisper
 
+# By name too: in the classes below, `whisper` is a field and no longer the module.
+from avllm_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+
 # Each part a model may have: its config dataclass and its module. `audio` is CLAP's HTSAT,
 # `whisper` Whisper's encoder (the paper's Table 6); a model has at most one audio encoder.
 PARTS = {
@@ -64,7 +67,7 @@ class AVLLMConfig:
         return "htsat" if self.audio else "whisper" if self.whisper else None
 
     @property
-    def audio_tower(self) -> htsat.HTSATConfig | whisper.WhisperEncoderConfig | None:
+    def audio_tower(self) -> htsat.HTSATConfig | WhisperEncoderConfig | None:
         """The audio encoder's config, whichever it is."""
         return self.audio or self.whisper
 
@@ -105,17 +108,30 @@ def _dataclass_from_dict(cls, d: dict):
 def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.Dense]:
     """W_t and W_s when there are a vision encoder and an LLM, W_a when an audio encoder (HTSAT or
     Whisper) and an LLM: linear with bias, from an encoder's width to the LLM's (float32 parameters)."""
-    projector = lambda in_features: layers.Dense(in_features, config.llm.hidden_size, (None, "embed"), rngs=rngs)
+    if not config.llm:
+        return {}
+    llm_width = config.llm.hidden_size
+    projector = lambda in_features: layers.Dense(in_features, llm_width, (None, "embed"), rngs=rngs)
     projectors = {}
-    if config.llm and config.vision:
+    if config.vision:
         projectors["temporal_proj"] = projector(config.vision.hidden_size)
         projectors["spatial_proj"] = projector(config.vision.hidden_size)
-    if config.llm and config.audio_tower:
+    if config.audio_tower:
         projectors["audio_proj"] = projector(config.audio_tower.num_features)
     return projectors
 
 
 class AVLLM(nnx.Module):
+    # Set by __init__: each part of PARTS (None when the config lacks it), and the projectors of
+    # make_projectors (only those the config's parts call for).
+    vision: clip_vision.CLIPVision | None
+    audio: htsat.HTSAT | None
+    whisper: WhisperEncoder | None
+    llm: llama.Llama | None
+    temporal_proj: layers.Dense
+    spatial_proj: layers.Dense
+    audio_proj: layers.Dense
+
     def __init__(self, config: AVLLMConfig, *, rngs: nnx.Rngs):
         self.config = config
         for name, (_, module) in PARTS.items():
@@ -123,6 +139,13 @@ class AVLLM(nnx.Module):
             setattr(self, name, module(part_config, rngs=rngs) if part_config else None)
         for name, projector in make_projectors(config, rngs=rngs).items():
             setattr(self, name, projector)
+
+    @property
+    def language_model(self) -> llama.Llama:
+        """The LLM; ValueError for a model without one (a checkpoint of encoders only)."""
+        if self.llm is None:
+            raise ValueError("the model has no LLM: its checkpoint holds encoders only")
+        return self.llm
 
     # -- the modality table --------------------------------------------------------------
 
@@ -160,7 +183,7 @@ class AVLLM(nnx.Module):
         through W_s), audio_clips x K audio rows (each segment's embedding, `audio_embeddings`,
         through W_a); see data/packing.py."""
         outputs = self.encoder_outputs(batch)
-        dtype = layers.dtype_of(self.config.llm.dtype)
+        dtype = layers.dtype_of(self.language_model.config.dtype)
         parts = []
         if self.vision is not None and "frame_cls" in outputs:
             temporal = self.temporal_proj(outputs["frame_cls"].astype(dtype))
@@ -190,6 +213,7 @@ class AVLLM(nnx.Module):
             flat = layers.constrain(features.reshape(packs * clips, *features.shape[2:]), ("batch", None, None))
             pooled = self.whisper.audio_embeddings(flat, valid_frames[..., 0].reshape(-1), valid_frames.shape[-1])
         else:
+            assert self.audio is not None  # called for a model with an audio tower; not Whisper, so HTSAT
             segments = features.shape[2]
             flat = layers.constrain(
                 features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None)
@@ -227,7 +251,7 @@ class AVLLM(nnx.Module):
             batch = self.as_packs(batch)
         table = self.modality_table(batch)
         packs, rows, length = batch["input_ids"].shape
-        text = self.llm.embed_tokens(batch["input_ids"].reshape(packs, rows * length))
+        text = self.language_model.embed_tokens(batch["input_ids"].reshape(packs, rows * length))
         index = batch["modality_index"].reshape(packs, rows * length)
         gathered = jnp.take_along_axis(table, jnp.maximum(index, 0)[..., None], axis=1).astype(text.dtype)
         # `where`, not a sum: a modality row a sample lacks is never read, so its projector gets
@@ -253,7 +277,8 @@ class AVLLM(nnx.Module):
         keeps one static shape; positions count only the kept rows."""
         input_ids, token_mask = batch["input_ids"], batch["token_mask"]
         batch_size, length = input_ids.shape
-        sizes, streams, packs = [], [], {}
+        sizes, streams = [], []
+        packs: dict[str, jax.Array] = {}
         visual = next((name for name in ("frames", "frame_cls") if name in batch), None)
         if self.vision is not None and visual:
             num_frames = batch[visual].shape[1]
@@ -264,7 +289,7 @@ class AVLLM(nnx.Module):
             packs[visual] = batch[visual]
             if visual == "frame_cls":
                 packs["item_patches"] = batch["item_patches"][:, None]
-            sizes.append(num_frames + self.config.vision.num_patches)
+            sizes.append(num_frames + self.vision.config.num_patches)
             streams.append(batch["has_visual"])
         if self.config.audio_tower is not None and ("audio_embeddings" in batch or "audio_features" in batch):
             if "audio_embeddings" in batch:  # cached: [B, K, Da]
@@ -320,7 +345,7 @@ class AVLLM(nnx.Module):
     def __call__(self, batch: dict, *, return_hidden_states: bool = False) -> tuple[jax.Array, dict]:
         """Logits [B, L', V] (or final hidden states) and the spliced inputs (targets included)."""
         inputs = self.embed_inputs(batch)
-        outputs = self.llm(
+        outputs = self.language_model(
             inputs_embeds=inputs["inputs_embeds"],
             positions=inputs["positions"],
             segment_ids=inputs["segment_ids"],

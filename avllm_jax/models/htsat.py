@@ -191,10 +191,10 @@ class HTSAT(nnx.Module):
         if config.enable_fusion:
             # the crops are embedded with a kernel 3x wider in time, then laid side by side
             wide = lambda size: (size[0], 3 * size[1])
-            self.fusion_embed = Conv(
+            self.fusion_embed: Conv | None = Conv(
                 1, width, wide(config.patch_size), wide(config.patch_stride), config=config, rngs=rngs
             )
-            self.fusion = FeatureFusion(config, rngs=rngs)
+            self.fusion: FeatureFusion | None = FeatureFusion(config, rngs=rngs)
         else:
             self.fusion_embed = self.fusion = None
         dtype = dtype_of(config.param_dtype)

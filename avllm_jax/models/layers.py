@@ -8,6 +8,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +178,10 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def stacked(num_layers: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+_Layer = TypeVar("_Layer", bound=nnx.Module)
+
+
+def stacked(num_layers: int, make_layer: Callable[[nnx.Rngs], _Layer], rngs: nnx.Rngs) -> _Layer:
     """`num_layers` copies of a layer with independent initialisation, stacked on a leading
     'layers' axis, to be run with `scan_layers` (compile time independent of depth)."""
 

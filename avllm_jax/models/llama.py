@@ -335,9 +335,12 @@ class Llama(nnx.Module):
         a caller applies `logits` to the rows it needs only (generation: each prompt's last).
         `unstacked`: this model's `unstack_layers()`, for one-token steps with a cache.
         """
-        if (input_ids is None) == (inputs_embeds is None):
+        if input_ids is not None and inputs_embeds is None:
+            x = self.embed_tokens(input_ids)
+        elif inputs_embeds is not None and input_ids is None:
+            x = inputs_embeds
+        else:
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = layers.constrain(x.astype(layers.dtype_of(self.config.dtype)), layers.RESIDUAL)
         batch, length = x.shape[:2]
         cache_length = 0 if cache is None else cache.length
@@ -362,12 +365,12 @@ class Llama(nnx.Module):
             if length == 1:
                 # Decoding: layers unrolled, so that each updates its own cache arrays in place; a
                 # scan would copy every layer's cache out of a stacked array at every token.
-                keys, values = [], []
+                new_keys, new_values = [], []
                 for i, layer in enumerate(unstacked or self.unstack_layers()):
                     x, (k, v) = call(layer, x, (cache.keys[i], cache.values[i]))
-                    keys.append(k)
-                    values.append(v)
-                keys, values = tuple(keys), tuple(values)
+                    new_keys.append(k)
+                    new_values.append(v)
+                keys, values = tuple(new_keys), tuple(new_values)
             else:
                 # A prompt: one scanned layer, so compile time does not grow with depth; stacking
                 # copies the cache once per call, which is small beside the prompt's compute.
@@ -375,7 +378,7 @@ class Llama(nnx.Module):
                     self.layers, x, (jnp.stack(cache.keys), jnp.stack(cache.values)), call=call
                 )
                 keys, values = tuple(stacked_keys), tuple(stacked_values)
-            cache = KVCache(keys, values, kv_segment_ids, cache_length + length)
+            cache = KVCache(keys, values, kv_segment_ids, cache.length + length)
         x = self.final_norm(x)
         outputs = x if return_hidden_states else self.logits(x)
         return outputs if cache is None else (outputs, cache)

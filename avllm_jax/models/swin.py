@@ -122,8 +122,10 @@ class Stage(nnx.Module):
         )
         self.blocks = stacked(depth, lambda r: block(rngs=r), rngs)
         if merge:
-            self.merge_norm = LayerNorm(4 * width, eps=eps, param_dtype=param_dtype, rngs=rngs)
-            self.merge = Dense(4 * width, 2 * width, (None, "embed"), bias=False, param_dtype=param_dtype, rngs=rngs)
+            self.merge_norm: LayerNorm | None = LayerNorm(4 * width, eps=eps, param_dtype=param_dtype, rngs=rngs)
+            self.merge: Dense | None = Dense(
+                4 * width, 2 * width, (None, "embed"), bias=False, param_dtype=param_dtype, rngs=rngs
+            )
         else:
             self.merge_norm = self.merge = None
 
