@@ -67,7 +67,9 @@ class TransformersCaptioner:
         import transformers  # heavy; only needed when captioning
 
         self.processor = transformers.AutoProcessor.from_pretrained(model)
-        self.model = transformers.AutoModelForImageTextToText.from_pretrained(model).to(device).eval()
+        loaded = transformers.AutoModelForImageTextToText.from_pretrained(model)
+        # The ignore: transformers wraps `to` in functools.wraps, left unbound by typeshed (the device reads as self).
+        self.model = loaded.to(device).eval()  # type: ignore[arg-type]
         self.device, self.max_new_tokens, self.prompt = device, max_new_tokens, prompt
         size = getattr(self.processor.image_processor, "size", None) or {}
         # load_media centre-crops to a square; hand the processor frames at its own input size.
@@ -100,7 +102,9 @@ class ClapLabeller:
         if not labels:
             raise ValueError("ClapLabeller needs at least one label")
         self.processor = transformers.AutoProcessor.from_pretrained(model)
-        self.model = transformers.ClapModel.from_pretrained(model).to(device).eval()
+        loaded = transformers.ClapModel.from_pretrained(model)
+        # The ignore: transformers wraps `to` in functools.wraps, left unbound by typeshed (the device reads as self).
+        self.model = loaded.to(device).eval()  # type: ignore[arg-type]
         self.labels, self.template, self.device = list(labels), template, device
         self.sample_rate = self.processor.feature_extractor.sampling_rate
         text = self.processor(text=[template.format(label) for label in labels], return_tensors="pt", padding=True)

@@ -119,7 +119,7 @@ def parse_verdict(dimension: str, reply: str) -> dict:
     found = {str(k).strip().lower(): v for k, v in extract_dict(reply).items()}
     if "score" not in found:
         raise ValueError(f"reply has no 'score': {reply.strip()[:80]!r}")
-    verdict = {"score": _score(found["score"])}
+    verdict: dict[str, float | str] = {"score": _score(found["score"])}
     if dimension == "qa":
         if "pred" not in found:
             raise ValueError(f"reply has no 'pred': {reply.strip()[:80]!r}")

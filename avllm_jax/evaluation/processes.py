@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from avllm_jax.errors import AvllmError
 
@@ -66,7 +67,7 @@ class ProcessGroup:
     def _set(self, key: str, value, overwrite: bool = False) -> None:
         self._client.key_value_set(f"{NAMESPACE}/{key}", json.dumps(value), allow_overwrite=overwrite)
 
-    def _entries(self, directory: str) -> list[tuple[str, object]]:
+    def _entries(self, directory: str) -> list[tuple[str, Any]]:  # Any: a JSON value
         prefix = f"{NAMESPACE}/{directory}/"
         return sorted((key[len(prefix) :], json.loads(value)) for key, value in self._client.key_value_dir_get(prefix))
 
@@ -90,6 +91,8 @@ class ProcessGroup:
     def broadcast_pending(self, sample_ids: list[str] | None) -> list[str]:
         """The leader passes the ids of the unanswered samples; every process gets them back."""
         if self.is_leader:
+            if sample_ids is None:
+                raise ValueError("the leader passes the ids of the unanswered samples")
             self._set("pending/ids", sample_ids)
             return sample_ids
         return self._wait_for("pending", "the list of unanswered samples from process 0")

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tqdm
 
@@ -297,7 +298,7 @@ def run_evaluation(
         verdicts = _judge(usable, predictions, task.judge_dimensions, judge, out_dir, problems)
 
     answered = [s for s in usable if s.id in predictions]
-    per_question = {
+    per_question: dict[str, dict[str, Any]] = {
         s.id: {
             "id": s.id,
             "media": media_of.get(s.id),

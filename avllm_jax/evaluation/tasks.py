@@ -264,7 +264,7 @@ def load_task(name: str, path: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def index_media(root: str | os.PathLike) -> dict[str, str]:
+def index_media(root: str | os.PathLike[str]) -> dict[str, str]:
     """Every media file under `root` (by extension), findable by its path relative to root, its
     name, or either without extension; the first in sorted order wins a clash."""
     found: dict[str, str] = {}

@@ -111,6 +111,8 @@ def load_config_file(path: str, *arguments: str) -> ml_collections.ConfigDict:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: not a Python config file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(*arguments)

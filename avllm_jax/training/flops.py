@@ -54,7 +54,7 @@ def peak_flops_per_device(device) -> float | None:
     return None
 
 
-def llm_attention_flops(config, sequence_length: int, *, squared_tokens: float | None = None) -> float:
+def llm_attention_flops(config, sequence_length: float, *, squared_tokens: float | None = None) -> float:
     """Causal attention, forward and backward (2x forward), of a sequence, or of sequences
     whose lengths' squares sum to `squared_tokens`."""
     c = config
@@ -62,7 +62,7 @@ def llm_attention_flops(config, sequence_length: int, *, squared_tokens: float |
     return 3 * c.num_layers * 2 * 2 * squared * c.num_heads * c.head_dim / 2
 
 
-def llm_flops(config, sequence_length: int, *, weights_train: bool, squared_tokens: float | None = None) -> float:
+def llm_flops(config, sequence_length: float, *, weights_train: bool, squared_tokens: float | None = None) -> float:
     """Of `sequence_length` tokens in one sequence, or in several whose lengths' squares sum to
     `squared_tokens`."""
     c = config
@@ -76,13 +76,13 @@ def llm_flops(config, sequence_length: int, *, weights_train: bool, squared_toke
     )
 
 
-def vision_attention_flops(config, num_frames: int) -> float:
+def vision_attention_flops(config, num_frames: float) -> float:
     """Bidirectional attention, forward only (the encoder is frozen)."""
     c = config
     return num_frames * c.num_layers * 2 * 2 * (c.num_patches + 1) ** 2 * c.hidden_size
 
 
-def vision_flops(config, num_frames: int) -> float:
+def vision_flops(config, num_frames: float) -> float:
     c = config
     tokens = c.num_patches + 1
     per_layer = 4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size
@@ -90,7 +90,7 @@ def vision_flops(config, num_frames: int) -> float:
     return num_frames * 2 * (c.num_layers * per_layer * tokens + patch_embed) + vision_attention_flops(c, num_frames)
 
 
-def audio_flops(config, num_segments: int) -> float:
+def audio_flops(config, num_segments: float) -> float:
     """HTSAT forward: Swin stages on (spec_size/patch)^2 patches shrinking 4x per stage."""
     c = config
     channels = 4 if c.enable_fusion else 1
@@ -121,6 +121,8 @@ def work_flops(config: AVLLMConfig, work, *, llm_trains: bool, encoders: bool = 
     sum of their sequences' squared lengths, ViT frames, visual items (each N spatial rows
     through W_s), audio clips, audio segments. `encoders` False: the encoders' outputs come from
     a feature cache, and only the projectors and the LLM compute."""
+    if config.llm is None:
+        raise ValueError("FLOPs are counted for a model with an LLM")
     _, llm_tokens, squared_tokens, frames, visual_items, audio_clips, audio_segments = (float(x) for x in work)
     total = llm_flops(config.llm, llm_tokens, weights_train=llm_trains, squared_tokens=squared_tokens)
     if config.vision and encoders:
@@ -268,9 +270,11 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
         for rest in computation.instructions.values():
             op, operands = _op_and_operands(rest)
             if op == "dot":
-                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)[1]
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                if contracting is None:
+                    raise ValueError(f"a dot without lhs_contracting_dims in the HLO text: {rest[:200]}")
                 lhs = shape(operands[0])
-                total += 2 * math.prod(_dims(rest)) * math.prod(lhs[int(i)] for i in contracting.split(",") if i)
+                total += 2 * math.prod(_dims(rest)) * math.prod(lhs[int(i)] for i in contracting[1].split(",") if i)
             elif op == "convolution":
                 total += _convolution_flops(rest, shape(operands[0]), shape(operands[1]))
             elif op == "custom-call":
@@ -279,7 +283,7 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
                 if key.startswith(_KERNEL_CUSTOM_CALLS):
                     result.custom_calls[key] = result.custom_calls.get(key, 0) + 1
             for called in _CALLED.finditer(rest):
-                times = 1
+                times: int | None = 1
                 if called["kind"] == "body":
                     times = _trip_count(rest, computation, computations)
                     result.unknown_trip_counts += times is None
@@ -297,7 +301,10 @@ def _convolution_flops(rest: str, lhs: tuple[int, ...], kernel: tuple[int, ...])
     """2 x output batch x output features x kernel input features x the (output position,
     window tap) pairs of each spatial dimension that land on an input element: TPUs write
     matmuls as convolutions, batch dimensions as windows dilated so that one tap is real."""
-    lhs_labels, kernel_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest).groups()
+    dim_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if dim_labels is None:
+        raise ValueError(f"a convolution without dim_labels in the HLO text: {rest[:200]}")
+    lhs_labels, kernel_labels, out_labels = dim_labels.groups()
     out = _dims(rest)
     size = lambda dims, labels, label: dims[labels.index(label)]
     total = 2.0 * size(out, out_labels, "b") * size(out, out_labels, "f") * size(kernel, kernel_labels, "i")
@@ -360,18 +367,18 @@ def _trip_count(while_rest: str, parent: _Computation, computations: dict[str, _
     if known:
         return int(known[1])
     names = dict(re.findall(r"\b(condition|body)=%([^\s,}]+)", while_rest))
-    condition, body = computations.get(names.get("condition")), computations.get(names.get("body"))
+    condition, body = computations.get(names.get("condition", "")), computations.get(names.get("body", ""))
     if condition is None or body is None:
         return None
     compare = condition.instructions.get(condition.root, "")
     op, operands = _op_and_operands(compare)
     if op != "compare" or "direction=LT" not in compare or len(operands) != 2:
         return None
-    index = re.search(r"get-tuple-element\(.*index=(\d+)", condition.instructions.get(operands[0], ""))
+    counter = re.search(r"get-tuple-element\(.*index=(\d+)", condition.instructions.get(operands[0], ""))
     bound = _constant(condition, operands[1])
-    if index is None or bound is None:
+    if counter is None or bound is None:
         return None
-    index = int(index[1])
+    index = int(counter[1])
     _, outputs = _op_and_operands(body.instructions.get(body.root, ""))
     op, increment = _op_and_operands(body.instructions.get(outputs[index], "")) if index < len(outputs) else ("", [])
     steps = [_constant(body, name) for name in increment] if op == "add" else []

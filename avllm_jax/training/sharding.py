@@ -61,7 +61,7 @@ def logical_to_spec(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES) -> Part
     mesh axis is used at most once per tensor."""
     table = dict(rules)
     used: set[str] = set()
-    spec = []
+    spec: list[str | tuple[str, ...] | None] = []
     for name, size in zip(logical_axes, shape):
         mesh_axes = table.get(name) if name is not None else None
         if isinstance(mesh_axes, str):
