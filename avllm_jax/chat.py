@@ -20,10 +20,10 @@ import time
 
 import jax
 
-from avllm_jax import cli
+from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import MediaError
-from avllm_jax.errors import AvllmError, UsageError
+from avllm_jax.errors import AvllmError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
@@ -50,17 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoint_config(path: str, flag: str = "--checkpoint"):
-    """The model config stored at `path`, read without its weights: a UsageError naming the
-    flag when `path` is no model."""
-    from avllm_jax import checkpoint
-
-    try:
-        return checkpoint.read_model_config(path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{flag} {path}: {error}") from None
-
-
 class _StreamPrinter:
     """Prints a growing decoded text as it grows, holding back what may still change: trailing
     whitespace (stripped from a final answer) and an unfinished multi-byte character."""
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     cli.configure_logging(args)
     # Everything the user gave is checked before the weights load (minutes for a 7B model).
-    model_config = checkpoint_config(args.checkpoint)
+    model_config = checkpoint.checked_model_config(args.checkpoint)
     cli.require_file(args.media, "--media", "media file")
     try:
         data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
@@ -92,10 +81,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise AvllmError(str(error)) from None
     if modality is not None:
         _check_parts(model_config, modality, args.checkpoint)
-    from avllm_jax.checkpoint import load_model
-
     logger.info("loading %s ...", args.checkpoint)
-    model = load_model(args.checkpoint)
+    model = checkpoint.load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)
     if media is None:  # read from the feature cache, which is checked against the loaded weights
         try:

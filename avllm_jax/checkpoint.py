@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from avllm_jax.data.pipeline import default_data_config
-from avllm_jax.errors import AvllmError
+from avllm_jax.errors import AvllmError, UsageError
 from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
@@ -56,6 +56,15 @@ def read_model_config(directory: str) -> AVLLMConfig:
     if "avllm" not in data:
         raise ValueError(f"{path} is not an avllm_jax model config (no 'avllm' key); is it a Hugging Face config?")
     return AVLLMConfig.from_dict(data["avllm"])
+
+
+def checked_model_config(path: str, flag: str = "--checkpoint") -> AVLLMConfig:
+    """The model config at `path`, read without its weights, for a command to check its
+    --checkpoint before anything loads: a UsageError naming `flag` when `path` holds no model."""
+    try:
+        return read_model_config(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {path}: {error}") from None
 
 
 def write_data_config(directory: str, data_config) -> None:

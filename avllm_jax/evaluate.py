@@ -2,6 +2,10 @@
 
     python -m avllm_jax.evaluate --checkpoint DIR --task msrvtt_qa --data test_qa.json \
         --media-root videos/ --out results/msrvtt [--judge-endpoint URL --judge-model NAME]
+    python -m avllm_jax.evaluate --checkpoint DIR --task jsonl --data held_out.jsonl --out results/mine
+
+`--task jsonl` reads the project's own instruction format (what training reads, docs/data.md):
+each sample's first question, asked with its modality token's modality, against its answer.
 
 Open-ended QA is judged by an OpenAI-compatible chat endpoint (Video-ChatGPT protocol) beside
 an offline normalised exact match; the video-chat benchmark needs the judge; captioning gives
@@ -19,23 +23,27 @@ share, and process 0 gathers the answers, judges them and writes every output fi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from avllm_jax import runtime
-from avllm_jax.evaluation.processes import ProcessGroup, ProcessGroupError
+from avllm_jax import checkpoint, cli
+from avllm_jax.errors import AvllmError, UsageError
+from avllm_jax.evaluation.processes import ProcessGroup
 from avllm_jax.evaluation.runner import AnswerFn, Query, run_evaluation
-from avllm_jax.evaluation.tasks import TASKS
+from avllm_jax.evaluation.tasks import TASKS, index_media, load_task, resolve_media
 from avllm_jax.inference.prompts import add_media_arguments, media_overrides
 from avllm_jax.modality import Modality
+
+logger = logging.getLogger(__name__)
 
 FAILURE_KINDS = ("answer_failed", "judge_failed")
 DATA_PROBLEM_KINDS = ("missing_media", "no_question", "no_answer")
 FAILURES_SHOWN = 5
 
 
-def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: int) -> AnswerFn:
-    """Answers queries with the model in `checkpoint`: decodes the batch's media files (several
+def model_answer_fn(checkpoint_dir: str, *, media_settings: dict, max_new_tokens: int) -> AnswerFn:
+    """Answers queries with the model in `checkpoint_dir`: decodes the batch's media files (several
     at a time: PyAV and numpy release the GIL), then generates greedily, the batch split over
     this process's devices.
 
@@ -49,20 +57,19 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
 
     import jax
 
-    from avllm_jax.checkpoint import load_model
     from avllm_jax.data.conversation import load_tokenizer
     from avllm_jax.data.samples import load_sample_media
     from avllm_jax.inference.generate import replicate
     from avllm_jax.inference.prompts import answer_questions, inference_data_config, open_feature_cache
 
-    model = load_model(checkpoint)
+    model = checkpoint.load_model(checkpoint_dir)
     devices = jax.local_devices()
     mesh = None
     if len(devices) > 1:
         mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         model = replicate(model, mesh)
-    tokenizer = load_tokenizer(checkpoint)
-    data_config = inference_data_config(model, checkpoint, **media_settings)
+    tokenizer = load_tokenizer(checkpoint_dir)
+    data_config = inference_data_config(model, checkpoint_dir, **media_settings)
     cache = open_feature_cache(model, data_config)  # --feature-cache: the benchmark's clips' cached encoder outputs
 
     decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
@@ -86,11 +93,17 @@ def model_answer_fn(checkpoint: str, *, media_settings: dict, max_new_tokens: in
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m avllm_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("python -m avllm_jax.evaluate", __doc__)
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--data", required=True, help="the benchmark's annotation file, as released")
-    parser.add_argument("--media-root", required=True, help="directory holding the videos / audio files")
+    parser.add_argument(
+        "--data", required=True, help="the benchmark's annotation file, as released; for jsonl, an instruction file"
+    )
+    parser.add_argument(
+        "--media-root",
+        default=None,
+        help="directory holding the videos / audio files (for jsonl: default the --data file's directory)",
+    )
     parser.add_argument("--out", required=True, help="output directory; rerunning into it resumes")
     parser.add_argument(
         "--judge-endpoint",
@@ -117,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modality",
         choices=[m.value for m in Modality],
         default=None,
-        help="force one modality (default: the task's, else the streams each file has)",
+        help="force one modality (default: the task's, else each sample's, else the streams each file has)",
     )
     parser.add_argument(
         "--max-failed-fraction",
@@ -126,37 +139,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exit with an error when more than this share of the samples fail (no answer or no verdict); "
         "all failing always is one. Failures are listed either way",
     )
-    # The multi-process flags of python -m avllm_jax.train, spelt the same.
-    parser.add_argument(
-        "--coordinator_address", default=None, help="HOST:PORT of process 0 ($AVLLM_COORDINATOR_ADDRESS)"
-    )
-    parser.add_argument(
-        "--num_processes", type=int, default=None, help="processes sharing the run ($AVLLM_NUM_PROCESSES)"
-    )
-    parser.add_argument(
-        "--process_id", type=int, default=None, help="this process, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)"
-    )
-    parser.add_argument(
-        "--distributed_timeout_s",
-        type=float,
-        default=300,
-        help="how long a process waits for the others: to start, and then for answers or progress",
-    )
+    cli.add_distributed_flags(parser)
     return parser.parse_args(argv)
 
 
+def check_inputs(args: argparse.Namespace) -> str:
+    """The media root, once the annotation file reads in the task's layout and some of its
+    samples have a question, an answer and a media file: all before anything loads."""
+    if TASKS[args.task].kind == "videochat" and not args.judge_endpoint:
+        raise UsageError(
+            f"task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)"
+        )
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: it must be at least 1")
+    cli.require_file(args.data, "--data", "annotation file")
+    media_root = args.media_root
+    if media_root is None:
+        if args.task != "jsonl":
+            raise UsageError(f"--media-root is required for task {args.task} (the directory holding its media)")
+        media_root = os.path.dirname(os.path.abspath(args.data))
+    cli.require_directory(media_root, "--media-root")
+    try:
+        samples = load_task(args.task, args.data)
+    except (OSError, ValueError) as error:  # JSON, CSV or instruction lines that do not parse
+        raise AvllmError(f"--data {args.data} is not in the {args.task} layout: {error}") from None
+    annotated = [s for s in samples if all(s.questions) and s.answers]
+    if not annotated:
+        layout = " ".join(TASKS[args.task].load.__doc__.split())
+        raise AvllmError(
+            f"--data {args.data}: none of its {len(samples)} records has a question and an answer as task "
+            f"{args.task} reads them ({layout.split('. ')[0]})"
+        )
+    media_index = index_media(media_root)
+    if not any(resolve_media(s, media_index) for s in annotated):
+        raise AvllmError(
+            f"--media-root {media_root}: none of the media of the {len(annotated)} annotated samples of {args.data} "
+            f"is there (the first looks for {', '.join(annotated[0].media) or 'no file'})"
+        )
+    return media_root
+
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    if TASKS[args.task].kind == "videochat" and not args.judge_endpoint:
-        sys.exit(
-            f"error: task {args.task} is scored only by an LLM judge: pass --judge-endpoint (or set OPENAI_BASE_URL)"
-        )
-    try:
-        runtime.initialize_distributed(
-            args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout_s
-        )
-    except runtime.DistributedError as error:
-        sys.exit(f"error: {error}")
+    cli.configure_logging(args)
+    media_root = check_inputs(args)
+    checkpoint.checked_model_config(args.checkpoint)
+    cli.initialize_distributed(args)
     group = ProcessGroup.of_this_job(args.distributed_timeout_s)
     judge = None
     if args.judge_endpoint:
@@ -164,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         api_key = api_key_from_env(args.judge_key_env)
         if api_key is None and (group is None or group.is_leader):
-            print(f"note: ${args.judge_key_env} is not set; judge requests go without an API key", file=sys.stderr)
+            logger.warning("$%s is not set; judge requests go without an API key", args.judge_key_env)
         judge = ChatClient(
             args.judge_endpoint,
             args.judge_model,
@@ -177,23 +206,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         answer_fn = model_answer_fn(
             args.checkpoint, media_settings=media_overrides(args), max_new_tokens=args.max_new_tokens
         )
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    try:
-        summary = run_evaluation(
-            args.task,
-            args.data,
-            args.media_root,
-            args.out,
-            answer_fn,
-            judge=judge,
-            checkpoint=args.checkpoint,
-            batch_size=args.batch_size,
-            modality=args.modality,
-            group=group,
-        )
-    except ProcessGroupError as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # media settings the encoders cannot take
+        raise AvllmError(str(error)) from None
+    summary = run_evaluation(
+        args.task,
+        args.data,
+        media_root,
+        args.out,
+        answer_fn,
+        judge=judge,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        modality=args.modality,
+        group=group,
+    )
     if summary is None:
         print(f"process {group.index} of {group.count}: answered its share; process 0 writes {args.out}")
         return None

@@ -161,3 +161,49 @@ def test_chat_bad_inputs(inputs, tmp_path):
         run("-m", "avllm_jax.chat", "--checkpoint", model, "--media", str(inputs / "not_media.mp4")),
         str(inputs / "not_media.mp4"),
     )
+
+
+def test_evaluate_bad_inputs(inputs, tmp_path):
+    model, out = str(inputs / "model"), str(tmp_path / "out")
+
+    def evaluate(*argv):
+        return run("-m", "avllm_jax.evaluate", "--checkpoint", model, "--out", out, *argv)
+
+    assert_one_line_error(evaluate("--task", "jsonl"), "required: --data", code=EXIT_USAGE)
+    gone = str(tmp_path / "gone.json")
+    assert_one_line_error(
+        evaluate("--task", "msrvtt_qa", "--data", gone, "--media-root", str(tmp_path)),
+        f"--data {gone}: the annotation file does not exist",
+        code=EXIT_USAGE,
+    )
+    # An instruction file given as MSRVTT-QA, and an MSRVTT-QA file given as instructions.
+    assert_one_line_error(
+        evaluate("--task", "msrvtt_qa", "--data", str(inputs / "data.jsonl"), "--media-root", str(tmp_path)),
+        f"--data {inputs / 'data.jsonl'} is not in the msrvtt_qa layout",
+        "expected a JSON list of objects",
+    )
+    msrvtt = tmp_path / "test_qa.json"
+    msrvtt.write_text(json.dumps([{"id": 0, "video_id": 1, "question": "what?", "answer": "a dog"}]))
+    assert_one_line_error(
+        evaluate("--task", "jsonl", "--data", str(msrvtt)), f"--data {msrvtt} is not in the jsonl layout"
+    )
+    assert_one_line_error(
+        evaluate("--task", "msrvtt_qa", "--data", str(msrvtt)), "--media-root is required", code=EXIT_USAGE
+    )
+    assert_one_line_error(
+        evaluate("--task", "msrvtt_qa", "--data", str(msrvtt), "--media-root", str(tmp_path)),
+        f"--media-root {tmp_path}: none of the media of the 1 annotated samples",
+        "video1",
+    )
+    (tmp_path / "video1.mp4").write_bytes(b"")
+    assert_one_line_error(
+        run(
+            "-m",
+            "avllm_jax.evaluate",
+            *("--checkpoint", str(tmp_path / "none"), "--out", out, "--task", "msrvtt_qa"),
+            *("--data", str(msrvtt), "--media-root", str(tmp_path)),
+        ),
+        f"--checkpoint {tmp_path / 'none'}: ",
+        "has no config.json",
+        code=EXIT_USAGE,
+    )

@@ -344,6 +344,18 @@ def test_consistency_benchmark_answers_both_phrasings_and_needs_a_judge(tmp_path
     assert sorted(map(tuple, (p["predictions"] for p in predictions))) == [("a cup", "a cup"), ("a girl", "a boy")]
 
 
+def config_only_model(tmp_path) -> str:
+    """A model directory holding its config and no weights: the command line checks it is a
+    model; the tests replace what would load the weights."""
+    from tiny_models import tiny_config, tiny_tokenizer
+
+    from avllm_jax import checkpoint
+
+    path = str(tmp_path / "ckpt")
+    checkpoint.write_model_config(path, tiny_config(tiny_tokenizer()))
+    return path
+
+
 def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp_path, judge, monkeypatch, capsys):
     from avllm_jax import evaluate
 
@@ -357,10 +369,11 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
     monkeypatch.setattr(evaluate, "model_answer_fn", fake_model_answer_fn)
     monkeypatch.setenv("MY_JUDGE_KEY", API_KEY)
     out = tmp_path / "out"
+    model = config_only_model(tmp_path)
     summary = evaluate.main(
         [
             "--checkpoint",
-            "ckpt",
+            model,
             "--task",
             "msrvtt_qa",
             "--data",
@@ -380,7 +393,7 @@ def test_command_line_reads_the_key_from_the_environment_and_never_prints_it(tmp
         ]
     )
     assert built == {
-        "checkpoint": "ckpt",
+        "checkpoint": model,
         "max_new_tokens": 128,
         "media_settings": {
             "num_frames": 8,
@@ -780,10 +793,12 @@ def test_the_command_line_fails_when_every_answer_fails_and_lists_the_first_fail
 
     monkeypatch.setattr(evaluate, "model_answer_fn", model_answer_fn)
 
+    model = config_only_model(tmp_path)
+
     def run(out, *extra):
         argv = [
             "--checkpoint",
-            "ckpt",
+            model,
             "--task",
             "msrvtt_qa",
             "--data",
@@ -822,3 +837,40 @@ def test_the_command_line_fails_when_every_answer_fails_and_lists_the_first_fail
     failing.clear()
     code, err = run("none", "--max-failed-fraction", "0")
     assert code == 0 and "failed" not in err
+
+
+def test_jsonl_task_scores_exact_match_and_asks_each_sample_in_its_modality(tmp_path):
+    from avllm_jax.modality import Modality
+
+    (tmp_path / "media").mkdir()
+    for name in ("dog.mp4", "rain.flac"):
+        (tmp_path / "media" / name).write_bytes(b"")  # never decoded: the stand-in model reads the question
+    samples = [
+        ("v1", "video", "media/dog.mp4", "<AUD_VIS>", "What barks?", "The dog."),
+        ("a1", "audio", "media/rain.flac", "<AUD>", "What falls?", "Rain."),
+    ]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "id": i,
+                    key: path,
+                    "conversations": [{"from": "human", "value": f"{token}\n{q}"}, {"from": "gpt", "value": a}],
+                }
+            )
+            for i, key, path, token, q, a in samples
+        )
+    )
+    asked = []
+
+    def answer_fn(batch):
+        asked.extend((q.question, q.modality, q.media_path) for q in batch)
+        return ["the dog" if "barks" in q.question else "snow" for q in batch]
+
+    summary = run_evaluation("jsonl", data, tmp_path, tmp_path / "out", answer_fn)
+    assert sorted(asked) == [
+        ("What barks?", Modality.AUDIO_VISUAL, str(tmp_path / "media" / "dog.mp4")),
+        ("What falls?", Modality.AUDIO, str(tmp_path / "media" / "rain.flac")),
+    ]
+    assert summary["metrics"]["exact_match"] == {"accuracy": 0.5, "n": 2}

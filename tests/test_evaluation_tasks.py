@@ -216,3 +216,30 @@ def test_media_resolution(tmp_path):
     assert tasks.resolve_media(Sample("b", ("abc", "Yabc"), ("q",), ()), index) == str(tmp_path / "sub/Yabc.wav")
     assert tasks.resolve_media(Sample("c", ("sub/Yabc.wav",), ("q",), ()), index) == str(tmp_path / "sub/Yabc.wav")
     assert tasks.resolve_media(Sample("d", ("notes",), ("q",), ()), index) is None
+
+
+def test_jsonl_reads_the_training_format_first_exchange_and_modality(tmp_path):
+    from avllm_jax.modality import Modality
+
+    def line(id, key, path, token, question, answer, *more):
+        turns = [{"from": "human", "value": f"{token}\n{question}"}, {"from": "gpt", "value": answer}, *more]
+        return json.dumps({"id": id, key: path, "conversations": turns})
+
+    later = [{"from": "human", "value": "And then?"}, {"from": "gpt", "value": "It stops."}]
+    f = write(
+        tmp_path / "held_out.jsonl",
+        "\n".join(
+            [
+                line("v1", "video", "media/dog.mp4", "<VIS>", "What is the dog doing?", "It is running.", *later),
+                line("a1", "audio", "media/rain.flac", "<AUD>", "What do you hear?", " Rain. "),
+            ]
+        ),
+    )
+    assert tasks.load_task("jsonl", f) == [
+        Sample("v1", ("media/dog.mp4",), ("What is the dog doing?",), ("It is running.",), Modality.VISUAL),
+        Sample("a1", ("media/rain.flac",), ("What do you hear?",), ("Rain.",), Modality.AUDIO),
+    ]
+    assert tasks.TASKS["jsonl"].kind == "qa"  # exact match, and the judge when one is given
+    write(tmp_path / "bad.jsonl", line("x", "video", "a.mp4", "<AUD_VIS>", "Q?", "A.")[:-3] + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: not valid JSON"):
+        tasks.load_task("jsonl", tmp_path / "bad.jsonl")

@@ -85,7 +85,8 @@ def _answer(samples, media_of, answer_fn, modality, out_dir, batch_size, problem
     if group is not None:
         pending = [by_id[i] for i in group.broadcast_pending([s.id for s in pending] if leader else None)]
     mine = pending if group is None else group.share(pending)
-    queries = [Query(s.id, media_of[s.id], q, modality) for s in mine for q in s.questions]
+    # A forced modality (--modality, or the task's) over the sample's own, over the file's streams.
+    queries = [Query(s.id, media_of[s.id], q, modality or s.modality) for s in mine for q in s.questions]
     partial: dict[str, list[str]] = {}
     failed: set[str] = set()
     total = sum(len(s.questions) for s in (pending if leader else mine))

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from avllm_jax.data import conversation
+from avllm_jax.modality import Modality
+
 MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".jpg", ".png")
 AVSSD_QUESTION = "What is making the sound in this video?"
 CAPTION_QUESTION = "Describe the sound in this audio clip in one sentence."
@@ -29,6 +32,7 @@ class Sample:
     media: tuple[str, ...]  # names to look for under the media root, with or without extension; first found wins
     questions: tuple[str, ...]  # one, or two for the consistency benchmark
     answers: tuple[str, ...]  # reference answers or captions; empty when the annotation has none
+    modality: Modality | None = None  # the sample's own (an instruction's modality token); None: the task's
 
 
 def _read_json(path: Path):
@@ -220,6 +224,27 @@ def load_audiocaps(path: Path) -> list[Sample]:
     ]
 
 
+def load_instructions(path: Path) -> list[Sample]:
+    """The project's own instruction format (docs/data.md; what training reads): a `.jsonl` file,
+    or a LLaVA/Valley `.json` array. Each sample's first exchange is the question, without its
+    modality token, and the reference answer; the token's modality is the one the question is
+    asked with. Media paths are relative to the file's directory, as in training (evaluate's
+    --media-root defaults to it); a malformed line is an error naming `file:line`. Later turns
+    of a multi-turn sample are not asked (they lean on the history); text-only samples have no
+    media and are counted as missing it."""
+    records, _ = conversation.read_samples(path)
+    samples = []
+    for record in records:
+        question = record.turns[0][1]
+        if record.modality is not None:
+            question = question.replace(record.modality.token, "", 1)
+        media = () if record.media_path is None else (os.path.relpath(record.media_path, path.parent),)
+        samples.append(
+            Sample(record.id, media, (question.strip(),), _answers(record.turns[1][1].strip()), record.modality)
+        )
+    return samples
+
+
 QA_DIMENSIONS = ("qa",)
 VIDEOCHAT_QA_DIMENSIONS = ("correctness", "detail", "context")
 
@@ -243,6 +268,7 @@ TASKS = {
     "videochat_generic": Task(load_videochat_qa, "videochat", VIDEOCHAT_QA_DIMENSIONS),
     "videochat_temporal": Task(load_videochat_qa, "videochat", ("temporal",)),
     "videochat_consistency": Task(load_videochat_consistency, "videochat", ("consistency",)),
+    "jsonl": Task(load_instructions, "qa", QA_DIMENSIONS),  # held-out data in the training format
     "clotho": Task(load_clotho, "caption", (), modality="audio"),
     "audiocaps": Task(load_audiocaps, "caption", (), modality="audio"),
 }
