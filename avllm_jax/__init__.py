@@ -5,6 +5,12 @@
 modules can be used without loading orbax.
 """
 
+import os
+
+# transformers warns on import that PyTorch is missing ("Models won't be available"): this
+# package uses its tokenizers and configs only, so that is noise on every command.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 
 def __getattr__(name):
     if name == "load_model":

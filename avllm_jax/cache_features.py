@@ -1,4 +1,5 @@
-"""Build a frozen-encoder feature cache: `python tools/cache_features.py --config=FILE --out=DIR [--shard=I/N]`.
+"""Build a frozen-encoder feature cache: `python -m avllm_jax.cache_features --config=FILE --out=DIR [--shard=I/N]`
+(or `python tools/cache_features.py`, the same command).
 
 Runs the config's frozen encoders (its init_checkpoint's, or its seed's random ones) once over
 every media file its data sources name, with its media settings, and writes what the
@@ -17,9 +18,11 @@ projectors read of each file (data/feature_cache.py) into DIR. Train from it wit
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -27,11 +30,9 @@ import time
 import grain
 import jax
 import numpy as np
-from absl import flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
-from avllm_jax import runtime
+from avllm_jax import cli, runtime
 from avllm_jax.data import feature_cache, pipeline, samples
 from avllm_jax.data.media import MediaError
 from avllm_jax.errors import AvllmError
@@ -39,29 +40,28 @@ from avllm_jax.models import layers
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import sharding
 
-# Its own flag set: `--config` is also python -m avllm_jax.train's, whose module this one imports.
-_FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Training config file (configs/*.py) whose data and encoders to cache.",
-    lock_config=True,
-    flag_values=_FLAGS,
-)
-_OUT = flags.DEFINE_string("out", None, "Cache directory (created).", flag_values=_FLAGS)
-_SHARD = flags.DEFINE_string(
-    "shard", None, "I/N: build shard I (from 0) of N; default: this process's of the job's, or 0/1.", flag_values=_FLAGS
-)
-_BATCH = flags.DEFINE_integer(
-    "batch_size", 32, "Files encoded per forward pass, over all local devices.", flag_values=_FLAGS
-)
-_DTYPE = flags.DEFINE_enum(
-    "dtype", "bfloat16", list(feature_cache.DTYPES), "Dtype the features are stored in.", flag_values=_FLAGS
-)
-_WORKERS = flags.DEFINE_integer(
-    "workers", None, "Decoding processes (default: config.data.worker_count).", flag_values=_FLAGS
-)
-_HELP = flags.DEFINE_bool("help", False, "Show this help.", flag_values=_FLAGS)
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.Parser("python -m avllm_jax.cache_features", __doc__)
+    parser.add_config_flag(
+        "training config file (configs/*.py) whose data and encoders to cache", config_lib.unknown_field
+    )
+    parser.add_argument("--out", required=True, help="cache directory (created)")
+    parser.add_argument(
+        "--shard", default=None, help="I/N: build shard I (from 0) of N; default: this process's of the job's, or 0/1"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="files encoded per forward pass, over all local devices"
+    )
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=list(feature_cache.DTYPES), help="dtype the features are stored in"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: config.data.worker_count)"
+    )
+    return parser.parse_args(argv)
 
 
 class CacheBuildError(AvllmError, RuntimeError):
@@ -159,7 +159,7 @@ def build(
     name = feature_cache.shard_name(index, count)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, name + ".json")):
-        print(f"{out_dir}: {name} is finished already; nothing to do", flush=True)
+        logger.info(f"{out_dir}: {name} is finished already; nothing to do")
         return dict(files=0, cached=0, skipped=0)
     try:  # a missing or malformed source stops the build here, before any weights load
         all_files = media_files(data_config)
@@ -186,8 +186,6 @@ def build(
         decoded = grain.MapDataset.source(files).map_with_index(_DecodeFile(data_config, first_file)).to_iter_dataset()
         num_workers = data_config.worker_count if workers is None else workers
         if num_workers > 0:
-            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
-                flags.FLAGS.mark_as_parsed()
             decoded = decoded.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
         iterator = iter(decoded)
         try:
@@ -200,9 +198,8 @@ def build(
     os.replace(records_path + ".partial", records_path)
     _atomic_write(os.path.join(out_dir, name + ".json"), json.dumps(dict(paths=cached, skipped=skipped)))
     _write_report(out_dir, count)
-    print(
-        f"{name}: cached {len(cached)} of {len(files)} files, skipped {len(skipped)} (listed in {out_dir}/skipped.txt)",
-        flush=True,
+    logger.info(
+        f"{name}: cached {len(cached)} of {len(files)} files, skipped {len(skipped)} (listed in {out_dir}/skipped.txt)"
     )
     return dict(files=len(files), cached=len(cached), skipped=len(skipped))
 
@@ -316,24 +313,16 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(path + ".partial", path)
 
 
-def run(argv: list[str] | None = None) -> None:
-    config_lib.parse_flags(sys.argv if argv is None else argv, flag_values=_FLAGS)
-    if _HELP.value:
-        print(__doc__ + "\nFlags:\n" + _FLAGS.get_help())
-        return
-    if _CONFIG.value is None or _OUT.value is None:
-        sys.exit("error: --config and --out are required (--help says more)")
-    logging.set_verbosity(logging.WARNING)
-    from avllm_jax import train
-
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.configure_logging(args, stream="stdout")  # the build's progress is its output
+    shard = parse_shard(args.shard)  # inside: a bad $AVLLM_PROCESS_ID is a DistributedError
     start = time.time()
-    try:
-        shard = parse_shard(_SHARD.value)  # inside: a bad $AVLLM_PROCESS_ID is a DistributedError
-        counts = build(
-            _CONFIG.value, _OUT.value, shard, batch_size=_BATCH.value, dtype=_DTYPE.value, workers=_WORKERS.value
-        )
-    except (CacheBuildError, feature_cache.FeatureCacheError, *train.USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    counts = build(args.config, args.out, shard, batch_size=args.batch_size, dtype=args.dtype, workers=args.workers)
     if counts["files"]:
-        print(f"{counts['files'] / (time.time() - start):.1f} files/s overall", flush=True)
+        logger.info(f"{counts['files'] / (time.time() - start):.1f} files/s overall")
+
+
+if __name__ == "__main__":
+    main()

@@ -97,9 +97,19 @@ class Parser(argparse.ArgumentParser):
         if overrides and not self._has_config:
             raise UsageError(f"{overrides[0]}: this command takes no --config")
         parsed = super().parse_args([_hyphenated(arg) for arg in rest], namespace)
+        _absl_flags_read()
         if self._has_config:
             parsed.config = load_config(parsed.config, overrides, self._check_override)
         return parsed
+
+
+def _absl_flags_read() -> None:
+    """Marks absl's global flags parsed, at their defaults: grain and orbax read them, and absl
+    refuses reads before a parse (no command here defines absl flags)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _hyphenated(arg: str) -> str:
@@ -199,7 +209,7 @@ def initialize_distributed(args: argparse.Namespace) -> bool:
     return started
 
 
-_handler: logging.Handler | None = None
+_handlers: list[logging.Handler] = []
 
 
 class _StandardStream(logging.StreamHandler):
@@ -227,17 +237,25 @@ class _Formatter(logging.Formatter):
 
 def configure_logging(args: argparse.Namespace, *, process_index: int = 0, stream: str | None = None) -> None:
     """The library's log (the `avllm_jax` logger) at --log-level, by default INFO on process 0
-    and WARNING on the others; dependencies' logs at WARNING. Lines go to `stream` (stderr by
-    default; training's log is its output and goes to "stdout"), warnings prefixed `warning:`.
-    Called again (after a multi-process job starts), it keeps the stream and sets the level."""
-    global _handler
+    and WARNING on the others; dependencies' logs at WARNING. Lines go to stderr, warnings
+    prefixed `warning:`; with stream="stdout" (training, whose log is its output) the INFO lines
+    go to stdout and the warnings still to stderr. Called again after a multi-process job
+    starts (`initialize_distributed`), it keeps the streams and sets the level."""
     root = logging.getLogger()
-    if _handler is None or stream is not None:
-        if _handler is not None:
-            root.removeHandler(_handler)
-        _handler = _StandardStream(stream or "stderr")
-        _handler.setFormatter(_Formatter("%(message)s"))
-        root.addHandler(_handler)
+    if not _handlers or stream is not None:
+        for handler in _handlers:
+            root.removeHandler(handler)
+        _handlers.clear()
+        if stream == "stdout":
+            _handlers.append(_StandardStream("stdout"))
+            _handlers[0].addFilter(lambda record: record.levelno < logging.WARNING)
+            _handlers.append(_StandardStream("stderr"))
+            _handlers[1].setLevel(logging.WARNING)
+        else:
+            _handlers.append(_StandardStream("stderr"))
+        for handler in _handlers:
+            handler.setFormatter(_Formatter("%(message)s"))
+            root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     logger.setLevel(args.log_level or ("INFO" if process_index == 0 else "WARNING"))

@@ -9,9 +9,8 @@ writes `config.json`, the tokenizer and `params/` to OUT (see avllm_jax/checkpoi
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -19,7 +18,7 @@ import tqdm
 import transformers
 from flax import nnx
 
-from avllm_jax import checkpoint
+from avllm_jax import checkpoint, cli
 from avllm_jax.data.conversation import add_modality_tokens
 from avllm_jax.models import avllm, clip_vision, conversion, htsat, llama
 from avllm_jax.models import whisper as whisper_encoder  # not `whisper`: convert() takes a whisper=DIR argument
@@ -43,6 +42,7 @@ added) and `params/` (orbax). Load it with `avllm_jax.load_model(OUT)`.
 
 The projectors W_t, W_s, W_a are initialised at random (seed --seed): pretraining learns them.
 """
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -171,7 +171,7 @@ def convert(
             flat[".".join((name, *map(str, path)))] = np.asarray(leaf.get_value()).astype(DTYPES[dtype])
 
     os.makedirs(out, exist_ok=True)
-    print(f"writing {len(flat)} tensors to {out}", file=sys.stderr)
+    logger.info(f"writing {len(flat)} tensors to {out}")
     checkpoint.save_params(os.path.join(out, checkpoint.PARAMS_DIR), checkpoint.unflatten(flat))
     checkpoint.write_model_config(out, config)
     if llm:
@@ -179,10 +179,9 @@ def convert(
     return config
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="tools/convert_hf_weights.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.Parser("tools/convert_hf_weights.py", USAGE)
     parser.add_argument("--clip", metavar="DIR", help="HF CLIPVisionModel/CLIPModel directory (the vision encoder)")
     audio = parser.add_mutually_exclusive_group()  # the model has one audio encoder
     audio.add_argument("--clap", metavar="DIR", help="HF ClapModel/ClapAudioModel directory (the HTSAT audio encoder)")
@@ -211,18 +210,19 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the projectors' random initialisation (default 0)")
     args = parser.parse_args(argv)
-    try:
-        convert(
-            clip=args.clip,
-            clap=args.clap,
-            whisper=args.whisper,
-            llm=args.llm,
-            out=args.out,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            allow_pickle=args.allow_pickle,
-            seed=args.seed,
-        )
-    except conversion.ConversionError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"done: load it with avllm_jax.load_model({args.out!r})", file=sys.stderr)
+    cli.configure_logging(args)
+    for flag in ("clip", "clap", "whisper", "llm", "tokenizer"):
+        if getattr(args, flag) is not None:
+            cli.require_directory(getattr(args, flag), f"--{flag}", "Hugging Face model directory")
+    convert(
+        clip=args.clip,
+        clap=args.clap,
+        whisper=args.whisper,
+        llm=args.llm,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        seed=args.seed,
+    )
+    logger.info(f"done: load it with avllm_jax.load_model({args.out!r})")

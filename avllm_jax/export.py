@@ -19,22 +19,22 @@ The encoders are not exported: they stay frozen in training, so they are the bas
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
-import sys
 
 import numpy as np
 import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from avllm_jax import checkpoint
+from avllm_jax import checkpoint, cli
 from avllm_jax.data.conversation import SYSTEM_PROMPT, load_tokenizer
 from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
 from avllm_jax.models import llama
 
+logger = logging.getLogger(__name__)
 PROJECTORS_FILE = "avllm_projectors.safetensors"
 EXTRAS_FILE = "avllm_config.json"
 CARD_FILE = "README.md"
@@ -313,10 +313,9 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
     return files
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="tools/export_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.Parser("tools/export_hf.py", __doc__)
     parser.add_argument("workdir", help="training workdir or converted checkpoint")
     parser.add_argument("--out", required=True, help="output directory (new or empty)")
     parser.add_argument(
@@ -330,13 +329,11 @@ def main(argv=None):
         "--max-shard-gb", type=float, default=5.0, help="largest safetensors file before sharding (default 5)"
     )
     args = parser.parse_args(argv)
-    try:
-        files = export(
-            args.workdir, args.out, base_models=tuple(args.base_model), max_shard_bytes=int(args.max_shard_gb * 2**30)
-        )
-    except ExportError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(f"wrote {', '.join(files)} and the tokenizer to {args.out}", file=sys.stderr)
+    cli.configure_logging(args)
+    files = export(
+        args.workdir, args.out, base_models=tuple(args.base_model), max_shard_bytes=int(args.max_shard_gb * 2**30)
+    )
+    logger.info(f"wrote {', '.join(files)} and the tokenizer to {args.out}")
 
 
 def _batch_unit(stage: dict) -> str:

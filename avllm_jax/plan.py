@@ -21,154 +21,43 @@ and reports the fewest that fit, i.e. the largest per-device batch.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import re
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
-from avllm_jax import checkpoint
+from avllm_jax import checkpoint, cli
 from avllm_jax.data import packing, samples
-from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
 from avllm_jax.models import attention
 from avllm_jax.models.avllm import AVLLMConfig
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import flops, optim, sharding, step
+from avllm_jax.training.topologies import PlanError, Topology, topology, topology_devices
 
 
-def _define_flags() -> dict:
-    """The command line's flags, defined when it runs: `--config` is also training's, and a
-    process that imports both modules (the tests) may define it once."""
-    return {
-        "config": config_flags.DEFINE_config_file(
-            "config", None, "Training config file (configs/*.py).", lock_config=True
-        ),
-        "topology": flags.DEFINE_string("topology", None, "Target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8."),
-        "search": flags.DEFINE_bool(
-            "search", False, "Find the fewest micro-batches (largest per-device batch) that fit."
-        ),
-        "hlo_dump": flags.DEFINE_string(
-            "hlo_dump", None, "Write the compiled program (HLO text, one device's) to this file."
-        ),
-    }
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.Parser("python -m avllm_jax.plan", __doc__)
+    parser.add_config_flag("training config file (configs/*.py)", config_lib.unknown_field)
+    parser.add_argument("--topology", required=True, help="target, e.g. v5p-32, v5e-16, v4-8, cpu:8, a100-40gb-8")
+    parser.add_argument(
+        "--search", action="store_true", help="find the fewest micro-batches (largest per-device batch) that fit"
+    )
+    parser.add_argument("--hlo-dump", default=None, help="write the compiled program (HLO text, one device's) here")
+    return parser.parse_args(argv)
 
 
 GIB = 2**30
-INSTALL_TPU = "pip install -c constraints.txt -e '.[tpu]'"
 # The CPU compiler plans memory before LLVM runs, and a plan never runs the program: skipping
 # LLVM's optimisations halves the compile and leaves the memory figures the same.
 _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-class PlanError(AvllmError, RuntimeError):
-    """A plan that cannot be made (unknown topology, missing compiler, bad batch split)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    name: str
-    platform: str  # what compiles it: 'tpu' (libtpu) or 'cpu' (host devices, also for GPUs)
-    chips: int
-    hbm_gib: float | None  # per chip; None for cpu:N
-    libtpu_name: str = ""  # e.g. 'v5:2x2x4'
-    chips_per_host: tuple[int, int, int] = (1, 1, 1)
-    chip_config: str = "default"  # 'megacore': a chip's two TensorCores are one device
-    note: str = ""
-
-
-# Cloud TPU names count TensorCores on v4 and v5p (2 per chip) and chips on v5e and v6e.
-_TPU_GENERATIONS = {  # name: (libtpu name, HBM GiB per chip, cores per chip in the name)
-    "v4": ("v4", 32.0, 2),
-    "v5p": ("v5", 95.0, 2),
-    "v5e": ("v5e", 16.0, 1),
-    "v6e": ("v6e", 32.0, 1),
-}
-_CUBE_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
-_PLANE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_GPU_HBM_GIB = {"a100-40gb": 40.0, "a100-80gb": 80.0, "h100-80gb": 80.0, "h200-141gb": 141.0}
-
-
-def _tpu_topologies() -> dict[str, Topology]:
-    table = {}
-    for generation, (libtpu, hbm, cores) in _TPU_GENERATIONS.items():
-        for chips, shape in (_CUBE_SHAPES if cores == 2 else _PLANE_SHAPES).items():
-            # Hosts hold 4 chips (2x2); single-host v5e/v6e slices hold up to 8.
-            per_host = (2, 2, 1) if chips >= 4 else (1, 1, 1)
-            if cores == 1 and chips == 8:
-                per_host = (2, 4, 1)
-            table[f"{generation}-{chips * cores}"] = Topology(
-                f"{generation}-{chips * cores}",
-                "tpu",
-                chips,
-                hbm,
-                f"{libtpu}:{shape}",
-                per_host,
-                "megacore" if cores == 2 else "default",
-            )
-    return table
-
-
-TPU_TOPOLOGIES = _tpu_topologies()
-
-
-def topology(name: str) -> Topology:
-    """The target a name stands for; an unknown name lists the valid ones."""
-    if name in TPU_TOPOLOGIES:
-        return TPU_TOPOLOGIES[name]
-    if match := re.fullmatch(r"cpu:(\d+)", name):
-        return Topology(name, "cpu", int(match[1]), None)
-    if (match := re.fullmatch(r"(.+)-(\d+)", name)) and match[1] in _GPU_HBM_GIB:
-        return Topology(
-            name,
-            "cpu",
-            int(match[2]),
-            _GPU_HBM_GIB[match[1]],
-            note="the CPU compiler's estimate for this mesh; a GPU compiler lays memory out differently",
-        )
-    raise PlanError(
-        f"unknown topology {name!r}; valid: {', '.join(TPU_TOPOLOGIES)}, cpu:N (N host devices), "
-        f"and GPU machines {', '.join(f'{gpu}-N' for gpu in _GPU_HBM_GIB)} (N GPUs)"
-    )
-
-
-def libtpu_installed() -> bool:
-    """Whether libtpu (the TPU compiler) can be imported; nothing is loaded."""
-    return importlib.util.find_spec("libtpu") is not None
-
-
-def topology_devices(target: Topology) -> list:
-    if target.platform == "tpu":
-        if not libtpu_installed():
-            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: {INSTALL_TPU}")
-        from jax.experimental import topologies
-
-        # libtpu locks the host's chips against a second process; compiling uses none, and
-        # without this two plans (or a plan beside a test) could not run at once.
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        return topologies.get_topology_desc(
-            target.libtpu_name,
-            "tpu",
-            chip_config_name=target.chip_config,
-            chips_per_host_bounds=target.chips_per_host,
-            num_slices=1,
-        ).devices
-    devices = jax.devices("cpu")
-    if len(devices) < target.chips:
-        raise PlanError(
-            f"{target.name} needs {target.chips} host devices, this process has {len(devices)} "
-            "(the planner sets jax_num_cpu_devices before JAX starts; XLA_FLAGS can override it)"
-        )
-    return devices[: target.chips]
 
 
 def planned_model_config(config) -> tuple[AVLLMConfig, str]:
@@ -230,19 +119,22 @@ def abstract_inputs(config, model_config, mesh, num_microbatches: int):
     return train_step, state, placed(frozen, sharding.state_shardings(frozen, mesh)), batch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Plan:
+    """What one compile for a target reports; the fields after `analytic_flops` are filled as
+    the compile gets that far."""
+
     topology: Topology
     mesh_shape: dict
     num_microbatches: int
     samples_per_device: float  # per micro-batch
-    memory: dict[str, float]  # GiB per device: arguments, outputs, aliased, temporaries, total
-    fits: bool
-    compiled_flops: float | None  # per step, all devices (None when the compile ran out of memory)
-    analytic_flops: float
-    xla_flops: float | None  # XLA's cost analysis, all devices: each loop body counted once
-    kernel_attention_flops: float  # analytic attention of the parts whose attention is a kernel
-    compile_seconds: float
+    analytic_flops: float  # per step, all devices: training/flops.py
+    memory: dict[str, float] = dataclasses.field(default_factory=dict)  # GiB per device, by kind and total
+    fits: bool = False
+    compiled_flops: float | None = None  # per step, all devices (None when the compile ran out of memory)
+    xla_flops: float | None = None  # XLA's cost analysis, all devices: each loop body counted once
+    kernel_attention_flops: float = 0.0  # analytic attention of the parts whose attention is a kernel
+    compile_seconds: float = 0.0
     kernel_calls: int = 0  # attention kernels (custom calls) in the program
     hlo_text: str = dataclasses.field(default="", repr=False)
 
@@ -284,17 +176,11 @@ def compile_plan(config, target: Topology, num_microbatches: int | None = None) 
         )
     analytic = flops.slot_flops_per_step(model_config, config)
     plan = Plan(
-        target,
-        dict(mesh.shape),
-        num_microbatches,
-        global_batch / num_microbatches / batch_shards,
-        {},
-        False,
-        None,
-        analytic,
-        None,
-        0.0,
-        0.0,
+        topology=target,
+        mesh_shape=dict(mesh.shape),
+        num_microbatches=num_microbatches,
+        samples_per_device=global_batch / num_microbatches / batch_shards,
+        analytic_flops=analytic,
     )
     try:
         compiled = lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS if target.platform == "cpu" else None)
@@ -407,44 +293,39 @@ def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.2f} MiB"
 
 
-def main(argv, flag_values: dict):
-    del argv
-    value = {name: holder.value for name, holder in flag_values.items()}
-    if value["topology"] is None:
-        raise app.UsageError("--topology is required (e.g. v5p-32, cpu:8)")
-    try:
-        target = topology(value["topology"])
-        if target.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-            jax.config.update("jax_num_cpu_devices", target.chips)
-        config = value["config"]
-        config_lib.check_config(config)
-        _, model_source = planned_model_config(config)
-        if value["search"]:
-            print(f"search on {target.name}: global batch {config.global_batch_size}", flush=True)
-            plan, tried = search(config, target)
-            if plan is None:
-                print(describe(tried[-1], config, model_source))
-                print(f"search: even {tried[-1].num_microbatches} micro-batches do not fit")
-                plan = tried[-1]
-            else:
-                print(describe(plan, config, model_source))
-                print(
-                    f"search: fewest micro-batches that fit: {plan.num_microbatches} "
-                    f"({plan.samples_per_device:g} sample(s) per device per micro-batch); "
-                    f"--config.num_microbatches={plan.num_microbatches}"
-                )
+@cli.entry_point
+def main(argv: list[str] | None = None) -> Plan:
+    args = parse_args(argv)
+    cli.configure_logging(args)
+    target = topology(args.topology)
+    if target.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", target.chips)
+    config = args.config
+    config_lib.check_config(config)
+    _, model_source = planned_model_config(config)
+    if args.search:
+        print(f"search on {target.name}: global batch {config.global_batch_size}", flush=True)
+        plan, tried = search(config, target)
+        if plan is None:
+            print(describe(tried[-1], config, model_source))
+            print(f"search: even {tried[-1].num_microbatches} micro-batches do not fit")
+            plan = tried[-1]
         else:
-            plan = compile_plan(config, target)
             print(describe(plan, config, model_source))
-        if value["hlo_dump"] and plan.hlo_text:
-            with open(value["hlo_dump"], "w") as f:
-                f.write(plan.hlo_text)
-    except (PlanError, config_lib.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+            print(
+                f"search: fewest micro-batches that fit: {plan.num_microbatches} "
+                f"({plan.samples_per_device:g} sample(s) per device per micro-batch); "
+                f"--config.num_microbatches={plan.num_microbatches}"
+            )
+    else:
+        plan = compile_plan(config, target)
+        print(describe(plan, config, model_source))
+    if args.hlo_dump and plan.hlo_text:
+        with open(args.hlo_dump, "w") as f:
+            f.write(plan.hlo_text)
     print(plan.summary(), flush=True)
+    return plan
 
 
 if __name__ == "__main__":
-    defined = _define_flags()
-    app.run(lambda argv: main(argv, defined), flags_parser=config_lib.parse_flags)
+    main()

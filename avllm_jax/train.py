@@ -11,8 +11,10 @@ step, on every host at the same step, and exits with status 143.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import logging
 import math
 import os
 import sys
@@ -21,36 +23,30 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
-from avllm_jax import checkpoint, runtime
+from avllm_jax import checkpoint, cli, errors, runtime
 from avllm_jax.data import conversation, feature_cache, features, packing, phases, pipeline
 from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the model config.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process job ($AVLLM_COORDINATOR_ADDRESS)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process job ($AVLLM_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0 to num_processes - 1 ($AVLLM_PROCESS_ID)."
-)
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
-    "distributed_timeout_s", 300, "How long the processes of a multi-process job wait for each other to start."
-)
-_NEW_SCHEDULE = flags.DEFINE_bool(
-    "allow_new_schedule",
-    False,
-    "Resume a checkpoint whose num_steps or optim settings differ from the config's, under the config's schedule.",
-)
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error ($AVLLM_DEBUG=1 too).")
-PREEMPTED_EXIT_STATUS = 143  # what a process ended by SIGTERM returns: the job did not finish
+PREEMPTED_EXIT_STATUS = errors.EXIT_PREEMPTED  # what a process ended by SIGTERM returns: the job did not finish
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.Parser("python -m avllm_jax.train", __doc__)
+    parser.add_config_flag("training config file (configs/*.py)", config_lib.unknown_field)
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints, logs and the model config")
+    parser.add_argument(
+        "--allow-new-schedule",
+        action="store_true",
+        help="resume a checkpoint whose num_steps or optim settings differ from the config's, under the config's",
+    )
+    cli.add_distributed_flags(parser)
+    return parser.parse_args(argv)
 
 
 class SetupError(AvllmError, RuntimeError):
@@ -72,10 +68,9 @@ def resolve_model(config):
         if part in config.model.parts:
             overrides[part] = fields
         elif fields:
-            print(
+            logger.warning(
                 f"config.model.{part} sets {', '.join(sorted(fields))}: unused, as config.model.parts does not name "
-                f"{part!r}",
-                flush=True,
+                f"{part!r}"
             )
     if config.init_checkpoint:
         if not os.path.exists(os.path.join(config.init_checkpoint, checkpoint.CONFIG_FILE)):
@@ -96,15 +91,7 @@ def resolve_model(config):
         raise SetupError(
             "set config.init_checkpoint (a converted checkpoint) or config.tokenizer (to train from scratch)"
         )
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer)
-    except OSError as error:  # neither a local directory nor a model id the hub (or its cache) has
-        raise SetupError(
-            f"config.tokenizer={config.tokenizer!r} is not a tokenizer directory here, and no Hugging Face model id "
-            f"that could be fetched: {str(error).splitlines()[0]}"
-        ) from None
+    tokenizer = conversation.pretrained_tokenizer(config.tokenizer, "config.tokenizer")
     token_ids = tuple(conversation.add_modality_tokens(tokenizer))
     vocab_size = overrides["llm"].setdefault("vocab_size", len(tokenizer))
     if vocab_size != len(tokenizer):
@@ -178,7 +165,7 @@ def total_steps(config, per_source, tokenizer, modality_rows) -> int:
         weights = [float(s.get("weight", 1.0)) for s in config.data.sources]
         budget = packing.budget_of(config.data, modality_rows)
         per_pack = packing.estimate_samples_per_pack(per_source, weights, config.data, tokenizer, modality_rows, budget)
-        print(f"packing: about {per_pack:.2f} samples per pack (from the sources' text lengths)", flush=True)
+        logger.info(f"packing: about {per_pack:.2f} samples per pack (from the sources' text lengths)")
         samples_per_step *= per_pack
     return max(1, math.floor(config.num_epochs * num_samples / samples_per_step))
 
@@ -225,10 +212,7 @@ def _check_batch_divides(config, mesh) -> None:
 
 def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: bool) -> dict:
     if worker_cpus:
-        print(
-            f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}",
-            flush=True,
-        )
+        logger.info(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}")
     model_config, tokenizer, init_dir = resolve_model(config)
     # After resolve_model: the adapters are new weights, not overrides of the starting checkpoint's.
     model_config = optim.apply_lora(model_config, config.lora)
@@ -247,7 +231,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
     _check_batch_divides(config, mesh)
     done = checkpoint.latest_step(workdir)
     if done is not None and done >= num_steps:
-        print(f"the run in {workdir} is finished: it saved step {done} of {num_steps}; nothing to do", flush=True)
+        logger.info(f"the run in {workdir} is finished: it saved step {done} of {num_steps}; nothing to do")
         return {"stopped_at": None, "interrupted": False}
     if jax.process_index() == 0:
         checkpoint.write_model_config(workdir, model_config)
@@ -255,12 +239,11 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         tokenizer.save_pretrained(workdir)
         with open(os.path.join(workdir, checkpoint.TRAIN_CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    print(
-        f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps",
-        flush=True,
+    logger.info(
+        f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); {num_steps} steps"
     )
     for line in phase_lines:
-        print(line, flush=True)
+        logger.info(line)
 
     with jax.set_mesh(mesh):
         model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
@@ -269,12 +252,12 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 cache.check(feature_cache.fingerprint(config.data, *model.encoder_identity()))
             except feature_cache.FeatureCacheError as error:
                 raise SetupError(str(error)) from None
-            print(f"reading encoder features from the cache {cache.directory} ({len(cache.index)} files)", flush=True)
+            logger.info(f"reading encoder features from the cache {cache.directory} ({len(cache.index)} files)")
         trainable_filter = optim.trainable_filter(list(config.trainable))
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
         num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-        print(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen", flush=True)
+        logger.info(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen")
         optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
         opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(
             trainable
@@ -318,7 +301,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 nnx.replace_by_pure_dict(full_state, params)
                 nnx.update(model, full_state)
                 graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
-                print(f"resumed from step {start} in {workdir}", flush=True)
+                logger.info(f"resumed from step {start} in {workdir}")
             state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
             train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
             schedule = optim.learning_rate_schedule(config.optim, num_steps)
@@ -370,9 +353,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                     stopped_at = step_number
                     break
     if stopped_at is not None and not preemption.interrupted:
-        print(
-            f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue",
-            flush=True,
+        logger.info(
+            f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue"
         )
     # An interruption is reported by main, the workers and the save in flight finished. (Raising
     # KeyboardInterrupt here instead kept this frame's batch alive in the traceback, and with it
@@ -388,60 +370,31 @@ def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None
     path = os.path.join(workdir, f"skipped_samples_process_{jax.process_index()}.txt")
     with open(path, "w") as f:
         f.write(summary + "\n")
-    print(f"{summary}\n(written to {path})", flush=True)
+    logger.info(f"{summary}\n(written to {path})")
 
 
-USER_ERRORS = (
-    config_lib.ConfigError,
-    SetupError,
-    pipeline.DataError,
-    conversation.MalformedSampleError,
-    checkpoint.CheckpointError,
-    runtime.DistributedError,
-)
+def _exit_interrupted(workdir: str):
+    saved = checkpoint.latest_step(workdir)
+    message = f"interrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {workdir}"
+    print(f"\n{message}", file=sys.stderr)
+    raise cli.Exit(errors.EXIT_INTERRUPTED, message)
 
 
-def _debug() -> bool:
-    return _DEBUG.value or os.environ.get("AVLLM_DEBUG") == "1"
-
-
-def _exit_interrupted():
-    saved = checkpoint.latest_step(_WORKDIR.value)
-    print(
-        f"\ninterrupted; the newest checkpoint is {f'step {saved}' if saved else 'none'} in {_WORKDIR.value}",
-        file=sys.stderr,
-    )
-    sys.exit(130)
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.configure_logging(args, stream="stdout")  # training's log is its output
     try:
-        runtime.initialize_distributed(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout_s=_DISTRIBUTED_TIMEOUT.value
-        )
-        # Process 0 speaks for the job on stdout; every process writes its own TensorBoard log.
-        quiet = jax.process_index() > 0
-        with (
-            open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out,
-            contextlib.redirect_stdout(out),
-        ):
-            result = train(_CONFIG.value, _WORKDIR.value, new_schedule_ok=_NEW_SCHEDULE.value)
-    except USER_ERRORS as error:
-        if _debug():
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        # Process 0 speaks for the job; every process writes its own TensorBoard log.
+        cli.initialize_distributed(args)
+        result = train(args.config, args.workdir, new_schedule_ok=args.allow_new_schedule)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
-        _exit_interrupted()
+        _exit_interrupted(args.workdir)
     if result["interrupted"]:
-        _exit_interrupted()
+        _exit_interrupted(args.workdir)
     if result["stopped_at"] is not None:
         sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    main()

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
-import sys
 from collections.abc import Iterator
 
 import av
 import gradio as gr
 import jax
 
+from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import Media, MediaError
+from avllm_jax.errors import AvllmError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
 
+logger = logging.getLogger(__name__)
 FROM_FILE = "from_file"
 MODALITY_CHOICES = [
     ("from the file's streams", FROM_FILE),
@@ -41,7 +44,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m avllm_jax.web", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("python -m avllm_jax.web", __doc__)
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
@@ -288,17 +291,21 @@ def build(app: App) -> gr.Blocks:
     return page
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from avllm_jax.checkpoint import load_model
-
-    print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
+    cli.configure_logging(args)
+    # What the user gave is checked before the weights load (minutes for a 7B model).
+    model_config = checkpoint.checked_model_config(args.checkpoint)
+    for example in args.examples:
+        cli.require_file(example, "--examples", "example media file")
     try:
-        model = load_model(args.checkpoint)
-        tokenizer = conversation.load_tokenizer(args.checkpoint)
-        data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
+    except ValueError as error:  # media settings the encoders cannot take
+        raise AvllmError(str(error)) from None
+    logger.info("loading %s ...", args.checkpoint)
+    model = checkpoint.load_model(args.checkpoint)
+    tokenizer = conversation.load_tokenizer(args.checkpoint)
     page = build(App(model, tokenizer, data_config, args))
     allowed = sorted({os.path.dirname(os.path.abspath(path)) for path in args.examples})
     page.queue().launch(

@@ -4,7 +4,9 @@ error into one line with a documented exit status, before any model loads, and t
 The subprocess tests drive each entry point's bad inputs as a user would; they fail before any
 weights load, so each takes the seconds that importing JAX takes."""
 
+import importlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -40,13 +42,46 @@ def assert_one_line_error(result, *needles, code=EXIT_ERROR):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A model directory holding only its config (no weights: nothing may load them), a media
-    file that is not media, and an instruction file."""
+    """A model directory holding only its config (no weights: nothing may load them), a
+    tokenizer, a media file that is not media, and an instruction file."""
     root = tmp_path_factory.mktemp("cli")
-    checkpoint.write_model_config(str(root / "model"), tiny_config(tiny_tokenizer()))
+    tokenizer = tiny_tokenizer()
+    checkpoint.write_model_config(str(root / "model"), tiny_config(tokenizer))
+    tokenizer.save_pretrained(root / "tokenizer")
     (root / "not_media.mp4").write_bytes(b"not a video")
     (root / "data.jsonl").write_text(json.dumps({"video": "a.mp4", "conversations": []}) + "\n")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The commands run in-process here set up logging; later tests get the root logger back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in set(root.handlers) - set(handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+    cli._handlers.clear()
+
+
+def in_process(main, argv, capsys):
+    """(exit status, stderr lines) of a command's main run here: the path the subprocess takes,
+    without starting Python and JAX again."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_in_process_error(main, argv, capsys, *needles, code=EXIT_ERROR):
+    status, lines = in_process(main, argv, capsys)
+    assert status == code and lines and lines[-1].startswith("error: "), (status, lines)
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
 
 
 # The shared pieces, in-process.
@@ -143,67 +178,171 @@ def test_every_library_error_has_the_base():
 # Each entry point's bad inputs, as subprocesses.
 
 
-def test_chat_bad_inputs(inputs, tmp_path):
+def test_chat_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import chat
+
     assert_one_line_error(
         run("-m", "avllm_jax.chat", "--checkpoint", str(tmp_path / "none"), "--media", "x.mp4"),
         f"--checkpoint {tmp_path / 'none'}:",
         "has no config.json",
         code=EXIT_USAGE,
     )
-    assert_one_line_error(run("-m", "avllm_jax.chat", "--media", "x.mp4"), "required: --checkpoint", code=EXIT_USAGE)
-    model = str(inputs / "model")
-    assert_one_line_error(
-        run("-m", "avllm_jax.chat", "--checkpoint", model, "--media", str(tmp_path / "gone.mp4")),
-        f"--media {tmp_path / 'gone.mp4'}: the media file does not exist",
+    assert_in_process_error(chat.main, ["--media", "x.mp4"], capsys, "required: --checkpoint", code=EXIT_USAGE)
+    model, gone = str(inputs / "model"), str(tmp_path / "gone.mp4")
+    assert_in_process_error(
+        chat.main,
+        ["--checkpoint", model, "--media", gone],
+        capsys,
+        f"--media {gone}: the media file does not exist",
         code=EXIT_USAGE,
     )
-    assert_one_line_error(
-        run("-m", "avllm_jax.chat", "--checkpoint", model, "--media", str(inputs / "not_media.mp4")),
-        str(inputs / "not_media.mp4"),
+    # Decoded before the weights load: the model directory has none, so reaching them would fail otherwise.
+    assert_in_process_error(
+        chat.main, ["--checkpoint", model, "--media", str(inputs / "not_media.mp4")], capsys, "not_media.mp4"
     )
 
 
-def test_evaluate_bad_inputs(inputs, tmp_path):
+def test_evaluate_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import evaluate
+
     model, out = str(inputs / "model"), str(tmp_path / "out")
 
-    def evaluate(*argv):
-        return run("-m", "avllm_jax.evaluate", "--checkpoint", model, "--out", out, *argv)
+    def check(argv, *needles, code=EXIT_ERROR):
+        assert_in_process_error(
+            evaluate.main, ["--checkpoint", model, "--out", out, *argv], capsys, *needles, code=code
+        )
 
-    assert_one_line_error(evaluate("--task", "jsonl"), "required: --data", code=EXIT_USAGE)
-    gone = str(tmp_path / "gone.json")
     assert_one_line_error(
-        evaluate("--task", "msrvtt_qa", "--data", gone, "--media-root", str(tmp_path)),
+        run("-m", "avllm_jax.evaluate", "--checkpoint", model, "--out", out, "--task", "jsonl"),
+        "required: --data",
+        code=EXIT_USAGE,
+    )
+    gone = str(tmp_path / "gone.json")
+    check(
+        ["--task", "msrvtt_qa", "--data", gone, "--media-root", str(tmp_path)],
         f"--data {gone}: the annotation file does not exist",
         code=EXIT_USAGE,
     )
     # An instruction file given as MSRVTT-QA, and an MSRVTT-QA file given as instructions.
-    assert_one_line_error(
-        evaluate("--task", "msrvtt_qa", "--data", str(inputs / "data.jsonl"), "--media-root", str(tmp_path)),
+    check(
+        ["--task", "msrvtt_qa", "--data", str(inputs / "data.jsonl"), "--media-root", str(tmp_path)],
         f"--data {inputs / 'data.jsonl'} is not in the msrvtt_qa layout",
         "expected a JSON list of objects",
     )
     msrvtt = tmp_path / "test_qa.json"
     msrvtt.write_text(json.dumps([{"id": 0, "video_id": 1, "question": "what?", "answer": "a dog"}]))
-    assert_one_line_error(
-        evaluate("--task", "jsonl", "--data", str(msrvtt)), f"--data {msrvtt} is not in the jsonl layout"
-    )
-    assert_one_line_error(
-        evaluate("--task", "msrvtt_qa", "--data", str(msrvtt)), "--media-root is required", code=EXIT_USAGE
-    )
-    assert_one_line_error(
-        evaluate("--task", "msrvtt_qa", "--data", str(msrvtt), "--media-root", str(tmp_path)),
+    check(["--task", "jsonl", "--data", str(msrvtt)], f"--data {msrvtt} is not in the jsonl layout")
+    check(["--task", "msrvtt_qa", "--data", str(msrvtt)], "--media-root is required", code=EXIT_USAGE)
+    check(
+        ["--task", "msrvtt_qa", "--data", str(msrvtt), "--media-root", str(tmp_path)],
         f"--media-root {tmp_path}: none of the media of the 1 annotated samples",
         "video1",
     )
     (tmp_path / "video1.mp4").write_bytes(b"")
-    assert_one_line_error(
-        run(
-            "-m",
-            "avllm_jax.evaluate",
-            *("--checkpoint", str(tmp_path / "none"), "--out", out, "--task", "msrvtt_qa"),
-            *("--data", str(msrvtt), "--media-root", str(tmp_path)),
-        ),
+    assert_in_process_error(
+        evaluate.main,
+        ["--checkpoint", str(tmp_path / "none"), "--out", out, "--task", "msrvtt_qa"]
+        + ["--data", str(msrvtt), "--media-root", str(tmp_path)],
+        capsys,
         f"--checkpoint {tmp_path / 'none'}: ",
         "has no config.json",
         code=EXIT_USAGE,
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import train
+
+    config = ["--config", DEMO_CONFIG, f"--config.tokenizer={inputs / 'tokenizer'}"]
+    # A bad value before --config: blamed on the flag (not the file), and no FlagOrderError.
+    result = run("-m", "avllm_jax.train", "--config.num_steps=abc", *config, "--workdir", str(tmp_path / "run"))
+    assert_one_line_error(result, "--config.num_steps=abc: invalid literal for int()", code=EXIT_USAGE)
+    assert "config file" not in result.stderr and "FlagOrderError" not in result.stderr
+    assert_in_process_error(train.main, config, capsys, "required: --workdir", code=EXIT_USAGE)
+    gone = tmp_path / "gone.jsonl"
+    assert_in_process_error(
+        train.main,
+        [*config, f"--config.data.sources=({{'path': '{gone}', 'weight': 1.0}},)", "--workdir", str(tmp_path / "run")],
+        capsys,
+        f"data.sources[0].path: the instruction file {gone} does not exist",
+    )
+    assert_in_process_error(
+        train.main,
+        ["--config", DEMO_CONFIG, f"--config.tokenizer={tmp_path}/nothing", "--workdir", str(tmp_path / "run")],
+        capsys,
+        f"config.tokenizer {tmp_path}/nothing: no such directory",
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_bad_inputs(tmp_path, capsys):
+    from avllm_jax import plan
+
+    assert_one_line_error(
+        run("-m", "avllm_jax.plan", "--config", DEMO_CONFIG, "--topology=v9-8"), "unknown topology 'v9-8'"
+    )
+    assert_in_process_error(plan.main, ["--config", DEMO_CONFIG], capsys, "required: --topology", code=EXIT_USAGE)
+    assert_in_process_error(
+        plan.main,
+        ["--topology=cpu:1", "--config", str(tmp_path / "none.py")],
+        capsys,
+        "the config file",
+        "does not exist",
+        code=EXIT_USAGE,
+    )
+
+
+def test_cache_features_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import cache_features
+
+    config = ["--config", DEMO_CONFIG, f"--config.tokenizer={inputs / 'tokenizer'}"]
+    assert_one_line_error(
+        run("tools/cache_features.py", *config, "--out", str(tmp_path / "c"), "--shard=3", cwd=REPO),
+        "--shard='3': expected I/N",
+    )
+    assert_in_process_error(cache_features.main, config, capsys, "required: --out", code=EXIT_USAGE)
+    assert not (tmp_path / "c").exists()
+
+
+def test_web_bad_inputs(inputs, tmp_path, capsys):
+    assert_one_line_error(
+        run("-m", "avllm_jax.web", "--checkpoint", str(tmp_path / "none")),
+        f"--checkpoint {tmp_path / 'none'}: ",
+        code=EXIT_USAGE,
+    )
+    web = importlib.import_module("avllm_jax.web")
+    gone = str(tmp_path / "gone.mp4")
+    assert_in_process_error(
+        web.main,
+        ["--checkpoint", str(inputs / "model"), "--examples", gone],
+        capsys,
+        f"--examples {gone}: the example media file does not exist",
+        code=EXIT_USAGE,
+    )
+
+
+def test_convert_and_export_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import convert, export
+
+    assert_one_line_error(
+        run("tools/convert_hf_weights.py", "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "o"), cwd=REPO),
+        f"--clip {tmp_path / 'clip'}: the Hugging Face model directory does not exist",
+        code=EXIT_USAGE,
+    )
+    assert_in_process_error(convert.main, ["--out", str(tmp_path / "o")], capsys, "nothing to convert")
+    assert_one_line_error(
+        run("tools/export_hf.py", str(tmp_path / "none"), "--out", str(tmp_path / "e"), cwd=REPO),
+        f"{tmp_path / 'none'} has no config.json",
+    )
+    assert_in_process_error(export.main, [str(inputs / "model")], capsys, "required: --out", code=EXIT_USAGE)
+
+
+@pytest.mark.parametrize("module", ["train", "plan", "evaluate", "chat", "web", "cache_features", "convert", "export"])
+def test_every_entry_point_has_help_debug_and_log_level(module, capsys):
+    main = importlib.import_module(f"avllm_jax.{module}").main
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit.value.code == 0 and help_text.startswith("usage: ")
+    assert "--debug" in help_text and "--log-level" in help_text

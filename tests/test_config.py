@@ -117,7 +117,7 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
-def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(tokenizer_dir, capsys):
+def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(tokenizer_dir, caplog):
     config = load_config_file("demo")
     config.tokenizer = str(tokenizer_dir)
     config.model.audio.enable_fusion = True
@@ -134,7 +134,7 @@ def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(toke
     assert model_config.audio is None and model_config.vision.image_size == 64 and model_config.llm is not None
     assert (
         "config.model.audio sets depths, embed_dim, enable_fusion, num_heads, patch_size, patch_stride, spec_size, "
-        "window_size: unused, as config.model.parts does not name 'audio'" in capsys.readouterr().out
+        "window_size: unused, as config.model.parts does not name 'audio'" in caplog.text
     )
 
     config.model.llm.vocab_size = 5
@@ -144,16 +144,30 @@ def test_without_init_checkpoint_each_named_part_is_defaults_plus_overrides(toke
         resolve_model(config)
 
 
-def test_a_tokenizer_that_is_not_there_is_one_line(tmp_path):
-    """Not the hub's 30 s of retries and a traceback (the tests run with HF_HUB_OFFLINE=1)."""
+def test_a_local_tokenizer_path_that_is_no_tokenizer_fails_at_once(tmp_path, monkeypatch):
+    """A path that looks local is never looked up on the hub (which retried for 47 s before)."""
     config = load_config_file("demo")
-    config.tokenizer = str(tmp_path / "demo_out" / "tokenizer")
+    missing = tmp_path / "demo_out" / "tokenizer"
+    config.tokenizer = str(missing)
+    with pytest.raises(conversation.TokenizerError, match=rf"^config.tokenizer {missing}: no such directory$"):
+        resolve_model(config)
+    missing.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config.tokenizer = "demo_out/tokenizer"  # relative, under a directory that exists
     with pytest.raises(
-        SetupError,
-        match=r"^config.tokenizer='.*demo_out/tokenizer' is not a tokenizer directory here, and no "
-        r"Hugging Face model id that could be fetched: [^\n]+$",
+        conversation.TokenizerError,
+        match=r"^config.tokenizer demo_out/tokenizer: not a tokenizer directory \(none of tokenizer.json, ",
     ):
         resolve_model(config)
+    assert [
+        conversation.looks_local(name) for name in ("./tok", "../tok", "/abs/tok", "demo_out/x", "lmsys/vicuna")
+    ] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 @pytest.fixture

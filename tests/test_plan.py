@@ -15,7 +15,7 @@ from plan_config import get_config as tiny_plan_config
 
 from avllm_jax import plan
 from avllm_jax.models import llama
-from avllm_jax.training import flops
+from avllm_jax.training import flops, topologies
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "plan_config.py")
 
@@ -139,17 +139,13 @@ def test_search_bisects_to_the_fewest_micro_batches_that_fit(monkeypatch):
     def fake_compile(config, target, num_microbatches):
         total = 100.0 / num_microbatches  # GiB; an A100-40G fits it from 4 micro-batches on
         return plan.Plan(
-            target,
-            {},
-            num_microbatches,
-            8 / num_microbatches,
-            {"total": total},
-            total <= target.hbm_gib,
-            1.0,
-            1.0,
-            None,
-            0.0,
-            0.0,
+            topology=target,
+            mesh_shape={},
+            num_microbatches=num_microbatches,
+            samples_per_device=8 / num_microbatches,
+            analytic_flops=1.0,
+            memory={"total": total},
+            fits=total <= target.hbm_gib,
         )
 
     monkeypatch.setattr(plan, "compile_plan", fake_compile)
@@ -186,7 +182,7 @@ ENTRY %main (a: f32[4,8,16], b: f32[4,16,32]) -> f32[4,8,32] {
     assert flops.hlo_matmul_flops(hlo).flops == 2 * 4 * 8 * 16 * 32
 
 
-@pytest.mark.skipif(not plan.libtpu_installed(), reason="libtpu is not installed (the tpu extra)")
+@pytest.mark.skipif(not topologies.libtpu_installed(), reason="libtpu is not installed (the tpu extra)")
 def test_a_tpu_slice_compiles_with_splash_attention(capsys):
     """v5e-4 from this CPU host: 'auto' attention is splash (Mosaic kernels in the program),
     whose attention the FLOPs count analytically."""

@@ -29,9 +29,45 @@ def add_modality_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list
     return [cast(int, tokenizer.convert_tokens_to_ids(t)) for t in MODALITY_TOKENS]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class TokenizerError(AvllmError, OSError):
+    """A tokenizer that cannot be read: the message names the path and why."""
+
+
+def looks_local(name: str) -> bool:
+    """Whether a tokenizer name is a path on this machine rather than a Hugging Face model id:
+    absolute, ./ or ../ (or ~), or under a directory that exists."""
+    parent = os.path.dirname(name)
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~"))
+        or name in (".", "..")
+        or bool(parent and os.path.isdir(parent))
+    )
+
+
+def pretrained_tokenizer(name: str | os.PathLike, what: str = "tokenizer") -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer at `name`: a local directory, or a Hugging Face model id (fetched, or from
+    the hub's cache). A name that looks local (`looks_local`) is read locally only: a missing
+    directory, or one holding no tokenizer, is a TokenizerError at once, naming it (`what`
+    says which setting gave it), instead of minutes of retries against the hub."""
+    name = os.path.expanduser(os.fspath(name))
+    local = os.path.isdir(name) or looks_local(name)
+    if local and not os.path.isdir(name):
+        raise TokenizerError(f"{what} {name}: no such directory")
+    if local and not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        raise TokenizerError(f"{what} {name}: not a tokenizer directory (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as error:  # a damaged file, or an id neither the hub nor its cache has
+        raise TokenizerError(f"{what} {name}: {str(error).strip().splitlines()[0]}") from None
+
+
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer saved in a converted checkpoint or a training workdir."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+    tokenizer = pretrained_tokenizer(path, "the checkpoint's tokenizer in")
     vocab = tokenizer.get_vocab()
     missing = [t for t in MODALITY_TOKENS if t not in vocab]
     if missing:

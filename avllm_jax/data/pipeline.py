@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import signal
 
@@ -60,6 +61,8 @@ from avllm_jax.data.media import MediaError
 from avllm_jax.data.samples import build_sample, load_sample_media, media_shapes, pad_text, routed_modality
 from avllm_jax.errors import AvllmError
 from avllm_jax.modality import MODALITY_TOKENS
+
+logger = logging.getLogger(__name__)
 
 _SKIP_COUNTERS = ("num_skipped_media", "num_skipped_text")
 COUNTERS = (*_SKIP_COUNTERS, "num_rerouted", "num_truncated")
@@ -268,9 +271,12 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
 def read_sources(data_config) -> list[list[conversation.Sample]]:
     """The samples of every source; malformed lines raise, or are skipped, reported and counted."""
     if not data_config.sources or not all(s.get("path") for s in data_config.sources):
-        raise ValueError("data_config.sources must list at least one {path, media_root, weight}")
+        raise ValueError("data.sources must list at least one {path, media_root, weight}")
     per_source, malformed, total = [], [], 0
-    for source in data_config.sources:
+    for i, source in enumerate(data_config.sources):
+        if not os.path.isfile(source["path"]):
+            reason = "is a directory" if os.path.isdir(source["path"]) else "does not exist"
+            raise DataError(f"data.sources[{i}].path: the instruction file {source['path']} {reason}")
         samples, bad = conversation.read_samples(
             source["path"], source.get("media_root"), skip_malformed=data_config.skip_malformed_lines
         )
@@ -284,7 +290,7 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
         message = f"skipped {len(malformed)} malformed lines of {total}:\n  {listed}"
         if len(malformed) > data_config.max_bad_fraction * total:
             raise DataError(message + f"\nthat is more than max_bad_fraction={data_config.max_bad_fraction}")
-        print(message, flush=True)
+        logger.warning(message)
     return per_source
 
 

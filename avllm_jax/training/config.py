@@ -30,15 +30,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 import typing
 
 import ml_collections
-from absl import flags
 from flax import nnx
 from ml_collections import config_dict
 
-from avllm_jax import checkpoint
 from avllm_jax.data import phases as phases_lib
 from avllm_jax.data.pipeline import default_data_config
 from avllm_jax.errors import AvllmError
@@ -270,29 +267,3 @@ def unknown_field(path: str) -> str | None:
 def _nearest(name: str, choices) -> str:
     near = difflib.get_close_matches(name, list(choices), n=1)
     return f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(sorted(choices))}"
-
-
-def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """absl's flag parsing (into `flag_values`), with a config mistake told in a line: an
-    unknown field with its nearest names, a config file that is missing or fails to load."""
-    debug = "--debug" in argv or os.environ.get("AVLLM_DEBUG") == "1"
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if "--config" in argv[:-1]:
-        config_file = argv[argv.index("--config") + 1]
-    if config_file is not None and not os.path.isfile(config_file.split(":")[0]):
-        print(f"error: the config file {config_file} does not exist (No such file)", file=sys.stderr)
-        sys.exit(2)
-    for arg in argv[1:]:
-        if arg.startswith("--config.") and (problem := unknown_field(arg[len("--config.") :].split("=")[0])):
-            print(f"error: {arg.split('=')[0]}: {problem}", file=sys.stderr)
-            sys.exit(2)
-    try:
-        return flag_values(argv)
-    except Exception as error:  # absl's and ml_collections' parse errors, a failing config file
-        if debug:
-            raise
-        print(
-            f"error: {f'config file {config_file}: ' if config_file else ''}{checkpoint.describe_error(error)}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
