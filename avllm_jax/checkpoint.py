@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from avllm_jax.data.pipeline import default_data_config
-from avllm_jax.errors import AvllmError, UsageError
+from avllm_jax.errors import AvllmError, UsageError, describe_error
 from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
 
@@ -111,15 +111,6 @@ def abstract_model(config: AVLLMConfig):
 
 class CheckpointError(AvllmError, RuntimeError):
     """A checkpoint that cannot be read; the message names the step or directory and why."""
-
-
-def describe_error(error: BaseException) -> str:
-    """The root cause of a (chained) exception in one line: orbax and tensorstore bury the
-    file that is missing or damaged under several wrappers."""
-    while (inner := error.__cause__ or error.__context__) is not None:
-        error = inner
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:400]}"
 
 
 def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):

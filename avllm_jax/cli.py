@@ -33,7 +33,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from avllm_jax.errors import EXIT_INTERRUPTED, AvllmError, UsageError
+from avllm_jax.errors import EXIT_INTERRUPTED, AvllmError, UsageError, describe_error
 
 DEBUG_ENVIRONMENT = "AVLLM_DEBUG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -161,7 +161,7 @@ def load_config(spec: str, overrides: list[str], check_override: Callable[[str],
     try:
         config = parse([])
     except Exception as error:  # whatever the file raises
-        raise UsageError(f"config file {spec}: {_root_cause(error)}") from error
+        raise UsageError(f"config file {spec}: {describe_error(error)}") from error
     if not overrides:
         return config
     try:
@@ -169,13 +169,6 @@ def load_config(spec: str, overrides: list[str], check_override: Callable[[str],
     except Exception as error:  # absl's: "flag --config.num_steps=abc: invalid literal for int() ..."
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(message.removeprefix("flag ")) from error
-
-
-def _root_cause(error: BaseException) -> str:
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:400]}"
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +213,7 @@ class _StandardStream(logging.StreamHandler):
         self._stream_name = name
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return getattr(sys, self._stream_name)
 
@@ -258,7 +251,9 @@ def configure_logging(args: argparse.Namespace, *, process_index: int = 0, strea
             root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-    logger.setLevel(args.log_level or ("INFO" if process_index == 0 else "WARNING"))
+    level = args.log_level or ("INFO" if process_index == 0 else "WARNING")
+    logger.setLevel(level)
+    logging.getLogger("__main__").setLevel(level)  # the command's own module, run with -m
 
 
 def entry_point(main: Callable[..., object]) -> Callable[..., object]:

@@ -29,3 +29,13 @@ class UsageError(AvllmError):
     config file it names missing or failing to load."""
 
     exit_code = EXIT_USAGE
+
+
+def describe_error(error: BaseException) -> str:
+    """The root cause of a (chained) exception in one line: orbax and tensorstore bury the
+    file that is missing or damaged under several wrappers, a config file its own error."""
+    cause: BaseException | None = error
+    while cause is not None:
+        error, cause = cause, cause.__cause__ or cause.__context__
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:400]}"

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from avllm_jax import checkpoint
+from avllm_jax import checkpoint, errors
 from avllm_jax.checkpoint import CHECKPOINTS_DIR
 
 
@@ -104,7 +104,7 @@ def _restore_item(manager, step, item, args):
     try:
         return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
     except Exception as error:  # orbax and grain raise many kinds; name the item that failed
-        raise checkpoint.CheckpointError(f"item {item!r}: {checkpoint.describe_error(error)}") from error
+        raise checkpoint.CheckpointError(f"item {item!r}: {errors.describe_error(error)}") from error
 
 
 def _check_same_run(manager, step, saved, run, new_schedule_ok):
