@@ -29,6 +29,7 @@ import time
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -86,7 +87,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def media_files(data_config) -> list[str]:
     """The media files of the data sources, each once, in the order they first appear."""
-    keys = {}
+    keys: dict[str, None] = {}  # an ordered set
     for source in pipeline.read_sources(data_config):
         for sample in source:
             if sample.media_path is not None:
@@ -102,7 +103,7 @@ def shard_files(files: list[str], index: int, count: int) -> list[str]:
 class _DecodeFile:
     """One file -> the encoders' inputs (all the streams it has), or the reason it cannot be used."""
 
-    config: object  # the data config, without a feature cache
+    config: ml_collections.ConfigDict  # the data config, without a feature cache
     first_file: int  # the shard's first file's index over all shards
 
     def __call__(self, index: int, path: str) -> dict:
@@ -266,7 +267,7 @@ def _encode_and_write(encode, pending: list, batch_size: int, num_frames: int, w
 
 
 def _feature_shapes(model_config, data_config) -> dict[str, list[int]]:
-    shapes = {}
+    shapes: dict[str, list[int]] = {}
     if model_config.vision:
         width = model_config.vision.hidden_size
         shapes |= dict(frame_cls=[width], item_patches=[model_config.vision.num_patches, width])

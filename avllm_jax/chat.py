@@ -17,6 +17,7 @@ import contextlib
 import logging
 import sys
 import time
+from typing import cast
 
 import jax
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         for part in (model.config.vision, model.config.llm):
             if part is not None:
                 attention.resolve_implementation(part.attention_implementation)
+    assert modality is not None  # resolved from the decoded file, or from its cached features
     how = "forced by --modality" if args.modality else "from the file's streams"
     logger.info("modality: %s (%s)", modality.value, how)
 
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> list[str]:
             top_p=args.top_p,
         ):
             tokens.append(token)
-            printer.update(tokenizer.decode(tokens, skip_special_tokens=True))
+            # cast: transformers annotates decode str | list[str]; one sequence of ids gives a str
+            printer.update(cast(str, tokenizer.decode(tokens, skip_special_tokens=True)))
         answer = prompts.decode_answer(tokenizer, tokens)
         printer.update(answer, final=True)
         print(flush=True)

@@ -137,7 +137,8 @@ def convert(
             raise conversion.ConversionError(
                 f"no usable tokenizer in {tokenizer_dir} ({error}); pass --tokenizer DIR"
             ) from error
-        modality_token_ids = tuple(add_modality_tokens(text_tokenizer))
+        visual_id, audio_id, audio_visual_id = add_modality_tokens(text_tokenizer)  # in MODALITY_TOKENS' order
+        modality_token_ids = (visual_id, audio_id, audio_visual_id)
         # The embedding matrix, not config.json, says how many rows the checkpoint has
         # (Vicuna v0/v1.1 configs and matrices disagree).
         paths = conversion.checkpoint_files(llm, allow_pickle=allow_pickle)

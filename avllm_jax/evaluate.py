@@ -165,7 +165,7 @@ def check_inputs(args: argparse.Namespace) -> str:
         raise AvllmError(f"--data {args.data} is not in the {args.task} layout: {error}") from None
     annotated = [s for s in samples if all(s.questions) and s.answers]
     if not annotated:
-        layout = " ".join(TASKS[args.task].load.__doc__.split())
+        layout = " ".join((TASKS[args.task].load.__doc__ or "").split())  # None under python -OO
         raise AvllmError(
             f"--data {args.data}: none of its {len(samples)} records has a question and an answer as task "
             f"{args.task} reads them ({layout.split('. ')[0]})"
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         group=group,
     )
     if summary is None:
+        assert group is not None  # run_evaluation returns None on the processes other than the leader only
         print(f"process {group.index} of {group.count}: answered its share; process 0 writes {args.out}")
         return None
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["counts"].items() if v)

@@ -72,7 +72,9 @@ def hf_llama_tensors(params: dict, config: llama.LlamaConfig):
 
 def hf_llama_config(config: llama.LlamaConfig, tokenizer) -> transformers.LlamaConfig:
     """Our LlamaConfig as transformers writes it (its version decides the rope fields' layout)."""
-    return transformers.LlamaConfig(
+    # The ignore: transformers 5 declares rope_parameters in their place, yet still takes transformers 4's
+    # rope_theta and rope_scaling as keywords and folds them in.
+    return transformers.LlamaConfig(  # type: ignore[call-arg]
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -99,7 +101,9 @@ def hf_llama_config(config: llama.LlamaConfig, tokenizer) -> transformers.LlamaC
 def write_safetensors(tensors, out: str, max_shard_bytes: int) -> list[str]:
     """Writes (name, array) pairs as model.safetensors, or as shards with HF's index past
     `max_shard_bytes`; returns the file names. Arrays are copied to host one at a time."""
-    shards, current, size = [], {}, 0
+    shards: list[dict[str, np.ndarray]] = []
+    current: dict[str, np.ndarray] = {}
+    size = 0
     for name, array in tensors:
         array = np.ascontiguousarray(np.asarray(array))
         if current and size + array.nbytes > max_shard_bytes:
@@ -124,7 +128,8 @@ def write_safetensors(tensors, out: str, max_shard_bytes: int) -> list[str]:
 def training_stages(workdir: str) -> list[dict]:
     """The training runs behind `workdir`, first to last, each a training workdir's
     train_config.json (with `workdir`); a converted checkpoint has none."""
-    stages, seen = [], set()
+    stages: list[dict] = []
+    seen: set[str] = set()
     path = workdir
     while (
         path and os.path.exists(os.path.join(path, checkpoint.TRAIN_CONFIG_FILE)) and os.path.abspath(path) not in seen

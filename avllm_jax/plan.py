@@ -27,6 +27,7 @@ import math
 import os
 import re
 import time
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -99,12 +100,14 @@ def abstract_inputs(config, model_config, mesh, num_microbatches: int):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
     model = nnx.merge(*checkpoint.abstract_model(model_config))
-    graphdef, trainable, frozen = nnx.split(model, optim.trainable_filter(list(config.trainable)), ...)
+    trainable_filter = optim.trainable_filter(list(config.trainable))
+    # The ignore: flax types a split into three as a variadic tuple.
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
     optimizer = optim.make_optimizer(config.optim, max(config.num_steps, 1), trainable)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = step.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        cast(jax.Array, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)),  # abstract, to compile
         placed(trainable, sharding.state_shardings(trainable, mesh)),
         placed(opt_state, sharding.optimizer_shardings(optimizer, trainable, mesh)),
     )

@@ -254,7 +254,8 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 raise SetupError(str(error)) from None
             logger.info(f"reading encoder features from the cache {cache.directory} ({len(cache.index)} files)")
         trainable_filter = optim.trainable_filter(list(config.trainable))
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+        # The ignores: flax types a split into three as a variadic tuple.
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
         num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
         num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
         logger.info(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen")
@@ -300,7 +301,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
                 full_state = nnx.state(model)
                 nnx.replace_by_pure_dict(full_state, params)
                 nnx.update(model, full_state)
-                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
                 logger.info(f"resumed from step {start} in {workdir}")
             state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
             train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)

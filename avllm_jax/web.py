@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import av
 import gradio as gr
@@ -130,6 +131,7 @@ class App:
     def _use_modality(self, session: Session, choice: str) -> str:
         """Sets the session's modality from the page's choice; returns the status line."""
         session.modality = None
+        assert session.media is not None  # called once a file is loaded
         try:
             modality = prompts.resolve_modality(session.media, None if choice == FROM_FILE else choice, session.name)
         except ValueError as e:
@@ -203,6 +205,7 @@ class App:
 
     def _answer(self, session: Session, history: list, status, temperature, top_p, top_k, max_new_tokens, seed):
         """Streams the answer to the session's last question into the chat."""
+        assert session.media is not None  # a session with a modality has its file
         batch = prompts.conversation_batch(
             self.model, self.tokenizer, [session.media], [session.turns], [session.modality], self.data_config
         )
@@ -268,7 +271,7 @@ def build(app: App) -> gr.Blocks:
                     clear = gr.Button("Clear", elem_id="clear")
         sampling = [temperature, top_p, top_k, max_new_tokens, seed]
         # One model: answers are computed one at a time, whichever button or tab asked.
-        model_queue = dict(concurrency_limit=1, concurrency_id="model")
+        model_queue: dict[str, Any] = dict(concurrency_limit=1, concurrency_id="model")
         answering = [
             choice.input(
                 app.change_modality, [session, choice, chat, *sampling], [session, chat, status], **model_queue
@@ -280,13 +283,14 @@ def build(app: App) -> gr.Blocks:
         ]
         # A new file or Clear (the button or the chat's bin) stops the answer being written: it
         # belongs to the old conversation.
-        upload.change(app.load, [upload, choice], [session, chat, status], cancels=answering)
+        # The ignores: gradio annotates `cancels` as dicts; its docs (and its code) take the events.
+        upload.change(app.load, [upload, choice], [session, chat, status], cancels=answering)  # type: ignore[arg-type]
         for cleared in (clear.click, chat.clear):
             cleared(
                 lambda s: (dataclasses.replace(s, turns=[], first_question=""), []),
                 [session],
                 [session, chat],
-                cancels=answering,
+                cancels=answering,  # type: ignore[arg-type]  # as above
             )
     return page
 
