@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from avllm_jax import checkpoint, cli, errors, runtime
-from avllm_jax.data import conversation, feature_cache, features, packing, phases, pipeline
+from avllm_jax.data import conversation, feature_cache, features, packer, packing, phases, pipeline
 from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
@@ -164,7 +164,7 @@ def total_steps(config, per_source, tokenizer, modality_rows) -> int:
     if config.data.packing.enabled:
         weights = [float(s.get("weight", 1.0)) for s in config.data.sources]
         budget = packing.budget_of(config.data, modality_rows)
-        per_pack = packing.estimate_samples_per_pack(per_source, weights, config.data, tokenizer, modality_rows, budget)
+        per_pack = packer.estimate_samples_per_pack(per_source, weights, config.data, tokenizer, modality_rows, budget)
         logger.info(f"packing: about {per_pack:.2f} samples per pack (from the sources' text lengths)")
         samples_per_step *= per_pack
     return max(1, math.floor(config.num_epochs * num_samples / samples_per_step))

@@ -60,7 +60,9 @@ def get_config():
     # Short rows: on a CPU XLA's attention computes a row's whole square, and one 320-position
     # row a pack trained at 4.8 steps/s, two of 160 at 6.5 (unpacked 5.8).
     config.global_batch_size = 4
-    config.data.packing.update(dict(enabled=True, rows=2, row_length=160, frames=16, visual_items=4, audio_clips=4))
+    config.data.packing.update(
+        dict(enabled=True, rows=2, row_length=160, frames=16, visual_items=4, audio_clips=4, window=32)
+    )
     config.num_steps = 2600  # `make demo` in ten minutes on 2 cores (2800 took 608 s)
     config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 0.01

@@ -20,7 +20,9 @@ def get_config():
     # about the paper's 256 samples a step; the run prints the estimate. Each pack's ViT slots
     # take up to 6 videos (192 frames) and 8 items with images, its HTSAT slots 4 clips.
     config.global_batch_size = 48
-    config.data.packing.update(dict(enabled=True, rows=1, row_length=2048, frames=192, visual_items=8, audio_clips=4))
+    config.data.packing.update(
+        dict(enabled=True, rows=1, row_length=2048, frames=192, visual_items=8, audio_clips=4, window=32)
+    )
     config.num_epochs = 3.0
     config.optim.learning_rate = 2e-3
     # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments

@@ -10,7 +10,7 @@ import pytest
 import test_pipeline
 from test_pipeline import FRAMES, SEGMENTS, chat, data_config, text_source, write_jsonl
 
-from avllm_jax.data import packing, pipeline
+from avllm_jax.data import packer, packing, pipeline
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS
 
 tokenizer, media_dir = test_pipeline.tokenizer, test_pipeline.media_dir  # the fixtures, shared
@@ -166,7 +166,7 @@ def test_epoch_estimate_is_near_the_packed_count(tmp_path, tokenizer):
     config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), num_epochs=1)
     per_source = pipeline.read_sources(config)
     budget = packing.budget_of(config, ROWS)
-    estimate = packing.estimate_samples_per_pack(per_source, [1.0], config, tokenizer, ROWS, budget)
+    estimate = packer.estimate_samples_per_pack(per_source, [1.0], config, tokenizer, ROWS, budget)
     counts = [int(n) for b in iterator(config, tokenizer) for n in b["work"][:, 0]]
     assert sum(counts) == 60
     assert estimate == pytest.approx(np.mean(counts[:-1]), rel=0.2)

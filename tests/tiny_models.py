@@ -115,10 +115,10 @@ def as_still(sample: dict) -> dict:
 
 
 def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), audio_encoder="htsat"):
-    """`kinds` packed in order into as many packs as they need (data/packing.py), and the
+    """`kinds` packed into as many packs as they need (data/packer.py, all in one window), and the
     unpacked samples (stills repeated over T) with their (pack, row, segment id) to compare
     against. Returns (batch, samples, places)."""
-    from avllm_jax.data import packing
+    from avllm_jax.data import packer, packing
 
     rng = np.random.RandomState(seed)
     samples = [sample_arrays(tokenizer, kind, rng, audio_encoder=audio_encoder) for kind in kinds]
@@ -131,14 +131,16 @@ def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), a
         item={},
         audio={name: (samples[0][name].shape, samples[0][name].dtype) for name in audio_names},
     )
-    packers = packing.pack_in_order([packing.footprint(s, rows) for s in prepared], budget)
-    packs, places, start = [], [], 0
-    for index, packer in enumerate(packers):
-        packs.append(packing.assemble(prepared[start : start + len(packer.placed)], budget, rows, 0, shapes))
-        start += len(packer.placed)
-        # A sample's segment id is its place among the samples of its row.
-        places += [
-            (index, row, [r for r, _ in packer.placed[: i + 1]].count(row)) for i, (row, _) in enumerate(packer.placed)
-        ]
+    plan = packer.plan([packing.footprint(s, rows) for s in prepared], budget, window=len(prepared))
+    packs, places = [], [None] * len(prepared)
+    for index, pack in enumerate(plan):
+        packs.append(
+            packing.assemble([prepared[i] for i, _, _ in pack], [p[1:] for p in pack], budget, rows, 0, shapes)
+        )
+        # A sample's segment id is its place among the samples of its row (offsets increase).
+        in_row = [0] * budget.rows
+        for i, row, _ in pack:
+            in_row[row] += 1
+            places[i] = (index, row, in_row[row])
     batch = {k: np.stack([p[k] for p in packs]) for k in packs[0]}
     return batch, samples, places

@@ -6,8 +6,8 @@ is on). It holds `rows` LLM rows of `row_length` positions and media slots for t
 `frames` ViT frames shared by up to `visual_items` videos and images (a video takes
 `num_frames` frames, a still image one: ViT cost is per frame, so one frame budget serves any
 mix of images and videos without a second number to tune), and `audio_clips` clips of K
-segments each. Samples go into packs whole, in their shuffled order: each into the first row
-with room, the pack closing when the next sample does not fit its rows or its media slots.
+segments each. Samples go into packs whole; which pack and which row is data/packer.py's
+choice (a look-ahead window over the shuffled samples), this module lays a pack's arrays out.
 
 The arrays of a pack (`assemble`), leading dimension P when batched:
 
@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import grain
 import numpy as np
 
-from avllm_jax.data import conversation
 from avllm_jax.modality import IGNORE_INDEX, LOSS_GROUPS, Modality
 
 # A sample's per-frame array, whose length is its frame count: decoded frames, or cached CLS tokens.
@@ -155,45 +153,19 @@ def footprint(sample: dict, modality_rows: ModalityRows) -> Footprint:
     return Footprint(length, frames, int(modality is not None and modality.has_audio))
 
 
-class Packer:
-    """The pack being filled: where each sample goes (first row with room), and what is left."""
-
-    def __init__(self, budget: PackBudget):
-        self.budget = budget
-        self.row_used = [0] * budget.rows
-        self.frames = self.items = self.clips = 0
-        self.placed: list[tuple[int, int]] = []  # (row, offset) of each sample, in order
-
-    def place(self, need: Footprint) -> bool:
-        """Places the sample if it fits; False (nothing changed) when it does not."""
-        b = self.budget
-        if (
-            self.frames + need.frames > b.frames
-            or self.items + (need.frames > 0) > b.visual_items
-            or self.clips + need.audio_clips > b.audio_clips
-        ):
-            return False
-        row = next((r for r, used in enumerate(self.row_used) if used + need.length <= b.row_length), None)
-        if row is None:
-            return False
-        self.placed.append((row, self.row_used[row]))
-        self.row_used[row] += need.length
-        self.frames += need.frames
-        self.items += need.frames > 0
-        self.clips += need.audio_clips
-        return True
-
-
-def pack_in_order(needs: list[Footprint], budget: PackBudget) -> list[Packer]:
-    """The packs that these footprints fill in order, as the iterator packs them: each
-    `Packer.placed` lists its samples' (row, offset); the last pack may be part full."""
-    packers = [Packer(budget)]
-    for need in needs:
-        if not packers[-1].place(need):
-            packers.append(Packer(budget))
-            if not packers[-1].place(need):
-                raise ValueError("a sample does not fit an empty pack: check data.packing against the model")
-    return packers
+def check_places(needs: list[Footprint], places: list[tuple[int, int]], budget: PackBudget) -> None:
+    """ValueError unless the samples at these (row, offset) places fit the pack without overlap."""
+    b = budget
+    frames = sum(n.frames for n in needs)
+    items = sum(n.frames > 0 for n in needs)
+    clips = sum(n.audio_clips for n in needs)
+    if len(places) != len(needs) or frames > b.frames or items > b.visual_items or clips > b.audio_clips:
+        raise ValueError(f"samples needing {frames} frames, {items} items, {clips} clips do not fit one pack of {b}")
+    end = [0] * b.rows
+    for need, (row, offset) in zip(needs, places):
+        if not 0 <= row < b.rows or offset < end[row] or offset + need.length > b.row_length:
+            raise ValueError(f"a sample of {need.length} positions at row {row}, offset {offset} does not fit {b}")
+        end[row] = offset + need.length
 
 
 def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
@@ -212,18 +184,21 @@ def sample_work(need: Footprint, modality_rows: ModalityRows) -> np.ndarray:
 
 
 def assemble(
-    samples: list[dict], budget: PackBudget, modality_rows: ModalityRows, pad_id: int, media_shapes: dict
+    samples: list[dict],
+    places: list[tuple[int, int]],
+    budget: PackBudget,
+    modality_rows: ModalityRows,
+    pad_id: int,
+    media_shapes: dict,
 ) -> dict:
-    """The arrays of one pack (module docstring) from prepared samples that `Packer` placed.
+    """The arrays of one pack (module docstring) from prepared samples and the (row, offset)
+    data/packer.py gave each; a row's samples come in the order of their offsets.
 
     media_shapes: the shapes and dtypes of the arrays kept per frame, per visual item and per
     audio clip (samples.media_shapes), for empty packs too."""
     b, r = budget, modality_rows
-    packer = Packer(budget)
     needs = [footprint(s, r) for s in samples]
-    for need in needs:
-        if not packer.place(need):
-            raise ValueError("assemble got samples that do not fit one pack")
+    check_places(needs, places, budget)
     shape = (b.rows, b.row_length)
     out = dict(
         frame_item=np.full(b.frames, -1, np.int32),
@@ -243,7 +218,7 @@ def assemble(
     spatial_start, audio_start = b.frames, b.frames + b.visual_items * r.spatial
     frame, item, clip = 0, 0, 0
     samples_in_row = [0] * b.rows
-    for sample, need, (row, offset) in zip(samples, needs, packer.placed):
+    for sample, need, (row, offset) in zip(samples, needs, places):
         samples_in_row[row] += 1
         table_rows: list[int] = []  # table index of each modality row, in order
         if need.frames:
@@ -285,100 +260,3 @@ def assemble(
 def loss_group_name(sample: dict) -> str:
     modality = Modality.from_flags(sample["has_visual"], sample["has_audio"])
     return "text" if modality is None else modality.value
-
-
-class PackSamples(grain.IterDataset):
-    """Prepared samples -> packs, in order. Counters of the samples (skips, re-routes) are
-    summed per pack."""
-
-    def __init__(
-        self,
-        parent,
-        budget: PackBudget,
-        modality_rows: ModalityRows,
-        pad_id: int,
-        media_shapes: dict,
-        counters: tuple[str, ...],
-    ):
-        super().__init__(parent)
-        self.args = (budget, modality_rows, pad_id, media_shapes, counters)
-
-    def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), *self.args)
-
-
-class _PackIterator(grain.DatasetIterator):
-    """Holds at most one sample between packs: the one that did not fit the last pack. Its
-    checkpoint is the parent's state from before that sample was read, so a restored iterator
-    reads it again and builds the same packs."""
-
-    def __init__(self, parent, budget, modality_rows, pad_id, media_shapes, counters):
-        super().__init__(parent)
-        self.budget, self.modality_rows, self.pad_id, self.media_shapes, self.counters = (
-            budget,
-            modality_rows,
-            pad_id,
-            media_shapes,
-            counters,
-        )
-        self.held: dict | None = None
-        self.state_before_held = parent.get_state()
-
-    def __next__(self) -> dict:
-        packer = Packer(self.budget)
-        samples: list[dict] = []
-        while True:
-            if self.held is None:
-                state = self._parent.get_state()
-                try:
-                    sample = next(self._parent)
-                except StopIteration:
-                    if samples:
-                        break
-                    raise
-                self.held, self.state_before_held = sample, state
-            if not packer.place(footprint(self.held, self.modality_rows)):
-                if not samples:
-                    raise ValueError("a sample does not fit an empty pack: check data.packing against the model")
-                break
-            samples.append(self.held)
-            self.held = None
-        pack = assemble(samples, self.budget, self.modality_rows, self.pad_id, self.media_shapes)
-        for name in self.counters:
-            pack[name] = np.int32(sum(int(s[name]) for s in samples))
-        pack["skipped_reasons"] = np.array("\n".join(r for s in samples if (r := str(s["skipped_reasons"]))))
-        return pack
-
-    def get_state(self):
-        return self._parent.get_state() if self.held is None else self.state_before_held
-
-    def set_state(self, state):
-        self._parent.set_state(state)
-        self.held = None
-
-
-_STILL_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-def estimate_samples_per_pack(
-    per_source, weights, data_config, tokenizer, modality_rows: ModalityRows, budget: PackBudget, *, limit: int = 2000
-) -> float:
-    """Average samples per pack over up to `limit` samples drawn from the sources by weight,
-    from their text lengths and requested modalities (an image file counted as a still), for
-    the step count of an epoch-based run. No media is decoded, so re-routed samples count as
-    requested."""
-    total = sum(weights)
-    needs = []
-    for samples, weight in zip(per_source, weights):
-        for sample in samples[: max(1, round(limit * weight / total))]:
-            ids, _ = conversation.tokenize_turns(sample.turns, tokenizer)
-            rows = modality_rows.count(sample.modality)
-            length = min(
-                ids.size, data_config.max_text_length, budget.row_length - rows + (sample.modality is not None)
-            )
-            visual = sample.modality is not None and sample.modality.has_visual and modality_rows.visual() > 0
-            still = str(sample.media_path).lower().endswith(_STILL_SUFFIXES)
-            frames = (1 if still else data_config.num_frames) if visual else 0
-            audio = int(sample.modality is not None and sample.modality.has_audio and modality_rows.audio > 0)
-            needs.append(Footprint(length - (sample.modality is not None) + rows, frames, audio))
-    return len(needs) / len(pack_in_order(needs, budget))

@@ -4,8 +4,9 @@
       -> mixed by weight -> this host's shard
       -> decode + features + tokenise (build_sample, as inference builds a prompt),
          drop and count failures, stop past the bad fraction
-      -> packed (data.packing.enabled): whole samples into packs (data/packing.py, which
-         describes a packed batch), global_batch_size / process_count packs a batch
+      -> packed (data.packing.enabled): whole samples into packs, placed over a look-ahead
+         window (data/packer.py; data/packing.py describes a packed batch),
+         global_batch_size / process_count packs a batch
          unpacked: batches of global_batch_size / process_count samples
       (in worker processes unless worker_count is 0)
 
@@ -56,7 +57,7 @@ import threadpoolctl
 from absl import flags
 
 from avllm_jax import runtime
-from avllm_jax.data import conversation, feature_cache, packing
+from avllm_jax.data import conversation, feature_cache, packer, packing
 from avllm_jax.data.media import MediaError
 from avllm_jax.data.samples import build_sample, load_sample_media, media_shapes, pad_text, routed_modality
 from avllm_jax.errors import AvllmError
@@ -99,9 +100,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # `row_length` positions holding whole samples, with ViT slots for `frames` frames (a video
     # takes num_frames, a still image 1) of up to `visual_items` videos and images, and
     # `audio_clips` clips of num_audio_segments segments. Off: every sample has its own row of
-    # max_text_length - 1 + T + N + K positions and its own video and audio slots.
+    # max_text_length - 1 + T + N + K positions and its own video and audio slots. `window`:
+    # the samples the packer looks ahead over to fill each pack (data/packer.py; docs/packing.md
+    # says how to choose it: a few packs' worth).
     config.packing = ml_collections.ConfigDict(
-        dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6)
+        dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6, window=32)
     )
     config.seed = 0
     # None: repeat forever. With several sources the mixture ends when the first one has run
@@ -180,7 +183,7 @@ class _PrepareSample:
                 modality_token_at=np.int32(conversation.modality_token_position(built["input_ids"], self.tokenizer)),
             )
             if packed:
-                return unpadded
+                return dict(unpadded, sample_index=np.int64(index))  # the packer's checkpoint names samples by it
             built["work"] = packing.sample_work(packing.footprint(unpadded, rows), rows)
         return pad_text(built, config.max_text_length, self.tokenizer)
 
@@ -354,7 +357,9 @@ def make_train_iterator(
     if packed:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         assert modality_rows is not None  # packing.budget_of checked them
-        iterable = packing.PackSamples(iterable, budget, modality_rows, pad_id, media_shapes(data_config), COUNTERS)
+        iterable = packer.PackSamples(
+            iterable, budget, modality_rows, pad_id, media_shapes(data_config), COUNTERS, data_config.packing.window
+        )
     iterable = iterable.batch(batch_size, drop_remainder=True)
     if data_config.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults

@@ -189,7 +189,7 @@ def example_batch_element(data_config, modality_rows: packing.ModalityRows) -> d
     dtypes, for compiling ahead of time."""
     if data_config.packing.enabled:
         return packing.assemble(
-            [], packing.budget_of(data_config, modality_rows), modality_rows, 0, media_shapes(data_config)
+            [], [], packing.budget_of(data_config, modality_rows), modality_rows, 0, media_shapes(data_config)
         )
     text = np.zeros(data_config.max_text_length, np.int32)
     return media_arrays(None, data_config) | dict(

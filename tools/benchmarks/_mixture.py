@@ -1,6 +1,6 @@
 """Realistic batches for `train_step --data mix`: samples drawn from a modality mixture with
 text lengths measured on an instruction file, laid out padded (one sample a row, every slot)
-and packed (data/packing.py), so that both layouts are timed on the same sample stream."""
+and packed (data/packer.py), so that both layouts are timed on the same sample stream."""
 
 import dataclasses
 import pathlib
@@ -8,8 +8,9 @@ import tempfile
 
 import numpy as np
 
-from avllm_jax.data import conversation, packing
+from avllm_jax.data import conversation, packer, packing
 from avllm_jax.modality import IGNORE_INDEX, Modality
+from benchmarks import _llava_profile
 
 # The paper's training data (Sec. 4 and its Table 10): 260k audio-visual-dataset instructions
 # (130k visual, 45k audio, 85k audio-visual), LLaVA's 650k images and Valley's 770k videos
@@ -36,9 +37,12 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def text_lengths(path: str | None) -> list[tuple[int, int]]:
     """(prompt tokens, answer tokens) of each sample of an instruction JSONL, with a tokenizer
-    trained on the file's own text (the demo data's when `path` is None: 300 samples are
-    generated in a temporary directory)."""
+    trained on the file's own text. `path` None: 2000 samples of the LLaVA length profile
+    (_llava_profile.py); "demo": 300 samples of the demo data; both generated in a temporary
+    directory."""
     if path is None:
+        path = _llava_profile.write_jsonl(pathlib.Path(tempfile.mkdtemp(prefix="mix_benchmark_")) / "llava.jsonl")
+    elif path == "demo":
         from avllm_jax.data import synthetic
 
         path = synthetic.make_demo_split(tempfile.mkdtemp(prefix="mix_benchmark_"), "train", 300, seed=0)
@@ -52,6 +56,12 @@ def text_lengths(path: str | None) -> list[tuple[int, int]]:
         answer = int((labels != IGNORE_INDEX).sum())
         lengths.append((labels.size - answer, answer))
     return lengths
+
+
+def describe(path: str | None) -> str:
+    return {None: "the LLaVA length profile (tools/benchmarks/_llava_profile.py)", "demo": "the demo data"}.get(
+        path, path
+    )
 
 
 @dataclasses.dataclass
@@ -123,18 +133,18 @@ def padded_batch(samples: list[dict], text_length: int, num_frames: int, modalit
 
 
 def packed_batch(
-    samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes
-) -> tuple[dict, int]:
-    """The first samples packed in order into `num_packs` full packs; (batch, samples used)."""
-    packers = packing.pack_in_order([packing.footprint(s, modality_rows) for s in samples], budget)
-    if len(packers) <= num_packs:
+    samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes, window: int
+) -> tuple[dict, list[dict]]:
+    """The first `num_packs` packs the packer (data/packer.py) fills from this stream, while
+    its window is full; (batch, the samples in them)."""
+    plan = packer.plan([packing.footprint(s, modality_rows) for s in samples], budget, window)
+    if sum(len(p) for p in plan[:num_packs]) + window > len(samples):
         raise SystemExit("not enough samples drawn to fill the packs")
-    packs, used = [], 0
-    for packer in packers[:num_packs]:
-        packs.append(
-            packing.assemble(samples[used : used + len(packer.placed)], budget, modality_rows, 0, media_shapes)
-        )
-        used += len(packer.placed)
+    packs, used = [], []
+    for pack in plan[:num_packs]:
+        chosen = [samples[i] for i, _, _ in pack]
+        packs.append(packing.assemble(chosen, [p[1:] for p in pack], budget, modality_rows, 0, media_shapes))
+        used += chosen
     return {k: np.stack([p[k] for p in packs]) for k in packs[0]}, used
 
 
