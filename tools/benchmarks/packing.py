@@ -184,8 +184,8 @@ def run(args):
         f"(median {np.median([p + a for p, a in lengths]):.0f} text tokens); window {window} samples\n"
     )
     print(
-        "| budget (rows x length / frames / items / clips) | packer | samples/pack | positions | frames | items | clips "
-        "| truncated |"
+        "| budget (rows x length / frames / items / clips) | packer | samples/pack | positions | frames | items "
+        "| clips | truncated |"
     )
     print("|---|---|---|---|---|---|---|---|")
     results = []
