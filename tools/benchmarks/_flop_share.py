@@ -124,11 +124,30 @@ def report(args, config, model_config, rows, draws, results):
     consumed = per_pack / seconds_per_pack
     assemble_rate = _assemble_rate(config.data, rows, budget, needs, packs)
     print(
-        f"\nStep at {budget}: {computed / len(packs) / 1e12:.1f} TFLOP a pack computed (splash); on {args.chips} chips "
-        f"x {args.chip_tflops:.0f} TFLOP/s at {args.mfu:.0%} MFU it takes {consumed:.1f} samples/s. On one core "
+        f"\nStep at {budget}: {computed / len(packs) / 1e12:.3g} TFLOP a pack computed (splash); on {args.chips} chips "
+        f"x {args.chip_tflops:.0f} TFLOP/s at {args.mfu:.0%} MFU it takes {consumed:,.1f} samples/s. On one core "
         f"the packer places {plan_rate:,.0f} samples/s ({plan_rate / consumed:.0f}x) and places + lays out the "
         f"arrays of {assemble_rate:,.0f} samples/s ({assemble_rate / consumed:.0f}x; decoded frames, CLAP log-mels)"
     )
+
+
+def cpu_parts(model_config, work, llm_trains):
+    """Computed FLOPs of a step's slot `work` by part: the LM head, LLM attention, the rest of the
+    LLM (layers and projectors), the encoders."""
+    from avllm_jax.training import flops
+
+    c = model_config.llm
+    positions, squared = work[1], work[2]
+    head = (4 + 2 * llm_trains) * c.hidden_size * c.vocab_size * positions
+    attention = flops.llm_attention_flops(c, 0, squared_tokens=squared)
+    llm = flops.llm_flops(c, positions, weights_train=llm_trains, squared_tokens=squared)
+    total = flops.work_flops(model_config, work, llm_trains=llm_trains)
+    return {
+        "LM head": head,
+        "LLM attention": attention,
+        "LLM layers": llm - head - attention,
+        "encoders, projectors": total - llm,
+    }
 
 
 def _assemble_rate(data, rows, budget, needs, packs, seconds=3.0):

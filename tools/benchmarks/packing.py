@@ -26,7 +26,7 @@ def add_arguments(parser):
     parser.add_argument("--instructions", default=None, help="JSONL/JSON instruction file, or 'demo'")
     parser.add_argument("--mix", default=None, help="KIND=WEIGHT,... over visual, image, audio, audio_visual")
     parser.add_argument(
-        "--budgets", default=None, help="ROWSxLENGTH/FRAMES/ITEMS/CLIPS,... (default: the config's and a few around it)"
+        "--budgets", default=None, help="ROWSxLENGTH/FRAMES/ITEMS/CLIPS,... (default: the config's, and media matched)"
     )
     parser.add_argument("--window", type=int, default=None, help="look-ahead samples (default: the config's)")
     parser.add_argument("--samples", type=int, default=4000, help="samples drawn")
@@ -52,6 +52,26 @@ def parse_budget(text):
         return packing.PackBudget(int(rows), int(length), int(frames), int(items), int(clips))
     except ValueError:
         raise SystemExit(f"--budgets: {text!r} is not ROWSxLENGTH/FRAMES/ITEMS/CLIPS") from None
+
+
+def candidates(configured, draws, data, rows):
+    """The config's budget, and at its row length with 1x and 2x its rows, media budgets matched
+    to the data: frames and clips in proportion to the positions the samples need (rounded up),
+    items with a quarter more headroom (they cost no encoder pass)."""
+    import math
+
+    from avllm_jax.data import packing
+
+    needs = [need for need, _ in footprints(draws, data, rows, configured)]
+    positions = sum(n.length for n in needs)
+    out = [configured]
+    for count in (configured.rows, 2 * configured.rows):
+        scale = count * configured.row_length / positions
+        frames = max(data.num_frames, 8 * math.ceil(scale * sum(n.frames for n in needs) / 8))
+        items = math.ceil(1.25 * scale * sum(n.frames > 0 for n in needs)) + 1
+        clips = math.ceil(1.25 * scale * sum(n.audio_clips for n in needs)) + 1
+        out.append(packing.PackBudget(count, configured.row_length, frames, items, clips))
+    return list(dict.fromkeys(out))
 
 
 def footprints(draws, data, rows, budget):
@@ -164,19 +184,15 @@ def run(args):
     model_config, model_source = plan.planned_model_config(config)
     rows = packing.ModalityRows.of(model_config, data)
     configured = packing.PackBudget.from_config(data.packing)
-    budgets = (
-        [parse_budget(b) for b in args.budgets.split(",")]
-        if args.budgets
-        else [configured]
-        + [
-            packing.PackBudget(r, length, frames, items, clips)
-            for r, length, frames, items, clips in ((1, 4096, 256, 12, 6), (2, 2048, 256, 12, 6), (4, 1024, 256, 16, 8))
-        ]
-    )
     window = args.window or data.packing.window
     mix = _mixture.parse_mix(args.mix or _mixture.PAPER_MIX)
     lengths = _mixture.text_lengths(args.instructions)
     draws = _mixture.draw_samples(args.samples, mix, lengths, text_limit=10**9)
+    budgets = (
+        [parse_budget(b) for b in args.budgets.split(",")]
+        if args.budgets
+        else candidates(configured, draws, data, rows)
+    )
     print(
         f"{args.config}: {data.num_frames} frames, {data.num_audio_segments} audio segments, max_text_length "
         f"{data.max_text_length}; model from {model_source}; modality rows {rows}\n"

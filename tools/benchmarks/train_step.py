@@ -7,11 +7,13 @@
 `--data random` (default): one batch of `--batch` unpacked samples, every one with all
 T+N+K slots and `--text-length` tokens; MFU counts every slot.
 `--data mix`: samples drawn from a modality mixture (`--mix`, default the paper's data) with
-text lengths measured on an instruction file (`--instructions`, default the demo data),
-timed in today's padded layout (`--batch` samples a step) and packed (`--packs` packs of the
-`--rows`/`--row-length`/`--pack-*` budget), from the same sample stream. It prints useful
-answer tokens/s and useful MFU (real tokens and present media only, flops.work_flops) beside
-the per-slot MFU of each layout.
+text lengths measured on an instruction file (`--instructions`, default the LLaVA length
+profile of _llava_profile.py, `demo` for the demo data), packed (`--packs` packs of the
+`--rows`/`--row-length`/`--pack-*` budget, data/packer.py over `--window` samples) and the
+same samples padded (one row of `--text-length` text tokens and every slot each), both timed.
+It prints useful answer tokens/s and useful MFU (real tokens and present media only,
+flops.work_flops) beside the per-slot MFU of each layout, and what each layout computes on
+this CPU by part (LM head, attention as XLA computes it, the rest).
 
 Random weights (nothing is loaded), bfloat16 parameters and compute for the networks unless
 `--reduced` (float32 on CPU), float32 projectors; the step is the real jitted one from
@@ -30,7 +32,7 @@ def add_arguments(parser):
         action="store_true",
         help="the paper's shapes (224 px, patch 14, HTSAT's 256 spectrogram) at small widths, float32: for a CPU",
     )
-    parser.add_argument("--batch", type=int, default=8, help="global batch size (samples; padded layout)")
+    parser.add_argument("--batch", type=int, default=8, help="global batch size (samples; --data random)")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--segments", type=int, default=4)
@@ -45,8 +47,11 @@ def add_arguments(parser):
         "--mix", default=None, help="KIND=WEIGHT,... over visual, image, audio, audio_visual (default: the paper's)"
     )
     mix.add_argument(
-        "--instructions", default=None, help="JSONL whose text lengths the samples take (default: the demo data)"
+        "--instructions",
+        default=None,
+        help="JSONL whose text lengths the samples take (default: the LLaVA length profile; 'demo': the demo data)",
     )
+    mix.add_argument("--window", type=int, default=32, help="samples the packer looks ahead over")
     mix.add_argument("--packs", type=int, default=2, help="packs a step")
     mix.add_argument("--rows", type=int, default=1, help="LLM rows a pack")
     mix.add_argument("--row-length", type=int, default=2048)
@@ -217,13 +222,13 @@ def run_mix(args, config, peak, llm_trains):
 
     from avllm_jax.data import packing
     from avllm_jax.training import flops
-    from benchmarks import _mixture
+    from benchmarks import _flop_share, _mixture
 
     mix = _mixture.parse_mix(args.mix or _mixture.PAPER_MIX)
     lengths = _mixture.text_lengths(args.instructions)
     answers = np.array([a for _, a in lengths])
     print(
-        f"mix {mix}; {len(lengths)} instruction samples from {args.instructions or 'the demo data'}: "
+        f"mix {mix}; {len(lengths)} instruction samples from {_mixture.describe(args.instructions)}: "
         f"answer tokens mean {answers.mean():.1f}, median {np.median(answers):.0f}, max {answers.max()}; "
         f"prompt tokens mean {np.mean([p for p, _ in lengths]):.1f}"
     )
@@ -234,36 +239,23 @@ def run_mix(args, config, peak, llm_trains):
     channels = 4 if config.audio.enable_fusion else 1
     audio_shape = (args.segments, channels, 1001, 64)
     size = config.vision.image_size
-    draws = _mixture.draw_samples(args.batch + args.packs * 64, mix, lengths, args.text_length)
+    draws = _mixture.draw_samples(args.packs * 64 + 2 * args.window, mix, lengths, args.text_length)
     rng = np.random.default_rng(1)
     samples = [
         _mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws
     ]
-    layouts = {
-        "padded": (_mixture.padded_batch(samples[: args.batch], args.text_length, args.frames, rows), args.batch),
-        "packed": _mixture.packed_batch(
-            samples,
-            budget,
-            args.packs,
-            rows,
-            dict(
-                frame=dict(frames=((size, size, 3), np.uint8)),
-                item={},
-                audio=dict(audio_features=(audio_shape, np.float32), audio_is_longer=(audio_shape[:1], bool)),
-            ),
-        ),
+    shapes = {
+        "frame": {"frames": ((size, size, 3), np.uint8)},
+        "item": {},
+        "audio": {"audio_features": (audio_shape, np.float32), "audio_is_longer": (audio_shape[:1], bool)},
     }
+    packed, used = _mixture.packed_batch(samples, budget, args.packs, rows, shapes, args.window)
+    # The padded layout runs the same samples, so that both layouts' answer tokens are the same.
+    padded = _mixture.padded_batch(used, args.text_length, args.frames, rows)
     padded_sequence = args.text_length - 1 + args.frames + config.vision.num_patches + args.segments
+    n = len(used)
     slot_work = {
-        "padded": (
-            args.batch,
-            args.batch * padded_sequence,
-            args.batch * padded_sequence**2,
-            args.batch * args.frames,
-            args.batch,
-            args.batch,
-            args.batch * args.segments,
-        ),
+        "padded": (n, n * padded_sequence, n * padded_sequence**2, n * args.frames, n, n, n * args.segments),
         "packed": (
             0,
             args.packs * budget.rows * budget.row_length,
@@ -274,21 +266,23 @@ def run_mix(args, config, peak, llm_trains):
             args.packs * budget.audio_clips * args.segments,
         ),
     }
+    # What XLA computes on this CPU: every row's whole square of attention.
+    row_squares = {"padded": n * padded_sequence**2, "packed": args.packs * budget.rows * budget.row_length**2}
     results = {}
-    for name, (batch, num_samples) in layouts.items():
+    for name, batch in (("padded", padded), ("packed", packed)):
         seconds, work, _ = time_step(config, args, batch, name)
-        useful = flops.work_flops(config, work, llm_trains=llm_trains)
-        slots = flops.work_flops(config, slot_work[name], llm_trains=llm_trains)
+        work_slots = np.array(slot_work[name], float)
+        computed = work_slots.copy()
+        computed[2] = 2 * row_squares[name]
         results[name] = dict(
             seconds=seconds,
-            samples=num_samples,
-            answers=_mixture.answer_tokens(samples[:num_samples]),
-            useful=useful,
-            slots=slots,
-            work=work,
+            answers=_mixture.answer_tokens(used),
+            useful=flops.work_flops(config, work, llm_trains=llm_trains),
+            slots=flops.work_flops(config, work_slots, llm_trains=llm_trains),
+            parts=_flop_share.cpu_parts(config, computed, llm_trains),
         )
     devices = jax.device_count()
-    print(f"\npadded: {args.batch} samples a step, rows of {padded_sequence}; packed: {args.packs} packs of {budget}")
+    print(f"\n{n} samples: padded, rows of {padded_sequence}; packed, {args.packs} packs of {budget}")
     print(
         "| layout | samples/step | step | answer tok/s | useful TFLOP/s/device | useful MFU | slot MFU | useful "
         "share of slots |"
@@ -296,13 +290,17 @@ def run_mix(args, config, peak, llm_trains):
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         useful_tflops = r["useful"] / r["seconds"] / devices / 1e12
-        mfu = (lambda flops_: f"{flops_ / r['seconds'] / devices / peak:.1%}") if peak else (lambda _: "n/a")
+        mfu = (lambda flops_, r=r: f"{flops_ / r['seconds'] / devices / peak:.1%}") if peak else (lambda _: "n/a")
         print(
-            f"| {name} | {r['samples']} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | "
-            f"{useful_tflops:.4f} "
-            f"| {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |"
+            f"| {name} | {n} | {r['seconds'] * 1000:.0f} ms | {r['answers'] / r['seconds']:.1f} | "
+            f"{useful_tflops:.4f} | {mfu(r['useful'])} | {mfu(r['slots'])} | {r['useful'] / r['slots']:.1%} |"
         )
-    gain = (results["packed"]["answers"] / results["packed"]["seconds"]) / (
-        results["padded"]["answers"] / results["padded"]["seconds"]
-    )
+    gain = results["padded"]["seconds"] / results["packed"]["seconds"]
     print(f"packed / padded useful answer tokens/s: {gain:.2f}x")
+    for name, r in results.items():
+        total = sum(r["parts"].values())
+        print(
+            f"{name}: computed on this CPU {total / 1e9:.0f} GFLOP a step (attention as whole squares): "
+            + ", ".join(f"{part} {value / total:.0%}" for part, value in r["parts"].items())
+            + f"; useful {r['useful'] / total:.0%}"
+        )
