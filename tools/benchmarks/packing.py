@@ -217,20 +217,20 @@ def run(args):
             f"window {window}": full_window_packs(window_packs, len(needs), window),
             "in order (before)": in_order(needs, budget)[:-1],
         }
-        label = f"{budget.rows}x{budget.row_length} / {budget.frames} / {budget.visual_items} / {budget.audio_clips}"
+        grain_refused = False
         if args.grain:  # as many packs open as the window holds
             open_packs = max(1, round(window * len(layouts[f"window {window}"]) / len(needs)))
             r = budget.rows
-            if budget.frames // r < data.num_frames or budget.visual_items // r < 1 or budget.audio_clips // r < 1:
-                print(f"| {label} | grain: cannot hold a video or clip in each row's share of the media budgets |")
-                label = ""
-            else:
-                for best_fit in (True, False):
-                    name = f"grain {'BestFit' if best_fit else 'FirstFit'}, {open_packs} packs open"
-                    layouts[name] = grain_packs(needs, budget, open_packs, best_fit)[:-1]
+            grain_refused = budget.frames // r < data.num_frames or min(budget.visual_items, budget.audio_clips) < r
+            for best_fit in () if grain_refused else (True, False):
+                name = f"grain {'BestFit' if best_fit else 'FirstFit'}, {open_packs} packs open"
+                layouts[name] = grain_packs(needs, budget, open_packs, best_fit)[:-1]
+        label = f"{budget.rows}x{budget.row_length} / {budget.frames} / {budget.visual_items} / {budget.audio_clips}"
         for name, packs in layouts.items():
             print(fill_row(name, packs, needs, cuts, budget).replace("| ", f"| {label} | ", 1))
             label = ""
+        if grain_refused:
+            print("|  | grain | cannot hold a video or a clip in each row's share of the media budgets |")
         results.append((budget, needs, layouts[f"window {window}"], len(needs) / seconds))
     print()
     _flop_share.report(args, config, model_config, rows, draws, results)
