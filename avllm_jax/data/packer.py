@@ -100,7 +100,8 @@ def plan(needs: list[Footprint], budget: PackBudget, window: int) -> list[list[t
     """The packs the iterator builds from a stream of these footprints: per pack, (index in
     `needs`, row, offset) of its samples; the last packs drain the window."""
     held: list[int] = []
-    packs, next_index = [], 0
+    packs: list[list[tuple[int, int, int]]] = []
+    next_index = 0
     while True:
         take = min(window - len(held), len(needs) - next_index)
         held += range(next_index, next_index + take)
@@ -229,7 +230,7 @@ def estimate_samples_per_pack(
             audio = int(sample.modality is not None and sample.modality.has_audio and modality_rows.audio > 0)
             needs.append(Footprint(length - (sample.modality is not None) + rows, frames, audio))
     # Only the packs filled from a full window: the last ones drain it, which a run's stream does not.
-    packs, emitted, counts = plan(needs, budget, data_config.packing.window), 0, []
+    packs, emitted, counts = plan(needs, budget, data_config.packing.window), 0, list[int]()
     for pack in packs:
         if counts and emitted + data_config.packing.window > len(needs):
             break

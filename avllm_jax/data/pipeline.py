@@ -4,9 +4,8 @@
       -> mixed by weight -> this host's shard
       -> decode + features + tokenise (build_sample, as inference builds a prompt),
          drop and count failures, stop past the bad fraction
-      -> packed (data.packing.enabled): whole samples into packs, placed over a look-ahead
-         window (data/packer.py; data/packing.py describes a packed batch),
-         global_batch_size / process_count packs a batch
+      -> packed (data.packing.enabled): whole samples placed into packs over a look-ahead window
+         (data/packer.py; data/packing.py describes a pack), global_batch_size / process_count a batch
          unpacked: batches of global_batch_size / process_count samples
       (in worker processes unless worker_count is 0)
 
@@ -96,13 +95,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Whisper only: the checkpoint's num_mel_bins, 80 (tiny ... large-v2) or 128 (large-v3).
     config.whisper_mel_bins = 80
     config.max_text_length = 512  # text tokens of a sample (the modality token's rows not counted)
-    # Packing (data/packing.py): global_batch_size then counts packs, each of `rows` LLM rows of
-    # `row_length` positions holding whole samples, with ViT slots for `frames` frames (a video
-    # takes num_frames, a still image 1) of up to `visual_items` videos and images, and
-    # `audio_clips` clips of num_audio_segments segments. Off: every sample has its own row of
-    # max_text_length - 1 + T + N + K positions and its own video and audio slots. `window`:
-    # the samples the packer looks ahead over to fill each pack (data/packer.py; docs/packing.md
-    # says how to choose it: a few packs' worth).
+    # Packing (docs/packing.md): global_batch_size then counts packs, each of `rows` LLM rows of
+    # `row_length` positions holding whole samples, ViT slots for `frames` frames (a video takes
+    # num_frames, a still 1) of up to `visual_items` videos and images, `audio_clips` clips of
+    # num_audio_segments segments; the packer fills them over a `window` of samples. Off: every
+    # sample has its own row of max_text_length - 1 + T + N + K positions and video and audio slots.
     config.packing = ml_collections.ConfigDict(
         dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6, window=32)
     )
