@@ -29,7 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from avllm_jax.models.avllm import AVLLM, ENCODER_OUTPUTS
-from avllm_jax.models.llama import KVCache, Llama, kept_positions
+from avllm_jax.models.kv_cache import KVCache
+from avllm_jax.models.llama import Llama, kept_positions
 
 MODEL_INPUT_KEYS = (
     "frames",
@@ -151,6 +152,20 @@ def _decode_step(llm: Llama, cache: KVCache, tokens, positions, rng, sampling: S
     return sample_tokens(logits[:, 0], rng, sampling), cache
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _DecodeLoop:
+    """What the decoding loop carries from one step to the next."""
+
+    step: jax.Array  # int32 scalar: the index in `tokens` this step writes
+    previous: jax.Array  # int32 [B]: the tokens the last step made, fed to this one
+    positions: jax.Array  # int32 [B]: their position ids
+    done: jax.Array  # bool [B]: rows that have produced EOS
+    tokens: jax.Array  # int32 [B, max_new_tokens]
+    cache: KVCache
+    rng: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
 def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_tokens, sampling):
     """eos_ids int32 [E] (-1 matches nothing); pad_id int32 scalar. Traced, so they cost no recompile."""
@@ -162,27 +177,33 @@ def _generate_compiled(graphdef, state, batch, rng, eos_ids, pad_id, *, max_new_
     tokens = jnp.full((first.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     prompt_length = cache.segment_ids.shape[1]
 
-    def keep_going(carry, last_step):
-        step, _, _, done, _, _, _ = carry
-        return (step <= last_step) & ~jnp.all(done)
+    def keep_going(loop: _DecodeLoop, last_step):
+        return (loop.step <= last_step) & ~jnp.all(loop.done)
 
-    def decode(carry):
-        step, previous, positions, done, tokens, cache, rng = carry
-        rng, step_rng = jax.random.split(rng)
-        token, cache = _decode_step(llm, cache, previous, positions, step_rng, sampling, unstacked)
-        token = jnp.where(done, pad_id, token)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-        return step + 1, token, positions + 1, done | is_eos(token), tokens, cache, rng
+    def decode(loop: _DecodeLoop) -> _DecodeLoop:
+        rng, step_rng = jax.random.split(loop.rng)
+        token, cache = _decode_step(llm, loop.cache, loop.previous, loop.positions, step_rng, sampling, unstacked)
+        token = jnp.where(loop.done, pad_id, token)
+        return _DecodeLoop(
+            step=loop.step + 1,
+            previous=token,
+            positions=loop.positions + 1,
+            done=loop.done | is_eos(token),
+            tokens=jax.lax.dynamic_update_slice(loop.tokens, token[:, None], (0, loop.step)),
+            cache=cache,
+            rng=rng,
+        )
 
-    carry = (jnp.int32(1), first, positions, is_eos(first), tokens, cache, rng)
+    loop = _DecodeLoop(jnp.int32(1), first, positions, is_eos(first), tokens, cache, rng)
     for window in _cache_windows(prompt_length, max_new_tokens):
-        *before, cache, rng = carry
         # The phase ends with the step that writes the window's last slot.
         last_step = window - prompt_length
-        carry = jax.lax.while_loop(
-            functools.partial(keep_going, last_step=last_step), decode, (*before, cache.padded(window), rng)
+        loop = jax.lax.while_loop(
+            functools.partial(keep_going, last_step=last_step),
+            decode,
+            dataclasses.replace(loop, cache=loop.cache.padded(window)),
         )
-    tokens = carry[4]
+    tokens = loop.tokens
     ended = is_eos(tokens)
     lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1), max_new_tokens).astype(jnp.int32)
     return tokens, lengths

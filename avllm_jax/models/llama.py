@@ -3,7 +3,7 @@
 Layers are stacked and scanned. The model takes token ids or input embeddings (the
 multimodal model splices encoder rows into the embeddings), explicit position ids (rows of an
 absent modality are left out of the count) and segment ids (0 = a row no real token sees).
-A `KVCache` makes decoding one token at a time cost one layer pass per token.
+A `KVCache` (models/kv_cache.py) makes decoding one token at a time cost one layer pass per token.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from flax import nnx
 
 from avllm_jax.models import attention, layers
 from avllm_jax.models.conversion import Rule, config_from_hf, transpose
+from avllm_jax.models.kv_cache import KVCache, write_keys, write_segment_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,44 +133,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer for `max_length` slots; slots at or after `length` are empty.
-
-    One array per layer, heads before slots. Decoding then writes each token in place and the
-    attention matmuls read the arrays as they are. A stacked [L, B, max_length, G, D] array was
-    copied whole at every step (the layer scan slices it) and transposed for the matmuls.
-    """
-
-    keys: tuple[jax.Array, ...]  # per layer [B, G, max_length, D]
-    values: tuple[jax.Array, ...]  # per layer [B, G, max_length, D]
-    segment_ids: jax.Array  # [B, max_length]; 0 for empty slots and padding
-    length: jax.Array  # int32 scalar: slots filled so far
-
-    @classmethod
-    def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        dtype = dtype or layers.dtype_of(config.dtype)
-        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-        return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-            length=jnp.zeros((), jnp.int32),
-        )
-
-    def padded(self, max_length: int) -> KVCache:
-        """This cache with empty slots added up to `max_length` (a copy of every array)."""
-        extra = max_length - self.segment_ids.shape[1]
-        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-        return KVCache(
-            tuple(pad(k, 2) for k in self.keys),
-            tuple(pad(v, 2) for v in self.values),
-            pad(self.segment_ids, 1),
-            self.length,
-        )
-
-
 # The projections an adapter can target, each with the number of its kernel's input axes.
 ADAPTABLE_PROJECTIONS = {
     "q_proj": 1,
@@ -272,12 +235,7 @@ class DecoderLayer(nnx.Module):
         else:
             # k, v become the updated cache arrays (returned below); attention reads them through
             # a transposed view, which XLA folds into its matmuls.
-            k, v = (
-                jax.lax.dynamic_update_slice(
-                    cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), (0, 0, cache_length, 0)
-                )
-                for cached, new in zip(kv_cache, (k, v))
-            )
+            k, v = (write_keys(cached, new, cache_length) for cached, new in zip(kv_cache, (k, v)))
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         implementation = c.attention_implementation
         out = attention.dot_product_attention(
@@ -286,8 +244,10 @@ class DecoderLayer(nnx.Module):
             values.astype(dtype),
             query_segment_ids=query_segment_ids,
             kv_segment_ids=kv_segment_ids,
-            causal=True,
-            query_offset=cache_length,
+            # Per-row fill levels take one token per row, after every filled slot of its row:
+            # the segment ids alone mask what it must not see.
+            causal=jnp.ndim(cache_length) == 0,
+            query_offset=cache_length if jnp.ndim(cache_length) == 0 else 0,
             implementation=implementation,
         )
         out = layers.constrain(out, layers.HEADS)
@@ -346,6 +306,8 @@ class Llama(nnx.Module):
         cache_length = 0 if cache is None else cache.length
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
+        if cache is not None and cache.per_row and (length != 1 or positions is None):
+            raise ValueError("a cache with per-row fill levels takes one token per row, with its positions")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length) + cache_length, (batch, length))
         inv_freq = rope_frequencies(self.config)
@@ -358,9 +320,7 @@ class Llama(nnx.Module):
                 remat_policy=self.config.remat_policy,
             )
         else:
-            kv_segment_ids = jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache_length)
-            )
+            kv_segment_ids = write_segment_ids(cache.segment_ids, segment_ids, cache_length)
             call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)
             if length == 1:
                 # Decoding: layers unrolled, so that each updates its own cache arrays in place; a
