@@ -13,7 +13,7 @@ WEB_ARGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PIP) -e ".[web]"
+	$(PIP) -e ".[web,serve]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

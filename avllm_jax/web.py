@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import av
 import gradio as gr
 import jax
 
@@ -82,38 +81,6 @@ def stream_answer(model, tokenizer, batch: dict, **sampling) -> Iterator[str]:
     yield prompts.decode_answer(tokenizer, tokens)
 
 
-def missing_part(model, modality: Modality) -> str | None:
-    """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
-    parts = (
-        ("vision encoder", modality.has_visual, model.vision),
-        ("audio encoder", modality.has_audio, model.config.audio_tower),
-        ("LLM", True, model.llm),
-    )
-    return next((name for name, needed, part in parts if needed and part is None), None)
-
-
-def declared_duration(path: str) -> float | None:
-    """The duration the container's header declares, read without decoding; None if it says none."""
-    try:
-        with av.open(path, metadata_errors="ignore") as container:
-            return container.duration / av.time_base if container.duration else None
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
-        return None  # load_media says why the file cannot be read
-
-
-def load_upload(path: str, data_config, max_duration_s: float) -> Media:
-    """The decoded file; MediaError when it cannot be decoded or is too long. The header's
-    duration is checked first, so that a long file is refused before it is decoded."""
-    too_long = f"{path}: {{:.1f}} s long, over the limit of {max_duration_s:g} s"
-    declared = declared_duration(path)
-    if declared is not None and declared > max_duration_s:
-        raise MediaError(too_long.format(declared))
-    media = samples.load_file_media(path, data_config)
-    if media.duration_s > max_duration_s:
-        raise MediaError(too_long.format(media.duration_s))
-    return media
-
-
 def describe(media: Media) -> str:
     if not media.has_visual:
         return f"audio, {media.duration_s:.1f} s"
@@ -136,7 +103,7 @@ class App:
             modality = prompts.resolve_modality(session.media, None if choice == FROM_FILE else choice, session.name)
         except ValueError as e:
             return f"**Error:** {e}."
-        part = missing_part(self.model, modality)
+        part = prompts.missing_part(self.model, modality)
         if part is not None:
             return f"**Error:** the model has no {part}, which modality {MODALITY_LABELS[modality.value]} needs."
         session.modality = modality
@@ -150,7 +117,7 @@ class App:
             return session, [], "Upload a video, an audio file or an image."
         session.name = os.path.basename(path)
         try:
-            session.media = load_upload(path, self.data_config, self.args.max_duration_s)
+            session.media = samples.load_limited_media(path, self.data_config, self.args.max_duration_s)
         except MediaError as e:
             # The message starts with the server's temporary path; the user knows the file by its name.
             return session, [], f"**Error:** {str(e).replace(path, session.name)}. Upload another file."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import av
 import numpy as np
 
 from avllm_jax.data import conversation, feature_cache, features, packing
@@ -27,6 +28,29 @@ def load_file_media(path: str | os.PathLike, config) -> Media:
         num_audio_segments=config.num_audio_segments,
         audio_sample_rate=config.audio_sample_rate,
     )
+
+
+def declared_duration(path: str | os.PathLike) -> float | None:
+    """The duration the container's header declares, read without decoding; None if it says none."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            return container.duration / av.time_base if container.duration else None
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return None  # load_media says why the file cannot be read
+
+
+def load_limited_media(path: str | os.PathLike, config, max_duration_s: float) -> Media:
+    """`load_file_media`, refusing a file longer than `max_duration_s` (MediaError, as for one
+    that cannot be decoded). The header's duration is checked first, so that a long file is
+    refused before it is decoded. For files a user sends (the web page, the server)."""
+    too_long = f"{path}: {{:.1f}} s long, over the limit of {max_duration_s:g} s"
+    declared = declared_duration(path)
+    if declared is not None and declared > max_duration_s:
+        raise MediaError(too_long.format(declared))
+    media = load_file_media(path, config)
+    if media.duration_s > max_duration_s:
+        raise MediaError(too_long.format(media.duration_s))
+    return media
 
 
 def load_sample_media(path: str | os.PathLike, config, cache: feature_cache.FeatureCache | None) -> Media | CachedMedia:

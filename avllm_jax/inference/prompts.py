@@ -6,8 +6,8 @@ last "ASSISTANT:".
                         the media settings the model is fed with
     add_media_arguments(parser), media_overrides(args)
                         the command-line flags that override them (chat, web, evaluate)
-    resolve_modality(media, forced)
-                        the modality of a prompt about one file
+    resolve_modality(media, forced), missing_part(model, modality)
+                        the modality of a prompt about one file; the part of the model it lacks
     conversation_batch(model, tokenizer, media, turns, modalities)
                         a right-padded model batch of conversations that end with a question
     answer_conversations(...), answer_questions(model, tokenizer, media, questions)
@@ -165,6 +165,16 @@ def resolve_modality(media: Media | CachedMedia, forced: str | None, name: str =
     if missing:
         raise ValueError(f"modality {forced!r} needs {' and '.join(missing)}, which {name} lacks")
     return forced
+
+
+def missing_part(model: AVLLM, modality: Modality) -> str | None:
+    """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
+    parts = (
+        ("vision encoder", modality.has_visual, model.vision),
+        ("audio encoder", modality.has_audio, model.config.audio_tower),
+        ("LLM", True, model.llm),
+    )
+    return next((name for name, needed, part in parts if needed and part is None), None)
 
 
 def conversation_batch(

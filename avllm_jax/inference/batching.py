@@ -1,0 +1,284 @@
+"""Continuous batching: requests join and leave a running decode batch at step boundaries.
+
+The engine holds a KV cache of `max_batch` rows (slots) of `max_length` slots each, every row
+with its own fill level (models/kv_cache.py). A request's prompt is prefilled alone, as
+`stream_tokens` prefills it (same compiled function of the same one-row batch, so the same
+first token and cache), then copied into a free row; every step then feeds one token per
+row to the decoder, whichever request the row holds. Between two steps the engine admits at
+most one waiting request, so a new prompt's prefill is interleaved with the others' decoding,
+and frees the rows of requests that finished or were cancelled.
+
+    engine = Engine(model, max_batch=8, max_length=1024)
+    engine.start()                               # the decode loop, in a thread of its own
+    engine.submit(Request(batch, max_new_tokens, eos_ids, emit=...))
+    request.cancel()                             # the row is freed at the next step boundary
+
+A request's tokens come to its `emit(token, finish_reason)` callback, called from the engine's
+thread: `finish_reason` is None while it goes on; the last call has 'stop' (EOS, not emitted),
+'length', 'cancelled' (once the row is freed) or 'error: ...' (its prefill failed: that
+request's error, not the loop's). Every submitted request gets exactly one last call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from avllm_jax.inference.generate import MODEL_INPUT_KEYS, _model_batch, _prompt_inputs, greedy_tokens
+from avllm_jax.models.avllm import AVLLM
+from avllm_jax.models.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits float32 [B, V] -> int32 [B], each row with its own key, temperature (0: greedy)
+    and nucleus mass: `generate.sample_tokens` with per-row settings (and no top_k)."""
+    greedy = greedy_tokens(logits)
+
+    def sampled(_):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        descending = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        kept = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+        smallest_kept = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
+        # One key per row, as a one-row batch draws it (the chat command's draws).
+        draw = lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0]
+        return jnp.where(temperature > 0, jax.vmap(draw)(keys, scaled).astype(jnp.int32), greedy)
+
+    # The sort costs as much as a step on CPU: only batches with a sampled row pay it.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_into_row(graphdef, state, batch, key, temperature, top_p, cache: KVCache, row):
+    """A one-prompt batch's first token and position count, its cache written into row `row`."""
+    llm, inputs = _prompt_inputs(nnx.merge(graphdef, state), batch)
+    prompt_length = inputs["segment_ids"].shape[1]
+    prompt_cache = KVCache.create(llm.config, 1, prompt_length)
+    hidden, prompt_cache = llm(**inputs, cache=prompt_cache, return_hidden_states=True)
+    kept = inputs["segment_ids"] > 0
+    last_kept = prompt_length - 1 - jnp.argmax(kept[:, ::-1], axis=1)
+    logits = llm.logits(jnp.take_along_axis(hidden, last_kept[:, None, None], axis=1))[:, 0]
+    first = sample_rows(logits, key[None], temperature[None], top_p[None])[0]
+    place = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (row, 0, 0, 0))
+    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids.at[row].set(0), prompt_cache.segment_ids, (row, 0))
+    cache = KVCache(
+        tuple(place(w, p) for w, p in zip(cache.keys, prompt_cache.keys)),
+        tuple(place(w, p) for w, p in zip(cache.values, prompt_cache.values)),
+        segment_ids,
+        cache.length.at[row].set(prompt_length),
+    )
+    return first, kept.sum().astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef"), donate_argnames=("cache", "keys"))
+def _step(graphdef, state, layer_graphdef, layer_states, cache, tokens, positions, keys, temperature, top_p):
+    """One token for every row; returns the next tokens, the cache and the rows' next keys."""
+    llm = nnx.merge(graphdef, state)
+    unstacked = [nnx.merge(layer_graphdef, s) for s in layer_states]
+    logits, cache = llm(tokens[:, None], positions=positions[:, None], cache=cache, unstacked=unstacked)
+    pairs = jax.vmap(jax.random.split)(keys)
+    return sample_rows(logits[:, 0], pairs[:, 1], temperature, top_p), cache, pairs[:, 0]
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt to answer. batch: a one-row model batch (`prompts.conversation_batch`);
+    key: a jax.random key, drawn from as the chat command draws from its turn key."""
+
+    batch: dict
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    emit: Callable[[int | None, str | None], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    key: jax.Array | None = None
+    prompt_tokens: int = 0  # set at prefill: the decoder rows the prompt fills, media included
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class _Row:
+    request: Request
+    generated: int = 0
+
+
+class Engine:
+    """The slot-based decode loop over `model` (an AVLLM with an LLM). Thread-safe `submit`."""
+
+    def __init__(self, model: AVLLM, *, max_batch: int, max_length: int):
+        if model.llm is None:
+            raise ValueError("the model has no LLM to decode with")
+        self.max_batch, self.max_length = max_batch, max_length
+        self._graphdef, self._state = nnx.split(model)
+        llm = model.llm
+        self._llm_graphdef, self._llm_state = nnx.split(llm)
+        layers = [nnx.split(layer) for layer in llm.unstack_layers()]  # once: see Llama.unstack_layers
+        self._layer_graphdef, self._layer_states = layers[0][0], tuple(state for _, state in layers)
+        self._cache = KVCache.create(llm.config, max_batch, max_length, per_row=True)
+        self._tokens = np.zeros(max_batch, np.int32)
+        self._positions = np.zeros(max_batch, np.int32)
+        self._temperature = np.zeros(max_batch, np.float32)
+        self._top_p = np.ones(max_batch, np.float32)
+        self._keys = jax.random.split(jax.random.key(0), max_batch)
+        self._rows: list[_Row | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prompt_slots: dict[tuple, int] = {}  # by the batch's array shapes
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="avllm-engine", daemon=True)
+        self.finished = collections.Counter()  # finish reasons (and 'cancelled') so far
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join()
+
+    def prompt_slots(self, batch: dict) -> int:
+        """The cache slots a one-prompt batch fills: its decoder rows, media rows included."""
+        inputs = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+        inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+        signature = tuple(sorted((k, v.shape) for k, v in inputs.items()))
+        if signature not in self._prompt_slots:
+            merge = lambda b: _prompt_inputs(nnx.merge(self._graphdef, self._state), b)[1]["segment_ids"]
+            self._prompt_slots[signature] = jax.eval_shape(merge, inputs).shape[1]
+        return self._prompt_slots[signature]
+
+    def check_fits(self, request: Request) -> None:
+        """ValueError when the request's prompt and answer cannot fit in a row of the cache."""
+        slots = self.prompt_slots(request.batch)
+        if slots + request.max_new_tokens - 1 > self.max_length:
+            raise ValueError(
+                f"the prompt's {slots} positions (media included) and max_tokens {request.max_new_tokens} exceed "
+                f"the server's {self.max_length} positions per request (--max-length)"
+            )
+
+    def submit(self, request: Request) -> None:
+        self.check_fits(request)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(row is not None for row in self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the engine's thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._waiting and not self.active:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                request = self._waiting.popleft() if self._waiting and None in self._rows else None
+            self._free_cancelled()
+            if request is not None:
+                if request.cancelled:
+                    self.finished["cancelled"] += 1
+                    request.emit(None, "cancelled")
+                else:
+                    self._admit(request)
+            if self.active:
+                self._decode()
+
+    def _free_cancelled(self) -> None:
+        for i, row in enumerate(self._rows):
+            if row is not None and row.request.cancelled:
+                self._rows[i] = None
+                self._temperature[i] = 0
+                self.finished["cancelled"] += 1
+                row.request.emit(None, "cancelled")
+        with self._wake:
+            gone = [r for r in self._waiting if r.cancelled]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            self.finished["cancelled"] += 1
+            request.emit(None, "cancelled")
+
+    def _admit(self, request: Request) -> None:
+        row = self._rows.index(None)
+        key = jax.random.key(0) if request.key is None else request.key
+        key, prefill_key = jax.random.split(key)  # as stream_tokens splits its key
+        try:
+            first, positions, self._cache = _prefill_into_row(
+                self._graphdef,
+                self._state,
+                _model_batch(request.batch),
+                prefill_key,
+                jnp.float32(request.temperature),
+                jnp.float32(request.top_p),
+                self._cache,
+                jnp.int32(row),
+            )
+            first, positions = int(first), int(positions)
+        except Exception as error:  # the request's error, reported to it; the loop goes on
+            log.exception("prefill failed")
+            self.finished["error"] += 1
+            request.emit(None, f"error: {error}")
+            return
+        request.prompt_tokens = positions
+        self._rows[row] = _Row(request)
+        self._tokens[row], self._positions[row] = first, positions
+        self._temperature[row], self._top_p[row] = request.temperature, request.top_p
+        self._keys = self._keys.at[row].set(key)
+        self._deliver(row, first)
+
+    def _decode(self) -> None:
+        tokens, self._cache, self._keys = _step(
+            self._llm_graphdef,
+            self._llm_state,
+            self._layer_graphdef,
+            self._layer_states,
+            self._cache,
+            jnp.asarray(self._tokens),
+            jnp.asarray(self._positions),
+            self._keys,
+            jnp.asarray(self._temperature),
+            jnp.asarray(self._top_p),
+        )
+        self._tokens = np.array(tokens)
+        self._positions += 1
+        for row, held in enumerate(self._rows):
+            if held is not None and not held.request.cancelled:
+                self._deliver(row, int(self._tokens[row]))
+
+    def _deliver(self, row: int, token: int) -> None:
+        """Hands the row's new token to its request, and frees the row when the answer ends."""
+        held = self._rows[row]
+        if token in held.request.eos_ids:
+            reason = "stop"
+        else:
+            held.generated += 1
+            reason = "length" if held.generated >= held.request.max_new_tokens else None
+        if reason is not None:
+            self._rows[row] = None
+            self._temperature[row] = 0  # an empty row must not make the others pay for sampling
+            self.finished[reason] += 1
+        held.request.emit(None if reason == "stop" else token, reason)
