@@ -32,6 +32,7 @@ LAYERS = {
     "evaluate": 5,
     "plan": 5,
     "web": 5,
+    "serve": 5,
     "cache_features": 6,  # an entry point on top of train's: it resolves the model as a run does
 }
 
