@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 DEMO_OUT := demo_out
 WEB_ARGS ?=
 
-.PHONY: demo ablate test test-fast lint format web browser install install-dev clean
+.PHONY: demo ablate test test-fast lint format web browser install install-dev lmms-eval clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e ".[dev]"
 	touch $@
+
+# lmms-eval in an environment of its own (it pins av<16 and brings torch, datasets and wandb), with the
+# avllm_jax model (integrations/lmms_eval), which asks `python -m avllm_jax.serve`: docs/serving.md.
+LMMS_VENV := .venv-lmms
+$(LMMS_VENV)/.installed: integrations/lmms_eval/requirements.txt integrations/lmms_eval/pyproject.toml integrations/lmms_eval/avllm_jax_lmms/*.py
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install --quiet -r integrations/lmms_eval/requirements.txt
+	$(LMMS_VENV)/bin/python -m pip install --quiet --no-deps integrations/lmms_eval
+	touch $@
+
+lmms-eval: $(LMMS_VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev browser
@@ -43,7 +55,7 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: $(VENV)/.installed-dev browser
+test: $(VENV)/.installed-dev browser lmms-eval
 	$(PY) -m pytest -q tests
 
 # The edit-test loop: no training subprocesses, no browser, no TPU compile (under 3 minutes).
@@ -55,4 +67,4 @@ web: $(VENV)/.installed
 	$(PY) -m avllm_jax.web --checkpoint $(DEMO_OUT)/run --examples $(wildcard $(DEMO_OUT)/data/media/eval_0000[0-5].*) $(WEB_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LMMS_VENV) .pytest_cache .mypy_cache .ruff_cache
