@@ -165,6 +165,7 @@ def create_app(service: Service) -> FastAPI:
             "max_batch": service.args.max_batch,
             "max_queue": service.args.max_queue,
             "finished": dict(engine.finished),
+            "prefills": dict(engine.prefills),
         }
 
     @app.get("/v1/models")

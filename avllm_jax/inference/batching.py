@@ -2,11 +2,12 @@
 
 The engine holds a KV cache of `max_batch` rows (slots) of `max_length` slots each, every row
 with its own fill level (models/kv_cache.py). A request's prompt is prefilled alone, as
-`stream_tokens` prefills it (same compiled function of the same one-row batch, so the same
-first token and cache), then copied into a free row; every step then feeds one token per
-row to the decoder, whichever request the row holds. Between two steps the engine admits at
-most one waiting request, so a new prompt's prefill is interleaved with the others' decoding,
-and frees the rows of requests that finished or were cancelled.
+`stream_tokens` prefills it (a prompt in a batch computes what it computes alone: padding and
+absent media rows are masked), then copied into a free row; every step then feeds one token
+per row to the decoder, whichever request the row holds. Between two steps the engine makes
+one prefill call, of the waiting prompts of one shape that free rows take (a power of two of
+them), so new prompts' prefill is interleaved with the others' decoding; and it frees the rows
+of requests that finished or were cancelled.
 
     engine = Engine(model, max_batch=8, max_length=1024)
     engine.start()                               # the decode loop, in a thread of its own
@@ -61,25 +62,30 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill_into_row(graphdef, state, batch, key, temperature, top_p, cache: KVCache, row):
-    """A one-prompt batch's first token and position count, its cache written into row `row`."""
+def _prefill_into_rows(graphdef, state, batch, keys, temperature, top_p, cache: KVCache, rows):
+    """A batch of k prompts' first tokens and position counts, prompt i's cache written into row
+    rows[i]: each prompt computes what it computes alone (padding and absent rows are masked)."""
     llm, inputs = _prompt_inputs(nnx.merge(graphdef, state), batch)
-    prompt_length = inputs["segment_ids"].shape[1]
-    prompt_cache = KVCache.create(llm.config, 1, prompt_length)
+    count, prompt_length = inputs["segment_ids"].shape
+    prompt_cache = KVCache.create(llm.config, count, prompt_length)
     hidden, prompt_cache = llm(**inputs, cache=prompt_cache, return_hidden_states=True)
     kept = inputs["segment_ids"] > 0
     last_kept = prompt_length - 1 - jnp.argmax(kept[:, ::-1], axis=1)
     logits = llm.logits(jnp.take_along_axis(hidden, last_kept[:, None, None], axis=1))[:, 0]
-    first = sample_rows(logits, key[None], temperature[None], top_p[None])[0]
-    place = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (row, 0, 0, 0))
-    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids.at[row].set(0), prompt_cache.segment_ids, (row, 0))
-    cache = KVCache(
-        tuple(place(w, p) for w, p in zip(cache.keys, prompt_cache.keys)),
-        tuple(place(w, p) for w, p in zip(cache.values, prompt_cache.values)),
-        segment_ids,
-        cache.length.at[row].set(prompt_length),
-    )
-    return first, kept.sum().astype(jnp.int32), cache
+    first = sample_rows(logits, keys, temperature, top_p)
+
+    def place(whole, part, i):
+        return jax.lax.dynamic_update_slice(whole, part[i : i + 1], (rows[i], 0, 0, 0))
+
+    keys_, values, segment_ids = list(cache.keys), list(cache.values), cache.segment_ids
+    for i in range(count):
+        keys_ = [place(w, p, i) for w, p in zip(keys_, prompt_cache.keys)]
+        values = [place(w, p, i) for w, p in zip(values, prompt_cache.values)]
+        segment_ids = jax.lax.dynamic_update_slice(
+            segment_ids.at[rows[i]].set(0), prompt_cache.segment_ids[i : i + 1], (rows[i], 0)
+        )
+    length = cache.length.at[rows].set(prompt_length)
+    return first, kept.sum(axis=1).astype(jnp.int32), KVCache(tuple(keys_), tuple(values), segment_ids, length)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef"), donate_argnames=("cache", "keys"))
@@ -117,6 +123,10 @@ class _Row:
     generated: int = 0
 
 
+def _shapes(batch: dict) -> tuple:
+    return tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+
+
 class Engine:
     """The slot-based decode loop over `model` (an AVLLM with an LLM). Thread-safe `submit`."""
 
@@ -142,6 +152,7 @@ class Engine:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="avllm-engine", daemon=True)
         self.finished = collections.Counter()  # finish reasons (and 'cancelled') so far
+        self.prefills = collections.Counter()  # prefill 'calls' and the 'prompts' they took
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -196,16 +207,31 @@ class Engine:
                     self._wake.wait()
                 if self._stopped:
                     return
-                request = self._waiting.popleft() if self._waiting and None in self._rows else None
+                admitted = self._next_prompts()
             self._free_cancelled()
-            if request is not None:
+            live = [r for r in admitted if not r.cancelled]
+            for request in admitted:
                 if request.cancelled:
                     self.finished["cancelled"] += 1
                     request.emit(None, "cancelled")
-                else:
-                    self._admit(request)
+            if live:
+                self._admit(live)
             if self.active:
                 self._decode()
+
+    def _next_prompts(self) -> list[Request]:
+        """The waiting requests to prefill now, in one call: the first, and as many after it of
+        the same prompt shape as free rows allow, a power of two of them (one compiled prefill
+        per count and shape)."""
+        free = self._rows.count(None)
+        if not self._waiting or not free:
+            return []
+        signature = _shapes(self._waiting[0].batch)
+        alike = [r for r in self._waiting if _shapes(r.batch) == signature][:free]
+        taken = alike[: 1 << (len(alike).bit_length() - 1)]
+        for request in taken:
+            self._waiting.remove(request)
+        return taken
 
     def _free_cancelled(self) -> None:
         for i, row in enumerate(self._rows):
@@ -222,33 +248,36 @@ class Engine:
             self.finished["cancelled"] += 1
             request.emit(None, "cancelled")
 
-    def _admit(self, request: Request) -> None:
-        row = self._rows.index(None)
-        key = jax.random.key(0) if request.key is None else request.key
-        key, prefill_key = jax.random.split(key)  # as stream_tokens splits its key
+    def _admit(self, requests: list[Request]) -> None:
+        rows = [i for i, row in enumerate(self._rows) if row is None][: len(requests)]
+        # Each request's key is split as stream_tokens splits its key: (decoding, prefill).
+        pairs = [jax.random.split(jax.random.key(0) if r.key is None else r.key) for r in requests]
         try:
-            first, positions, self._cache = _prefill_into_row(
+            first, positions, self._cache = _prefill_into_rows(
                 self._graphdef,
                 self._state,
-                _model_batch(request.batch),
-                prefill_key,
-                jnp.float32(request.temperature),
-                jnp.float32(request.top_p),
+                _model_batch({k: np.concatenate([r.batch[k] for r in requests]) for k in requests[0].batch}),
+                jnp.stack([pair[1] for pair in pairs]),
+                jnp.asarray([r.temperature for r in requests], jnp.float32),
+                jnp.asarray([r.top_p for r in requests], jnp.float32),
                 self._cache,
-                jnp.int32(row),
+                jnp.asarray(rows, jnp.int32),
             )
-            first, positions = int(first), int(positions)
-        except Exception as error:  # the request's error, reported to it; the loop goes on
+            first, positions = np.asarray(first), np.asarray(positions)
+            self.prefills.update(calls=1, prompts=len(requests))
+        except Exception as error:  # the requests' error, reported to them; the loop goes on
             log.exception("prefill failed")
-            self.finished["error"] += 1
-            request.emit(None, f"error: {error}")
+            for request in requests:
+                self.finished["error"] += 1
+                request.emit(None, f"error: {error}")
             return
-        request.prompt_tokens = positions
-        self._rows[row] = _Row(request)
-        self._tokens[row], self._positions[row] = first, positions
-        self._temperature[row], self._top_p[row] = request.temperature, request.top_p
-        self._keys = self._keys.at[row].set(key)
-        self._deliver(row, first)
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            request.prompt_tokens = int(positions[i])
+            self._rows[row] = _Row(request)
+            self._tokens[row], self._positions[row] = first[i], positions[i]
+            self._temperature[row], self._top_p[row] = request.temperature, request.top_p
+            self._keys = self._keys.at[row].set(pairs[i][0])
+            self._deliver(row, int(first[i]))
 
     def _decode(self) -> None:
         tokens, self._cache, self._keys = _step(
