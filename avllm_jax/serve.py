@@ -26,16 +26,18 @@ import jax
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import MediaError
+from avllm_jax.errors import AvllmError, UsageError
 from avllm_jax.inference import batching, prompts
 from avllm_jax.inference.chat_requests import ChatRequest, MediaSource, RequestError, parse_request
 
-log = logging.getLogger("avllm_jax.serve")
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m avllm_jax.serve", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("python -m avllm_jax.serve", __doc__)
     parser.add_argument("--checkpoint", required=True, help="converted checkpoint or training workdir")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -44,17 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: DIR's name)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond those; more get a 429")
-    parser.add_argument("--max-length", type=int, default=2048, help="cache slots per request: prompt + answer")
+    parser.add_argument("--max-length", type=int, default=2048, help="cache positions per request: prompt + answer")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="the default and largest max_tokens")
     parser.add_argument("--max-duration-s", type=float, default=600.0, help="longest media accepted, in seconds")
     parser.add_argument("--media-workers", type=int, default=2, help="threads reading and decoding media")
-    prompts.add_media_arguments(parser, feature_cache=False)
+    prompts.add_media_arguments(parser, feature_cache=False)  # requests bring new files: nothing cached
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_length", "max_new_tokens", "media_workers"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.media_root is not None and not os.path.isdir(args.media_root):
-        parser.error(f"--media-root {args.media_root} is not a folder")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.media_root is not None:
+        cli.require_directory(args.media_root, "--media-root", "media folder")
     return args
 
 
@@ -111,7 +113,8 @@ class _Answer:
     whitespace, an unfinished character, what could start a stop string)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop, self.tokens, self.shown = tokenizer, stop, [], ""
+        self.tokenizer, self.stop, self.shown = tokenizer, stop, ""
+        self.tokens: list[int] = []
         self.stopped, self.text = False, ""
 
     def _text(self) -> str:
@@ -304,21 +307,23 @@ async def _answer(service: Service, request: Request, chat: ChatRequest):
     }
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.configure_logging(args)
+    # What the user gave is checked before the weights load (minutes for a 7B model).
+    model_config = checkpoint.checked_model_config(args.checkpoint)
+    if model_config.llm is None:
+        raise UsageError(f"--checkpoint {args.checkpoint}: the model has no LLM to answer with")
+    try:
+        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
+    except ValueError as error:  # media settings the encoders cannot take
+        raise AvllmError(str(error)) from None
     import uvicorn
 
-    from avllm_jax.checkpoint import load_model
-
     log.info("loading %s ...", args.checkpoint)
-    model = load_model(args.checkpoint)
-    tokenizer = conversation.load_tokenizer(args.checkpoint)
-    try:
-        data_config = prompts.inference_data_config(model, args.checkpoint, **prompts.media_overrides(args))
-        service = Service(model, tokenizer, data_config, args)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    model = checkpoint.load_model(args.checkpoint)
+    service = Service(model, conversation.load_tokenizer(args.checkpoint), data_config, args)
     service.engine.start()
     log.info("serving %s on http://%s:%d", service.name, args.host, args.port)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")

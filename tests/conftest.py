@@ -48,6 +48,8 @@ INNER_LOOP_EXCLUDED = {
     "test_plan.py::test_each_device_computes_its_own_samples": "subprocess",
     "test_plan.py::test_memory_per_device_falls_when_the_devices_double": "subprocess",
     "test_web.py": "browser",
+    "test_serve.py": "subprocess",
+    "test_lmms_eval.py": "subprocess",
 }
 
 

@@ -67,7 +67,7 @@ def server(tmp_path_factory):
     command = [sys.executable, "-m", "avllm_jax.serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     command += ["--media-root", str(media_root), "--num-frames", str(NUM_FRAMES), "--max-batch", str(MAX_BATCH)]
     command += ["--max-queue", str(MAX_QUEUE), "--max-length", str(MAX_LENGTH), "--max-new-tokens", str(MAX_NEW_LIMIT)]
-    log = open(root / "server.log", "w")  # noqa: SIM115 (open while the server runs)
+    log = open(root / "server.log", "w")  # open while the server runs
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -151,8 +151,8 @@ class Engine:
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="avllm-engine", daemon=True)
-        self.finished = collections.Counter()  # finish reasons (and 'cancelled') so far
-        self.prefills = collections.Counter()  # prefill 'calls' and the 'prompts' they took
+        self.finished: collections.Counter[str] = collections.Counter()  # finish reasons, 'cancelled', 'error'
+        self.prefills: collections.Counter[str] = collections.Counter()  # prefill 'calls', the 'prompts' they took
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -301,6 +301,8 @@ class Engine:
     def _deliver(self, row: int, token: int) -> None:
         """Hands the row's new token to its request, and frees the row when the answer ends."""
         held = self._rows[row]
+        assert held is not None, f"row {row} holds no request"
+        reason: str | None
         if token in held.request.eos_ids:
             reason = "stop"
         else:

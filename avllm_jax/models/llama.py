@@ -320,7 +320,7 @@ class Llama(nnx.Module):
                 remat_policy=self.config.remat_policy,
             )
         else:
-            kv_segment_ids = write_segment_ids(cache.segment_ids, segment_ids, cache_length)
+            kv_segment_ids = write_segment_ids(cache.segment_ids, segment_ids, cache.length)
             call = lambda layer, h, kv: layer(h, positions, inv_freq, segment_ids, kv, kv_segment_ids, cache_length)
             if length == 1:
                 # Decoding: layers unrolled, so that each updates its own cache arrays in place; a

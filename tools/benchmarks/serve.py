@@ -97,7 +97,7 @@ def run(args):
         command = [sys.executable, "-m", "avllm_jax.serve", "--checkpoint", checkpoint, "--port", str(args.port)]
         command += ["--media-root", media_root, "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
         command += ["--max-new-tokens", str(args.max_tokens), "--served-model-name", "demo"]
-        log = open(os.path.join(directory, "server.log"), "w")  # noqa: SIM115 (open while the server runs)
+        log = open(os.path.join(directory, "server.log"), "w")  # open while the server runs
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{args.port}"
         try:
@@ -153,7 +153,7 @@ def run(args):
                     while time.monotonic() < deadline:
                         try:
                             done.append(ask(clients[index], questions[k % len(questions)]))
-                        except Exception as error:  # noqa: BLE001 (a failed request, of any kind, is what this phase counts)
+                        except Exception as error:  # a failed request, of any kind, is what this phase counts
                             failures.append(repr(error))
                         k += held
 

@@ -124,7 +124,9 @@ class AVLLMJax(lmms):
         if num_frames is not None:
             command += ["--num-frames", str(num_frames)]
         command += server_args.split()
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="avllm_jax_serve_", suffix=".log", delete=False)  # noqa: SIM115 (open while the server runs)
+        self._log = tempfile.NamedTemporaryFile(
+            "w+", prefix="avllm_jax_serve_", suffix=".log", delete=False
+        )  # open while it runs
         self._server = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         atexit.register(self._stop_server)
         deadline = time.monotonic() + SERVER_START_S
