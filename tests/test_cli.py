@@ -152,6 +152,7 @@ def test_every_library_error_has_the_base():
     from avllm_jax.curation import client
     from avllm_jax.data import conversation, feature_cache, media, pipeline
     from avllm_jax.evaluation import processes
+    from avllm_jax.inference import chat_requests
     from avllm_jax.models import conversion
 
     errors = [
@@ -171,6 +172,7 @@ def test_every_library_error_has_the_base():
         conversation.PromptTooLongError,
         feature_cache.FeatureCacheError,
         train.SetupError,
+        chat_requests.RequestError,
     ]
     assert [e.__name__ for e in errors if not issubclass(e, AvllmError)] == []
 
@@ -338,7 +340,28 @@ def test_convert_and_export_bad_inputs(inputs, tmp_path, capsys):
     assert_in_process_error(export.main, [str(inputs / "model")], capsys, "required: --out", code=EXIT_USAGE)
 
 
-@pytest.mark.parametrize("module", ["train", "plan", "evaluate", "chat", "web", "cache_features", "convert", "export"])
+def test_serve_bad_inputs(inputs, tmp_path, capsys):
+    from avllm_jax import serve
+
+    assert_one_line_error(
+        run("-m", "avllm_jax.serve", "--checkpoint", str(tmp_path / "none")),
+        f"--checkpoint {tmp_path / 'none'}: ",
+        code=EXIT_USAGE,
+    )
+    model = str(inputs / "model")
+    gone = str(tmp_path / "gone")
+    for argv, message in (
+        (["--media-root", gone], f"--media-root {gone}: the media folder does not exist"),
+        (["--max-batch", "0"], "--max-batch must be positive, got 0"),
+        (["--audio-window-s", "20"], "audio_max_length_s=20"),
+    ):
+        code = EXIT_ERROR if "audio" in message else EXIT_USAGE
+        assert_in_process_error(serve.main, ["--checkpoint", model, *argv], capsys, message, code=code)
+
+
+@pytest.mark.parametrize(
+    "module", ["train", "plan", "evaluate", "chat", "web", "serve", "cache_features", "convert", "export"]
+)
 def test_every_entry_point_has_help_debug_and_log_level(module, capsys):
     main = importlib.import_module(f"avllm_jax.{module}").main
     with pytest.raises(SystemExit) as exit:

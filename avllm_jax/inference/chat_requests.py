@@ -21,6 +21,7 @@ import pathlib
 import urllib.parse
 import urllib.request
 
+from avllm_jax.errors import AvllmError
 from avllm_jax.modality import Modality
 
 MEDIA_PART_TYPES = ("video_url", "image_url", "input_audio")
@@ -46,7 +47,7 @@ KNOWN_FIELDS = {
 MAX_STOP_STRINGS = 4
 
 
-class RequestError(ValueError):
+class RequestError(AvllmError, ValueError):
     """A request the server cannot answer as asked; the message names the field and why."""
 
 
