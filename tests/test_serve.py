@@ -2,7 +2,8 @@
 greedy answers equal the chat command's (alone, streamed, and 8 at once over files of every
 kind), seeded sampling repeats the chat command's draw, stop strings cut the answer, every bad
 input is a 400 naming the problem and the server answers the next request, a full server
-answers 429 with Retry-After, and clients that leave free their rows. One server for the module."""
+answers 429 with Retry-After, and clients that leave free their rows. One server for the module;
+a failed decode step (in-process, injected) ends its rows' requests and the engine goes on."""
 
 import base64
 import concurrent.futures
@@ -307,3 +308,47 @@ def test_full_server_is_a_429_and_clients_that_leave_free_their_rows(server):
     # Every held request was cancelled long before its 760 tokens (their answers were never read).
     assert state["finished"].get("cancelled", 0) - before == MAX_BATCH + MAX_QUEUE
     assert ask(server, user(video("v1.mp4")), max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_failed_decode_step_fails_its_rows_and_the_engine_goes_on(server, monkeypatch):
+    """In-process: the first step raises; its request ends with the error, the next is answered."""
+    import threading
+
+    import avllm_jax
+    from avllm_jax.data import conversation, samples
+    from avllm_jax.inference import batching, prompts
+
+    model = avllm_jax.load_model(server["checkpoint"])
+    tokenizer = conversation.load_tokenizer(server["checkpoint"])
+    data_config = prompts.inference_data_config(model, server["checkpoint"], num_frames=NUM_FRAMES)
+    media = samples.load_file_media(server["media"] / "v1.mp4", data_config)
+    turns = [("USER", conversation.first_user_message(QUESTION, "visual"))]
+    batch = prompts.conversation_batch(model, tokenizer, [media], [turns], ["visual"], data_config)
+    real_step, calls = batching._step, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "_step", failing_once)
+    engine = batching.Engine(model, max_batch=2, max_length=320)
+    engine.start()
+    try:
+        outcomes = []
+        for _ in range(2):
+            done, tokens = threading.Event(), []
+
+            def emit(token, reason, tokens=tokens, done=done):
+                if token is not None:
+                    tokens.append(token)
+                if reason is not None:
+                    outcomes.append((reason, len(tokens)))
+                    done.set()
+
+            engine.submit(batching.Request(batch, 4, (), emit))
+            assert done.wait(120)
+    finally:
+        engine.stop()
+    assert outcomes == [("error: injected", 1), ("length", 4)]  # the first got its prefill token only

@@ -139,6 +139,7 @@ class Engine:
         self._llm_graphdef, self._llm_state = nnx.split(llm)
         layers = [nnx.split(layer) for layer in llm.unstack_layers()]  # once: see Llama.unstack_layers
         self._layer_graphdef, self._layer_states = layers[0][0], tuple(state for _, state in layers)
+        self._llm_config = llm.config
         self._cache = KVCache.create(llm.config, max_batch, max_length, per_row=True)
         self._tokens = np.zeros(max_batch, np.int32)
         self._positions = np.zeros(max_batch, np.int32)
@@ -217,7 +218,23 @@ class Engine:
             if live:
                 self._admit(live)
             if self.active:
-                self._decode()
+                try:
+                    self._decode()
+                except Exception as error:  # the rows' requests fail; the server goes on with new ones
+                    log.exception("decode step failed")
+                    self._fail_rows(f"error: {error}")
+
+    def _fail_rows(self, reason: str) -> None:
+        """Ends every row's request with `reason`, on a fresh cache: the failed step may have
+        consumed the donated one."""
+        self._cache = KVCache.create(self._llm_config, self.max_batch, self.max_length, per_row=True)
+        self._keys = jax.random.split(jax.random.key(0), self.max_batch)
+        for i, row in enumerate(self._rows):
+            if row is not None:
+                self._rows[i] = None
+                self._temperature[i] = 0
+                self.finished["error"] += 1
+                row.request.emit(None, reason)
 
     def _next_prompts(self) -> list[Request]:
         """The waiting requests to prefill now, in one call: the first, and as many after it of
