@@ -13,7 +13,6 @@ answers to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
@@ -92,12 +91,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         except (MediaError, ValueError) as error:
             raise AvllmError(str(error)) from None
         _check_parts(model_config, modality, args.checkpoint)
-    # The attention module reports its choice on stdout, once per name: say it now, on stderr,
-    # so that stdout holds only answers.
-    with contextlib.redirect_stdout(sys.stderr):
-        for part in (model.config.vision, model.config.llm):
-            if part is not None:
-                attention.resolve_implementation(part.attention_implementation)
+    # The attention module logs its choice, once per name: say it now, before the first answer.
+    for part in (model.config.vision, model.config.llm):
+        if part is not None:
+            attention.resolve_implementation(part.attention_implementation)
     assert modality is not None  # resolved from the decoded file, or from its cached features
     how = "forced by --modality" if args.modality else "from the file's streams"
     logger.info("modality: %s (%s)", modality.value, how)

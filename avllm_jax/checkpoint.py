@@ -18,8 +18,8 @@ Inference, chat and evaluation import this module, not training.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 
 import jax
 import numpy as np
@@ -30,6 +30,8 @@ from avllm_jax.data.pipeline import default_data_config
 from avllm_jax.errors import AvllmError, UsageError, describe_error
 from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DATA_CONFIG_FILE = "data_config.json"  # the media settings the model was trained with
@@ -119,7 +121,7 @@ def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):
     Each step that fails is reported in one line (to stderr unless `report` is given), naming
     the step and the cause; with none intact the CheckpointError says what to delete.
     """
-    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    report = report or logger.warning
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
@@ -234,7 +236,7 @@ def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
             ],
         )
         if step != manager.latest_step():
-            print(f"loaded step {step} of {path}, the newest intact one", file=sys.stderr, flush=True)
+            logger.warning(f"loaded step {step} of {path}, the newest intact one")
     return restored
 
 

@@ -19,6 +19,7 @@ CPUs avoids that (see README, Pipeline).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -29,6 +30,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from avllm_jax.errors import AvllmError
+
+logger = logging.getLogger(__name__)
 
 
 def split_cpus(data_config) -> tuple[set[int] | None, set[int] | None]:
@@ -138,10 +141,9 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         if given["process_id"] == 0:
-            print(
+            logger.info(
                 f"coordinating {given['num_processes']} processes at {given['coordinator_address']}; "
-                f"waiting up to {timeout_s:.0f} s for all to join",
-                flush=True,
+                f"waiting up to {timeout_s:.0f} s for all to join"
             )
         else:
             _wait_for_coordinator(given["coordinator_address"], given["process_id"], given["num_processes"], timeout_s)
@@ -197,6 +199,7 @@ class PreemptionWatch:
         del signum, frame
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A print, not the log: a signal handler that takes logging's lock could deadlock.
         print("\ninterrupting after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def should_stop(self, step: int) -> bool:

@@ -6,6 +6,7 @@ GPU kernels, and the cuDNN tests run too.
 """
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +155,10 @@ def scanned_layers(implementation, query, key, value, segment_ids):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices for a (2, 2, 2) mesh")
-def test_pallas_under_jit_scan_remat_and_fsdp_mesh(capsys):
+def test_pallas_under_jit_scan_remat_and_fsdp_mesh(caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     dtype = jnp.float32
-    attention._printed.clear()
+    attention._logged.clear()
     query, key, value, cotangent = make_inputs(4, 24, 4, 2, 16, dtype, seed=1)
     segment_ids = make_segment_ids(4, 24, "padded")
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -167,7 +169,7 @@ def test_pallas_under_jit_scan_remat_and_fsdp_mesh(capsys):
         for implementation in ("xla", "pallas"):
             attend = lambda q, k, v, impl=implementation: scanned_layers(impl, q, k, v, segment_ids)
             results[implementation] = jax.jit(output_and_grads, static_argnums=0)(attend, query, key, value, cotangent)
-    assert "computes this call with 'xla'" not in capsys.readouterr().out  # the kernel really ran
+    assert "computes this call with 'xla'" not in caplog.text  # the kernel really ran
     assert_matches_reference(results["pallas"], results["xla"], dtype)
 
 
@@ -186,18 +188,19 @@ def test_splash_under_fsdp_mesh():
     assert_matches_reference(actual, reference(query, key, value, cotangent, segment_ids, True), dtype)
 
 
-def test_pallas_falls_back_to_xla_for_decoding_with_offset(capsys):
+def test_pallas_falls_back_to_xla_for_decoding_with_offset(caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     # A decoding step (one query against a partly filled cache) is outside the kernels' scope;
     # 'pallas' must still give the reference answer, and say once that it used 'xla'.
     query, key, value, _ = make_inputs(2, 1, 4, 2, 16, jnp.float32, kv_length=12)
     segment_ids = make_segment_ids(2, 12, "padded")
     kwargs = dict(query_segment_ids=segment_ids[:, 7:8], kv_segment_ids=segment_ids, causal=True, query_offset=7)
-    attention._printed.clear()
+    attention._logged.clear()
     actual = attention.dot_product_attention(query, key, value, implementation="pallas", **kwargs)
     expected = attention.dot_product_attention(query, key, value, implementation="xla", **kwargs)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=0)
     attention.dot_product_attention(query, key, value, implementation="pallas", **kwargs)
-    assert capsys.readouterr().out.count("computes this call with 'xla'") == 1
+    assert caplog.text.count("computes this call with 'xla'") == 1
 
 
 @pytest.mark.skipif(ON_NVIDIA, reason="checks the error raised without an NVIDIA GPU")
@@ -209,13 +212,14 @@ def test_cudnn_without_gpu_fails_clearly():
         attention.dot_product_attention(query, key, value, causal=True, implementation="cudnn")
 
 
-def test_resolve_implementation(capsys):
+def test_resolve_implementation(caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     expected_auto = "cudnn" if ON_NVIDIA else "pallas" if BACKEND == "tpu" else "xla"
-    attention._printed.clear()
+    attention._logged.clear()
     assert attention.resolve_implementation("auto") == expected_auto
     assert attention.resolve_implementation("auto") == expected_auto
     assert attention.resolve_implementation("xla") == "xla"
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert printed.count("'auto' ->") == 1, printed  # once, however often it is resolved
     assert f"on {'nvidia' if ON_NVIDIA else BACKEND}" in printed
     with pytest.raises(ValueError, match="not one of"):
@@ -299,7 +303,8 @@ def test_cudnn_rejects_float32_clearly():
         attention.dot_product_attention(query, key, value, implementation="cudnn")
 
 
-def test_llama_logits_with_pallas_equal_xla(capsys):
+def test_llama_logits_with_pallas_equal_xla(caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     from flax import nnx
 
     from avllm_jax.models import llama
@@ -307,12 +312,12 @@ def test_llama_logits_with_pallas_equal_xla(capsys):
     input_ids = jax.random.randint(jax.random.key(3), (2, 24), 0, llama.PRESETS["tiny"].vocab_size)
     segment_ids = make_segment_ids(2, 24, "absent")
     logits = {}
-    attention._printed.clear()
+    attention._logged.clear()
     for implementation in ("xla", "pallas"):
         config = dataclasses.replace(llama.PRESETS["tiny"], attention_implementation=implementation)
         model = llama.Llama(config, rngs=nnx.Rngs(0))  # the same weights for both
         forward = nnx.jit(lambda model, ids, segments: model(ids, segment_ids=segments))
         logits[implementation] = forward(model, input_ids, segment_ids)
-    assert "computes this call with 'xla'" not in capsys.readouterr().out  # the kernel really ran
+    assert "computes this call with 'xla'" not in caplog.text  # the kernel really ran
     error = np.max(np.abs(logits["pallas"] - logits["xla"]))
     assert error <= TOLERANCE[jnp.float32] * np.max(np.abs(logits["xla"])), error

@@ -93,14 +93,14 @@ def restore(workdir, run=RUN):
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 @pytest.mark.parametrize("item", ITEMS)
-def test_a_damaged_item_falls_back_to_the_step_before(two_steps, item, damage, capsys):
+def test_a_damaged_item_falls_back_to_the_step_before(two_steps, item, damage, caplog):
     assert restore(two_steps)[0] == 2  # intact: the newest step
     DAMAGES[damage](two_steps / checkpoint.CHECKPOINTS_DIR / "2" / item)
     step, params, next_element = restore(two_steps)
     assert step == 1
     np.testing.assert_array_equal(np.asarray(params["w"]), np.arange(6).reshape(2, 3) + 1.0)
     assert next_element == 2  # the iterator continues where step 1 left it
-    reports = [line for line in capsys.readouterr().err.splitlines() if "cannot be restored" in line]
+    reports = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
     assert len(reports) == 1 and reports[0].startswith("checkpoint step 2 in ") and f"item {item!r}" in reports[0], (
         reports
     )
@@ -108,14 +108,14 @@ def test_a_damaged_item_falls_back_to_the_step_before(two_steps, item, damage, c
     assert not (two_steps / checkpoint.CHECKPOINTS_DIR / "2").exists()
 
 
-def test_no_intact_step_says_what_to_delete(two_steps, capsys):
+def test_no_intact_step_says_what_to_delete(two_steps, caplog):
     for step in ("1", "2"):
         damage_by_deleting(two_steps / checkpoint.CHECKPOINTS_DIR / step / "opt_state")
     with pytest.raises(
         checkpoint.CheckpointError, match=r"no intact checkpoint in .* \(steps \[2, 1\] all failed, see above\): delete"
     ):
         restore(two_steps)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "checkpoint step 2 in" in err and "checkpoint step 1 in" in err and err.count("item 'opt_state'") == 2
 
 

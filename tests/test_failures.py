@@ -128,7 +128,7 @@ def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
     assert summary.splitlines()[0] in result.stdout
 
 
-def test_damaged_latest_checkpoint_falls_back_and_schedule_changes_need_a_flag(demo_files, tmp_path, capsys):
+def test_damaged_latest_checkpoint_falls_back_and_schedule_changes_need_a_flag(demo_files, tmp_path, caplog):
     workdir = tmp_path / "run"
     first = run(train_command(demo_files, workdir, "--config.num_steps=4"))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -141,7 +141,7 @@ def test_damaged_latest_checkpoint_falls_back_and_schedule_changes_need_a_flag(d
 
     shutil.rmtree(workdir / "checkpoints" / "4" / "params")
     avllm_jax.load_model(workdir)  # chat and evaluation load the newest intact step
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "checkpoint step 4" in err and "loaded step 2" in err
 
     resumed = run(extended + ["--allow_new_schedule"])

@@ -2,6 +2,7 @@
 TPU slice when libtpu is installed) and reports memory and FLOPs; and the compiled step is
 FSDP: each device computes only its own samples, gathering each layer's weights."""
 
+import logging
 import os
 import re
 import subprocess
@@ -183,12 +184,13 @@ ENTRY %main (a: f32[4,8,16], b: f32[4,16,32]) -> f32[4,8,32] {
 
 
 @pytest.mark.skipif(not topologies.libtpu_installed(), reason="libtpu is not installed (the tpu extra)")
-def test_a_tpu_slice_compiles_with_splash_attention(capsys):
+def test_a_tpu_slice_compiles_with_splash_attention(caplog):
     """v5e-4 from this CPU host: 'auto' attention is splash (Mosaic kernels in the program),
     whose attention the FLOPs count analytically."""
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     config = tiny_plan_config(attention="auto")
     result = plan.compile_plan(config, plan.topology("v5e-4"))
-    assert "'auto' -> 'pallas' (splash attention) on tpu (TPU v5 lite)" in capsys.readouterr().out
+    assert "'auto' -> 'pallas' (splash attention) on tpu (TPU v5 lite)" in caplog.text
     assert "tpu_custom_call" in result.hlo_text and result.kernel_calls > 0 and result.kernel_attention_flops > 0
     assert result.fits and 0 < result.memory["total"] < 16
     assert 0.9 <= result.ratio <= 1.2, result.ratio

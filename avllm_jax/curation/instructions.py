@@ -11,6 +11,7 @@ Templates and rules are data files in `templates/` (edit them, or pass another d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zlib
@@ -23,6 +24,8 @@ from tqdm import tqdm
 from avllm_jax.curation.client import ChatClient, ChatError
 from avllm_jax.data.conversation import MEDIA_KEYS, first_user_message
 from avllm_jax.modality import MODALITY_TOKENS, Modality
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("conversation", "description", "reasoning")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -207,7 +210,7 @@ def read_finished(path: str | os.PathLike) -> list[dict]:
             json.loads(data[cut:])
             data += b"\n"
         except json.JSONDecodeError:
-            print(f"{path}: dropping an incomplete last line left by an interrupted run")
+            logger.warning(f"{path}: dropping an incomplete last line left by an interrupted run")
             data = data[:cut]
         path.write_bytes(data)
     return read_jsonl(path)

@@ -11,7 +11,7 @@ failing is counted and listed in the summary, and everything else is still score
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,8 @@ from avllm_jax.evaluation.judge import judge_messages, parse_verdict
 from avllm_jax.evaluation.processes import ProcessGroup
 from avllm_jax.evaluation.tasks import TASKS, Sample, index_media, load_task, resolve_media
 from avllm_jax.modality import Modality
+
+logger = logging.getLogger(__name__)
 
 PROBLEM_KINDS = ("no_question", "no_answer", "missing_media", "answer_failed", "judge_failed")
 
@@ -64,7 +66,7 @@ def _cached_predictions(samples, media_of, out_dir) -> tuple[dict[str, list[str]
     path = out_dir / report.PREDICTIONS_FILE
     records, unreadable = report.read_jsonl(path)
     if unreadable:
-        print(f"{path}: {unreadable} unreadable line(s) ignored; those questions are answered again", file=sys.stderr)
+        logger.warning(f"{path}: {unreadable} unreadable line(s) ignored; those questions are answered again")
     cached = {r["id"]: r for r in records}
     predictions, pending = {}, []
     for s in samples:
@@ -158,7 +160,7 @@ def _judge(samples, predictions, dimensions, judge, out_dir, problems) -> dict[t
     path = out_dir / report.VERDICTS_FILE
     records, unreadable = report.read_jsonl(path)
     if unreadable:
-        print(f"{path}: {unreadable} unreadable line(s) ignored; those verdicts are asked again", file=sys.stderr)
+        logger.warning(f"{path}: {unreadable} unreadable line(s) ignored; those verdicts are asked again")
     verdicts = {}
     for r in records:
         if r.get("judge_model") == judge.model and r.get("predictions") == predictions.get(r["id"]):

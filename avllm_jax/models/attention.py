@@ -26,12 +26,15 @@ Implementations (the config field `attention_implementation`):
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 
@@ -43,13 +46,13 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _BATCH_MESH_AXES = ("data", "fsdp")
 _HEAD_MESH_AXIS = "tensor"
 
-_printed: set[str] = set()
+_logged: set[str] = set()
 
 
-def _print_once(message: str) -> None:
-    if message not in _printed:
-        _printed.add(message)
-        print(message, flush=True)
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
 
 
 def _backend():
@@ -85,7 +88,7 @@ def resolve_implementation(name: str) -> str:
         choice = name
     kernel = {"tpu": "splash attention", "cpu": "GPU flash kernel in interpret mode"}.get(backend, "GPU flash kernel")
     detail = f" ({kernel})" if choice == "pallas" else ""
-    _print_once(f"attention: implementation {name!r} -> {choice!r}{detail} on {backend} ({device.device_kind})")
+    _log_once(f"attention: implementation {name!r} -> {choice!r}{detail} on {backend} ({device.device_kind})")
     return choice
 
 
@@ -133,7 +136,7 @@ def dot_product_attention(
             if backend == "tpu":
                 return _splash_attention(query, key, value, query_segment_ids, kv_segment_ids, causal)
             return _flash_attention_gpu(query, key, value, query_segment_ids, causal, interpret=backend == "cpu")
-        _print_once(f"attention: 'pallas' computes this call with 'xla': {reason}")
+        _log_once(f"attention: 'pallas' computes this call with 'xla': {reason}")
     mask = attention_mask(
         query.shape[1], key.shape[1], query_segment_ids, kv_segment_ids, causal=causal, query_offset=query_offset
     )

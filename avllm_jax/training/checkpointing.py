@@ -11,6 +11,7 @@ it restored.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -21,6 +22,8 @@ from jax.experimental import multihost_utils
 
 from avllm_jax import checkpoint, errors
 from avllm_jax.checkpoint import CHECKPOINTS_DIR
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
@@ -94,7 +97,7 @@ def _set_aside_steps_after(manager, step) -> None:
         for s in damaged:
             source = os.path.join(str(manager.directory), str(s))
             os.rename(source, f"{source}.damaged")
-            print(f"moved the damaged step {s} aside to {source}.damaged", flush=True)
+            logger.warning(f"moved the damaged step {s} aside to {source}.damaged")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("damaged checkpoint steps set aside")
     manager.reload()
@@ -131,4 +134,4 @@ def _check_same_run(manager, step, saved, run, new_schedule_ok):
                 f"{where} belongs to another schedule ({'; '.join(changed)}); rerun with the checkpoint's settings, "
                 "or pass --allow_new_schedule to continue from it under the new one"
             )
-        print(f"resuming under a new schedule: {'; '.join(changed)}", flush=True)
+        logger.info(f"resuming under a new schedule: {'; '.join(changed)}")

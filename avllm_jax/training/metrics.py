@@ -7,6 +7,7 @@ metric_writers package is imported; the tensorboard package alone writes the sam
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -17,6 +18,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from avllm_jax.data import pipeline
 from avllm_jax.modality import LOSS_GROUPS
+
+logger = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
@@ -108,7 +111,7 @@ class MetricsLog:
             row["phase"] = float(phase.number)
         self.writer.write_scalars(step_number, row)
         eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
-        print(self._line(step_number, row, eta, counts, phase), flush=True)
+        logger.info(self._line(step_number, row, eta, counts, phase))
         self.last_time, self.last_step = now, step_number
         return row
 
