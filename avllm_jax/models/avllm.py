@@ -122,23 +122,18 @@ def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.
 
 
 class AVLLM(nnx.Module):
-    # Set by __init__: each part of PARTS (None when the config lacks it), and the projectors of
-    # make_projectors (only those the config's parts call for).
-    vision: clip_vision.CLIPVision | None
-    audio: htsat.HTSAT | None
-    whisper: WhisperEncoder | None
-    llm: llama.Llama | None
-    temporal_proj: layers.Dense
-    spatial_proj: layers.Dense
-    audio_proj: layers.Dense
-
     def __init__(self, config: AVLLMConfig, *, rngs: nnx.Rngs):
         self.config = config
-        for name, (_, module) in PARTS.items():
-            part_config = getattr(config, name)
-            setattr(self, name, module(part_config, rngs=rngs) if part_config else None)
-        for name, projector in make_projectors(config, rngs=rngs).items():
-            setattr(self, name, projector)
+        # Each part of PARTS, None when the config lacks it.
+        self.vision = clip_vision.CLIPVision(config.vision, rngs=rngs) if config.vision else None
+        self.audio = htsat.HTSAT(config.audio, rngs=rngs) if config.audio else None
+        self.whisper = WhisperEncoder(config.whisper, rngs=rngs) if config.whisper else None
+        self.llm = llama.Llama(config.llm, rngs=rngs) if config.llm else None
+        # The projectors the parts call for (make_projectors), None otherwise.
+        projectors = make_projectors(config, rngs=rngs)
+        self.temporal_proj: layers.Dense | None = projectors.get("temporal_proj")
+        self.spatial_proj: layers.Dense | None = projectors.get("spatial_proj")
+        self.audio_proj: layers.Dense | None = projectors.get("audio_proj")
 
     @property
     def language_model(self) -> llama.Llama:
@@ -185,11 +180,12 @@ class AVLLM(nnx.Module):
         outputs = self.encoder_outputs(batch)
         dtype = layers.dtype_of(self.language_model.config.dtype)
         parts = []
-        if self.vision is not None and "frame_cls" in outputs:
+        # The projectors exist when the model has the encoder and the LLM (make_projectors).
+        if self.temporal_proj is not None and self.spatial_proj is not None and "frame_cls" in outputs:
             temporal = self.temporal_proj(outputs["frame_cls"].astype(dtype))
             spatial = self.spatial_proj(outputs["item_patches"].astype(dtype))
             parts += [temporal, spatial.reshape(temporal.shape[0], -1, temporal.shape[-1])]
-        if self.config.audio_tower is not None and "audio_embeddings" in outputs:
+        if self.audio_proj is not None and "audio_embeddings" in outputs:
             pooled = outputs["audio_embeddings"]  # [P, A, K, Da]
             packs, clips, segments = pooled.shape[:3]
             parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
