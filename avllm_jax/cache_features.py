@@ -115,7 +115,7 @@ class _DecodeFile:
         except MediaError as error:
             return dict(index=np.int64(index), error=np.array(str(error)))
         # Its own seed for the audio crop, whichever shard or worker decodes it.
-        arrays = samples.media_arrays(media, self.config, rng=np.random.default_rng((self.config.seed, index)))
+        arrays = samples.media_arrays(media, self.config, rng=np.random.default_rng((self.config.shuffle_seed, index)))
         return dict(arrays, index=np.int64(index), is_still=np.bool_(media.is_still), error=np.array(""))
 
 
@@ -164,7 +164,7 @@ def build(
         return dict(files=0, cached=0, skipped=0)
     try:  # a missing or malformed source stops the build here, before any weights load
         all_files = media_files(data_config)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, pipeline.DataError) as error:
         raise CacheBuildError(str(error)) from error
     files = shard_files(all_files, index, count)
     first_file = len(all_files) * index // count  # a file's index over all shards seeds its audio crop
@@ -173,7 +173,7 @@ def build(
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
     batch_size = -(-batch_size // len(devices)) * len(devices)  # whole per-device batches
     with jax.set_mesh(mesh):
-        model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
+        model = sharding.create_sharded_model(model_config, init_dir, mesh, config.init_seed)
         _write_manifest(
             out_dir,
             feature_cache.fingerprint(data_config, *model.encoder_identity()),

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.data.pipeline import RENAMED_DATA_FIELDS, default_data_config
 from avllm_jax.errors import AvllmError, UsageError, describe_error
 from avllm_jax.models import layers, llama
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
@@ -83,6 +83,10 @@ def read_data_config(directory: str):
     with open(path) as f:
         saved = json.load(f)
     saved["sources"] = tuple(saved.get("sources", ()))
+    # A workdir trained before the data fields were renamed.
+    for old, new in RENAMED_DATA_FIELDS.items():
+        if old in saved:
+            saved[new] = saved.pop(old)
     config.update(saved)
     return config
 

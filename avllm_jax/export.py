@@ -188,7 +188,9 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
     for number, stage in enumerate(stages, 1):
         optim = stage.get("optim", {})
         steps = stage.get("num_steps", -1)
-        length = f"{steps} steps" if steps and steps > 0 else f"{stage.get('num_epochs')} epochs"
+        length = (
+            f"{steps} steps" if steps and steps > 0 else f"{stage.get('train_epochs', stage.get('num_epochs'))} epochs"
+        )
         lora = stage.get("lora") or {}
         lora_line = (
             [

@@ -167,7 +167,7 @@ def total_steps(config, per_source, tokenizer, modality_rows) -> int:
         per_pack = packer.estimate_samples_per_pack(per_source, weights, config.data, tokenizer, modality_rows, budget)
         logger.info(f"packing: about {per_pack:.2f} samples per pack (from the sources' text lengths)")
         samples_per_step *= per_pack
-    return max(1, math.floor(config.num_epochs * num_samples / samples_per_step))
+    return max(1, math.floor(config.train_epochs * num_samples / samples_per_step))
 
 
 def train(config, workdir: str, *, new_schedule_ok: bool = False) -> dict:
@@ -246,7 +246,7 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
         logger.info(line)
 
     with jax.set_mesh(mesh):
-        model = sharding.create_sharded_model(model_config, init_dir, mesh, config.seed)
+        model = sharding.create_sharded_model(model_config, init_dir, mesh, config.init_seed)
         if cache is not None:
             try:
                 cache.check(feature_cache.fingerprint(config.data, *model.encoder_identity()))

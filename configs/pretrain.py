@@ -23,7 +23,7 @@ def get_config():
     config.data.packing.update(
         dict(enabled=True, rows=1, row_length=2048, frames=192, visual_items=8, audio_clips=4, window=32)
     )
-    config.num_epochs = 3.0
+    config.train_epochs = 3.0
     config.optim.learning_rate = 2e-3
     # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments
     # for the fused HTSAT of laion/clap-htsat-fused.

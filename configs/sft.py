@@ -24,7 +24,7 @@ def get_config():
     config.data.packing.update(
         dict(enabled=True, rows=4, row_length=1024, frames=168, visual_items=16, audio_clips=3, window=32)
     )
-    config.num_epochs = 1.0
+    config.train_epochs = 1.0
     config.optim.learning_rate = 2e-5
     # Media as in the paper, which are the data defaults: 32 frames at 224 px, 4 audio segments
     # for the fused HTSAT of laion/clap-htsat-fused.

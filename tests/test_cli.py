@@ -107,9 +107,16 @@ def config_parser():
 
 def test_config_overrides_apply_in_any_order_with_the_fields_types():
     args = config_parser().parse_args(
-        ["--config.num_steps=7", "--config", DEMO_CONFIG, "--config.optim.learning_rate", "3", "--config.data.seed=5"]
+        [
+            "--config.num_steps=7",
+            "--config",
+            DEMO_CONFIG,
+            "--config.optim.learning_rate",
+            "3",
+            "--config.data.shuffle_seed=5",
+        ]
     )
-    assert args.config.num_steps == 7 and args.config.optim.learning_rate == 3.0 and args.config.data.seed == 5
+    assert args.config.num_steps == 7 and args.config.optim.learning_rate == 3.0 and args.config.data.shuffle_seed == 5
     assert isinstance(args.config.optim.learning_rate, float)
 
 
@@ -125,6 +132,23 @@ def test_config_mistakes_name_their_cause(tmp_path):
     with pytest.raises(UsageError) as error:
         config_parser().parse_args(["--config", missing])
     assert str(error.value) == f"--config={missing}: the config file {missing} does not exist (No such file)"
+
+
+@pytest.mark.parametrize(
+    "old, new", [("num_epochs", "train_epochs"), ("seed", "init_seed"), ("data.seed", "data.shuffle_seed")]
+)
+def test_a_renamed_field_names_its_new_name(tmp_path, old, new):
+    with pytest.raises(UsageError, match=rf"^--config\.{old}: config\.{old} was renamed config\.{new}$"):
+        config_parser().parse_args(["--config", DEMO_CONFIG, f"--config.{old}=1"])
+    # In a config file too: check_config says it.
+    config = config_lib.base_config()
+    *blocks, field = old.split(".")
+    node = config
+    for block in blocks:
+        node = node[block]
+    node[field] = 1
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.{old} was renamed config\.{new}"):
+        config_lib.check_config(config)
 
 
 def test_a_failing_config_file_is_named(tmp_path):

@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
     ]
     model_config, tokenizer, _ = train.resolve_model(config)  # with the modality tokens
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    model = sharding.create_sharded_model(model_config, None, mesh, config.seed)
+    model = sharding.create_sharded_model(model_config, None, mesh, config.init_seed)
     return dict(root=root, config=config, cache_dir=cache_dir, counts=counts, model=model, tokenizer=tokenizer)
 
 
@@ -199,7 +199,7 @@ def test_training_refuses_a_cache_of_other_settings(setup, tmp_path):
     with pytest.raises(train.SetupError, match=r"other settings: data.audio_padding \(cache 'repeatpad', run 'pad'\)"):
         train.train(config, str(tmp_path / "run"))
     config = with_cache(setup["config"], setup["cache_dir"])
-    config.seed = 1  # other random encoders
+    config.init_seed = 1  # other random encoders
     with pytest.raises(
         train.SetupError, match=r"other settings: weights.audio \(cache '[0-9a-f]+', run '[0-9a-f]+'\), weights.vision"
     ):

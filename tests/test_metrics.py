@@ -1,6 +1,7 @@
 """CIDEr-D on worked examples computed by hand, exact-match normalisation, SPICE availability;
 the training log line and its TensorBoard row on known inputs."""
 
+import logging
 import math
 import os
 import stat
@@ -123,7 +124,8 @@ def step_metrics(loss, visual, audio_visual, grad_norm=0.5, tokens=80):
     }
 
 
-def test_training_log_line_and_row(monkeypatch, capsys):
+def test_training_log_line_and_row(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     clock = [100.0]
     monkeypatch.setattr(training_metrics.time, "time", lambda: clock[0])
     writer = RecordingWriter()
@@ -146,7 +148,7 @@ def test_training_log_line_and_row(monkeypatch, capsys):
         )
     clock[0] = 105.0  # 10 steps in 5 s
     row = log.flush(20, learning_rate=1e-3)
-    line = capsys.readouterr().out.strip()
+    line = caplog.messages[-1].strip()
     # 10 steps / 5 s; 800 answer tokens / 5 s; 10 steps * 4 TFLOP of useful work / 5 s / 2
     # devices = 4 TFLOP/s, 40% of 10 (slots: 10 * 5 TFLOP / 5 s / 2 = 5 TFLOP/s, 50%);
     # eta 5 s / 10 steps * 80 steps left = 40 s.
@@ -168,6 +170,6 @@ def test_training_log_line_and_row(monkeypatch, capsys):
     log.add(step_metrics(1.0, nan, nan) | {"loss/text": np.float32(1.0)}, {"num_skipped_text": 3})
     clock[0] = 106.0
     log.flush(21, learning_rate=5e-4)
-    line = capsys.readouterr().out.strip()
+    line = caplog.messages[-1].strip()
     assert "loss 1.0000 (text 1.0000) | lr 5.00e-04" in line and "mfu n/a" in line
     assert line.endswith("| skipped_media 1, skipped_text 3, rerouted 2, truncated 0")

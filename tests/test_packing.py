@@ -19,8 +19,8 @@ SPATIAL = 4  # N: the patches of a 2x2-patch ViT
 ROWS = packing.ModalityRows(temporal=FRAMES, spatial=SPATIAL, audio=SEGMENTS)
 
 
-def packed_config(*sources, num_epochs=None, **packing_fields):
-    config = data_config(*sources, num_epochs=num_epochs)
+def packed_config(*sources, source_epochs=None, **packing_fields):
+    config = data_config(*sources, source_epochs=source_epochs)
     config.packing.update(
         dict(enabled=True, rows=2, row_length=96, frames=2 * FRAMES + 1, visual_items=3, audio_clips=2) | packing_fields
     )
@@ -58,7 +58,7 @@ def test_pack_layout_slots_and_routing(tmp_path, tokenizer, media_dir):
         chat("<AUD_VIS>\nitem5", video="silent.mp4", modality="audio_visual"),  # no audio: visual, no audio slot
         chat("<VIS>\nitem6", video="silent.mp4", modality="visual"),
     ]
-    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), num_epochs=1)
+    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), source_epochs=1)
     config.sources[0]["media_root"] = str(media_dir)
     batches = list(iterator(config, tokenizer))
     table = {}
@@ -102,7 +102,7 @@ def test_pack_layout_slots_and_routing(tmp_path, tokenizer, media_dir):
 def test_long_text_is_cut_to_fit_a_row_beside_its_modality_rows_and_counted(tmp_path, tokenizer, media_dir):
     long_answer = " ".join(f"item{i}" for i in range(200))
     records = [chat("<AUD_VIS>\nitem1", long_answer, video="av.mp4", modality="audio_visual"), chat("item2")]
-    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), num_epochs=1, rows=1)
+    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), source_epochs=1, rows=1)
     config.sources[0]["media_root"] = str(media_dir)
     config.max_text_length = 500  # the row, not this, is the limit here
     batches = list(iterator(config, tokenizer))
@@ -133,7 +133,7 @@ def test_restored_packing_iterator_yields_the_same_next_batches(tmp_path, tokeni
 
 
 def test_hosts_pack_disjoint_samples_covering_the_data(tmp_path, tokenizer):
-    config = packed_config((text_source(tmp_path / "a.jsonl", "a", 12), 1.0), num_epochs=1)
+    config = packed_config((text_source(tmp_path / "a.jsonl", "a", 12), 1.0), source_epochs=1)
     names = []
     for host in range(2):
         host_names = [
@@ -163,7 +163,7 @@ def test_a_budget_some_sample_cannot_fit_is_refused(tmp_path, tokenizer, fields,
 
 def test_epoch_estimate_is_near_the_packed_count(tmp_path, tokenizer):
     records = [chat(" ".join(["item1"] * (i % 9 + 1))) for i in range(60)]
-    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), num_epochs=1)
+    config = packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), source_epochs=1)
     per_source = pipeline.read_sources(config)
     budget = packing.budget_of(config, ROWS)
     estimate = packer.estimate_samples_per_pack(per_source, [1.0], config, tokenizer, ROWS, budget)

@@ -5,6 +5,7 @@ are refused naming the field, the Table 4 configs load, the log line names the p
 training run resumed before the boundary ends with the uninterrupted run's parameters."""
 
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -201,8 +202,8 @@ def test_sources_and_samples_outside_a_phase_are_reported(sources):
     ]
     phase_config, phase_samples = phases.phase_data(phases.plan(pt, 10)[0], config, per_source)
     assert [os.path.basename(s["path"]) for s in phase_config.sources] == ["mixed.jsonl"]
-    assert phase_config.seed == config.seed and len(phase_samples[0]) == 4
-    assert phases.phase_data(phases.plan(pt, 10)[1], config, per_source)[0].seed == config.seed + 1000
+    assert phase_config.shuffle_seed == config.shuffle_seed and len(phase_samples[0]) == 4
+    assert phases.phase_data(phases.plan(pt, 10)[1], config, per_source)[0].shuffle_seed == config.shuffle_seed + 1000
 
     only_visual = data_config(sources, "visual.jsonl")
     with pytest.raises(ValueError, match=r"phase 1/2 \(audio_visual\) has no samples: .*\(visual.jsonl: visual 5\)"):
@@ -241,9 +242,9 @@ def test_bad_phase_configs_are_refused(phase_config, message):
 def test_phases_need_the_data_repeated():
     config = config_lib.base_config()
     config.phases = PT1
-    config_lib.check_config(config)  # shares within 1e-6 of one, data.num_epochs None
-    config.data.num_epochs = 2
-    with pytest.raises(config_lib.ConfigError, match="config.phases needs config.data.num_epochs=None"):
+    config_lib.check_config(config)  # shares within 1e-6 of one, data.source_epochs None
+    config.data.source_epochs = 2
+    with pytest.raises(config_lib.ConfigError, match="config.phases needs config.data.source_epochs=None"):
         config_lib.check_config(config)
 
 
@@ -265,7 +266,8 @@ class _Writer:
         self.last = (step, scalars)
 
 
-def test_log_line_names_the_phase(capsys):
+def test_log_line_names_the_phase(caplog):
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     plan = phases.plan(PT1, NUM_STEPS)
     writer = _Writer()
     log = training_metrics.MetricsLog(
@@ -280,7 +282,7 @@ def test_log_line_names_the_phase(capsys):
     )
     log.add({"loss": np.float32(1.0), "work": np.zeros(6, np.float32)}, {})
     row = log.flush(4, learning_rate=1e-3)
-    assert capsys.readouterr().out.startswith("step 4/6 | phase 2/2 (visual+audio+text) | loss 1.0000 |")
+    assert caplog.messages[-1].startswith("step 4/6 | phase 2/2 (visual+audio+text) | loss 1.0000 |")
     assert row["phase"] == 2.0 and writer.last == (4, row)
 
 

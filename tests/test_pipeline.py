@@ -87,7 +87,7 @@ def test_batch_layout_and_modality_tokens(tmp_path, tokenizer, media_dir):
         chat("<AUD>\nwhat is it?", video="av.mp4", modality="audio"),
     ]
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    config = data_config((path, 1.0), num_epochs=1)
+    config = data_config((path, 1.0), source_epochs=1)
     config.sources[0]["media_root"] = str(media_dir)
     batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=6, process_index=0, process_count=1))
 
@@ -128,7 +128,7 @@ def test_requests_for_missing_streams_are_rerouted_and_counted(tmp_path, tokeniz
         chat("<AUD>\nitem3", video="av.mp4", modality="audio"),  # served as asked
     ]
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    config = data_config((path, 1.0), num_epochs=1)
+    config = data_config((path, 1.0), source_epochs=1)
     config.sources[0]["media_root"] = str(media_dir)
     batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1))
     outcome = {}
@@ -166,7 +166,7 @@ def test_epochs_cover_every_sample_once_reshuffled_by_seed(tmp_path, tokenizer):
     path = text_source(tmp_path / "a.jsonl", "a", 10)
 
     def epochs(seed):
-        config = data_config((path, 1.0), num_epochs=2, seed=seed)
+        config = data_config((path, 1.0), source_epochs=2, shuffle_seed=seed)
         iterator = pipeline.make_train_iterator(
             config, tokenizer, global_batch_size=5, process_index=0, process_count=1
         )
@@ -181,7 +181,7 @@ def test_epochs_cover_every_sample_once_reshuffled_by_seed(tmp_path, tokenizer):
 
 def test_hosts_read_disjoint_shards(tmp_path, tokenizer):
     path = text_source(tmp_path / "a.jsonl", "a", 12)
-    config = data_config((path, 1.0), num_epochs=1)
+    config = data_config((path, 1.0), source_epochs=1)
     shards = []
     for host in range(2):
         iterator = pipeline.make_train_iterator(
@@ -194,7 +194,7 @@ def test_hosts_read_disjoint_shards(tmp_path, tokenizer):
 
 def test_hosts_batches_side_by_side_are_the_single_process_batch(tmp_path, tokenizer):
     path = text_source(tmp_path / "a.jsonl", "a", 12)
-    config = data_config((path, 1.0), num_epochs=1)
+    config = data_config((path, 1.0), source_epochs=1)
     alone = [
         prompt_names(batch, tokenizer) for batch in pipeline.make_train_iterator(config, tokenizer, global_batch_size=6)
     ]
@@ -226,7 +226,7 @@ def test_mixture_proportions_hold(tmp_path, tokenizer):
 def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
     records = [chat("<VIS>\nwhat is it?", video="silent.mp4")] * 5 + [chat("<VIS>\nwhat is it?", video="broken.mp4")]
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    config = data_config((path, 1.0), num_epochs=2, max_bad_fraction=0.5, min_samples_before_bad_check=1)
+    config = data_config((path, 1.0), source_epochs=2, max_bad_fraction=0.5, min_samples_before_bad_check=1)
     config.sources[0]["media_root"] = str(media_dir)
     iterator = pipeline.make_train_iterator(config, tokenizer, global_batch_size=2, process_index=0, process_count=1)
     batches = list(iterator)
@@ -244,7 +244,7 @@ def test_a_file_with_no_stream_left_is_skipped_as_bad_media(tmp_path, tokenizer,
     write_media(media_dir / "blip.flac", audio=np.full(1, 0.1, np.float32), audio_codec="flac")
     records = [chat("<AUD>\nwhat is it?", audio="blip.flac"), chat("<AUD>\nwhat is it?", audio="sound.flac")]
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    config = data_config((path, 1.0), num_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)
+    config = data_config((path, 1.0), source_epochs=1, max_bad_fraction=0.5, min_samples_before_bad_check=2)
     config.sources[0]["media_root"] = str(media_dir)
     batches = list(
         pipeline.make_train_iterator(config, tokenizer, global_batch_size=1, process_index=0, process_count=1)
@@ -279,7 +279,7 @@ def test_malformed_lines_fail_or_are_skipped_per_config(tmp_path, tokenizer):
         pipeline.make_train_iterator(
             data_config((path, 1.0)), tokenizer, global_batch_size=2, process_index=0, process_count=1
         )
-    config = data_config((path, 1.0), skip_malformed_lines=True, max_bad_fraction=0.2, num_epochs=1)
+    config = data_config((path, 1.0), skip_malformed_lines=True, max_bad_fraction=0.2, source_epochs=1)
     iterator = pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1)
     assert sum(b["input_ids"].shape[0] for b in iterator) == 9
     with pytest.raises(pipeline.DataError, match="malformed"):
@@ -376,7 +376,7 @@ def test_whisper_front_end_decodes_at_16khz(tmp_path, tokenizer, media_dir):
     ]
     path = write_jsonl(tmp_path / "data.jsonl", records)
     config = data_config(
-        (path, 1.0), num_epochs=1, audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80
+        (path, 1.0), source_epochs=1, audio_front_end="whisper", audio_sample_rate=16000, whisper_mel_bins=80
     )
     config.sources[0]["media_root"] = str(media_dir)
     batch = next(pipeline.make_train_iterator(config, tokenizer, global_batch_size=3, process_index=0, process_count=1))

@@ -81,7 +81,7 @@ def scored_run(workdir, row, phases, seed, steps, data_dir, tokenizer_dir, eval_
     config = demo.demo_config(data_dir, tokenizer_dir)
     config.phases = phases
     config.num_steps = config.checkpoint_every = steps
-    config.seed = config.data.seed = seed
+    config.init_seed = config.data.shuffle_seed = seed
     print(f"\n== {row}, seed {seed}: {workdir}", flush=True)
     demo.run_training(config, workdir)
     results = {"normal": summary(demo.evaluate(workdir, eval_path))}

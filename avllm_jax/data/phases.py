@@ -11,15 +11,15 @@ PT1 is `(dict(modalities=("audio_visual", "text"), share=0.5), dict(modalities=(
   token requests it (a request that decoding re-routes to the streams the file has, counted
   as `rerouted`, stays in the phase of its token); samples that no phase names are left out of
   the run, and training says how many.
-- The phases split the run's steps (num_steps, or what num_epochs gives over all the sources,
+- The phases split the run's steps (num_steps, or what train_epochs gives over all the sources,
   as without phases, so that MAT, PT1 and PT2 take equal steps) by their shares, which sum to
   one: phase i ends at step round(num_steps · (share_1 + ... + share_i)). The boundary is
   fixed by the config, not by the data; every phase needs at least one step.
 - A phase's batches come from the pipeline of data/pipeline.py over the sources filtered to
   its modalities, mixed by the sources' weights, each repeated as often as the phase needs
-  (so data.num_epochs must be None). A source with no sample of a phase's modalities is left
+  (so data.source_epochs must be None). A source with no sample of a phase's modalities is left
   out of that phase (training prints it); a phase that no source has samples for is an error.
-  Phase p (counted from 0) shuffles with data.seed + 1000 · p: a sample in two phases comes in another order.
+  Phase p (counted from 0) shuffles with data.shuffle_seed + 1000 · p: a sample in two phases comes in another order.
 - `PhasedIterator` counts the batches it gives (batch k is step k's) and reads each from the
   phase of its step; its state holds the count, the phase it reads and that phase pipeline's
   own state, so a run resumed in phase 2 continues there exactly, and one saved at the
@@ -41,7 +41,7 @@ TEXT = "text"  # the name of text-only samples, as in the loss groups
 MODALITY_NAMES = (*(m.value for m in Modality), TEXT)
 PHASE_FIELDS = ("modalities", "share")
 SHARE_TOLERANCE = 1e-6
-_SEED_STRIDE = 1000  # phase p shuffles with data.seed + p * _SEED_STRIDE
+_SEED_STRIDE = 1000  # phase p shuffles with data.shuffle_seed + p * _SEED_STRIDE
 
 
 def modality_name(sample) -> str:
@@ -109,9 +109,9 @@ def config_problems(config) -> list[str]:
             shares.append(share)
     if phases and len(shares) == len(phases) and abs(sum(shares) - 1) > SHARE_TOLERANCE:
         problems.append(f"config.phases' shares {tuple(shares)!r} sum to {sum(shares):g}, not 1")
-    if phases and config.data.num_epochs is not None:
+    if phases and config.data.source_epochs is not None:
         problems.append(
-            f"config.phases needs config.data.num_epochs=None, not {config.data.num_epochs}: each phase "
+            f"config.phases needs config.data.source_epochs=None, not {config.data.source_epochs}: each phase "
             "repeats its samples for as many steps as its share takes"
         )
     return problems
@@ -195,7 +195,7 @@ def phase_data(phase: Phase, data_config, per_source):
     ]
     kept = [(source, samples) for source, samples in kept if samples]
     config = data_config.copy_and_resolve_references()
-    config.seed = data_config.seed + (phase.number - 1) * _SEED_STRIDE
+    config.shuffle_seed = data_config.shuffle_seed + (phase.number - 1) * _SEED_STRIDE
     config.sources = tuple(source for source, _ in kept)
     return config, [samples for _, samples in kept]
 
@@ -245,7 +245,7 @@ class PhasedIterator(grain.DatasetIterator):
             taken = self._batches - phase.first_step + 1
             raise pipeline.DataError(
                 f"{phase.label} ran out of samples after {taken} of its {phase.num_steps} "
-                "batches: set data.num_epochs=None"
+                "batches: set data.source_epochs=None"
             ) from None
         self._batches += 1
         return batch

@@ -73,6 +73,11 @@ class DataError(AvllmError, RuntimeError):
     """Too many bad samples: the input data, not the model, needs fixing."""
 
 
+# Data fields renamed because the training config had fields of the same name that meant other
+# things: old name -> new name (a saved data_config.json of an older workdir is read with them).
+RENAMED_DATA_FIELDS = {"seed": "shuffle_seed", "num_epochs": "source_epochs"}
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Each source: path (.jsonl, or a LLaVA/Valley .json array), media_root (None: the file's
@@ -103,10 +108,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.packing = ml_collections.ConfigDict(
         dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6, window=32)
     )
-    config.seed = 0
-    # None: repeat forever. With several sources the mixture ends when the first one has run
-    # through its epochs.
-    config.num_epochs = ml_collections.FieldReference(None, field_type=int)
+    config.shuffle_seed = 0  # the order of each source's samples, and the random audio crops
+    # How many passes each source's samples make; None: repeat forever. With several sources
+    # the mixture ends when the first one has run through its passes.
+    config.source_epochs = ml_collections.FieldReference(None, field_type=int)
     config.worker_count = 4  # decoding processes per host; 0 decodes in the main process
     config.worker_buffer_size = 2  # batches each worker prepares ahead
     config.read_threads = 2  # decoding threads in each process
@@ -150,7 +155,7 @@ class _PrepareSample:
         not depend on how many processes read the stream."""
         config, rows = self.config, self.modality_rows
         packed = config.packing.enabled
-        rng = np.random.default_rng((config.seed, index))
+        rng = np.random.default_rng((config.shuffle_seed, index))
         try:
             media = None
             if sample.modality is not None:
@@ -335,7 +340,7 @@ def make_train_iterator(
     datasets = []
     for index, samples in enumerate(per_source if per_source is not None else read_sources(data_config)):
         dataset = grain.MapDataset.source(samples)
-        dataset = dataset.shuffle(seed=data_config.seed + index).repeat(data_config.num_epochs)
+        dataset = dataset.shuffle(seed=data_config.shuffle_seed + index).repeat(data_config.source_epochs)
         datasets.append(dataset)
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]

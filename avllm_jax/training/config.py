@@ -37,7 +37,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from avllm_jax.data import phases as phases_lib
-from avllm_jax.data.pipeline import default_data_config
+from avllm_jax.data.pipeline import RENAMED_DATA_FIELDS, default_data_config
 from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm, llama
 from avllm_jax.training import optim
@@ -72,15 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.global_batch_size = 128
     config.num_microbatches = 1  # gradient accumulation: the batch is split into this many passes
-    config.num_epochs = 1.0
-    config.num_steps = -1  # > 0 overrides num_epochs
+    config.train_epochs = 1.0  # how long the run is, in passes over the sources' samples
+    config.num_steps = -1  # > 0 overrides train_epochs
     # Phased training (the paper's Table 4; avllm_jax/data/phases.py): a tuple of
     # dict(modalities=(...), share=s), each phase drawing only samples of the modalities it
     # names ('visual', 'audio', 'audio_visual', 'text' for text-only) for its share of the steps
-    # (the shares sum to 1; data.num_epochs must be None). Empty: the paper's modality-augmented
+    # (the shares sum to 1; data.source_epochs must be None). Empty: the paper's modality-augmented
     # training (MAT), one phase with every modality mixed in each batch.
     config.phases = ()
-    config.seed = 0
+    config.init_seed = 0  # the random initialisation of the weights not loaded from init_checkpoint
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-5  # the peak, reached after the warmup
@@ -239,7 +239,7 @@ def _compare(config, reference, prefix):
     for key in config.keys():
         name = f"{prefix}.{key}"
         if key not in reference:
-            yield f"{name} is not a field ({_nearest(key, reference.keys())})"
+            yield _renamed(name.removeprefix("config.")) or f"{name} is not a field ({_nearest(key, reference.keys())})"
         elif isinstance(reference[key], ml_collections.ConfigDict):
             if isinstance(config[key], ml_collections.ConfigDict):
                 yield from _compare(config[key], reference[key], name)
@@ -252,8 +252,25 @@ def _compare(config, reference, prefix):
         yield f"{prefix} lacks {', '.join(missing)}: update base_config()'s fields rather than replacing {prefix}"
 
 
+# Fields renamed because two meant different things under one name: old name -> new name.
+RENAMED_FIELDS = {
+    "num_epochs": "train_epochs",
+    "seed": "init_seed",
+    **{f"data.{old}": f"data.{new}" for old, new in RENAMED_DATA_FIELDS.items()},
+}
+
+
+def _renamed(name: str) -> str | None:
+    """What to say of a dotted field name ('data.seed') that was renamed, or None."""
+    if name in RENAMED_FIELDS:
+        return f"config.{name} was renamed config.{RENAMED_FIELDS[name]}"
+    return None
+
+
 def unknown_field(path: str) -> str | None:
     """For a dotted override path ('optim.lr'), what in it base_config() does not declare, or None."""
+    if renamed := _renamed(path):
+        return renamed
     node, walked = base_config(), "config"
     for key in path.split("."):
         if not isinstance(node, ml_collections.ConfigDict):
