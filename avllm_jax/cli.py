@@ -239,6 +239,11 @@ def configure_logging(args: argparse.Namespace, *, process_index: int = 0, strea
         for handler in _handlers:
             root.removeHandler(handler)
         _handlers.clear()
+        # absl's first log call, made while importing a dependency, installs basicConfig's
+        # handler on stderr: the command's handlers replace it, or every line would come twice.
+        for handler in list(root.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+                root.removeHandler(handler)
         if stream == "stdout":
             _handlers.append(_StandardStream("stdout"))
             _handlers[0].addFilter(lambda record: record.levelno < logging.WARNING)

@@ -393,3 +393,19 @@ def test_every_entry_point_has_help_debug_and_log_level(module, capsys):
     help_text = capsys.readouterr().out
     assert exit.value.code == 0 and help_text.startswith("usage: ")
     assert "--debug" in help_text and "--log-level" in help_text
+
+
+def test_logging_replaces_a_dependency_s_basic_config_and_splits_training_s_streams(capsys):
+    basic = logging.StreamHandler()  # basicConfig's, which absl installs on its first log call
+    basic.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    logging.getLogger().addHandler(basic)
+    cli.configure_logging(cli.Parser("prog").parse_args([]), stream="stdout")
+    log = logging.getLogger("avllm_jax.test")
+    log.info("a step line")
+    log.warning("a fall-back")
+    logging.getLogger("orbax").info("a save")  # dependencies: WARNING and above only
+    printed = capsys.readouterr()
+    assert printed.out == "a step line\n" and printed.err == "warning: a fall-back\n"
+    cli.configure_logging(cli.Parser("prog").parse_args([]), process_index=1)  # another process of a job
+    log.info("a step line")
+    assert capsys.readouterr().out == ""
