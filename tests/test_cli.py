@@ -291,7 +291,7 @@ def test_train_bad_inputs(inputs, tmp_path, capsys):
         train.main,
         [*config, f"--config.data.sources=({{'path': '{gone}', 'weight': 1.0}},)", "--workdir", str(tmp_path / "run")],
         capsys,
-        f"data.sources[0].path: the instruction file {gone} does not exist",
+        f"data.sources[0].path: {gone} is no instruction file (no such file)",
     )
     assert_in_process_error(
         train.main,

@@ -33,12 +33,11 @@ An unpacked batch is a dict of numpy arrays, leading dimension B (the per-host b
     skipped_reasons   str     [B]              "file:line: reason" of each sample dropped just
                                                before this one, one a line ("" for none)
 
-A packed batch has the same counters, per pack, summed over its samples.
-Summing a counter over batches gives the total for this host (the counters and reasons
-travel in the batch because the worker processes that find them share nothing with the
-trainer). Each sample's prompt holds
-one modality token matching (has_visual, has_audio), or none for a text-only sample.
-Malformed lines are found when the files are read, before training starts.
+A packed batch has the same counters, per pack, summed over its samples. Summing a counter
+over batches gives the total for this host (the counters and reasons travel in the batch
+because the worker processes that find them share nothing with the trainer). Each sample's
+prompt holds one modality token matching (has_visual, has_audio), or none for a text-only
+sample. Malformed lines are found when the files are read, before training starts.
 """
 
 from __future__ import annotations
@@ -73,8 +72,7 @@ class DataError(AvllmError, RuntimeError):
     """Too many bad samples: the input data, not the model, needs fixing."""
 
 
-# Data fields renamed because the training config had fields of the same name that meant other
-# things: old name -> new name (a saved data_config.json of an older workdir is read with them).
+# Renamed: the training config had fields of these names that meant other things (old -> new).
 RENAMED_DATA_FIELDS = {"seed": "shuffle_seed", "num_epochs": "source_epochs"}
 
 
@@ -109,16 +107,14 @@ def default_data_config() -> ml_collections.ConfigDict:
         dict(enabled=False, rows=1, row_length=2048, frames=128, visual_items=6, audio_clips=6, window=32)
     )
     config.shuffle_seed = 0  # the order of each source's samples, and the random audio crops
-    # How many passes each source's samples make; None: repeat forever. With several sources
-    # the mixture ends when the first one has run through its passes.
+    # Passes over each source's samples (None: forever); the mixture ends with the first source's.
     config.source_epochs = ml_collections.FieldReference(None, field_type=int)
     config.worker_count = 4  # decoding processes per host; 0 decodes in the main process
     config.worker_buffer_size = 2  # batches each worker prepares ahead
     config.read_threads = 2  # decoding threads in each process
     # Linux: this many of the host's CPUs (the last ones this process may use) run only the
-    # decoding processes, and the training process, XLA's CPU thread pool included, the rest.
-    # For training on CPU, where sharing cores stalls XLA's threads (see README, Pipeline).
-    # 0, or worker_count = 0, shares all CPUs.
+    # decoding processes, the training process (XLA's threads too) the rest: on CPU, sharing
+    # cores stalls XLA's threads (docs/data.md). 0, or worker_count = 0, shares all CPUs.
     config.dedicated_worker_cpus = 0
     # Past this fraction of unusable samples (or of malformed lines) the job stops with DataError;
     # each decoding process judges the samples it has prepared, after the first few.
@@ -280,8 +276,7 @@ def read_sources(data_config) -> list[list[conversation.Sample]]:
     per_source, malformed, total = [], [], 0
     for i, source in enumerate(data_config.sources):
         if not os.path.isfile(source["path"]):
-            reason = "is a directory" if os.path.isdir(source["path"]) else "does not exist"
-            raise DataError(f"data.sources[{i}].path: the instruction file {source['path']} {reason}")
+            raise DataError(f"data.sources[{i}].path: {source['path']} is no instruction file (no such file)")
         samples, bad = conversation.read_samples(
             source["path"], source.get("media_root"), skip_malformed=data_config.skip_malformed_lines
         )
