@@ -135,8 +135,8 @@ def check_data_matches_model(data_config, model_config):
         raise SetupError(
             f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px"
         )
-    if model_config.audio_tower and (
-        problem := features.audio_settings_problem(data_config, model_config.audio_encoder, model_config.audio_tower)
+    if model_config.audio_encoder and (
+        problem := features.audio_settings_problem(data_config, model_config.audio_encoder)
     ):
         raise SetupError(f"data.{problem}")
 

@@ -78,7 +78,7 @@ def test_ablation_config_is_consistent(name, arguments):
         compute = {field: getattr(preset, field) for field in COMPUTE_FIELDS if hasattr(preset, field)}
         assert dataclasses.replace(built, **compute) == preset
     if name.startswith("table6_"):
-        assert model_config.audio_encoder == "whisper" and config.data.audio_sample_rate == 16000
+        assert model_config.audio_encoder.kind == "whisper" and config.data.audio_sample_rate == 16000
     if name.startswith(("fig9_", "fig10_")):
         stage, count = arguments[0].split(",")
         field = "num_frames" if name.startswith("fig9_") else "num_audio_segments"

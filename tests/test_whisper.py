@@ -256,7 +256,10 @@ def test_whisper_converts_end_to_end(tmp_path):
     assert saved["whisper"]["d_model"] == 36 and saved["audio"] is None
     model = avllm_jax.load_model(tmp_path / "out")
     assert (
-        model.config.audio_encoder == "whisper" and model.audio is None and model.vision is None and model.llm is None
+        model.config.audio_encoder.kind == "whisper"
+        and model.audio is None
+        and model.vision is None
+        and model.llm is None
     )
     features = whisper_audio_features(_clip(2.0), 128)[0][None]
     with torch.no_grad():

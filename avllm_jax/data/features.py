@@ -255,10 +255,11 @@ def longest_audio_window_s(max_frames: int, config) -> float:
     return (max_frames - 1) * HOP_LENGTH / config.audio_sample_rate
 
 
-def audio_settings_problem(config, audio_encoder: str, encoder_config) -> str | None:
-    """Why the audio settings of `config` do not suit the model's audio encoder: an 'htsat'
-    (its HTSATConfig: fused or not, a spectrogram image of at most max_frames frames) or a
-    'whisper' (its WhisperEncoderConfig: 16 kHz, its mel bins); None when they do."""
+def audio_settings_problem(config, encoder_config) -> str | None:
+    """Why the audio settings of `config` do not suit the model's audio encoder, whose config's
+    `kind` is 'htsat' (an HTSATConfig: fused or not, a spectrogram image of at most max_frames
+    frames) or 'whisper' (a WhisperEncoderConfig: 16 kHz, its mel bins); None when they do."""
+    audio_encoder = encoder_config.kind
     front_end = "whisper" if audio_encoder == "whisper" else "clap"
     if config.audio_front_end != front_end:
         return (

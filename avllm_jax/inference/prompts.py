@@ -70,7 +70,7 @@ def inference_data_config(
     config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
     encoder = model_config.audio_encoder
-    if encoder is not None and (problem := features.audio_settings_problem(config, encoder, model_config.audio_tower)):
+    if encoder is not None and (problem := features.audio_settings_problem(config, encoder)):
         raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
 
@@ -171,7 +171,7 @@ def missing_part(model: AVLLM, modality: Modality) -> str | None:
     """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
     parts = (
         ("vision encoder", modality.has_visual, model.vision),
-        ("audio encoder", modality.has_audio, model.config.audio_tower),
+        ("audio encoder", modality.has_audio, model.config.audio_encoder),
         ("LLM", True, model.llm),
     )
     return next((name for name, needed, part in parts if needed and part is None), None)

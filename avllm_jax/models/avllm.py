@@ -62,13 +62,9 @@ class AVLLMConfig:
             )
 
     @property
-    def audio_encoder(self) -> str | None:
-        """Which audio encoder the model has: 'htsat', 'whisper' or None."""
-        return "htsat" if self.audio else "whisper" if self.whisper else None
-
-    @property
-    def audio_tower(self) -> htsat.HTSATConfig | WhisperEncoderConfig | None:
-        """The audio encoder's config, whichever it is."""
+    def audio_encoder(self) -> htsat.HTSATConfig | WhisperEncoderConfig | None:
+        """The audio encoder's config, whichever the model has (part 'audio', CLAP's HTSAT, or
+        'whisper'); its `kind` says which: 'htsat' or 'whisper'."""
         return self.audio or self.whisper
 
     def encoder_configs(self) -> dict[str, dict]:
@@ -116,8 +112,8 @@ def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.
     if config.vision:
         projectors["temporal_proj"] = projector(config.vision.hidden_size)
         projectors["spatial_proj"] = projector(config.vision.hidden_size)
-    if config.audio_tower:
-        projectors["audio_proj"] = projector(config.audio_tower.num_features)
+    if config.audio_encoder:
+        projectors["audio_proj"] = projector(config.audio_encoder.num_features)
     return projectors
 
 
@@ -168,7 +164,7 @@ class AVLLM(nnx.Module):
             outputs["item_patches"] = jnp.einsum(
                 "pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32
             )
-        if self.config.audio_tower is not None and "audio_features" in batch:
+        if self.config.audio_encoder is not None and "audio_features" in batch:
             outputs["audio_embeddings"] = self.audio_embeddings(batch)
         return outputs
 
@@ -287,7 +283,7 @@ class AVLLM(nnx.Module):
                 packs["item_patches"] = batch["item_patches"][:, None]
             sizes.append(num_frames + self.vision.config.num_patches)
             streams.append(batch["has_visual"])
-        if self.config.audio_tower is not None and ("audio_embeddings" in batch or "audio_features" in batch):
+        if self.config.audio_encoder is not None and ("audio_embeddings" in batch or "audio_features" in batch):
             if "audio_embeddings" in batch:  # cached: [B, K, Da]
                 packs["audio_embeddings"] = batch["audio_embeddings"][:, None]
                 sizes.append(batch["audio_embeddings"].shape[1])

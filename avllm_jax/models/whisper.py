@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ def gelu(x):
 
 @dataclasses.dataclass(frozen=True)
 class WhisperEncoderConfig:
+    kind: typing.ClassVar[str] = "whisper"  # which audio encoder (AVLLMConfig.audio_encoder) this configures
     num_mel_bins: int = 80
     d_model: int = 384
     encoder_layers: int = 4

@@ -134,8 +134,8 @@ def work_flops(config: AVLLMConfig, work, *, llm_trains: bool, encoders: bool = 
         total += audio_flops(config.audio, audio_segments)
     if config.whisper and encoders:
         total += whisper_flops(config.whisper, audio_clips)
-    if config.audio_tower:
-        total += 3 * 2 * config.audio_tower.num_features * config.llm.hidden_size * audio_segments  # W_a
+    if config.audio_encoder:
+        total += 3 * 2 * config.audio_encoder.num_features * config.llm.hidden_size * audio_segments  # W_a
     return total
 
 
@@ -158,7 +158,7 @@ def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
     rows = data_config.max_text_length - 1
     if model_config.vision:
         rows += data_config.num_frames + model_config.vision.num_patches
-    if model_config.audio_tower:
+    if model_config.audio_encoder:
         rows += data_config.num_audio_segments
     return rows
 
