@@ -385,9 +385,8 @@ def _exit_interrupted(workdir: str):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.configure_logging(args, stream="stdout")  # training's log is its output
+    cli.initialize_distributed(args)  # then process 0 logs for the job; each writes its own TensorBoard log
     try:
-        # Process 0 speaks for the job; every process writes its own TensorBoard log.
-        cli.initialize_distributed(args)
         result = train(args.config, args.workdir, new_schedule_ok=args.allow_new_schedule)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
         _exit_interrupted(args.workdir)
