@@ -9,6 +9,7 @@ import pytest
 from avllm_jax.data import conversation as conv
 from avllm_jax.data import synthetic
 from avllm_jax.data.media import load_media
+from avllm_jax.evaluation import demo_baselines
 from avllm_jax.modality import Modality
 
 NUM_TRAIN, NUM_EVAL = 30, 24
@@ -186,7 +187,7 @@ def test_one_frame_and_its_place_tell_the_direction_at_most_two_times_in_three()
 
 
 def test_timing_questions_need_both_streams():
-    baselines = synthetic.one_stream_baselines(num_clips=4000)
+    baselines = demo_baselines.one_stream_baselines(num_clips=4000)
     for question_type in synthetic.TIMING_QUESTIONS:
         assert baselines[question_type]["visual"] < 0.6 and baselines[question_type]["audio"] < 0.4, baselines[
             question_type

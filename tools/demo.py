@@ -18,25 +18,38 @@ tools/ablate.py trains the paper's Table 4 rows on the same data with these func
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import sys
 import time
 
+from avllm_jax import cli
+
 GROUPS = ("visual", "audio", "audio_visual", "timing")
+STAGES = ("standin", "pretrain", "sft")
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 
 
+@cli.entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and run (default demo_out)")
+    parser = cli.Parser("python tools/demo.py", __doc__)
+    parser.add_argument("--out", default="demo_out", help="directory for data, tokenizer and runs (default demo_out)")
     parser.add_argument("--num-train", type=int, default=3000, help="training clips (three questions each)")
     parser.add_argument(
         "--num-eval", type=int, default=300, help="held-out clips (every question of their modality each)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
+    parser.add_argument("--num-lessons", type=int, default=20000, help="the stand-in's text samples")
+    for stage in STAGES:
+        parser.add_argument(
+            f"--{stage}-steps", type=int, default=None, help=f"steps of the {stage} run (default: configs/demo.py)"
+        )
+    parser.add_argument("--standin-only", action="store_true", help="build the stand-in (demo_out/standin) and stop")
+    parser.add_argument(
+        "--standin-scores",
+        action="store_true",
+        help="after building the stand-in, print its exact match per question type on held-out lessons",
+    )
     parser.add_argument(
         "--played-back",
         action="store_true",
@@ -46,21 +59,32 @@ def main(argv=None):
         ),
     )
     args = parser.parse_args(argv)
+    cli.configure_logging(args)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     start = time.time()
 
-    data_dir, tokenizer_dir = prepare(args.out, args.num_train, args.num_eval)
-    workdir = os.path.join(args.out, "run")
-    config = demo_config(data_dir, tokenizer_dir)
-    if args.steps:
-        config.num_steps = args.steps
-    train_seconds = run_training(config, workdir)
-    results = evaluate(workdir, os.path.join(data_dir, "eval.jsonl"))
+    paths = prepare(args.out, args.num_train, args.num_eval, args.num_lessons)
+    steps = {stage: getattr(args, f"{stage}_steps") for stage in STAGES}
+    seconds = {"data": time.time() - start}
+    seconds["standin"] = build_standin(paths, steps["standin"])
+    if args.standin_scores:
+        print_lesson_scores(paths["standin"], os.path.join(paths["data"], "heldout_lessons.jsonl"))
+    if args.standin_only:
+        print(f"stand-in in {paths['standin']}: {seconds['standin']:.0f} s")
+        return
+    for stage in ("pretrain", "sft"):
+        seconds[stage] = run_training(stage_config(stage, paths, steps[stage]), paths[stage])
+    workdir, eval_path = paths["sft"], paths["eval"]
+    results = evaluate(workdir, eval_path)
     print_question_table(results)
     if args.played_back:
-        print_played_back_table(results, evaluate(workdir, os.path.join(data_dir, "eval.jsonl"), played_back=True))
-    chat_once(workdir, os.path.join(data_dir, "eval.jsonl"))
-    print(f"demo wall time {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
+        print_played_back_table(results, evaluate(workdir, eval_path, played_back=True))
+    chat_once(workdir, eval_path)
+    print(
+        f"demo wall time {time.time() - start:.0f} s ("
+        + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+        + "; a stand-in found built counts 0 s)"
+    )
     seen, unseen = group_accuracy(results, "seen"), group_accuracy(results, "unseen")
     print(
         "demo accuracy: "
@@ -71,28 +95,124 @@ def main(argv=None):
     )
 
 
-def prepare(out: str, num_train: int, num_eval: int) -> tuple[str, str]:
-    """The demo data set and tokenizer under `out` (written once): (data dir, tokenizer dir)."""
-    from avllm_jax.data import conversation, synthetic
+def prepare(out: str, num_train: int, num_eval: int, num_lessons: int = 20000) -> dict[str, str]:
+    """The demo data set, the stand-in's lessons, stage 1's captions and the tokenizer under
+    `out` (each written once); returns the paths of everything the runs read and write."""
+    from avllm_jax.data import conversation, demo_text, synthetic
 
     data_dir = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(data_dir, "eval.jsonl")):
+    paths = {
+        "data": data_dir,
+        "eval": os.path.join(data_dir, "eval.jsonl"),
+        "lessons": os.path.join(data_dir, "lessons.jsonl"),
+        "captions": os.path.join(data_dir, "train_captions.jsonl"),
+        "tokenizer": os.path.join(out, "tokenizer"),
+        "standin_run": os.path.join(out, "standin_run"),
+        "standin": os.path.join(out, "standin"),
+        "pretrain": os.path.join(out, "pretrain"),
+        "sft": os.path.join(out, "run"),
+    }
+    if not os.path.exists(paths["eval"]):
         synthetic.make_demo_split(data_dir, "train", num_train, seed=0, turns_per_sample=3)
         synthetic.make_demo_split(data_dir, "eval", num_eval, seed=1, unseen_share=0.5, every_question=True)
-    tokenizer_dir = os.path.join(out, "tokenizer")
-    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        conversation.train_tokenizer(synthetic.demo_tokenizer_corpus(), vocab_size=1000).save_pretrained(tokenizer_dir)
-    return data_dir, tokenizer_dir
+    if not os.path.exists(paths["captions"]):
+        demo_text.make_caption_split(data_dir, "train")
+    if not os.path.exists(paths["lessons"]):
+        demo_text.make_lessons(paths["lessons"], num_lessons, seed=0)
+    if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
+        corpus = synthetic.demo_tokenizer_corpus() + demo_text.tokenizer_corpus()
+        conversation.train_tokenizer(corpus, vocab_size=1000).save_pretrained(paths["tokenizer"])
+    return paths
 
 
-def demo_config(data_dir: str, tokenizer_dir: str):
-    """configs/demo.py reading the training split of `data_dir`."""
+def stage_config(stage: str, paths: dict[str, str], steps: int | None = None):
+    """configs/demo.py's `stage` reading and starting from the runs under `paths` (prepare's)."""
     from avllm_jax.training.config import load_config_file
 
-    config = load_config_file(CONFIG)
-    config.tokenizer = tokenizer_dir
-    config.data.sources = (dict(path=os.path.join(data_dir, "train.jsonl"), media_root=None, weight=1.0),)
+    config = load_config_file(CONFIG, stage)
+    source = {
+        "standin": paths["lessons"],
+        "pretrain": paths["captions"],
+        "sft": os.path.join(paths["data"], "train.jsonl"),
+    }
+    config.data.sources = (dict(path=source[stage], media_root=None, weight=1.0),)
+    if stage == "standin":
+        config.tokenizer = paths["tokenizer"]
+    else:
+        config.init_checkpoint = paths["standin" if stage == "pretrain" else "pretrain"]
+    if steps:
+        config.num_steps = config.checkpoint_every = steps
     return config
+
+
+def build_standin(paths: dict[str, str], steps: int | None = None) -> float:
+    """Trains the stand-in's LLM on text and writes it as a converted checkpoint (once); returns the seconds it took."""
+    if os.path.exists(os.path.join(paths["standin"], "config.json")):
+        return 0.0
+    start = time.time()
+    run_training(stage_config("standin", paths, steps), paths["standin_run"])
+    write_standin(paths["standin_run"], paths["standin"])
+    return time.time() - start
+
+
+def write_standin(run_dir: str, out: str) -> None:
+    """The stand-in as tools/convert_hf_weights.py writes a converted checkpoint: config.json,
+    the tokenizer and params/. Its LLM is the one trained in `run_dir`; its encoders (frozen
+    from here on) and projectors are still at their random initialisation."""
+    from flax import nnx
+
+    import avllm_jax
+    from avllm_jax import checkpoint
+    from avllm_jax.data import conversation
+
+    model = avllm_jax.load_model(run_dir)
+    checkpoint.save_params(os.path.join(out, checkpoint.PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
+    checkpoint.write_model_config(out, checkpoint.read_model_config(run_dir))
+    conversation.load_tokenizer(run_dir).save_pretrained(out)
+
+
+def print_lesson_scores(model_dir: str, lessons_path: str, num_lessons: int = 300) -> None:
+    """Exact match per question type of the model's LLM on held-out lessons (seed 99, text
+    alone): an answer is right when the argmax at each of its tokens, `</s>` included, is the
+    answer's token given the text before it (what greedy decoding answers, without decoding)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import avllm_jax
+    from avllm_jax.data import conversation, demo_text, pipeline, samples
+
+    demo_text.make_lessons(lessons_path, num_lessons, seed=99)
+    model = avllm_jax.load_model(model_dir)
+    tokenizer = conversation.load_tokenizer(model_dir)
+    data_config = pipeline.default_data_config()
+    length = 256
+
+    @jax.jit
+    def predictions(ids):
+        positions = jnp.arange(ids.shape[1])[None]
+        logits = model.llm(inputs_embeds=model.llm.embed_tokens(ids), positions=positions, segment_ids=ids * 0 + 1)
+        return jnp.argmax(logits, -1)
+
+    right, total = collections.Counter(), collections.Counter()
+    with open(lessons_path) as f:
+        records = [json.loads(line) for line in f]
+    lessons, _ = conversation.read_samples(lessons_path)
+    for record, sample in zip(records, lessons, strict=True):
+        row = samples.build_sample(sample.turns, None, None, data_config, tokenizer, rng=np.random.default_rng(0))
+        ids, labels = row["input_ids"], row["labels"]
+        padded = np.zeros((1, length), np.int32)
+        padded[0, : ids.size] = ids
+        predicted = np.asarray(predictions(padded))[0]
+        answered = np.flatnonzero(labels >= 0)
+        spans = np.split(answered, np.flatnonzero(np.diff(answered) > 1) + 1)  # one per answer, in order
+        for (question_type, _, _), span in zip(record["lesson"]["questions"], spans, strict=True):
+            total[question_type] += 1
+            right[question_type] += bool(np.all(predicted[span - 1] == labels[span]))
+    print("\n| lesson question | questions | exact match |\n|---|---|---|")
+    for question_type in sorted(total):
+        print(f"| {question_type} | {total[question_type]} | {right[question_type] / total[question_type]:.2f} |")
+    print(f"| all | {sum(total.values())} | {sum(right.values()) / sum(total.values()):.2f} |")
 
 
 def run_training(config, workdir: str) -> float:
@@ -189,8 +309,9 @@ def print_question_table(results: list[dict]) -> None:
     among the type's answers) and the best guess from one stream alone (the other stream's
     timeline known perfectly; for a single-stream question, the stream not asked about)."""
     from avllm_jax.data import synthetic
+    from avllm_jax.evaluation import demo_baselines
 
-    baselines = synthetic.one_stream_baselines()
+    baselines = demo_baselines.one_stream_baselines()
     tally = collections.defaultdict(lambda: [0, 0])
     for r in results:
         tally[r["type"], r["combination"]][0] += r["correct"]

@@ -23,6 +23,9 @@ Held-out combinations: HELD_OUT's colour x shape and pitch x beep-count pairs ne
 a split drawn with `unseen_share=0` (training); a held-out split mixes clips made of them
 (flagged "combination": "unseen") with new clips of seen combinations ("seen").
 
+Stage 1's captions of a clip and the stand-in's text lessons are avllm_jax/data/demo_text.py;
+the best guess from one stream alone, the demo's baseline, is avllm_jax/evaluation/demo_baselines.py.
+
 Files: audio-visual clips (.mp4, H.264 + AAC), silent clips (.mp4 or .webm, no audio
 track) and audio-only files (.flac or .m4a). A sample asks a visual question about a silent
 clip, an audio question about an audio-only file, and any kind about an audio-visual clip.
@@ -30,7 +33,6 @@ clip, an audio question about an audio-only file, and any kind about an audio-vi
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import json
@@ -204,34 +206,6 @@ def answer(question_type: str, timeline: dict) -> str:
 def answer_words(question_type: str) -> list[str]:
     """Every answer a question type can have."""
     return [" ".join(words) for words in itertools.product(*(_ANSWERS[part][1] for part in question_type.split("+")))]
-
-
-def one_stream_baselines(num_clips: int = 20000, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Per question type, the accuracy of the best guesser that sees one stream's timeline
-    perfectly and not the other: {type: {"visual": acc, "audio": acc}}.
-
-    Estimated on audio-visual timelines as training draws them: the guesser learns the most
-    frequent answer per single-stream timeline on one half, and is scored on the other.
-    """
-    rng = np.random.default_rng(seed)
-    timelines = [draw_timeline(rng) for _ in range(num_clips)]
-    keys = {
-        "visual": lambda t: (t["shape"], t["direction"], tuple(t["colours"]), tuple(t["stops"])),
-        "audio": lambda t: (t["pitch"], tuple(t["beeps"])),
-    }
-    fit, scored = timelines[: num_clips // 2], timelines[num_clips // 2 :]
-    baselines: dict[str, dict[str, float]] = {}
-    for question_type in GROUPS:
-        baselines[question_type] = {}
-        overall = collections.Counter(answer(question_type, t) for t in fit).most_common(1)[0][0]
-        for stream, key in keys.items():
-            counts: dict[tuple, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-            for t in fit:
-                counts[key(t)][answer(question_type, t)] += 1
-            guess = {k: c.most_common(1)[0][0] for k, c in counts.items()}
-            right = sum(guess.get(key(t), overall) == answer(question_type, t) for t in scored)
-            baselines[question_type][stream] = right / len(scored)
-    return baselines
 
 
 def render_frames(timeline: dict, rng: np.random.Generator) -> np.ndarray:

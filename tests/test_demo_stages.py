@@ -1,0 +1,82 @@
+"""tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone, written
+as a converted checkpoint), stage 1 from it (projectors only), stage 2 from stage 1."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+import avllm_jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
+demo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo)
+
+
+def small(config, steps, **optim):
+    """The stage's config, small enough for a test: 8 packs (the test devices), one layer, no workers."""
+    config.num_steps = config.checkpoint_every = steps
+    config.global_batch_size = 8
+    config.data.update(dict(worker_count=0, dedicated_worker_cpus=0))
+    config.model.vision.num_layers = config.model.llm.num_layers = 1
+    config.optim.update(optim)
+    return config
+
+
+def weights(path) -> dict[str, np.ndarray]:
+    state = nnx.to_pure_dict(nnx.state(avllm_jax.load_model(path)))
+    return {".".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(state).items()}
+
+
+def part(flat, prefix):
+    return {k: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    paths = demo.prepare(str(tmp_path_factory.mktemp("demo")), num_train=8, num_eval=2, num_lessons=40)
+    demo.run_training(small(demo.stage_config("standin", paths), 2), paths["standin_run"])
+    demo.write_standin(paths["standin_run"], paths["standin"])
+    demo.run_training(small(demo.stage_config("pretrain", paths), 2), paths["pretrain"])
+    # At learning rate 0 stage 2 keeps the weights it started from, so its result shows them.
+    demo.run_training(small(demo.stage_config("sft", paths), 1, learning_rate=0.0), paths["sft"])
+    return {name: weights(paths[name]) for name in ("standin_run", "standin", "pretrain", "sft")}
+
+
+PROJECTORS = ("temporal_proj", "spatial_proj", "audio_proj")
+
+
+def test_the_standin_is_the_text_trained_llm_with_random_projectors(stages):
+    assert same(stages["standin"], stages["standin_run"])  # what text training left, written as converted
+    for name in ("vision", "audio", "llm", *PROJECTORS):
+        assert part(stages["standin"], name), name  # every part of the paper's model
+
+
+def test_stage_1_trains_the_projectors_only(stages):
+    assert same(part(stages["pretrain"], "llm"), part(stages["standin"], "llm"))
+    assert same(part(stages["pretrain"], "vision"), part(stages["standin"], "vision"))
+    for name in PROJECTORS:
+        assert not same(part(stages["pretrain"], name), part(stages["standin"], name)), name
+
+
+def test_stage_2_starts_from_stage_1_projectors_and_the_standin_llm(stages):
+    for name in PROJECTORS:
+        assert same(part(stages["sft"], name), part(stages["pretrain"], name)), name
+    assert same(part(stages["sft"], "llm"), part(stages["standin"], "llm"))
+
+
+def test_configs_chain_the_stages_through_their_directories(tmp_path):
+    paths = {k: str(tmp_path / k) for k in ("data", "lessons", "captions", "tokenizer", "standin", "pretrain")}
+    standin, pretrain, sft = (demo.stage_config(s, paths) for s in ("standin", "pretrain", "sft"))
+    assert standin.tokenizer == paths["tokenizer"] and not standin.init_checkpoint
+    assert standin.data.sources[0]["path"] == paths["lessons"] and standin.trainable == (r"llm\..*",)
+    assert pretrain.init_checkpoint == paths["standin"] and pretrain.data.sources[0]["path"] == paths["captions"]
+    assert pretrain.trainable == (r"(temporal|spatial|audio)_proj\..*",)
+    assert sft.init_checkpoint == paths["pretrain"] and sft.data.sources[0]["path"].endswith("train.jsonl")
