@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,7 @@ def draw_lesson(rng: np.random.Generator) -> dict:
     """One lesson: {"kind", the lists it shows, "questions": [[type, question, answer], ...]}."""
     kind = KINDS_DRAWN[rng.integers(len(KINDS_DRAWN))]
     n = int(rng.integers(MIN_ITEMS, MAX_ITEMS + 1))
+    lesson: dict[str, Any]
     if kind == "list":
         name = tuple(KINDS)[rng.integers(len(KINDS))]
         words = KINDS[name][1]
@@ -155,7 +157,7 @@ def _ask(question_type: str, lesson: dict, rng: np.random.Generator) -> list[str
 def answer(question_type: str, lesson: dict, *, n: str = "first", word: str = "", noun: str = "") -> str:
     """The answer to a question of `question_type` about the lesson's lists."""
     del noun  # in the question only
-    items, colours, places = lesson.get("items"), lesson.get("colours"), lesson.get("places")
+    items, colours, places = (lesson.get(key, []) for key in ("items", "colours", "places"))
     beeps = [s == "beep" for s in lesson.get("sounds", ())]
     if question_type == "first item":
         return items[0]
@@ -249,7 +251,7 @@ CAPTION_REQUESTS = {
 def caption(timeline: dict) -> str:
     """The clip of `timeline` (synthetic.draw_timeline's) in words, segment by segment, as its
     lesson is described: "square; steps: red far left, ...; sounds (low): quiet, beep, ..."."""
-    lesson = {}
+    lesson: dict[str, Any] = {}
     if "shape" in timeline:
         places = [PLACES[s] for s in timeline["stops"]]
         lesson.update(shape=timeline["shape"], colours=timeline["colours"], places=places)
@@ -268,6 +270,8 @@ def make_caption_split(data_dir: str | os.PathLike, split: str = "train", seed: 
         for line in source:
             record = json.loads(line)
             kind = Modality.from_flags("shape" in record["timeline"], "pitch" in record["timeline"])
+            if kind is None:
+                raise ValueError(f"{source.name}: sample {record['id']!r} has a timeline of neither stream")
             request = conversation.first_user_message(str(rng.choice(CAPTION_REQUESTS[kind])), kind)
             sample = {key: record[key] for key in ("id", "video", "audio", "timeline") if key in record}
             sample |= {
