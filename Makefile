@@ -44,7 +44,7 @@ demo: $(VENV)/.installed
 demo-standin: $(VENV)/.installed
 	$(PY) tools/demo.py --standin-only
 
-# The paper's Table 4 (MAT, PT1, PT2) in miniature: the demo's stage 2, three seeds, from its stage 1.
+# The paper's Table 4 (MAT, PT1, PT2) in miniature: the demo's stage 2, three seeds, from its stage 1 (about 45 min).
 ablate: $(VENV)/.installed
 	$(PY) tools/ablate.py table4
 
