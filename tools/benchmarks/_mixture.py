@@ -23,6 +23,7 @@ KINDS = {
     "audio_visual": Modality.AUDIO_VISUAL,
 }
 MODALITY_TOKEN_IDS = (32000, 32001, 32002)
+WARM_UP_PACKS = 8
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -135,13 +136,14 @@ def padded_batch(samples: list[dict], text_length: int, num_frames: int, modalit
 def packed_batch(
     samples: list[dict], budget: packing.PackBudget, num_packs: int, modality_rows, media_shapes, window: int
 ) -> tuple[dict, list[dict]]:
-    """The first `num_packs` packs the packer (data/packer.py) fills from this stream, while
-    its window is full; (batch, the samples in them)."""
+    """`num_packs` packs the packer (data/packer.py) fills from this stream once it runs steady:
+    after its first WARM_UP_PACKS (a fresh window's first packs take the samples that match an
+    empty pack, videos first; later ones also take what earlier packs left). (batch, their samples)."""
     plan = packer.plan([packing.footprint(s, modality_rows) for s in samples], budget, window)
-    if sum(len(p) for p in plan[:num_packs]) + window > len(samples):
+    if sum(len(p) for p in plan[: WARM_UP_PACKS + num_packs]) + window > len(samples):
         raise SystemExit("not enough samples drawn to fill the packs")
     packs, used = [], []
-    for pack in plan[:num_packs]:
+    for pack in plan[WARM_UP_PACKS : WARM_UP_PACKS + num_packs]:
         chosen = [samples[i] for i, _, _ in pack]
         packs.append(packing.assemble(chosen, [p[1:] for p in pack], budget, modality_rows, 0, media_shapes))
         used += chosen

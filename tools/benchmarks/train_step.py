@@ -254,7 +254,9 @@ def run_mix(args, config, peak, llm_trains):
     channels = 4 if config.audio.enable_fusion else 1
     audio_shape = (args.segments, channels, 1001, 64)
     size = config.vision.image_size
-    draws = _mixture.draw_samples(args.packs * 64 + 2 * args.window, mix, lengths, args.text_length)
+    draws = _mixture.draw_samples(
+        (args.packs + _mixture.WARM_UP_PACKS) * 64 + 2 * args.window, mix, lengths, args.text_length
+    )
     rng = np.random.default_rng(1)
     samples = [
         _mixture.prepared(s, rng, num_frames=args.frames, image_size=size, audio_shape=audio_shape) for s in draws
