@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 DEMO_OUT := demo_out
 WEB_ARGS ?=
 
-.PHONY: demo ablate test test-fast lint format web browser install install-dev lmms-eval clean
+.PHONY: demo demo-standin ablate test test-fast lint format web browser install install-dev lmms-eval clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,6 @@ install-dev: $(VENV)/.installed-dev browser
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
 
-.PHONY: demo-standin
 demo-standin: $(VENV)/.installed
 	$(PY) tools/demo.py --standin-only
 
