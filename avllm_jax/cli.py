@@ -186,6 +186,13 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
         default=300,
         help="how long the processes of a multi-process job wait for each other (seconds)",
     )
+    parser.add_argument(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=60,
+        help="a process that sends no heartbeat for this long is declared lost; the others then exit naming it "
+        "(seconds; docs/multihost.md)",
+    )
 
 
 def initialize_distributed(args: argparse.Namespace) -> bool:
@@ -196,7 +203,11 @@ def initialize_distributed(args: argparse.Namespace) -> bool:
     from avllm_jax import runtime
 
     started = runtime.initialize_distributed(
-        args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout_s
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        timeout_s=args.distributed_timeout_s,
+        heartbeat_s=args.heartbeat_timeout_s,
     )
     configure_logging(args, process_index=jax.process_index())
     return started

@@ -11,6 +11,15 @@ step. Several processes must stop at the same step (each saves its part of one c
 so they ask JAX's preemption sync point, which the coordination service answers alike for
 all of them at a step after any of them got the signal.
 
+A lost process: when a process dies (killed, out of memory, its host lost), the others must
+not wait for it forever. A collective that it leaves fails at once on CPU (gloo: "connection
+reset by peer"); `lost_processes` then asks the coordination service which processes are
+gone, which it knows within the heartbeat timeout, and the training loop names them and exits
+(PEER_LOST_EXIT_STATUS). A process that waits elsewhere (in a barrier, or in a GPU collective
+that never fails) is ended by JAX's own client once the service declares the peer dead, within
+the heartbeat timeout; when process 0, which hosts the service, dies, the others' clients end
+them at once. docs/multihost.md gives the measured times.
+
 CPUs: on a CPU host (the demo, tests) XLA's thread pool and the decoding processes compete for
 the same cores, and XLA's threads stall waiting for one another; giving each side its own
 CPUs avoids that (see README, Pipeline).
@@ -21,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 import jax
@@ -115,14 +126,18 @@ def cluster_detected() -> bool:
     )
 
 
+PEER_LOST_EXIT_STATUS = 75  # EX_TEMPFAIL: rerun the job (on the hosts that are left)
+
+
 def initialize_distributed(
-    coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300
+    coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300, heartbeat_s: float = 60
 ) -> bool:
     """Starts `jax.distributed` when the job has several processes; returns whether it did.
 
     Call it before anything else uses JAX. Every wait is bounded by `timeout_s`: a coordinator
     that cannot be reached is a DistributedError, and a coordinator whose other processes do
-    not all join in time ends the job (JAX aborts it, after the message printed here).
+    not all join in time ends the job (JAX aborts it, after the message printed here). A
+    process that sends no heartbeat for `heartbeat_s` is declared dead (see the module docstring).
     """
     given = settings(coordinator_address, num_processes, process_id)
     explicit = {name: value for name, value in given.items() if value is not None}
@@ -147,8 +162,50 @@ def initialize_distributed(
             )
         else:
             _wait_for_coordinator(given["coordinator_address"], given["process_id"], given["num_processes"], timeout_s)
-    jax.distributed.initialize(**explicit, initialization_timeout=max(1, int(timeout_s)))
+    jax.distributed.initialize(
+        **explicit,
+        initialization_timeout=max(1, int(timeout_s)),
+        heartbeat_timeout_seconds=max(1, int(heartbeat_s)),
+        shutdown_timeout_seconds=max(1, int(heartbeat_s)),
+    )
     return True
+
+
+# How a collective reports a peer that went away (gloo on CPU; the coordination service).
+_PEER_FAILURE = re.compile(r"Gloo|[Cc]onnection (reset|closed|refused)|Socket closed|UNAVAILABLE|heartbeat")
+
+
+def lost_processes(error: BaseException, wait_s: float) -> str | None:
+    """When `error` is a peer's loss, a line naming the processes that are gone (asking the
+    coordination service, which knows within its heartbeat timeout; at most `wait_s`); None
+    when it is not (every process answers, or the error is of another kind)."""
+    if jax.process_count() == 1 or not _PEER_FAILURE.search(str(error)):
+        return None
+    from jax._src import distributed  # the client of jax.distributed: no public accessor
+
+    everyone = list(range(jax.process_count()))
+    answer: dict = {}
+
+    def ask():
+        try:
+            answer["live"] = distributed.global_state.client.get_live_nodes(everyone)
+        except Exception as failure:  # noqa: BLE001 (the service itself is gone with process 0)
+            answer["failure"] = failure
+
+    asking = threading.Thread(target=ask, daemon=True)  # it waits for the live ones: bounded here
+    asking.start()
+    asking.join(wait_s)
+    me = f"process {jax.process_index()} of {jax.process_count()}"
+    if "live" in answer:
+        lost = [index for index in everyone if index not in answer["live"]]
+        if not lost:
+            return None
+        return f"{me}: lost process {', '.join(map(str, lost))} (it stopped sending heartbeats)"
+    if "failure" in answer:
+        return f"{me}: lost process 0, the coordinator ({str(answer['failure']).splitlines()[0][:200]})"
+    return (
+        f"{me}: lost a peer ({str(error).splitlines()[0][:200]}); the coordinator did not say which in {wait_s:.0f} s"
+    )
 
 
 def _wait_for_coordinator(address: str, process_id: int, num_processes: int, timeout_s: float) -> None:

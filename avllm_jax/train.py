@@ -12,8 +12,6 @@ step, on every host at the same step, and exits with status 143.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import logging
 import math
 import os
@@ -21,16 +19,14 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from avllm_jax import checkpoint, cli, errors, runtime
 from avllm_jax.data import conversation, feature_cache, features, packer, packing, phases, pipeline
 from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm
-from avllm_jax.training import checkpointing, flops, metrics, optim, sharding, step
 from avllm_jax.training import config as config_lib
+from avllm_jax.training import goodput, loop, optim, sharding
 
 PREEMPTED_EXIT_STATUS = errors.EXIT_PREEMPTED  # what a process ended by SIGTERM returns: the job did not finish
 logger = logging.getLogger(__name__)
@@ -44,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--allow-new-schedule",
         action="store_true",
         help="resume a checkpoint whose num_steps or optim settings differ from the config's, under the config's",
+    )
+    parser.add_argument(
+        "--step-timeout-s",
+        type=float,
+        default=1800,
+        help="a step (the compiling first one apart) that takes longer is a hang: every thread's stack is written to "
+        "WORKDIR/hang_process_<i>.txt and the process exits (0: no limit); SIGUSR1 writes the same dump at any time",
     )
     cli.add_distributed_flags(parser)
     return parser.parse_args(argv)
@@ -170,12 +173,15 @@ def total_steps(config, per_source, tokenizer, modality_rows) -> int:
     return max(1, math.floor(config.train_epochs * num_samples / samples_per_step))
 
 
-def train(config, workdir: str, *, new_schedule_ok: bool = False) -> dict:
+def train(
+    config, workdir: str, *, new_schedule_ok: bool = False, step_timeout_s: float = 0.0, peer_wait_s: float = 60.0
+) -> dict:
     """Runs (or resumes) training; returns the last logged metrics, and `stopped_at`: the step
     it saved and stopped at after a SIGTERM (None when it ran to the end).
 
     new_schedule_ok: resume a checkpoint whose schedule (num_steps, optim) differs from the
-    config's, under the config's; otherwise that is an error.
+    config's, under the config's; otherwise that is an error. step_timeout_s: the watchdog's
+    (training/watchdog.py; 0: none). peer_wait_s: how long to ask which peer was lost.
     """
     config_lib.check_config(config)
     _check_writable(workdir)
@@ -183,9 +189,15 @@ def train(config, workdir: str, *, new_schedule_ok: bool = False) -> dict:
         training_cpus, worker_cpus = runtime.split_cpus(config.data)
     except ValueError as error:
         raise SetupError(str(error)) from error
+    timer = goodput.Goodput(workdir, writes_record=jax.process_index() == 0)
+    options = {"new_schedule_ok": new_schedule_ok, "step_timeout_s": step_timeout_s, "peer_wait_s": peer_wait_s}
     # Pinned before JAX first runs here: XLA sizes its CPU thread pool by the CPUs it may use.
     with runtime.pinned_to(training_cpus):
-        return _train(config, workdir, worker_cpus, new_schedule_ok)
+        result = _train(config, workdir, worker_cpus, timer, options)
+    if timer.reached:  # it trained: the workdir's record and the summary
+        timer.save()
+        logger.info(timer.summary())
+    return result
 
 
 def _check_writable(workdir: str) -> None:
@@ -210,7 +222,7 @@ def _check_batch_divides(config, mesh) -> None:
         )
 
 
-def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: bool) -> dict:
+def _train(config, workdir: str, worker_cpus: set[int] | None, timer: goodput.Goodput, loop_options: dict) -> dict:
     if worker_cpus:
         logger.info(f"training on CPUs {sorted(os.sched_getaffinity(0))}, data workers on CPUs {sorted(worker_cpus)}")
     model_config, tokenizer, init_dir = resolve_model(config)
@@ -253,125 +265,21 @@ def _train(config, workdir: str, worker_cpus: set[int] | None, new_schedule_ok: 
             except feature_cache.FeatureCacheError as error:
                 raise SetupError(str(error)) from None
             logger.info(f"reading encoder features from the cache {cache.directory} ({len(cache.index)} files)")
-        trainable_filter = optim.trainable_filter(list(config.trainable))
-        # The ignores: flax types a split into three as a variadic tuple.
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
-        num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-        num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-        logger.info(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen")
-        optimizer = optim.make_optimizer(config.optim, num_steps, trainable)
-        opt_state = jax.jit(optimizer.init, out_shardings=sharding.optimizer_shardings(optimizer, trainable, mesh))(
-            trainable
+        run = loop.Run(
+            config=config,
+            workdir=workdir,
+            mesh=mesh,
+            model_config=model_config,
+            tokenizer=tokenizer,
+            per_source=per_source,
+            num_steps=num_steps,
+            phase_plan=phase_plan,
+            modality_rows=modality_rows,
+            cache=cache,
+            worker_cpus=worker_cpus,
+            **loop_options,
         )
-        run = checkpointing.run_record(num_steps, config.optim)
-        with contextlib.ExitStack() as cleanup:
-            iterator_options = dict(
-                global_batch_size=config.global_batch_size,
-                worker_cpus=worker_cpus,
-                modality_rows=modality_rows,
-                cache=cache,
-            )
-            if phase_plan:  # each phase's own pipeline, made as it starts; the state holds the phase
-                data_iterator = phases.make_phased_iterator(
-                    config.data, phase_plan, tokenizer, per_source=per_source, **iterator_options
-                )
-            else:
-                data_iterator = pipeline.make_train_iterator(
-                    config.data, tokenizer, per_source=per_source, **iterator_options
-                )
-            cleanup.callback(data_iterator.close)  # stops grain's worker processes, frees their shared memory
-            manager = checkpointing.checkpoint_manager(
-                workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints
-            )
-            cleanup.callback(manager.close)
-            # Whatever ends the run (the last step, SIGTERM, a data error, a failing step,
-            # Ctrl-C), the save in flight completes: the newest checkpoint stays loadable.
-            cleanup.callback(manager.wait_until_finished)
-            start = 0
-            if manager.latest_step() is not None:
-                abstract_full = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model)
-                )
-                abstract_opt = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
-                )
-                start, params, opt_state = checkpointing.restore_train_state(
-                    manager, abstract_full, abstract_opt, data_iterator, run, new_schedule_ok=new_schedule_ok
-                )
-                full_state = nnx.state(model)
-                nnx.replace_by_pure_dict(full_state, params)
-                nnx.update(model, full_state)
-                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
-                logger.info(f"resumed from step {start} in {workdir}")
-            state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
-            train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
-            schedule = optim.learning_rate_schedule(config.optim, num_steps)
-
-            peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
-            writer = metrics.TensorBoardWriter(os.path.join(workdir, "logs", f"process_{jax.process_index()}"))
-            cleanup.callback(writer.close)
-            log = metrics.MetricsLog(
-                writer,
-                useful_flops=functools.partial(
-                    flops.work_flops,
-                    model_config,
-                    llm_trains=flops.llm_trains(config),
-                    encoders=not config.data.feature_cache,
-                ),
-                slot_flops_per_step=flops.slot_flops_per_step(model_config, config),
-                peak_flops=peak,
-                num_devices=jax.device_count(),
-                total=num_steps,
-                start_step=start,
-                phase_of=functools.partial(phases.phase_at, phase_plan) if phase_plan else None,
-            )
-            preemption = runtime.PreemptionWatch()
-            cleanup.callback(preemption.close)
-            skips = metrics.SkipReport()
-            cleanup.callback(_report_skips, skips, log.counters, workdir)
-            row, stopped_at = {}, None
-            for step_number in range(start + 1, num_steps + 1):
-                host_batch = next(data_iterator)
-                skips.add(host_batch.pop("skipped_reasons"))
-                counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
-                state, step_metrics = train_step(state, frozen, sharding.shard_batch(host_batch, mesh))
-                log.add(step_metrics, counters)
-                stop = preemption.should_stop(step_number)
-                preempted = stop and not preemption.interrupted  # SIGTERM: save; Ctrl-C: stop without saving
-                if step_number % config.log_every == 0 or step_number == num_steps or preempted:
-                    row = log.flush(step_number, schedule(step_number - 1))
-                if step_number % config.checkpoint_every == 0 or step_number == num_steps or preempted:
-                    checkpointing.save_train_state(
-                        manager,
-                        step_number,
-                        nnx.merge_state(state.params, frozen),
-                        state.opt_state,
-                        data_iterator,
-                        run,
-                        force=True,
-                    )
-                if stop:
-                    stopped_at = step_number
-                    break
-    if stopped_at is not None and not preemption.interrupted:
-        logger.info(
-            f"preempted: saved step {stopped_at} of {num_steps} in {workdir}; rerun the same command to continue"
-        )
-    # An interruption is reported by main, the workers and the save in flight finished. (Raising
-    # KeyboardInterrupt here instead kept this frame's batch alive in the traceback, and with it
-    # the grain workers' shared memory, which then leaked.)
-    return row | {"stopped_at": stopped_at, "interrupted": preemption.interrupted}
-
-
-def _report_skips(skips: metrics.SkipReport, counts: dict, workdir: str) -> None:
-    """Prints what this process dropped or re-routed and writes it to the workdir."""
-    summary = skips.summary(counts)
-    if summary is None:
-        return
-    path = os.path.join(workdir, f"skipped_samples_process_{jax.process_index()}.txt")
-    with open(path, "w") as f:
-        f.write(summary + "\n")
-    logger.info(f"{summary}\n(written to {path})")
+        return loop.train_steps(run, model, timer)
 
 
 def _exit_interrupted(workdir: str):
@@ -387,7 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     cli.configure_logging(args, stream="stdout")  # training's log is its output
     cli.initialize_distributed(args)  # then process 0 logs for the job; each writes its own TensorBoard log
     try:
-        result = train(args.config, args.workdir, new_schedule_ok=args.allow_new_schedule)
+        result = train(
+            args.config,
+            args.workdir,
+            new_schedule_ok=args.allow_new_schedule,
+            step_timeout_s=args.step_timeout_s,
+            peer_wait_s=args.heartbeat_timeout_s + 10,
+        )
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
         _exit_interrupted(args.workdir)
     if result["interrupted"]:

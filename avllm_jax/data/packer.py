@@ -36,6 +36,7 @@ import grain
 import numpy as np
 
 from avllm_jax.data import conversation
+from avllm_jax.data.position import CONSUMED
 from avllm_jax.data.packing import Footprint, ModalityRows, PackBudget, assemble, footprint
 
 
@@ -179,6 +180,8 @@ class _PackIterator(grain.DatasetIterator):
         for name in self.counters:
             pack[name] = np.int32(sum(int(s[name]) for s in samples))
         pack["skipped_reasons"] = np.array("\n".join(r for s in samples if (r := str(s["skipped_reasons"]))))
+        # The global stream indices of the samples in the pack (data/position.py's record).
+        pack[CONSUMED] = np.array(" ".join(str(s[CONSUMED]) for s in samples))
         return pack
 
     def get_state(self):

@@ -264,6 +264,15 @@ class PhasedIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict) -> None:
+        self._enter_saved(state)
+        self._inner.set_state(state["inner"])
+
+    def restore_states(self, states: list[dict]) -> str | None:
+        """Every process's state of a checkpoint, perhaps of another layout (position.StreamIterator)."""
+        self._enter_saved(states[0])
+        return self._inner.restore_states([state["inner"] for state in states])
+
+    def _enter_saved(self, state: dict) -> None:
         saved = [tuple(m) for m in state["modalities"]]
         if saved != [p.modalities for p in self.phases]:
             raise ValueError(
@@ -273,7 +282,6 @@ class PhasedIterator(grain.DatasetIterator):
         self._batches = state["batches"]
         if state["phase"] - 1 != self._index:
             self._enter(state["phase"] - 1)
-        self._inner.set_state(state["inner"])
 
     def start_prefetch(self) -> None:
         self._inner.start_prefetch()

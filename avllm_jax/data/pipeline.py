@@ -55,7 +55,7 @@ import threadpoolctl
 from absl import flags
 
 from avllm_jax import runtime
-from avllm_jax.data import conversation, feature_cache, packer, packing
+from avllm_jax.data import conversation, feature_cache, packer, packing, position
 from avllm_jax.data.media import MediaError
 from avllm_jax.data.samples import build_sample, load_sample_media, media_shapes, pad_text, routed_modality
 from avllm_jax.errors import AvllmError
@@ -130,6 +130,7 @@ class _Failure:
 
     counter: str
     reason: str
+    index: int  # in the global stream
 
 
 @dataclasses.dataclass
@@ -166,10 +167,11 @@ class _PrepareSample:
                 sample.turns, media, sample.modality, config, self.tokenizer, rng=rng, max_length=max_length
             )
         except MediaError as e:
-            return _Failure("num_skipped_media", f"{sample.origin}: {e}")
+            return _Failure("num_skipped_media", f"{sample.origin}: {e}", index)
         except conversation.PromptTooLongError as e:
-            return _Failure("num_skipped_text", f"{sample.origin}: {e}")
+            return _Failure("num_skipped_text", f"{sample.origin}: {e}", index)
         built.update({counter: np.int32(0) for counter in _SKIP_COUNTERS})
+        built[position.CONSUMED] = str(index)
         if rows is not None:
             num_frames = (
                 (1 if media.is_still else config.num_frames) if media is not None and built["has_visual"] else 0
@@ -190,17 +192,16 @@ class _HostShard(grain.MapDataset):
     """This process's samples: its run of `per_host` samples in each global batch, so that the
     processes' batches side by side are the batch one process would read, in its order."""
 
-    def __init__(self, parent: grain.MapDataset, per_host: int, process_index: int, process_count: int):
+    def __init__(self, parent: grain.MapDataset, layout: position.Layout):
         super().__init__(parent)
-        self.per_host, self.process_index, self.process_count = per_host, process_index, process_count
-        self._length = len(parent) // (per_host * process_count) * per_host  # whole global batches
+        self.layout = layout
+        self._length = len(parent) // (layout.per_host * layout.process_count) * layout.per_host  # whole global batches
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int):
-        batch, offset = divmod(index, self.per_host)
-        return self._parent[(batch * self.process_count + self.process_index) * self.per_host + offset]
+        return self._parent[self.layout.view_index(index)]
 
 
 class _SkipBadSamples(grain.IterDataset):
@@ -225,6 +226,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.pending = dict.fromkeys(_SKIP_COUNTERS, 0)  # failures since the last good sample
         self.pending_reasons: list[str] = []
+        self.pending_indices: list[str] = []
         self.num_good, self.num_bad = 0, 0
         self.first_failures: list[str] = []
 
@@ -232,6 +234,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         while isinstance(element := next(self._parent), _Failure):
             self.pending[element.counter] += 1
             self.pending_reasons.append(element.reason)
+            self.pending_indices.append(str(element.index))
             self.num_bad += 1
             if len(self.first_failures) < _MAX_LISTED_FAILURES:
                 self.first_failures.append(element.reason)
@@ -240,7 +243,8 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self._check()
         element.update({k: np.int32(v) for k, v in self.pending.items()})
         element["skipped_reasons"] = np.array("\n".join(self.pending_reasons))
-        self.pending, self.pending_reasons = dict.fromkeys(_SKIP_COUNTERS, 0), []
+        element[position.CONSUMED] = np.array(" ".join([*self.pending_indices, element[position.CONSUMED]]))
+        self.pending, self.pending_reasons, self.pending_indices = dict.fromkeys(_SKIP_COUNTERS, 0), [], []
         return element
 
     def _check(self):
@@ -257,6 +261,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
             "parent": self._parent.get_state(),
             "pending": dict(self.pending),
             "pending_reasons": list(self.pending_reasons),
+            "pending_indices": list(self.pending_indices),
             "num_good": self.num_good,
             "num_bad": self.num_bad,
             "first_failures": list(self.first_failures),
@@ -267,6 +272,7 @@ class _SkipBadSamplesIterator(grain.DatasetIterator):
         self.pending, self.num_good, self.num_bad = dict(state["pending"]), state["num_good"], state["num_bad"]
         self.first_failures = list(state["first_failures"])
         self.pending_reasons = list(state.get("pending_reasons", []))
+        self.pending_indices = list(state.get("pending_indices", []))
 
 
 def read_sources(data_config) -> list[list[conversation.Sample]]:
@@ -306,7 +312,8 @@ def make_train_iterator(
     modality_rows: packing.ModalityRows | None = None,
     cache: feature_cache.FeatureCache | None = None,
 ):
-    """A grain iterator over this host's batches; checkpoint it with grain.checkpoint.CheckpointSave/Restore.
+    """An iterator over this host's batches (a position.StreamIterator: its state resumes on
+    another layout too); checkpoint it with grain.checkpoint.CheckpointSave.
 
     `per_source`: the sources' samples when the caller has read them (`read_sources`).
     `modality_rows`: the model's rows per modality; needed for packing, and to give unpacked
@@ -328,7 +335,7 @@ def make_train_iterator(
         raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
     packed = data_config.packing.enabled
     if packed:
-        budget = packing.budget_of(data_config, modality_rows)
+        packing.budget_of(data_config, modality_rows)  # a bad budget is an error now, not in a worker
     if data_config.feature_cache and cache is None:
         cache = feature_cache.FeatureCache(data_config.feature_cache)
 
@@ -340,18 +347,29 @@ def make_train_iterator(
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
     batch_size = global_batch_size // process_count
-    # Lazy: runs on this host's samples only.
+    # Lazy: runs on this host's samples only. The index is the sample's in the global stream.
     dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, modality_rows, cache))
     # Packed: every process-count-th sample is this host's, and it packs its own; unpacked: its
     # run of samples in each global batch.
-    dataset = _HostShard(dataset, 1 if packed else batch_size, process_index, process_count)
+    layout = position.Layout(process_count, process_index, 1 if packed else batch_size, data_config.worker_count)
+
+    def build(view: position.View):
+        host_part = _HostShard(position.ViewDataset(dataset, view), layout)
+        return _host_batches(host_part, data_config, tokenizer, modality_rows, batch_size, worker_cpus)
+
+    return position.StreamIterator(build, layout)
+
+
+def _host_batches(dataset, data_config, tokenizer, modality_rows, batch_size, worker_cpus):
+    """A grain iterator over the batches of this process's prepared samples `dataset`."""
     # Threads within each process overlap file reads with decoding; keep the read-ahead to
     # about a batch so that memory stays bounded with many workers.
     read_options = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=batch_size)
     iterable = _SkipBadSamples(
         dataset.to_iter_dataset(read_options), data_config.max_bad_fraction, data_config.min_samples_before_bad_check
     )
-    if packed:
+    if data_config.packing.enabled:
+        budget = packing.budget_of(data_config, modality_rows)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         assert modality_rows is not None  # packing.budget_of checked them
         iterable = packer.PackSamples(

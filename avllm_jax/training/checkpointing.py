@@ -2,15 +2,19 @@
 
 Each step holds the whole model's parameters (so `avllm_jax.load_model` reads a workdir like
 a converted checkpoint), the optimizer state and the grain iterator state, so a restarted
-job continues exactly where it stopped, and a record of the run (`run_record`): the number
-of processes that wrote it (each saves its own data iterator's position, so a run resumes on
-as many processes) and the learning-rate schedule. With several processes, each writes its
-shards of the arrays and its iterator state. A damaged step is reported and the one before
-it restored.
+job continues exactly where it stopped, and a record of the run (`run_record`): its layout
+(processes, devices, mesh), global batch and learning-rate schedule. With several processes,
+each writes its shards of the arrays and its iterator state.
+
+A step resumes on another layout (elastic restore): orbax reads the arrays onto the new mesh's
+shardings, and the data iterators continue from every old process's position
+(data/position.py). Only the global batch must stay: the data position and the schedule
+count global batches. A damaged step is reported and the one before it restored.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -59,32 +63,76 @@ def save_train_state(
     )
 
 
-def run_record(num_steps: int, optim_config) -> dict:
-    """What a checkpoint records of its run: the process count (each process saved its own
-    data position) and the learning-rate schedule (a resume under another one would silently
-    change the rates)."""
-    return {"process_count": jax.process_count(), "num_steps": num_steps, "optim": optim_config.to_dict()}
+def run_record(num_steps: int, optim_config, global_batch_size: int, mesh) -> dict:
+    """What a checkpoint records of its run: its layout (said when a resume changes it), the
+    global batch (which must stay) and the learning-rate schedule (a resume under another one
+    would silently change the rates)."""
+    return {
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "global_batch_size": global_batch_size,
+        "num_steps": num_steps,
+        "optim": optim_config.to_dict(),
+    }
+
+
+def describe_layout(run: dict) -> str:
+    if "device_count" not in run:  # a step written before the layout was recorded
+        return f"{run['process_count']} process(es)"
+    devices = run["device_count"] // run["process_count"]
+    return f"{run['process_count']} process(es) x {devices} device(s), mesh {run['mesh']}"
 
 
 def restore_train_state(
     manager, abstract_params, abstract_opt_state, data_iterator, run: dict, *, new_schedule_ok: bool
 ):
     """(step, params, opt_state) of the newest intact step, onto the shardings of the abstract
-    trees; the data iterator is restored in place. A damaged step is reported (naming its item)
-    and the one before it tried. An intact step of another process count, or of another
-    schedule unless `new_schedule_ok`, is a CheckpointMismatch."""
+    trees, whatever layout wrote them; the data iterator is restored in place. A damaged step is
+    reported (naming its item) and the one before it tried. An intact step of another global
+    batch, or of another schedule unless `new_schedule_ok`, is a CheckpointMismatch. The layout
+    of a step written on another one is printed."""
 
     def restore(step):
         saved = _restore_item(manager, step, "run", ocp.args.JsonRestore())
         _check_same_run(manager, step, saved, run, new_schedule_ok)
         params = _restore_item(manager, step, "params", ocp.args.StandardRestore(nnx.to_pure_dict(abstract_params)))
         opt_state = _restore_item(manager, step, "opt_state", ocp.args.StandardRestore(abstract_opt_state))
-        _restore_item(manager, step, "data_iterator", grain.checkpoint.CheckpointRestore(data_iterator))
-        return params, opt_state
+        data_line = _restore_data_position(manager, step, saved["process_count"], data_iterator)
+        return saved, params, opt_state, data_line
 
-    step, (params, opt_state) = checkpoint.newest_intact_step(manager, restore)
+    step, (saved, params, opt_state, data_line) = checkpoint.newest_intact_step(manager, restore)
     _set_aside_steps_after(manager, step)
+    old, new = describe_layout(saved), describe_layout(run)
+    if old != new:
+        logger.info(f"elastic restore of step {step}: written on {old}, resuming on {new}")
+        if data_line:
+            logger.info(data_line)
     return step, params, opt_state
+
+
+def _restore_data_position(manager, step, process_count, data_iterator) -> str | None:
+    """Restores the data iterator from every writing process's state (grain's files
+    process_<i>-of-<n>.json); a line when it continues on another layout."""
+    directory = os.path.join(str(manager.directory), str(step), "data_iterator")
+    states = []
+    try:
+        for index in range(process_count):
+            with open(os.path.join(directory, f"process_{index}-of-{process_count}.json")) as f:
+                states.append(json.load(f))
+        if hasattr(data_iterator, "restore_states"):
+            return data_iterator.restore_states(states)
+        if process_count != jax.process_count():
+            raise checkpoint.CheckpointMismatch(
+                f"checkpoint step {step} in {manager.directory} was written by {process_count} process(es), but "
+                f"this run has {jax.process_count()} and its data iterator resumes only on as many"
+            )
+        data_iterator.set_state(states[jax.process_index()])
+    except checkpoint.CheckpointMismatch:
+        raise
+    except Exception as error:  # a missing or damaged file, a state of another pipeline
+        raise checkpoint.CheckpointError(f"item 'data_iterator': {checkpoint.describe_error(error)}") from error
+    return None
 
 
 def _set_aside_steps_after(manager, step) -> None:
@@ -112,10 +160,12 @@ def _restore_item(manager, step, item, args):
 
 def _check_same_run(manager, step, saved, run, new_schedule_ok):
     where = f"checkpoint step {step} in {manager.directory}"
-    if saved["process_count"] != run["process_count"]:
+    saved_batch = saved.get("global_batch_size", run["global_batch_size"])
+    if saved_batch != run["global_batch_size"]:
         raise checkpoint.CheckpointMismatch(
-            f"{where} was written by {saved['process_count']} process(es), but this run has {run['process_count']}: "
-            f"each process saved its own data iterator position, so resume with {saved['process_count']}"
+            f"{where} was trained with global_batch_size={saved_batch}, but this run has "
+            f"global_batch_size={run['global_batch_size']}: the data position and the schedule count global "
+            f"batches, so resume with --config.global_batch_size={saved_batch}"
         )
     schedule = {k: saved.get(k) for k in ("num_steps", "optim")}
     if schedule != {k: run[k] for k in ("num_steps", "optim")}:

@@ -79,7 +79,8 @@ class MetricsLog:
         for name, value in counters.items():
             self.counters[name] += int(value)
 
-    def flush(self, step_number, learning_rate) -> dict:
+    def flush(self, step_number, learning_rate, *, goodput=None) -> dict:
+        """`goodput`: a training.goodput.Goodput, whose figures join the row and the line."""
         metrics = jax.device_get(self.pending)
         self.pending = []
         now = time.time()
@@ -109,9 +110,10 @@ class MetricsLog:
         phase = self.phase_of(step_number) if self.phase_of else None
         if phase is not None:
             row["phase"] = float(phase.number)
-        self.writer.write_scalars(step_number, row)
+        self.writer.write_scalars(step_number, row | (goodput.scalars() if goodput else {}))
         eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
-        logger.info(self._line(step_number, row, eta, counts, phase))
+        line = self._line(step_number, row, eta, counts, phase)
+        logger.info(f"{line} | {goodput.short()}" if goodput else line)
         self.last_time, self.last_step = now, step_number
         return row
 
