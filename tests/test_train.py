@@ -1,6 +1,6 @@
 """`python -m avllm_jax.train` end to end: exact resume after a kill and after SIGTERM (with data
-worker processes), two processes with gloo collectives equal to one, load_model on a workdir,
-and clear messages when a converted checkpoint or the coordinator is missing."""
+worker processes), load_model on a workdir, and clear messages when a converted checkpoint or
+the coordinator is missing. Several processes and resuming on another layout: test_elastic.py."""
 
 import os
 import signal
@@ -90,99 +90,6 @@ def test_sigterm_saves_the_step_and_resumes_exactly_with_data_workers(demo_files
     assert f"resumed from step {stopped}" in result.stdout
     worst = max_difference(uninterrupted, final_params(workdir))
     print(f"SIGTERM at step {stopped}, resumed with a data worker: max |param diff| = {worst:.2e}")
-    assert worst <= 1e-6
-
-
-# Unpacked: then the processes' batches side by side are the batch one process reads, so two
-# processes must train exactly like one. Packed, each process packs its own samples
-# (tests/test_packing.py checks they are disjoint and cover the data).
-UNPACKED = "--config.data.packing.enabled=False"
-# Longer than STEPS, so that a SIGTERM after step 2 is sure to stop the job before its end:
-# the processes agree on the stop step through JAX's coordination service, and on free cores
-# 6 steps were over before they had.
-MULTI_PROCESS_STEPS = 12
-
-
-def start_processes(demo_files, workdir, port, count=2, devices=2):
-    """`count` training processes on this machine, `devices` CPU devices each, gloo collectives, unpacked."""
-    return [
-        subprocess.Popen(
-            train_command(
-                demo_files,
-                workdir,
-                f"--coordinator_address=127.0.0.1:{port}",
-                f"--num_processes={count}",
-                f"--process_id={index}",
-                "--distributed_timeout_s=120",
-                "--config.checkpoint_every=100",
-                "--config.global_batch_size=8",
-                f"--config.num_steps={MULTI_PROCESS_STEPS}",
-                UNPACKED,
-            ),
-            env=environment(devices),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(count)
-    ]
-
-
-def finish(processes, timeout_s=600) -> list[tuple[int, str]]:
-    results = []
-    try:
-        for process in processes:
-            output, _ = process.communicate(timeout=timeout_s)
-            results.append((process.returncode, output))
-    finally:
-        for process in processes:
-            process.kill()
-    return results
-
-
-def test_two_processes_train_like_one_and_resume_after_sigterm(demo_files, tmp_path):
-    # One process with 4 devices at global batch 8 and the demo model 32 wide: the case that
-    # once aborted in an all-reduce rendezvous (README, "Several hosts").
-    one = tmp_path / "one_process"
-    subprocess.run(
-        train_command(
-            demo_files,
-            one,
-            "--config.checkpoint_every=100",
-            "--config.global_batch_size=8",
-            f"--config.num_steps={MULTI_PROCESS_STEPS}",
-            UNPACKED,
-        ),
-        check=True,
-        env=environment(4),
-        capture_output=True,
-        timeout=600,
-    )
-
-    # SIGTERM to one process stops both at the same step; both save their parts and resume.
-    # The resumed run is compared with the one-process run: a resume that lost or replayed
-    # batches would be off by far more than the float32 reduction order allows.
-    two = tmp_path / "two_processes"
-    processes = start_processes(demo_files, two, free_port())
-    try:
-        assert wait_for_line(processes[0], "step 2/", timeout_s=300), "the run ended before step 2"
-        processes[1].send_signal(signal.SIGTERM)
-    finally:
-        results = finish(processes)
-    assert [code for code, _ in results] == [143, 143], results[0][0:1] + results[1][0:1]
-    stopped = int(results[0][1].split("preempted: saved step ")[1].split()[0])
-    assert stopped < MULTI_PROCESS_STEPS and checkpoint.latest_step(str(two)) == stopped
-    results = finish(start_processes(demo_files, two, free_port()))
-    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    assert f"resumed from step {stopped}" in results[0][1]
-    last_step = f"step {MULTI_PROCESS_STEPS}/{MULTI_PROCESS_STEPS}"
-    assert last_step in results[0][1] and last_step not in results[1][1]  # process 0 alone logs
-    assert (two / "logs" / "process_1").is_dir()
-    worst = max_difference(final_params(one), final_params(two))
-    print(
-        f"2 processes x 2 devices, SIGTERM at step {stopped} and resumed, against 1 process x 4 devices: "
-        f"max |param diff| = {worst:.2e}"
-    )
     assert worst <= 1e-6
 
 

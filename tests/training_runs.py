@@ -4,6 +4,7 @@ import os
 import pathlib
 import re
 import socket
+import subprocess
 import sys
 import time
 
@@ -88,3 +89,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Unpacked: then the processes' batches side by side are the batch one process reads, so two
+# processes must train exactly like one. Packed, each process packs its own samples
+# (tests/test_packing.py checks they are disjoint and cover the data).
+UNPACKED = "--config.data.packing.enabled=False"
+
+
+def start_processes(demo_files, workdir, port, *extra, count=2, devices=2):
+    """`count` training processes on this machine, `devices` CPU devices each, gloo collectives."""
+    return [
+        subprocess.Popen(
+            train_command(
+                demo_files,
+                workdir,
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={count}",
+                f"--process_id={index}",
+                "--distributed_timeout_s=120",
+                *extra,
+            ),
+            env=environment(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(count)
+    ]
+
+
+def finish(processes, timeout_s=600) -> list[tuple[int, str]]:
+    """(exit status, output) of each process, once all have ended; any left after `timeout_s` are killed."""
+    results = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=timeout_s)
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            process.kill()
+    return results
