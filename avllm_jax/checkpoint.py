@@ -17,9 +17,12 @@ Inference, chat and evaluation import this module, not training.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import sys
+import time
 
 import jax
 import numpy as np
@@ -127,6 +130,7 @@ def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):
     """
     report = report or logger.warning
     steps = sorted(manager.all_steps(), reverse=True)
+    _silence_failed_reads()  # before a read can fail: its noise may come at once
     for step in steps:
         try:
             return step, restore(step)
@@ -135,10 +139,58 @@ def newest_intact_step(manager: ocp.CheckpointManager, restore, *, report=None):
         except Exception as error:  # a damaged step: fall back to the one before
             reason = str(error) if isinstance(error, CheckpointError) else describe_error(error)  # ours already say it
             report(f"checkpoint step {step} in {manager.directory} cannot be restored: {reason}")
+            _settle_failed_reads()
     raise CheckpointError(
         f"no intact checkpoint in {manager.directory} (steps {steps} all failed, see above): delete the "
         f"damaged steps, or the whole directory to start over"
     )
+
+
+class _FailedReadNoise(logging.Filter):
+    """What the reads of a failed restore still in flight report once it has given up: asyncio's
+    "Task exception was never retrieved" for each array that failed too, and, from TensorStore's
+    threads, "Event loop is closed" for each read that ends after orbax closed its event loop.
+    The failure itself was reported in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._previous_hook = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noise = str(record.msg).endswith("exception was never retrieved")
+        self.count += noise
+        return not noise
+
+    def unraisable(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            self.count += 1
+        else:
+            self._previous_hook(unraisable)
+
+
+_failed_read_noise: _FailedReadNoise | None = None
+
+
+def _silence_failed_reads() -> None:
+    """From now on, _FailedReadNoise is not printed (the reads of a failed restore may end at any time)."""
+    global _failed_read_noise
+    if _failed_read_noise is None:
+        _failed_read_noise = _FailedReadNoise()
+        logging.getLogger("asyncio").addFilter(_failed_read_noise)
+        sys.unraisablehook = _failed_read_noise.unraisable
+
+
+def _settle_failed_reads(settle_s: float = 0.5, at_most_s: float = 10.0) -> None:
+    """Waits until the reads of a failed restore have ended (no new noise for `settle_s`), so
+    that the run goes on without them."""
+    deadline = time.monotonic() + at_most_s
+    while time.monotonic() < deadline:
+        before = _failed_read_noise.count
+        gc.collect()  # the failed tasks report when collected
+        time.sleep(settle_s)
+        if _failed_read_noise.count == before:
+            return
 
 
 class CheckpointMismatch(CheckpointError):

@@ -154,6 +154,9 @@ def initialize_distributed(
     # Collectives between CPU devices of different processes (tests, CPU clusters) need gloo;
     # GPU and TPU collectives do not read this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A lost process is reported to the others' Python code (lost_processes) instead of JAX
+    # aborting them the moment its coordination service declares it dead.
+    jax.config.update("jax_enable_recoverability", True)
     if explicit:
         if given["process_id"] == 0:
             logger.info(
@@ -162,6 +165,8 @@ def initialize_distributed(
             )
         else:
             _wait_for_coordinator(given["coordinator_address"], given["process_id"], given["num_processes"], timeout_s)
+    global _coordinator_address
+    _coordinator_address = given["coordinator_address"]
     jax.distributed.initialize(
         **explicit,
         initialization_timeout=max(1, int(timeout_s)),
@@ -170,6 +175,8 @@ def initialize_distributed(
     )
     return True
 
+
+_coordinator_address: str | None = None  # HOST:PORT of process 0, when given
 
 # How a collective reports a peer that went away (gloo on CPU; the coordination service).
 _PEER_FAILURE = re.compile(r"Gloo|[Cc]onnection (reset|closed|refused)|Socket closed|UNAVAILABLE|heartbeat")
@@ -183,6 +190,10 @@ def lost_processes(error: BaseException, wait_s: float) -> str | None:
         return None
     from jax._src import distributed  # the client of jax.distributed: no public accessor
 
+    me = f"process {jax.process_index()} of {jax.process_count()}"
+    if jax.process_index() > 0 and _coordinator_address and not _reachable(_coordinator_address):
+        # Asked first: JAX's client aborts this process soon after the service is gone.
+        return f"{me}: lost process 0, the coordinator at {_coordinator_address}"
     everyone = list(range(jax.process_count()))
     answer: dict = {}
 
@@ -195,7 +206,6 @@ def lost_processes(error: BaseException, wait_s: float) -> str | None:
     asking = threading.Thread(target=ask, daemon=True)  # it waits for the live ones: bounded here
     asking.start()
     asking.join(wait_s)
-    me = f"process {jax.process_index()} of {jax.process_count()}"
     if "live" in answer:
         lost = [index for index in everyone if index not in answer["live"]]
         if not lost:
@@ -206,6 +216,15 @@ def lost_processes(error: BaseException, wait_s: float) -> str | None:
     return (
         f"{me}: lost a peer ({str(error).splitlines()[0][:200]}); the coordinator did not say which in {wait_s:.0f} s"
     )
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _wait_for_coordinator(address: str, process_id: int, num_processes: int, timeout_s: float) -> None:

@@ -62,7 +62,14 @@ def data_iterator():
     return grain.MapDataset.range(100).to_iter_dataset().__iter__()
 
 
-RUN = {"process_count": 1, "num_steps": 10, "optim": ml_collections.ConfigDict({"learning_rate": 1e-3}).to_dict()}
+RUN = {
+    "process_count": 1,
+    "device_count": 1,
+    "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+    "global_batch_size": 8,
+    "num_steps": 10,
+    "optim": ml_collections.ConfigDict({"learning_rate": 1e-3}).to_dict(),
+}
 
 
 @pytest.fixture
@@ -128,13 +135,24 @@ def test_an_unfinished_save_is_not_a_step(two_steps):
     assert restore(two_steps)[0] == 1
 
 
-def test_another_process_count_is_refused_with_both_counts(two_steps):
-    """Each process saved its own iterator position: the run must resume on as many. An
-    intact step of another run is not damage, so no older step is tried either."""
+def test_another_global_batch_is_refused_with_both_values(two_steps):
+    """The data position and the schedule count global batches. An intact step of another run
+    is not damage, so no older step is tried either."""
     with pytest.raises(
         checkpoint.CheckpointMismatch,
-        match=r"checkpoint step 2 in .* was written by 1 process\(es\), but this "
-        r"run has 2: each process saved its own data iterator position",
+        match=r"^checkpoint step 2 in .* was trained with global_batch_size=8, but this run has "
+        r"global_batch_size=16: .* resume with --config.global_batch_size=8$",
     ):
-        restore(two_steps, RUN | {"process_count": 2})
+        restore(two_steps, RUN | {"global_batch_size": 16})
     assert (two_steps / checkpoint.CHECKPOINTS_DIR / "2").is_dir()
+
+
+def test_another_layout_resumes_and_says_so(two_steps, capsys):
+    """Another process and device count (here only recorded: the arrays restore onto this
+    process's devices) is an elastic restore, stated with both layouts."""
+    written = RUN | {"device_count": 4, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}}
+    assert restore(two_steps, written)[0] == 2
+    assert (
+        "elastic restore of step 2: written on 1 process(es) x 1 device(s), mesh {'data': 1, 'fsdp': 1, 'tensor': 1}, "
+        "resuming on 1 process(es) x 4 device(s), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}"
+    ) in capsys.readouterr().out

@@ -128,33 +128,90 @@ def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
     assert summary.splitlines()[0] in result.stdout
 
 
-def test_damaged_latest_checkpoint_falls_back_and_schedule_changes_need_a_flag(demo_files, tmp_path, caplog):
+def truncate_files(directory):
+    for path in directory.rglob("*"):
+        if path.is_file() and path.stat().st_size:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def test_damaged_newest_steps_fall_back_a_line_each_and_schedule_changes_need_a_flag(demo_files, tmp_path, caplog):
     workdir = tmp_path / "run"
-    first = run(train_command(demo_files, workdir, "--config.num_steps=4"))
+    keep = "--config.keep_checkpoints=4"
+    first = run(train_command(demo_files, workdir, "--config.num_steps=8", keep))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert checkpoint.latest_step(str(workdir)) == 4
-    rerun = run(train_command(demo_files, workdir, "--config.num_steps=4"))
-    assert rerun.returncode == 0 and "is finished: it saved step 4 of 4" in rerun.stdout
+    assert checkpoint.latest_step(str(workdir)) == 8
+    rerun = run(train_command(demo_files, workdir, "--config.num_steps=8", keep))
+    assert rerun.returncode == 0 and "is finished: it saved step 8 of 8" in rerun.stdout
 
-    extended = train_command(demo_files, workdir, "--config.num_steps=6")
-    assert_short_error(run(extended), "belongs to another schedule", "num_steps 4 -> 6", "--allow_new_schedule")
+    extended = train_command(demo_files, workdir, "--config.num_steps=10", keep)
+    assert_short_error(run(extended), "belongs to another schedule", "num_steps 8 -> 10", "--allow_new_schedule")
 
-    shutil.rmtree(workdir / "checkpoints" / "4" / "params")
-    avllm_jax.load_model(workdir)  # chat and evaluation load the newest intact step
+    # A truncated file in each item of the three newest steps: the arrays' data (which orbax
+    # reads in many threads) and the data iterator's position.
+    damaged = {8: "params/d", 6: "opt_state/d", 4: "data_iterator"}
+    for step, item in damaged.items():
+        truncate_files(workdir / "checkpoints" / str(step) / item)
+    avllm_jax.load_model(workdir)  # chat and evaluation load the newest intact params
     err = caplog.text
-    assert "checkpoint step 4" in err and "loaded step 2" in err
+    assert "checkpoint step 8" in err and "loaded step 6" in err
 
     resumed = run(extended + ["--allow_new_schedule"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint step 4" in resumed.stderr and "item 'params'" in resumed.stderr
-    assert len([line for line in resumed.stderr.splitlines() if "checkpoint step 4" in line]) == 1
-    assert "resumed from step 2" in resumed.stdout and "num_steps 4 -> 6" in resumed.stdout
-    assert checkpoint.latest_step(str(workdir)) == 6
+    output = resumed.stdout + resumed.stderr
+    for noise in ("Traceback", "Event loop is closed", "Encountered error", "exception was never retrieved"):
+        assert noise not in output, output[-3000:]
+    fallbacks = [line for line in resumed.stderr.splitlines() if "cannot be restored" in line]
+    assert [int(line.split("checkpoint step ")[1].split()[0]) for line in fallbacks] == list(damaged)
+    for line, item in zip(fallbacks, damaged.values()):
+        assert f"item '{item.split('/')[0]}'" in line, line
+    assert len(resumed.stderr.splitlines()) == 3, resumed.stderr  # those lines, nothing else
+    assert "resumed from step 2" in resumed.stdout and resumed.stdout.count("num_steps 8 -> 10") == 1
+    assert checkpoint.latest_step(str(workdir)) == 10
 
-    for step in (4, 6):  # keep_checkpoints=2: steps 4 and 6 are left
-        shutil.rmtree(workdir / "checkpoints" / str(step) / "params", ignore_errors=True)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            shutil.rmtree(step_dir / "params")
     with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint .* delete"):
         avllm_jax.load_model(workdir)
+
+
+def test_a_stalled_run_dumps_every_thread_and_exits(demo_files, tmp_path):
+    # Every media file a named pipe that nothing writes: the first batch never comes, as with
+    # a hung network file system. SIGUSR1 first writes the stacks and the run goes on.
+    data = tmp_path / "data"
+    shutil.copytree(demo_files / "data", data)
+    for path in data.rglob("*"):
+        if path.is_file() and path.suffix != ".jsonl":
+            path.unlink()
+            os.mkfifo(path)
+    workdir = tmp_path / "run"
+    command = train_command(
+        demo_files,
+        workdir,
+        f"--config.data.sources=({{'path': '{data / 'train.jsonl'}', 'weight': 1.0}},)",
+        "--step_timeout_s=6",
+    )
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dump = workdir / "hang_process_0.txt"
+    try:
+        deadline = time.time() + 300
+        while not dump.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert dump.exists(), "the watchdog never started"
+        process.send_signal(signal.SIGUSR1)
+        while not dump.stat().st_size and time.time() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None and "most recent call first" in dump.read_text()
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 124, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: no training step completed in 6 s (--step_timeout_s); every thread's stack is in {dump}; exiting"
+    )
+    # SIGUSR1's dump, then the watchdog's, each with the stack of the read that hangs.
+    by_signal, by_watchdog = dump.read_text().split("no training step completed in 6 s")
+    assert "in load_media" in by_signal and "in load_media" in by_watchdog
 
 
 def test_ctrl_c_leaves_a_loadable_checkpoint(demo_files, tmp_path):

@@ -95,14 +95,16 @@ def restore_train_state(
 
     def restore(step):
         saved = _restore_item(manager, step, "run", ocp.args.JsonRestore())
-        _check_same_run(manager, step, saved, run, new_schedule_ok)
+        schedule_changes = _check_same_run(manager, step, saved, run, new_schedule_ok)
         params = _restore_item(manager, step, "params", ocp.args.StandardRestore(nnx.to_pure_dict(abstract_params)))
         opt_state = _restore_item(manager, step, "opt_state", ocp.args.StandardRestore(abstract_opt_state))
         data_line = _restore_data_position(manager, step, saved["process_count"], data_iterator)
-        return saved, params, opt_state, data_line
+        return saved, params, opt_state, data_line, schedule_changes
 
-    step, (saved, params, opt_state, data_line) = checkpoint.newest_intact_step(manager, restore)
+    step, (saved, params, opt_state, data_line, schedule_changes) = checkpoint.newest_intact_step(manager, restore)
     _set_aside_steps_after(manager, step)
+    if schedule_changes:
+        logger.info(f"resuming under a new schedule: {'; '.join(schedule_changes)}")
     old, new = describe_layout(saved), describe_layout(run)
     if old != new:
         logger.info(f"elastic restore of step {step}: written on {old}, resuming on {new}")
@@ -158,7 +160,9 @@ def _restore_item(manager, step, item, args):
         raise checkpoint.CheckpointError(f"item {item!r}: {errors.describe_error(error)}") from error
 
 
-def _check_same_run(manager, step, saved, run, new_schedule_ok):
+def _check_same_run(manager, step, saved, run, new_schedule_ok) -> list[str]:
+    """The schedule's changes (allowed by `new_schedule_ok`); another global batch, or schedule
+    without it, is a CheckpointMismatch."""
     where = f"checkpoint step {step} in {manager.directory}"
     saved_batch = saved.get("global_batch_size", run["global_batch_size"])
     if saved_batch != run["global_batch_size"]:
@@ -184,4 +188,5 @@ def _check_same_run(manager, step, saved, run, new_schedule_ok):
                 f"{where} belongs to another schedule ({'; '.join(changed)}); rerun with the checkpoint's settings, "
                 "or pass --allow_new_schedule to continue from it under the new one"
             )
-        logger.info(f"resuming under a new schedule: {'; '.join(changed)}")
+        return changed
+    return []

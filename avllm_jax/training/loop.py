@@ -53,6 +53,14 @@ def train_steps(run: Run, model, timer: goodput.Goodput) -> dict:
     """Makes the train state of `model` (restored when the workdir has a checkpoint), runs the
     steps and returns the last logged metrics with `stopped_at` and `interrupted` (see
     avllm_jax.train.train)."""
+    try:
+        return _run_steps(run, model, timer)
+    except Exception as error:  # from the cleanup after the steps: the last save's wait, closing
+        _exit_if_peer_lost(error, run)
+        raise
+
+
+def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
     config, workdir, mesh = run.config, run.workdir, run.mesh
     trainable_filter = optim.trainable_filter(list(config.trainable))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
@@ -197,7 +205,10 @@ def _exit_if_peer_lost(error: BaseException, run: Run) -> None:
     line = runtime.lost_processes(error, run.peer_wait_s)
     if line is None:
         return
-    saved = checkpoint.latest_step(run.workdir)
+    # Read from the directory: orbax's CheckpointManager would wait for the lost process. A step
+    # is published by renaming its finished temporary directory, so a number is a complete step.
+    directory = os.path.join(run.workdir, checkpoint.CHECKPOINTS_DIR)
+    saved = max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
     print(
         f"error: {line}; the newest complete checkpoint is {f'step {saved}' if saved else 'none'} in "
         f"{run.workdir}: rerun the job to resume from it",
