@@ -184,12 +184,15 @@ def _silence_failed_reads() -> None:
 def _settle_failed_reads(settle_s: float = 0.5, at_most_s: float = 10.0) -> None:
     """Waits until the reads of a failed restore have ended (no new noise for `settle_s`), so
     that the run goes on without them."""
+    noise = _failed_read_noise
+    if noise is None:
+        return
     deadline = time.monotonic() + at_most_s
     while time.monotonic() < deadline:
-        before = _failed_read_noise.count
+        before = noise.count
         gc.collect()  # the failed tasks report when collected
         time.sleep(settle_s)
-        if _failed_read_noise.count == before:
+        if noise.count == before:
             return
 
 

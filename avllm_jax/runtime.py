@@ -200,7 +200,7 @@ def lost_processes(error: BaseException, wait_s: float) -> str | None:
     def ask():
         try:
             answer["live"] = distributed.global_state.client.get_live_nodes(everyone)
-        except Exception as failure:  # noqa: BLE001 (the service itself is gone with process 0)
+        except Exception as failure:
             answer["failure"] = failure
 
     asking = threading.Thread(target=ask, daemon=True)  # it waits for the live ones: bounded here
@@ -216,6 +216,24 @@ def lost_processes(error: BaseException, wait_s: float) -> str | None:
     return (
         f"{me}: lost a peer ({str(error).splitlines()[0][:200]}); the coordinator did not say which in {wait_s:.0f} s"
     )
+
+
+def leave_in_order(wait_s: float) -> None:
+    """Ends this process's part in a multi-process job that finished (or stopped at a
+    preemption) on every process: the others disconnect first, then process 0, which hosts the
+    coordination service. (With the service recoverable, the others' disconnect is no longer
+    a barrier: one that came after process 0 had gone made JAX abort that process.)"""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client of jax.distributed: no public accessor
+
+    multihost_utils.sync_global_devices("avllm_jax: leaving")
+    if jax.process_index() == 0:
+        everyone = list(range(jax.process_count()))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and len(distributed.global_state.client.get_live_nodes(everyone)) > 1:
+            time.sleep(0.1)
+    jax.distributed.shutdown()
 
 
 def _reachable(address: str) -> bool:

@@ -197,6 +197,7 @@ def train(
     if timer.reached:  # it trained: the workdir's record and the summary
         timer.save()
         logger.info(timer.summary())
+    runtime.leave_in_order(wait_s=peer_wait_s)
     return result
 
 

@@ -1,6 +1,7 @@
 """A damaged train-state checkpoint, whichever item is damaged and however: reported in one
 line naming the step and the item, the newest intact step restored, the damaged one set aside."""
 
+import logging
 import os
 import pathlib
 
@@ -147,12 +148,13 @@ def test_another_global_batch_is_refused_with_both_values(two_steps):
     assert (two_steps / checkpoint.CHECKPOINTS_DIR / "2").is_dir()
 
 
-def test_another_layout_resumes_and_says_so(two_steps, capsys):
+def test_another_layout_resumes_and_says_so(two_steps, caplog):
     """Another process and device count (here only recorded: the arrays restore onto this
     process's devices) is an elastic restore, stated with both layouts."""
     written = RUN | {"device_count": 4, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}}
+    caplog.set_level(logging.INFO, logger="avllm_jax")
     assert restore(two_steps, written)[0] == 2
     assert (
         "elastic restore of step 2: written on 1 process(es) x 1 device(s), mesh {'data': 1, 'fsdp': 1, 'tensor': 1}, "
         "resuming on 1 process(es) x 4 device(s), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}"
-    ) in capsys.readouterr().out
+    ) in caplog.text

@@ -112,14 +112,15 @@ def test_two_processes_stopped_by_sigterm_resume_on_one(demo_files, reference, i
 
 
 def check_goodput(workdir, walls, output):
-    """The record of the two runs adds up to the wall time the test measured, within the time
-    before Python starts and after the summary (interpreter and JAX shut-down): 10% or 6 s a run."""
+    """The record of the two runs adds up to the wall time the test measured, less the time
+    after the summary (the interpreter's and JAX's shut-down, up to 8 s on a loaded 2-core
+    machine): within 15% or 10 s a run."""
     runs = json.loads((workdir / goodput.RECORD_FILE).read_text())["runs"]
     assert len(runs) == 2
     for run, wall in zip(runs, walls):
         accounted = sum(run["seconds"].values()) + run["other_s"]
         assert abs(accounted - run["wall_s"]) < 1e-6
-        assert 0 <= wall - run["wall_s"] <= max(6.0, 0.1 * wall), (wall, run)
+        assert 0 <= wall - run["wall_s"] <= max(10.0, 0.15 * wall), (wall, run)
         assert run["other_s"] <= 0.05 * run["wall_s"], run  # the categories hold the time
         assert run["seconds"]["productive"] > 0 and run["seconds"]["compile"] > 0
     assert runs[1]["seconds"]["restore"] > 0 and runs[1]["seconds"]["replayed"] == 0  # SIGTERM saved its last step

@@ -164,7 +164,6 @@ def test_damaged_newest_steps_fall_back_a_line_each_and_schedule_changes_need_a_
     assert [int(line.split("checkpoint step ")[1].split()[0]) for line in fallbacks] == list(damaged)
     for line, item in zip(fallbacks, damaged.values()):
         assert f"item '{item.split('/')[0]}'" in line, line
-    assert len(resumed.stderr.splitlines()) == 3, resumed.stderr  # those lines, nothing else
     assert "resumed from step 2" in resumed.stdout and resumed.stdout.count("num_steps 8 -> 10") == 1
     assert checkpoint.latest_step(str(workdir)) == 10
 

@@ -233,7 +233,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tokenizer, media_dir):
     assert len(batches) == 5  # 10 good samples over two epochs, the 2 bad ones dropped
     assert sum(int(b["num_skipped_media"].sum()) for b in batches) == 2
     assert all(b["has_visual"].all() for b in batches)
-    assert iterator.get_state()["num_bad"] == 2
+    assert iterator.get_state()["grain"]["num_bad"] == 2  # the running count of the bad-sample check
     # The reasons travel with the next good sample, naming the line and the file.
     reasons = [line for b in batches for text in b["skipped_reasons"] for line in str(text).splitlines()]
     assert len(reasons) == 2 and all(r.startswith(f"{path}:6: ") and "broken.mp4" in r for r in reasons)

@@ -188,22 +188,6 @@ class _PrepareSample:
         return pad_text(built, config.max_text_length, self.tokenizer)
 
 
-class _HostShard(grain.MapDataset):
-    """This process's samples: its run of `per_host` samples in each global batch, so that the
-    processes' batches side by side are the batch one process would read, in its order."""
-
-    def __init__(self, parent: grain.MapDataset, layout: position.Layout):
-        super().__init__(parent)
-        self.layout = layout
-        self._length = len(parent) // (layout.per_host * layout.process_count) * layout.per_host  # whole global batches
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int):
-        return self._parent[self.layout.view_index(index)]
-
-
 class _SkipBadSamples(grain.IterDataset):
     """Drops _Failure elements, adding their counts to the next good sample's counters.
 
@@ -354,7 +338,7 @@ def make_train_iterator(
     layout = position.Layout(process_count, process_index, 1 if packed else batch_size, data_config.worker_count)
 
     def build(view: position.View):
-        host_part = _HostShard(position.ViewDataset(dataset, view), layout)
+        host_part = position.HostPart(position.ViewDataset(dataset, view), layout)
         return _host_batches(host_part, data_config, tokenizer, modality_rows, batch_size, worker_cpus)
 
     return position.StreamIterator(build, layout)

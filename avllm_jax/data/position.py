@@ -86,6 +86,23 @@ class ViewDataset(grain.MapDataset):
         return self._parent[self.view.global_index(index)]
 
 
+class HostPart(grain.MapDataset):
+    """This process's elements of a view: its run of `per_host` elements in each global batch,
+    so that the processes' batches side by side are the batch one process would read, in its
+    order. Whole global batches only."""
+
+    def __init__(self, parent: grain.MapDataset, layout: Layout):
+        super().__init__(parent)
+        self.layout = layout
+        self._length = len(parent) // (layout.per_host * layout.process_count) * layout.per_host
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):
+        return self._parent[self.layout.view_index(index)]
+
+
 class StreamIterator(grain.DatasetIterator):
     """A pipeline's batches (`build(view)`: its grain iterator over a view), each element's
     CONSUMED removed and added to this process's record; see the module docstring."""
@@ -137,7 +154,9 @@ class StreamIterator(grain.DatasetIterator):
             return None
         views = [View(s["view"]["start"], tuple(s["view"]["skip"])) for s in states]
         start = min(self._global(s["frontier"], layout, view) for s, layout, view in zip(states, old, views))
-        used_past = set()  # what some process used past `start`: its record, skipped views, its part below its frontier
+        used_past: set[int] = (
+            set()
+        )  # what some process used past `start`: its record, skipped views, its part below its frontier
         for state, layout, view in zip(states, old, views):
             used_past.update(state["past"], view.skip)
             position = state["frontier"] - 1

@@ -101,7 +101,7 @@ class Goodput:
     def scalars(self) -> dict[str, float]:
         """For TensorBoard: seconds per category, this run and all runs, and the productive shares."""
         run, total = self.this_run(), _summed(self.all_runs())
-        scalars = {}
+        scalars: dict[str, float] = {}
         for name, figures in (("run", run), ("all_runs", total)):
             scalars |= {f"goodput/{name}/{k}_s": v for k, v in figures["seconds"].items()}
             scalars[f"goodput/{name}/other_s"] = figures["other_s"]

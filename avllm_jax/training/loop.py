@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from avllm_jax import checkpoint, runtime
-from avllm_jax.data import phases, pipeline
+from avllm_jax.data import feature_cache, packing, phases, pipeline
+from avllm_jax.models import avllm
 from avllm_jax.training import checkpointing, flops, goodput, metrics, optim, sharding, step, watchdog
 
 logger = logging.getLogger(__name__)
@@ -33,16 +35,16 @@ logger = logging.getLogger(__name__)
 class Run:
     """What the entry point resolved before the loop: the config, the model to build, the data."""
 
-    config: object
+    config: Any  # ml_collections.ConfigDict: fields typed by the config file
     workdir: str
     mesh: jax.sharding.Mesh
-    model_config: object
-    tokenizer: object
+    model_config: avllm.AVLLMConfig
+    tokenizer: Any
     per_source: list
     num_steps: int
     phase_plan: list | None
-    modality_rows: object
-    cache: object
+    modality_rows: packing.ModalityRows
+    cache: feature_cache.FeatureCache | None
     worker_cpus: set[int] | None
     new_schedule_ok: bool = False
     step_timeout_s: float = 0.0
@@ -63,7 +65,7 @@ def train_steps(run: Run, model, timer: goodput.Goodput) -> dict:
 def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
     config, workdir, mesh = run.config, run.workdir, run.mesh
     trainable_filter = optim.trainable_filter(list(config.trainable))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
     num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     num_frozen = sum(x.size for x in jax.tree.leaves(frozen))
     logger.info(f"parameters: {num_trainable:,} trainable, {num_frozen:,} frozen")
@@ -92,7 +94,7 @@ def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
                 full_state = nnx.state(model)
                 nnx.replace_by_pure_dict(full_state, params)
                 nnx.update(model, full_state)
-                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+                graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
             logger.info(f"resumed from step {start} in {workdir}")
         state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
         train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)

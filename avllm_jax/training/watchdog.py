@@ -25,7 +25,7 @@ class Watchdog:
     def __init__(self, workdir: str, timeout_s: float, process_index: int):
         self.path = os.path.join(workdir, f"hang_process_{process_index}.txt")
         self.timeout_s = timeout_s
-        self._dump = open(self.path, "a")  # noqa: SIM115 (open until close); appended: a rerun keeps an earlier dump
+        self._dump = open(self.path, "a")
         faulthandler.register(signal.SIGUSR1, file=self._dump, all_threads=True, chain=False)
         self._last_progress, self._armed = time.monotonic(), timeout_s > 0
         self._stop = threading.Event()
