@@ -79,7 +79,7 @@ def data_config(root, *names):
     return config
 
 
-def phased(config, tokenizer, phase_config=PT1, num_steps=NUM_STEPS):
+def phased(config, tokenizer, phase_config=PT1, num_steps=NUM_STEPS, process_index=0, process_count=1):
     plan = phases.plan(phase_config, num_steps)
     return phases.make_phased_iterator(
         config,
@@ -87,8 +87,8 @@ def phased(config, tokenizer, phase_config=PT1, num_steps=NUM_STEPS):
         tokenizer,
         per_source=pipeline.read_sources(config),
         global_batch_size=BATCH,
-        process_index=0,
-        process_count=1,
+        process_index=process_index,
+        process_count=process_count,
     )
 
 
@@ -317,3 +317,23 @@ def test_training_resumed_before_the_boundary_ends_as_the_uninterrupted_run(tmp_
     ]
     assert resumed_losses == losses[2:]
     assert max_difference(uninterrupted, final_params(workdir)) <= 1e-6
+
+
+def test_two_processes_in_phase_two_resume_on_one_with_its_batches(sources, tokenizer):
+    """Elastic restore (data/position.py) keeps the phase and its stream's global order."""
+    config = data_config(sources, "mixed.jsonl", "visual.jsonl")
+    alone = phased(config, tokenizer)
+    want = [next(alone) for _ in range(NUM_STEPS)]
+    alone.close()
+    old = [phased(config, tokenizer, process_index=index, process_count=2) for index in range(2)]
+    for _ in range(4):  # mid phase 2
+        for iterator in old:
+            next(iterator)
+    states = [json.loads(json.dumps(iterator.get_state())) for iterator in old]
+    new = phased(config, tokenizer)
+    assert new.restore_states(states).startswith("data: 2 process(es) had used the global stream up to sample 4 ")
+    assert new.phase.number == 2
+    for step in (4, 5):
+        assert same(next(new), want[step]), step
+    for iterator in (*old, new):
+        iterator.close()
