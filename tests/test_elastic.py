@@ -78,6 +78,17 @@ def interrupted(demo_files, tmp_path_factory):
     return workdir, stopped, wall
 
 
+def read_until(process, text, timeout_s) -> str:
+    """The process's output up to the first line holding `text` (an assertion error if it ends first)."""
+    lines, deadline = [], time.time() + timeout_s
+    while time.time() < deadline:
+        lines.append(process.stdout.readline())
+        if not lines[-1] or text in lines[-1]:
+            break
+    assert text in lines[-1], "".join(lines)[-3000:]
+    return "".join(lines)
+
+
 def copy_of(workdir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
@@ -139,7 +150,7 @@ def test_one_process_resumes_on_two_then_a_lost_peer_ends_the_other_and_the_reru
     extra = (*SHARED, "--config.checkpoint_every=2", f"--heartbeat_timeout_s={HEARTBEAT_S}")
     processes = start_processes(demo_files, workdir, free_port(), *extra)
     try:
-        assert wait_for_line(processes[0], "step 8/", timeout_s=300), "the run ended before step 8"
+        before = read_until(processes[0], "step 10/", timeout_s=300)  # step 8 saved by then
         processes[1].send_signal(signal.SIGKILL)
         killed = time.time()
         output, _ = processes[0].communicate(timeout=LOST_PEER_BOUND_S + 60)
@@ -152,14 +163,13 @@ def test_one_process_resumes_on_two_then_a_lost_peer_ends_the_other_and_the_reru
     lines = [line for line in output.splitlines() if "lost process" in line]
     assert len(lines) == 1 and lines[0].startswith("error: process 0 of 2: lost process 1 "), output[-3000:]
     assert "Traceback" not in output
-    assert "elastic restore of step 6: written on 1 process(es) x 4 device(s)" in output
+    assert "elastic restore of step 6: written on 1 process(es) x 4 device(s)" in before
     saved = checkpoint.latest_step(str(workdir))  # the save in flight, if any, is not a step
-    assert saved in (6, 8, 10) and f"the newest complete checkpoint is step {saved}" in lines[0]
+    assert saved in (8, 10) and f"the newest complete checkpoint is step {saved}" in lines[0]
 
     results = finish(start_processes(demo_files, workdir, free_port(), *extra))
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    assert f"resumed from step {saved}" in results[0][1]
-    assert ("elastic restore" in results[0][1]) == (saved == 6)
+    assert f"resumed from step {saved}" in results[0][1] and "elastic restore" not in results[0][1]
     worst = max_difference(reference[1], final_params(workdir))
     print(f"1 x 4 resumed on 2 x 2 at step 6, killed, rerun from step {saved}: max |param diff| = {worst:.2e}")
     assert worst <= 1e-6

@@ -118,11 +118,7 @@ def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
                 skips.add(host_batch.pop("skipped_reasons"))
                 counters = {name: np.sum(host_batch.pop(name)) for name in pipeline.COUNTERS if name in host_batch}
                 batch = sharding.shard_batch(host_batch, mesh)
-                first = step_number == start + 1
-                compiling = (guard.paused(), timer.timing("compile")) if first else ()
-                with contextlib.ExitStack() as timing:
-                    for context in compiling:
-                        timing.enter_context(context)
+                with _compiling(guard, timer) if step_number == start + 1 else contextlib.nullcontext():
                     state, step_metrics = train_step(state, frozen, batch)
                 log.add(step_metrics, counters)
                 stop = preemption.should_stop(step_number)
@@ -152,6 +148,13 @@ def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
     # KeyboardInterrupt here instead kept this frame's batch alive in the traceback, and with it
     # the grain workers' shared memory, which then leaked.)
     return row | {"stopped_at": stopped_at, "interrupted": preemption.interrupted}
+
+
+@contextlib.contextmanager
+def _compiling(guard: watchdog.Watchdog, timer: goodput.Goodput):
+    """The first step: compiled, so timed as compilation and not by the watchdog."""
+    with guard.paused(), timer.timing("compile"):
+        yield
 
 
 def _abstract(tree):
