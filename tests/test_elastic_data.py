@@ -92,4 +92,9 @@ def test_bad_samples_and_packs_lose_and_repeat_nothing(tmp_path, tokenizer, medi
     rest = [name for it in new for batch in it for name in names(batch)]
     good = {f"item{i}" for i in range(60) if i % 7 != 3}
     assert not set(used) & set(rest) and len(used) == len(set(used)) and len(rest) == len(set(rest))
-    assert set(used) | set(rest) == good
+    # All but the stream's last samples, which do not fill a global batch of three processes
+    # (so an uninterrupted run on three leaves them out too).
+    config.packing.enabled = False
+    stream = [n.split()[0] for b in iterators(config, tokenizer, 1, 1)[0] for n in prompt_names(b, tokenizer)]
+    lost = good - set(used) - set(rest)
+    assert set(used) | set(rest) <= good and len(lost) <= 2 and lost <= set(stream[-2:]), (lost, stream[-3:])

@@ -36,8 +36,8 @@ import grain
 import numpy as np
 
 from avllm_jax.data import conversation
-from avllm_jax.data.position import CONSUMED
 from avllm_jax.data.packing import Footprint, ModalityRows, PackBudget, assemble, footprint
+from avllm_jax.data.position import CONSUMED
 
 
 def shares(need: Footprint, budget: PackBudget) -> tuple[float, ...]:
