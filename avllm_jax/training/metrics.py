@@ -7,6 +7,7 @@ metric_writers package is imported; the tensorboard package alone writes the sam
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -17,6 +18,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from avllm_jax.data import pipeline
 from avllm_jax.modality import LOSS_GROUPS
+
+logger = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
@@ -110,8 +113,7 @@ class MetricsLog:
         self.writer.write_scalars(step_number, row | (goodput.scalars() if goodput else {}))
         eta = (now - self.start_time) / max(step_number - self.start_step, 1) * (self.total - step_number)
         line = self._line(step_number, row, eta, counts, phase)
-        if jax.process_index() == 0:  # it speaks for the job
-            print(f"{line} | {goodput.short()}" if goodput else line, flush=True)
+        logger.info(f"{line} | {goodput.short()}" if goodput else line)
         self.last_time, self.last_step = now, step_number
         return row
 
