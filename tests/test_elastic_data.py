@@ -71,7 +71,7 @@ def test_bad_samples_and_packs_lose_and_repeat_nothing(tmp_path, tokenizer, medi
         else test_pipeline.chat(f"item{i} " + "word " * (i % 5))
         for i in range(60)
     ]
-    config = test_packing.packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), num_epochs=1)
+    config = test_packing.packed_config((write_jsonl(tmp_path / "d.jsonl", records), 1.0), source_epochs=1)
     config.sources[0]["media_root"] = str(media_dir)
     config.max_bad_fraction = 0.5
     rows = test_packing.ROWS

@@ -296,8 +296,7 @@ def make_train_iterator(
     modality_rows: packing.ModalityRows | None = None,
     cache: feature_cache.FeatureCache | None = None,
 ):
-    """An iterator over this host's batches (a position.StreamIterator: its state resumes on
-    another layout too); checkpoint it with grain.checkpoint.CheckpointSave.
+    """This host's batches: a position.StreamIterator (checkpoint it with grain.checkpoint.CheckpointSave).
 
     `per_source`: the sources' samples when the caller has read them (`read_sources`).
     `modality_rows`: the model's rows per modality; needed for packing, and to give unpacked
@@ -317,8 +316,7 @@ def make_train_iterator(
     missing = [t for t in MODALITY_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"the tokenizer lacks the modality tokens {missing}; see conversation.add_modality_tokens")
-    packed = data_config.packing.enabled
-    if packed:
+    if packed := data_config.packing.enabled:
         packing.budget_of(data_config, modality_rows)  # a bad budget is an error now, not in a worker
     if data_config.feature_cache and cache is None:
         cache = feature_cache.FeatureCache(data_config.feature_cache)
@@ -331,15 +329,15 @@ def make_train_iterator(
     weights = [float(s.get("weight", 1.0)) for s in data_config.sources]
     dataset = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
     batch_size = global_batch_size // process_count
-    # Lazy: runs on this host's samples only. The index is the sample's in the global stream.
+    # Lazy: runs on this host's samples only (the index: the sample's in the global stream).
     dataset = dataset.map_with_index(_PrepareSample(data_config, tokenizer, modality_rows, cache))
     # Packed: every process-count-th sample is this host's, and it packs its own; unpacked: its
     # run of samples in each global batch.
     layout = position.Layout(process_count, process_index, 1 if packed else batch_size, data_config.worker_count)
 
     def build(view: position.View):
-        host_part = position.HostPart(position.ViewDataset(dataset, view), layout)
-        return _host_batches(host_part, data_config, tokenizer, modality_rows, batch_size, worker_cpus)
+        part = position.HostPart(position.ViewDataset(dataset, view), layout)
+        return _host_batches(part, data_config, tokenizer, modality_rows, batch_size, worker_cpus)
 
     return position.StreamIterator(build, layout)
 
