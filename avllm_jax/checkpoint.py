@@ -158,7 +158,7 @@ class _FailedReadNoise(logging.Filter):
         self._previous_hook = sys.unraisablehook
 
     def filter(self, record: logging.LogRecord) -> bool:
-        noise = str(record.msg).endswith("exception was never retrieved")
+        noise = str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
         self.count += noise
         return not noise
 
