@@ -228,10 +228,11 @@ def leave_in_order(wait_s: float) -> None:
     from jax._src import distributed  # the client of jax.distributed: no public accessor
 
     multihost_utils.sync_global_devices("avllm_jax: leaving")
-    if jax.process_index() == 0:
+    client = distributed.global_state.client
+    if jax.process_index() == 0 and client is not None:
         everyone = list(range(jax.process_count()))
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and len(distributed.global_state.client.get_live_nodes(everyone)) > 1:
+        while time.monotonic() < deadline and len(client.get_live_nodes(everyone)) > 1:
             time.sleep(0.1)
     jax.distributed.shutdown()
 
