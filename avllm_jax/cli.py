@@ -195,7 +195,7 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def initialize_distributed(args: argparse.Namespace) -> bool:
+def initialize_distributed(args: argparse.Namespace, *, recoverable: bool = True) -> bool:
     """Starts the multi-process job that `add_distributed_flags`' flags describe, if any, and
     sets this process's log level (the others log at WARNING); returns whether it started one."""
     import jax
@@ -208,6 +208,7 @@ def initialize_distributed(args: argparse.Namespace) -> bool:
         args.process_id,
         timeout_s=args.distributed_timeout_s,
         heartbeat_s=args.heartbeat_timeout_s,
+        recoverable=recoverable,
     )
     configure_logging(args, process_index=jax.process_index())
     return started
@@ -247,8 +248,11 @@ def configure_logging(args: argparse.Namespace, *, process_index: int = 0, strea
     starts (`initialize_distributed`), it keeps the streams and sets the level."""
     root = logging.getLogger()
     if not _handlers or stream is not None:
-        for handler in _handlers:
-            root.removeHandler(handler)
+        # Ours by their mark, not by this module's list: a second copy of this module (a test that
+        # runs an entry point in-process) has a list of its own, and its handlers would print twice.
+        for handler in list(root.handlers):
+            if getattr(handler, "avllm_jax_handler", False):
+                root.removeHandler(handler)
         _handlers.clear()
         # absl's first log call, made while importing a dependency, installs basicConfig's
         # handler on stderr: the command's handlers replace it, or every line would come twice.
@@ -264,6 +268,7 @@ def configure_logging(args: argparse.Namespace, *, process_index: int = 0, strea
             _handlers.append(_StandardStream("stderr"))
         for handler in _handlers:
             handler.setFormatter(_Formatter("%(message)s"))
+            handler.avllm_jax_handler = True  # type: ignore[attr-defined]  # the mark read above
             root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     cli.configure_logging(args)
     media_root = check_inputs(args)
     checkpoint.checked_model_config(args.checkpoint)
-    cli.initialize_distributed(args)
+    # Not recoverable: the others read what process 0 wrote while JAX's shutdown barrier holds it.
+    cli.initialize_distributed(args, recoverable=False)
     group = ProcessGroup.of_this_job(args.distributed_timeout_s)
     judge = None
     if args.judge_endpoint:

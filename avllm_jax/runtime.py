@@ -130,7 +130,13 @@ PEER_LOST_EXIT_STATUS = 75  # EX_TEMPFAIL: rerun the job (on the hosts that are 
 
 
 def initialize_distributed(
-    coordinator_address=None, num_processes=None, process_id=None, *, timeout_s: float = 300, heartbeat_s: float = 60
+    coordinator_address=None,
+    num_processes=None,
+    process_id=None,
+    *,
+    timeout_s: float = 300,
+    heartbeat_s: float = 60,
+    recoverable: bool = True,
 ) -> bool:
     """Starts `jax.distributed` when the job has several processes; returns whether it did.
 
@@ -155,8 +161,9 @@ def initialize_distributed(
     # GPU and TPU collectives do not read this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # A lost process is reported to the others' Python code (lost_processes) instead of JAX
-    # aborting them the moment its coordination service declares it dead.
-    jax.config.update("jax_enable_recoverability", True)
+    # aborting them the moment its coordination service declares it dead. Off for jobs whose
+    # processes rely on the shutdown barrier to outlive process 0 (evaluation's).
+    jax.config.update("jax_enable_recoverability", recoverable)
     if explicit:
         if given["process_id"] == 0:
             logger.info(

@@ -112,7 +112,8 @@ def test_data_error_keeps_the_last_checkpoint(demo_files, tmp_path):
             "--config.num_steps=40",
             "--config.checkpoint_every=1",
             f"--config.data.sources=({{'path': '{data / 'train.jsonl'}', 'weight': 1.0}},)",
-            "--config.data.min_samples_before_bad_check=20",
+            # The packer reads a window (32) ahead: the check starts once some steps are saved.
+            "--config.data.min_samples_before_bad_check=100",
             "--config.data.max_bad_fraction=0.1",
         )
     )
