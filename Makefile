@@ -63,7 +63,7 @@ format: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev browser lmms-eval
 	$(PY) -m pytest -q tests
 
-# The edit-test loop: no training subprocesses, no browser, no TPU compile (under 3 minutes).
+# The edit-test loop: no training or server subprocesses, no browser, no TPU compile.
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests -m "not slow and not subprocess and not browser and not tpu"
 
