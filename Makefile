@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two pytest workers, each handed whole modules (module fixtures such as a shared training run are
+# built once), longest first (tests/conftest.py): the suite is mostly one-threaded compiling.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 PIP := $(PY) -m pip install --quiet -c constraints.txt
 DEMO_OUT := demo_out
 WEB_ARGS ?=
@@ -61,11 +64,11 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 test: $(VENV)/.installed-dev browser lmms-eval
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_WORKERS)
 
 # The edit-test loop: no training or server subprocesses, no browser, no TPU compile.
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests -m "not slow and not subprocess and not browser and not tpu"
+	$(PY) -m pytest -q tests $(PYTEST_WORKERS) -m "not slow and not subprocess and not browser and not tpu"
 
 web: $(VENV)/.installed
 	@test -f $(DEMO_OUT)/run/config.json || { echo "make web serves the model that make demo trains: run make demo first"; exit 1; }
