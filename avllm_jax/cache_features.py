@@ -154,7 +154,7 @@ def build(
     data_config = config.data
     model_config, _, init_dir = train.resolve_model(config)
     train.check_data_matches_model(data_config, model_config)
-    if not (model_config.vision or model_config.audio_encoder):
+    if not (model_config.vision or model_config.audio):
         raise CacheBuildError("the config's model has no encoder to cache")
     index, count = shard
     name = feature_cache.shard_name(index, count)
@@ -271,8 +271,8 @@ def _feature_shapes(model_config, data_config) -> dict[str, list[int]]:
     if model_config.vision:
         width = model_config.vision.hidden_size
         shapes |= dict(frame_cls=[width], item_patches=[model_config.vision.num_patches, width])
-    if model_config.audio_encoder:
-        shapes["audio_embeddings"] = [data_config.num_audio_segments, model_config.audio_encoder.num_features]
+    if model_config.audio:
+        shapes["audio_embeddings"] = [data_config.num_audio_segments, model_config.audio.num_features]
     return shapes
 
 

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 def _check_parts(model_config, modality: Modality, checkpoint: str) -> None:
     if (
         (modality.has_visual and model_config.vision is None)
-        or (modality.has_audio and model_config.audio_encoder is None)
+        or (modality.has_audio and model_config.audio is None)
         or model_config.llm is None
     ):
         raise AvllmError(f"{checkpoint} lacks the encoder or the LLM that modality {modality.value!r} needs")

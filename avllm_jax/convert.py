@@ -1,10 +1,11 @@
 """Hugging Face checkpoints -> one avllm_jax model directory; `main` is tools/convert_hf_weights.py.
 
-`convert(clip=DIR, clap=DIR, llm=DIR, out=OUT)` (whisper=DIR in place of clap for a Whisper audio
-tower) reads each part's safetensors (PyTorch pickles only with `allow_pickle`), maps the tensor
-names with each network's rules (models/*.py, `hf_rules`), adds the modality tokens to the
-LLM's tokenizer and grows its embedding to match, initialises the projectors at random, and
-writes `config.json`, the tokenizer and `params/` to OUT (see avllm_jax/checkpoint.py).
+`convert(clip=DIR, clap=DIR, llm=DIR, out=OUT)` (whisper=DIR in place of clap: the part 'audio'
+is then Whisper's encoder) reads each part's safetensors (PyTorch pickles only with
+`allow_pickle`), maps the tensor names with each network's rules (models/*.py, `hf_rules`), adds
+the modality tokens to the LLM's tokenizer and grows its embedding to match, initialises the
+projectors at random, and writes `config.json`, the tokenizer and `params/` to OUT (see
+avllm_jax/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def convert(
     if clap and whisper:
         raise conversion.ConversionError("--clap and --whisper are mutually exclusive: the model has one audio encoder")
     flat: dict[str, np.ndarray] = {}
-    vision_config = audio_config = whisper_config = llm_config = None
+    vision_config = llm_config = None
+    audio_config: avllm.AudioConfig | None = None  # CLAP's HTSAT or Whisper's encoder: the part 'audio'
     modality_token_ids = (-1, -1, -1)
     if clip:
         vision_config = clip_vision.CLIPVisionConfig.from_hf(conversion.read_hf_config(clip), param_dtype=dtype)
@@ -126,8 +128,8 @@ def convert(
         )
         flat |= {f"audio.{k}": v for k, v in part.items()}
     if whisper:
-        whisper_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
-        flat |= {f"whisper.{k}": v for k, v in part.items()}
+        audio_config, part = convert_whisper(whisper, dtype=dtype, allow_pickle=allow_pickle)
+        flat |= {f"audio.{k}": v for k, v in part.items()}
     if llm:
         hf_config = conversion.read_hf_config(llm)
         tokenizer_dir = tokenizer or llm
@@ -162,7 +164,6 @@ def convert(
     config = avllm.AVLLMConfig(
         vision=vision_config,
         audio=audio_config,
-        whisper=whisper_config,
         llm=llm_config,
         modality_token_ids=modality_token_ids,
     )

@@ -175,13 +175,12 @@ def model_card(workdir: str, config, stages: list[dict], base_models: list[str],
     lines += [f"- {name}" for name in base_models] or [f"- {base}"]
     if base_models:
         lines.append(f"- converted into avllm_jax as {base}")
-    for part, title in (
-        ("vision", "vision encoder (CLIP ViT)"),
-        ("audio", "audio encoder (HTSAT)"),
-        ("whisper", "audio encoder (Whisper)"),
-    ):
-        if getattr(config, part) is not None:
-            lines.append(f"- {title}: frozen in training; its config is in `{EXTRAS_FILE}`")
+    encoders = []
+    if config.vision is not None:
+        encoders.append("vision encoder (CLIP ViT)")
+    if config.audio is not None:
+        encoders.append(f"audio encoder ({'Whisper' if config.audio.kind == 'whisper' else 'HTSAT'})")
+    lines += [f"- {title}: frozen in training; its config is in `{EXTRAS_FILE}`" for title in encoders]
     lines += ["", "## Training", ""]
     if not stages:
         lines.append("No training run is recorded in this directory.")
@@ -273,10 +272,9 @@ def export(workdir: str, out: str, *, base_models: tuple[str, ...] = (), max_sha
         save_file(projectors, os.path.join(out, PROJECTORS_FILE))
         files.append(PROJECTORS_FILE)
     extras = {
-        "format": "avllm_jax export 1",
+        "format": "avllm_jax export 2",  # 2: the audio encoder in "audio" with its kind (1: a Whisper one in "whisper")
         "vision": None if config.vision is None else config.to_dict()["vision"],
-        "audio": None if config.audio is None else config.to_dict()["audio"],
-        "whisper": None if config.whisper is None else config.to_dict()["whisper"],
+        "audio": None if config.audio is None else config.to_dict()["audio"],  # its kind says which encoder
         "modality_tokens": dict(zip(MODALITY_TOKENS, config.modality_token_ids)),
         "projectors": {
             name: {

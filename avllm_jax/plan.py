@@ -37,7 +37,7 @@ from flax import nnx
 from avllm_jax import checkpoint, cli
 from avllm_jax.data import packing, samples
 from avllm_jax.modality import MODALITY_TOKENS
-from avllm_jax.models import attention
+from avllm_jax.models import attention, llama
 from avllm_jax.models.avllm import AVLLMConfig
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import flops, optim, sharding, step
@@ -66,9 +66,9 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
 
     With a converted checkpoint (or earlier workdir) at `init_checkpoint`, its config.json
     plus the config's overrides, as training reads it. Without one, each part's defaults set
-    for the run's data (image size, fused HTSAT for 'fusion' audio) plus the overrides, and a
-    vocabulary of LLaMA's 32000 tokens and the 3 modality tokens conversion adds. Either way with
-    the run's `config.lora` adapters, as training applies them.
+    for the run's data (image size, fused HTSAT for 'fusion' audio, a Whisper encoder's mel bins)
+    plus the overrides, and a vocabulary of LLaMA's 32000 tokens and the 3 modality tokens
+    conversion adds. Either way with the run's `config.lora` adapters, as training applies them.
     """
     overrides = {
         part: fields for part, fields in config_lib.model_overrides(config).items() if part in config.model.parts
@@ -79,13 +79,18 @@ def planned_model_config(config) -> tuple[AVLLMConfig, str]:
             checkpoint.read_model_config(config.init_checkpoint).replace(**overrides), config.lora
         ), source
     data = config.data
+    audio_defaults = {
+        "htsat": {"enable_fusion": data.audio_truncation == "fusion"},
+        "whisper": {"num_mel_bins": data.whisper_mel_bins},
+    }
     defaults = {
         "vision": {"image_size": data.image_size},
-        "audio": {"enable_fusion": data.audio_truncation == "fusion"},
-        "whisper": {"num_mel_bins": data.whisper_mel_bins},
-        "llm": {"vocab_size": config_lib.MODEL_PARTS["llm"]().vocab_size + len(MODALITY_TOKENS)},
+        "audio": audio_defaults[config.model.audio_kind],
+        "llm": {"vocab_size": llama.LlamaConfig().vocab_size + len(MODALITY_TOKENS)},
     }
-    parts = {part: config_lib.MODEL_PARTS[part](**(defaults[part] | overrides[part])) for part in config.model.parts}
+    parts = {
+        part: config_lib.part_config(config, part, defaults[part] | overrides[part]) for part in config.model.parts
+    }
     missing = f"{config.init_checkpoint!r} holds no config.json" if config.init_checkpoint else "no init_checkpoint"
     return optim.apply_lora(
         AVLLMConfig(**parts), config.lora

@@ -62,7 +62,8 @@ def resolve_model(config):
     `config.model.parts` names the parts; the fields set in `config.model.<part>` override
     (see avllm_jax/training/config.py), and those set for a part it does not name are printed
     as unused. With `init_checkpoint`, each part is the one stored there (a converted
-    checkpoint, or the workdir of an earlier stage), which must hold exactly the named parts.
+    checkpoint, or the workdir of an earlier stage), which must hold exactly the named parts,
+    its audio encoder of `config.model.audio_kind`.
     Without it, each named part is its config dataclass's defaults plus the overrides, with
     random weights and the tokenizer from `config.tokenizer` (the demo does this).
     """
@@ -81,11 +82,16 @@ def resolve_model(config):
                 f"init_checkpoint {config.init_checkpoint!r} does not exist or holds no model.\n{_MAKE_INIT_CHECKPOINT}"
             )
         stored = checkpoint.read_model_config(config.init_checkpoint)
-        stored_parts = tuple(part for part in config_lib.MODEL_PARTS if getattr(stored, part))
+        stored_parts = tuple(part for part in avllm.PARTS if getattr(stored, part))
         if set(stored_parts) != set(config.model.parts):
             raise SetupError(
                 f"config.model.parts={tuple(config.model.parts)!r} but init_checkpoint {config.init_checkpoint!r} "
                 f'holds {stored_parts!r}: name exactly the parts it holds, e.g. --config.model.parts="{stored_parts!r}"'
+            )
+        if stored.audio and stored.audio.kind != config.model.audio_kind:
+            raise SetupError(
+                f"config.model.audio_kind={config.model.audio_kind!r} but init_checkpoint {config.init_checkpoint!r} "
+                f"holds a {stored.audio.kind!r} audio encoder: use --config.model.audio_kind={stored.audio.kind}"
             )
         model_config = stored.replace(**overrides)
         _check_same_weight_shapes(stored, model_config, overrides)
@@ -102,7 +108,7 @@ def resolve_model(config):
             f"config.model.llm.vocab_size={vocab_size} but the tokenizer {config.tokenizer!r} has {len(tokenizer)} "
             "tokens; without init_checkpoint leave it unset (it is the tokenizer's size)"
         )
-    parts = {part: config_lib.MODEL_PARTS[part](**fields) for part, fields in overrides.items()}
+    parts = {part: config_lib.part_config(config, part, fields) for part, fields in overrides.items()}
     return avllm.AVLLMConfig(**parts, modality_token_ids=token_ids), tokenizer, None
 
 
@@ -138,9 +144,7 @@ def check_data_matches_model(data_config, model_config):
         raise SetupError(
             f"data.image_size={data_config.image_size} but the vision encoder takes {model_config.vision.image_size} px"
         )
-    if model_config.audio_encoder and (
-        problem := features.audio_settings_problem(data_config, model_config.audio_encoder)
-    ):
+    if model_config.audio and (problem := features.audio_settings_problem(data_config, model_config.audio)):
         raise SetupError(f"data.{problem}")
 
 

@@ -22,9 +22,9 @@ FILES = sorted(glob.glob(os.path.join(ABLATIONS, "*.py")))
 EXPECTED = {
     "table5_vit_b16": ("vision", clip_vision.PRESETS["vit_b16"]),
     "table5_vit_h14": ("vision", clip_vision.PRESETS["vit_h14"]),
-    "table6_whisper_tiny": ("whisper", whisper.PRESETS["whisper_tiny"]),
-    "table6_whisper_base": ("whisper", whisper.PRESETS["whisper_base"]),
-    "table6_whisper_small": ("whisper", whisper.PRESETS["whisper_small"]),
+    "table6_whisper_tiny": ("audio", whisper.PRESETS["whisper_tiny"]),
+    "table6_whisper_base": ("audio", whisper.PRESETS["whisper_base"]),
+    "table6_whisper_small": ("audio", whisper.PRESETS["whisper_small"]),
     "table7_vicuna13b": ("llm", llama.PRESETS["vicuna_13b"]),
 }
 # Fields that say how a part computes, not what it is.
@@ -78,7 +78,7 @@ def test_ablation_config_is_consistent(name, arguments):
         compute = {field: getattr(preset, field) for field in COMPUTE_FIELDS if hasattr(preset, field)}
         assert dataclasses.replace(built, **compute) == preset
     if name.startswith("table6_"):
-        assert model_config.audio_encoder.kind == "whisper" and config.data.audio_sample_rate == 16000
+        assert model_config.audio.kind == "whisper" and config.data.audio_sample_rate == 16000
     if name.startswith(("fig9_", "fig10_")):
         stage, count = arguments[0].split(",")
         field = "num_frames" if name.startswith("fig9_") else "num_audio_segments"

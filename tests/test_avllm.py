@@ -1,14 +1,16 @@
 """The composite model and modality-augmented training: mixed batches, dropped rows, zero gradients."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, packed_batch, tiny_model, tiny_tokenizer
+from tiny_models import NUM_FRAMES, NUM_SEGMENTS, mixed_batch, packed_batch, tiny_config, tiny_model, tiny_tokenizer
 
 from avllm_jax.data import packing
-from avllm_jax.models import clip_vision
+from avllm_jax.models import avllm, clip_vision, htsat, whisper
 from avllm_jax.training import optim, step
 
 MODALITIES = ("visual", "audio", "audio_visual", "text")
@@ -33,9 +35,9 @@ def own_rows(model, sample: dict) -> list[jax.Array]:
         hidden = model.vision(clip_vision.normalize_frames(jnp.asarray(sample["frames"])))  # [T, 1+N, Dv]
         rows.append(model.temporal_proj(hidden[:, 0])[None])
         rows.append(model.spatial_proj(hidden[:, 1:].mean(axis=0))[None])
-    if sample["has_audio"] and model.whisper is not None:
+    if sample["has_audio"] and model.config.audio.kind == "whisper":
         # Whisper: the clip's window encoded once, its real frames cut into K equal spans.
-        hidden = np.asarray(model.whisper(jnp.asarray(sample["audio_features"])[None]))[0]
+        hidden = np.asarray(model.audio(jnp.asarray(sample["audio_features"])[None]))[0]
         valid = int(sample["audio_valid_frames"][0])
         bounds = np.linspace(0, valid, NUM_SEGMENTS + 1).astype(int)  # valid is >= K here: no empty span
         pooled = np.stack([hidden[start:end].mean(axis=0) for start, end in zip(bounds[:-1], bounds[1:])])
@@ -106,16 +108,16 @@ def test_packed_batch_samples_equal_samples_alone(model, tokenizer):
 def test_whisper_model_packed_and_unpacked_equal_samples_alone(tokenizer):
     """The same with a Whisper audio encoder (the paper's Table 6): in a pack and in the
     unpacked layout inference uses, each sample computes what it computes alone."""
-    model = tiny_model(tokenizer, audio_encoder="whisper")
+    model = tiny_model(tokenizer, audio_kind="whisper")
     kinds = ("audio", "audio_visual", "visual", "audio")
     budget = packing.PackBudget(rows=2, row_length=480, frames=2 * NUM_FRAMES, visual_items=2, audio_clips=3)
-    batch, samples, places = packed_batch(tokenizer, model.config, kinds, budget, seed=5, audio_encoder="whisper")
+    batch, samples, places = packed_batch(tokenizer, model.config, kinds, budget, seed=5, audio_kind="whisper")
     assert batch["audio_features"].shape[1:] == (3, 80, 3000) and batch["audio_valid_frames"].shape[1:] == (
         3,
         NUM_SEGMENTS,
     )
     logits = np.asarray(model(jax.tree.map(jnp.asarray, batch))[0]).reshape(*batch["input_ids"].shape, -1)
-    unpacked = mixed_batch(tokenizer, kinds, seed=5, audio_encoder="whisper")
+    unpacked = mixed_batch(tokenizer, kinds, seed=5, audio_kind="whisper")
     unpacked_logits, inputs = model(jax.tree.map(jnp.asarray, unpacked))
     kept = np.asarray(inputs["segment_ids"]).astype(bool)
     for i, (sample, (pack, row, segment), kind) in enumerate(zip(samples, places, kinds)):
@@ -128,6 +130,34 @@ def test_whisper_model_packed_and_unpacked_equal_samples_alone(tokenizer):
             diff = np.abs(ours - alone).max()
             print(f"whisper {layout} {kind}: max|batched - alone| = {diff:.2e}")
             assert diff <= 1e-5, (layout, kind)
+
+
+@pytest.mark.parametrize("kind, module", [("htsat", htsat.HTSAT), ("whisper", whisper.WhisperEncoder)])
+def test_the_audio_part_is_either_encoder_and_its_config_says_which(tokenizer, kind, module):
+    """One part 'audio', of either kind: its module, its parameters' key and its config.json block
+    (with the kind; an audio block written without one, before there were two, is an HTSAT's)."""
+    config = tiny_config(tokenizer, audio_kind=kind)
+    model = nnx.eval_shape(lambda: avllm.AVLLM(config, rngs=nnx.Rngs(0)))
+    assert isinstance(model.audio, module) and model.audio_proj is not None
+    assert set(nnx.to_pure_dict(nnx.state(model))) == {
+        "vision",
+        "audio",
+        "llm",
+        "temporal_proj",
+        "spatial_proj",
+        "audio_proj",
+    }
+    stored = json.loads(json.dumps(config.to_dict()))
+    assert stored["audio"]["kind"] == kind and set(stored) == {"vision", "audio", "llm", "modality_token_ids"}
+    assert avllm.AVLLMConfig.from_dict(stored) == config
+    without_kind = stored | {"audio": {k: v for k, v in stored["audio"].items() if k != "kind"}}
+    if kind == "htsat":
+        assert avllm.AVLLMConfig.from_dict(without_kind) == config
+    else:  # read as an HTSAT's, Whisper's fields are unknown
+        with pytest.raises(ValueError, match=r"unknown HTSATConfig fields .*'d_model'"):
+            avllm.AVLLMConfig.from_dict(without_kind)
+    with pytest.raises(ValueError, match="unknown audio encoder kind 'clap': one of htsat, whisper"):
+        avllm.AVLLMConfig.from_dict(stored | {"audio": stored["audio"] | {"kind": "clap"}})
 
 
 def test_targets_are_the_answer_tokens(model, tokenizer):

@@ -13,9 +13,9 @@ import transformers
 from absl import flags
 from ml_collections import config_flags
 
-from avllm_jax import checkpoint
+from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, synthetic
-from avllm_jax.models import avllm, clip_vision, htsat, llama
+from avllm_jax.models import avllm, clip_vision, htsat, llama, whisper
 from avllm_jax.train import SetupError, resolve_model
 from avllm_jax.training import config as config_lib
 
@@ -35,6 +35,12 @@ def check_error(config) -> str:
     return str(error.value)
 
 
+def config_parser():
+    parser = cli.Parser("prog")
+    parser.add_config_flag("config", config_lib.unknown_field)
+    return parser
+
+
 @pytest.mark.parametrize("name", ["demo", "pretrain", "sft"])
 def test_config_files_pass_the_check(name):
     config_lib.check_config(load_config_file(name))
@@ -42,9 +48,12 @@ def test_config_files_pass_the_check(name):
 
 def test_model_blocks_declare_every_dataclass_field():
     model = config_lib.base_config().model
-    assert model.parts == ("vision", "audio", "llm")
-    for part, cls in config_lib.MODEL_PARTS.items():
-        assert set(model[part].keys()) == {f.name for f in dataclasses.fields(cls)}
+    assert model.parts == ("vision", "audio", "llm") and model.audio_kind == "htsat"
+    fields = lambda *classes: {f.name for cls in classes for f in dataclasses.fields(cls)}
+    assert set(model.vision.keys()) == fields(clip_vision.CLIPVisionConfig)
+    assert set(model.llm.keys()) == fields(llama.LlamaConfig)
+    assert set(model.audio.keys()) == fields(htsat.HTSATConfig, whisper.WhisperEncoderConfig)  # either kind's
+    for part in avllm.PARTS:
         assert all(value is None for value in model[part].values())  # None: not set
 
 
@@ -85,6 +94,39 @@ def test_model_parts_are_checked():
     assert "names a part twice" in message and "lacks 'llm'" in message
 
 
+def test_the_whisper_part_of_old_configs_names_the_new_way():
+    """A Whisper encoder is the part 'audio' with config.model.audio_kind='whisper' now."""
+    config = config_lib.base_config()
+    config.model.parts = ("vision", "whisper", "llm")
+    assert (
+        "config.model.parts names 'whisper', which is now 'audio' with config.model.audio_kind='whisper'"
+        in check_error(config)
+    )
+    config = config_lib.base_config()
+    config.model.whisper = ml_collections.ConfigDict(dict(d_model=384))
+    assert "config.model.whisper was renamed config.model.audio, with config.model.audio_kind='whisper'" in check_error(
+        config
+    )
+    with pytest.raises(cli.UsageError, match=r"^--config\.model\.whisper\.d_model: config\.model\.whisper was renamed"):
+        config_parser().parse_args(["--config", str(REPO / "configs/demo.py"), "--config.model.whisper.d_model=384"])
+
+
+def test_audio_fields_must_be_of_the_audio_kind():
+    config = config_lib.base_config()
+    config.model.audio.d_model = 384
+    config.model.audio.dtype = "bfloat16"  # both kinds have it
+    assert check_error(config) == (
+        "bad config:\n  config.model.audio.d_model is a field of the 'whisper' audio encoder, not of "
+        "config.model.audio_kind='htsat': set the kind, or leave the field unset"
+    )
+    config.model.audio_kind = "whisper"
+    config_lib.check_config(config)
+    config.model.audio.enable_fusion = True
+    assert "config.model.audio.enable_fusion is a field of the 'htsat' audio encoder, not of" in check_error(config)
+    config.model.audio_kind = "whispr"
+    assert "config.model.audio_kind='whispr' is not an audio encoder (did you mean 'whisper'?)" in check_error(config)
+
+
 def parse_command_line(*args):
     argv = ["train", f"--config={REPO / 'configs/demo.py'}", *args]
     flag_values = flags.FlagValues()
@@ -108,6 +150,25 @@ def test_command_line_overrides_any_model_field():
         AttributeError, match='Did you mean "hidden_size" instead of "hiden_size"'
     ):  # config_flags' check
         parse_command_line("--config.model.llm.hiden_size=3")
+
+
+def test_a_whisper_audio_part_is_set_on_the_command_line(tmp_path, tokenizer_dir):
+    """audio_kind picks the dataclass; Whisper's own fields parse with their types."""
+    config_file = tmp_path / "base.py"
+    config_file.write_text("from avllm_jax.training.config import base_config as get_config\n")
+    args = config_parser().parse_args(
+        [
+            f"--config={config_file}",
+            f"--config.tokenizer={tokenizer_dir}",
+            "--config.model.audio_kind=whisper",
+            "--config.model.audio.d_model=36",
+            "--config.model.audio.encoder_attention_heads=3",
+            "--config.model.audio.num_mel_bins=128",
+        ]
+    )
+    config_lib.check_config(args.config)
+    model_config, _, _ = resolve_model(args.config)
+    assert model_config.audio == whisper.WhisperEncoderConfig(d_model=36, encoder_attention_heads=3, num_mel_bins=128)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +267,23 @@ def test_with_init_checkpoint_the_parts_must_match_it(init_checkpoint):
     assert model_config.llm.hidden_size == 64  # the checkpoint's
     assert model_config.llm.rms_norm_eps == 1e-6 and model_config.llm.dtype == "bfloat16"  # overridden
     assert model_config.vision.attention_implementation == "auto"
+
+
+def test_with_init_checkpoint_the_audio_kind_must_match_it(init_checkpoint):
+    stored = checkpoint.read_model_config(str(init_checkpoint))
+    checkpoint.write_model_config(str(init_checkpoint), dataclasses.replace(stored, audio=whisper.PRESETS["tiny"]))
+    config = config_lib.base_config()
+    config.init_checkpoint = str(init_checkpoint)
+    with pytest.raises(
+        SetupError,
+        match=r"config.model.audio_kind='htsat' but init_checkpoint .* holds a 'whisper' audio encoder: "
+        r"use --config.model.audio_kind=whisper$",
+    ):
+        resolve_model(config)
+    config.model.audio_kind = "whisper"
+    config.model.audio.dtype = "bfloat16"
+    model_config, _, _ = resolve_model(config)
+    assert model_config.audio == dataclasses.replace(whisper.PRESETS["tiny"], dtype="bfloat16")
 
 
 def test_with_init_checkpoint_overrides_must_keep_the_weight_shapes(init_checkpoint):

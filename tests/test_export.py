@@ -38,11 +38,11 @@ def demo_train_config(**changes) -> dict:
     return json.loads(module.get_config().to_json_best_effort()) | changes
 
 
-def write_workdir(directory, llm_changes, seed=0):
+def write_workdir(directory, llm_changes, seed=0, audio_kind="htsat"):
     """A model directory as training leaves it (params, config, tokenizer, data and train
     configs), with every weight random, norm scales included, so that a swapped tensor shows."""
     tokenizer = tiny_tokenizer()
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, audio_kind=audio_kind)
     config = avllm.AVLLMConfig(
         vision=config.vision,
         audio=config.audio,
@@ -150,7 +150,7 @@ def test_shards_card_and_side_file(tmp_path):
     # The encoder configs read back with avllm_jax's own loader.
     side = avllm.AVLLMConfig.from_dict({"vision": extras["vision"], "audio": extras["audio"]})
     assert (side.vision, side.audio) == (model.config.vision, model.config.audio)
-    assert extras["whisper"] is None
+    assert extras["audio"]["kind"] == "htsat" and "audio encoder (HTSAT): frozen" in card
     assert extras["media"] == {
         "num_frames": 4,
         "image_size": 64,
@@ -161,6 +161,15 @@ def test_shards_card_and_side_file(tmp_path):
         "audio_truncation": "rand_trunc",
         "whisper_mel_bins": 80,
     }  # the workdir's data_config.json
+
+
+def test_a_whisper_models_side_file_and_card_name_its_audio_encoder(tmp_path):
+    model, _ = write_workdir(tmp_path / "run", {}, audio_kind="whisper")
+    export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    extras = json.loads((tmp_path / "hf" / export.EXTRAS_FILE).read_text())
+    assert extras["audio"]["kind"] == "whisper" and "whisper" not in extras
+    assert avllm.AVLLMConfig.from_dict({"audio": extras["audio"]}).audio == model.config.audio
+    assert "audio encoder (Whisper): frozen" in (tmp_path / "hf" / export.CARD_FILE).read_text()
 
 
 def test_unusable_inputs_are_refused_with_the_reason(tmp_path, capsys):

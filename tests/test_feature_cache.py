@@ -1,6 +1,7 @@
 """The frozen-encoder feature cache: what it stores, training and evaluation from it, its
 fingerprint, shards and resume (avllm_jax/cache_features.py, data/feature_cache.py)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,11 +12,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from tiny_models import tiny_config, tiny_tokenizer
 
 from avllm_jax import cache_features, train
 from avllm_jax.data import conversation, feature_cache, packing, pipeline, samples
 from avllm_jax.data.media import write_media
-from avllm_jax.models import clip_vision
+from avllm_jax.models import clip_vision, htsat, whisper
 from avllm_jax.training import config as config_lib
 from avllm_jax.training import sharding
 
@@ -249,6 +251,20 @@ def test_finished_shards_are_kept_and_an_interrupted_one_is_built_again(setup, t
     with pytest.raises(cache_features.CacheBuildError, match="dtype='float32', not 'bfloat16'"):
         os.remove(cache_dir / f"{second}.json")
         cache_features.build(config, str(cache_dir), (1, NUM_SHARDS), dtype="bfloat16", workers=0)
+
+
+def test_an_htsat_models_fingerprint_is_as_before_the_audio_part_had_kinds():
+    """Its fields as model.audio.<field>, without a kind, and its weights' digest as weights.audio,
+    as before a Whisper encoder became the part 'audio': its caches stay valid. A Whisper model's
+    are under model.audio too (its fields, and the data's front end, tell the kinds apart)."""
+    tokenizer = tiny_tokenizer()
+    data = pipeline.default_data_config()
+    for kind, config_class in (("htsat", htsat.HTSATConfig), ("whisper", whisper.WhisperEncoderConfig)):
+        configs = tiny_config(tokenizer, audio_kind=kind).encoder_configs()
+        printed = feature_cache.fingerprint(data, configs, {"audio": "digest"})
+        audio = {name.removeprefix("model.audio.") for name in printed if name.startswith("model.audio.")}
+        assert audio == {field.name for field in dataclasses.fields(config_class)}
+        assert printed["weights.audio"] == "digest" and not any(name.startswith("model.whisper") for name in printed)
 
 
 def test_records_keep_bfloat16_features_and_the_streams():

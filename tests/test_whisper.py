@@ -1,7 +1,7 @@
 """Whisper: the log-mel front end against transformers.WhisperFeatureExtractor, the encoder
 against transformers' WhisperModel encoder on random weights read through the converter
-(save_pretrained -> safetensors -> convert_whisper -> load_into), the segment pooling, and the
-converter's errors. Float32.
+(save_pretrained -> safetensors -> convert_whisper -> load_into), the segment pooling, the
+converter's errors, and a converted model's audio part (and the layout before it was one). Float32.
 
 Tolerances: features 1e-4 absolute against the extractor (the normalised log-mel is O(1), max
 |HF| ~ 1.4; HF's torch path computes in float32, we in float64) and 1e-6 against its numpy path;
@@ -15,6 +15,7 @@ import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 import torch
@@ -22,6 +23,7 @@ import transformers
 from flax import nnx
 from hf_reference import assert_parity, build_hf
 
+import avllm_jax
 from avllm_jax import convert
 from avllm_jax.data.features import whisper_audio_features
 from avllm_jax.models import conversion, whisper
@@ -247,25 +249,21 @@ def test_clap_and_whisper_are_mutually_exclusive(tmp_path, capsys):
 
 
 def test_whisper_converts_end_to_end(tmp_path):
-    """--whisper DIR --out OUT, then load_model(OUT).whisper equals HF's encoder."""
+    """--whisper DIR --out OUT, then load_model(OUT).audio, a WhisperEncoder stored as the part
+    'audio', equals HF's encoder."""
     hf_encoder = _save_hf("odd", tmp_path / "whisper")
-    import avllm_jax
-
     convert.main(["--whisper", str(tmp_path / "whisper"), "--out", str(tmp_path / "out")])
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["avllm"]
-    assert saved["whisper"]["d_model"] == 36 and saved["audio"] is None
+    assert saved["audio"]["kind"] == "whisper" and saved["audio"]["d_model"] == 36 and "whisper" not in saved
+    assert set(ocp.StandardCheckpointer().restore((tmp_path / "out" / "params").absolute())) == {"audio"}
     model = avllm_jax.load_model(tmp_path / "out")
-    assert (
-        model.config.audio_encoder.kind == "whisper"
-        and model.audio is None
-        and model.vision is None
-        and model.llm is None
-    )
+    assert isinstance(model.audio, whisper.WhisperEncoder) and model.config.audio.kind == "whisper"
+    assert model.vision is None and model.llm is None
     features = whisper_audio_features(_clip(2.0), 128)[0][None]
     with torch.no_grad():
         reference = hf_encoder(torch.from_numpy(features)).last_hidden_state.numpy()
     assert_parity(
-        nnx.jit(lambda m, x: m(x))(model.whisper, features), reference, "converted whisper audio tower", TOLERANCE
+        nnx.jit(lambda m, x: m(x))(model.audio, features), reference, "converted whisper audio tower", TOLERANCE
     )
 
 

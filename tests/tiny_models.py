@@ -18,19 +18,18 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_config(tokenizer, *, audio_encoder="htsat") -> avllm.AVLLMConfig:
+def tiny_config(tokenizer, *, audio_kind="htsat") -> avllm.AVLLMConfig:
     ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS)
     return avllm.AVLLMConfig(
         vision=clip_vision.PRESETS["tiny"],
-        audio=TINY_HTSAT if audio_encoder == "htsat" else None,
-        whisper=whisper.PRESETS["tiny"] if audio_encoder == "whisper" else None,
+        audio={"htsat": TINY_HTSAT, "whisper": whisper.PRESETS["tiny"]}[audio_kind],
         llm=llama.LlamaConfig(**{**llama.PRESETS["tiny"].__dict__, "vocab_size": len(tokenizer)}),
         modality_token_ids=ids,
     )
 
 
-def tiny_model(tokenizer, seed=0, *, audio_encoder="htsat") -> avllm.AVLLM:
-    return avllm.AVLLM(tiny_config(tokenizer, audio_encoder=audio_encoder), rngs=nnx.Rngs(seed))
+def tiny_model(tokenizer, seed=0, *, audio_kind="htsat") -> avllm.AVLLM:
+    return avllm.AVLLM(tiny_config(tokenizer, audio_kind=audio_kind), rngs=nnx.Rngs(seed))
 
 
 TEXT = "text"  # a sample kind beside the modalities: no media, no modality token
@@ -48,7 +47,7 @@ ANSWERS = {
 }
 
 
-def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_encoder="htsat"):
+def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_kind="htsat"):
     """One sample's fields (`kind`: a modality or TEXT); media are random, the prompt follows
     the Vicuna template. The audio arrays are an HTSAT's, or a Whisper encoder's: one 30 s
     log-mel window and a random count of real frames."""
@@ -57,7 +56,7 @@ def sample_arrays(tokenizer, kind, rng, image_size=32, *, audio_encoder="htsat")
     ids, labels = conversation.tokenize_turns(
         [(conversation.USER_ROLE, question), (conversation.ASSISTANT_ROLE, ANSWERS[kind])], tokenizer
     )
-    if audio_encoder == "whisper":
+    if audio_kind == "whisper":
         config = whisper.PRESETS["tiny"]
         audio = dict(
             audio_features=rng.randn(config.num_mel_bins, config.num_frames).astype(np.float32),
@@ -92,9 +91,9 @@ def collate(samples, length=None):
     return batch
 
 
-def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None, audio_encoder="htsat"):
+def mixed_batch(tokenizer, modalities=(*Modality, TEXT), seed=0, pad_to=None, audio_kind="htsat"):
     rng = np.random.RandomState(seed)
-    return collate([sample_arrays(tokenizer, m, rng, audio_encoder=audio_encoder) for m in modalities], pad_to)
+    return collate([sample_arrays(tokenizer, m, rng, audio_kind=audio_kind) for m in modalities], pad_to)
 
 
 def prepared_sample(sample: dict, tokenizer, still: bool = False) -> dict:
@@ -114,18 +113,18 @@ def as_still(sample: dict) -> dict:
     return dict(sample, frames=np.repeat(sample["frames"][:1], NUM_FRAMES, axis=0))
 
 
-def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), audio_encoder="htsat"):
+def packed_batch(tokenizer, model_config, kinds, budget, *, seed=0, stills=(), audio_kind="htsat"):
     """`kinds` packed into as many packs as they need (data/packer.py, all in one window), and the
     unpacked samples (stills repeated over T) with their (pack, row, segment id) to compare
     against. Returns (batch, samples, places)."""
     from avllm_jax.data import packer, packing
 
     rng = np.random.RandomState(seed)
-    samples = [sample_arrays(tokenizer, kind, rng, audio_encoder=audio_encoder) for kind in kinds]
+    samples = [sample_arrays(tokenizer, kind, rng, audio_kind=audio_kind) for kind in kinds]
     samples = [as_still(s) if i in stills else s for i, s in enumerate(samples)]
     prepared = [prepared_sample(s, tokenizer, still=i in stills) for i, s in enumerate(samples)]
     rows = packing.ModalityRows(NUM_FRAMES, model_config.vision.num_patches, NUM_SEGMENTS)
-    audio_names = ("audio_features", "audio_valid_frames" if audio_encoder == "whisper" else "audio_is_longer")
+    audio_names = ("audio_features", "audio_valid_frames" if audio_kind == "whisper" else "audio_is_longer")
     shapes = dict(
         frame={"frames": (samples[0]["frames"].shape[1:], np.dtype(np.uint8))},
         item={},

@@ -259,13 +259,11 @@ def audio_settings_problem(config, encoder_config) -> str | None:
     """Why the audio settings of `config` do not suit the model's audio encoder, whose config's
     `kind` is 'htsat' (an HTSATConfig: fused or not, a spectrogram image of at most max_frames
     frames) or 'whisper' (a WhisperEncoderConfig: 16 kHz, its mel bins); None when they do."""
-    audio_encoder = encoder_config.kind
-    front_end = "whisper" if audio_encoder == "whisper" else "clap"
+    kind = encoder_config.kind
+    front_end = "whisper" if kind == "whisper" else "clap"
     if config.audio_front_end != front_end:
-        return (
-            f"audio_front_end={config.audio_front_end!r} but the audio encoder is {audio_encoder!r}: use {front_end!r}"
-        )
-    if audio_encoder == "whisper":
+        return f"audio_front_end={config.audio_front_end!r} but the audio encoder is {kind!r}: use {front_end!r}"
+    if kind == "whisper":
         if config.audio_sample_rate != WHISPER_SAMPLE_RATE:
             rate = WHISPER_SAMPLE_RATE
             return f"audio_sample_rate={config.audio_sample_rate} but Whisper takes {rate} Hz audio: use {rate}"

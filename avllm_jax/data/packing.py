@@ -72,7 +72,7 @@ class ModalityRows:
 
     @classmethod
     def of(cls, model_config, data_config) -> ModalityRows:
-        vision, audio = model_config.vision, model_config.audio_encoder
+        vision, audio = model_config.vision, model_config.audio
         return cls(
             temporal=data_config.num_frames if vision else 0,
             spatial=vision.num_patches if vision else 0,

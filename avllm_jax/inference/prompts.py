@@ -30,6 +30,7 @@ from avllm_jax.data.media import Media
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
+from avllm_jax.models.htsat import HTSATConfig
 
 # Prompts are right-padded to a multiple of this many tokens, so that prompts of similar
 # length share one compiled program.
@@ -51,26 +52,25 @@ def inference_data_config(
     """
     model_config = model.config if isinstance(model, AVLLM) else model
     config = read_data_config(checkpoint_dir) if checkpoint_dir else None
-    audio, whisper = model_config.audio, model_config.whisper
+    audio = model_config.audio
     if config is None:
         config = pipeline.default_data_config()
         if model_config.vision is not None:
             config.image_size = model_config.vision.image_size
-        if audio is not None:
+        if isinstance(audio, HTSATConfig):
             config.audio_truncation = "fusion" if audio.enable_fusion else "rand_trunc"
             config.audio_max_length_s = min(
                 config.audio_max_length_s, features.longest_audio_window_s(audio.max_frames, config)
             )
-        if whisper is not None:
+        elif audio is not None:  # a Whisper encoder
             config.update(
                 audio_front_end="whisper",
                 audio_sample_rate=features.WHISPER_SAMPLE_RATE,
-                whisper_mel_bins=whisper.num_mel_bins,
+                whisper_mel_bins=audio.num_mel_bins,
             )
     config.feature_cache = None  # a training run's cache holds its own data's files; --feature-cache names one
     config.update({k: v for k, v in overrides.items() if v is not None})
-    encoder = model_config.audio_encoder
-    if encoder is not None and (problem := features.audio_settings_problem(config, encoder)):
+    if audio is not None and (problem := features.audio_settings_problem(config, audio)):
         raise ValueError(f"{problem} (--audio-window-s, --audio-truncation)")
     return config
 
@@ -171,7 +171,7 @@ def missing_part(model: AVLLM, modality: Modality) -> str | None:
     """The encoder or LLM a prompt of `modality` needs that the model lacks, or None."""
     parts = (
         ("vision encoder", modality.has_visual, model.vision),
-        ("audio encoder", modality.has_audio, model.config.audio_encoder),
+        ("audio encoder", modality.has_audio, model.audio),
         ("LLM", True, model.llm),
     )
     return next((name for name, needed, part in parts if needed and part is None), None)

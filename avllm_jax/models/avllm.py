@@ -26,22 +26,29 @@ from jax.experimental import multihost_utils
 from avllm_jax.modality import IGNORE_INDEX, Modality
 from avllm_jax.models import clip_vision, htsat, layers, llama, whisper
 
-# By name too: in the classes below, `whisper` is a field and no longer the module.
-from avllm_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
-
-# Each part a model may have: its config dataclass and its module. `audio` is CLAP's HTSAT,
-# `whisper` Whisper's encoder (the paper's Table 6); a model has at most one audio encoder.
-PARTS = {
-    "vision": (clip_vision.CLIPVisionConfig, clip_vision.CLIPVision),
-    "audio": (htsat.HTSATConfig, htsat.HTSAT),
-    "whisper": (whisper.WhisperEncoderConfig, whisper.WhisperEncoder),
-    "llm": (llama.LlamaConfig, llama.Llama),
+# The audio encoders, by their config's `kind`: CLAP's HTSAT (the paper's) and Whisper's encoder
+# (the paper's Table 6). A model's part 'audio' is one of them. (Any: each module takes its own
+# kind's config, which the types cannot say.)
+AUDIO_ENCODERS: dict[str, tuple[type, typing.Any]] = {
+    config.kind: (config, module)
+    for config, module in ((htsat.HTSATConfig, htsat.HTSAT), (whisper.WhisperEncoderConfig, whisper.WhisperEncoder))
 }
-ENCODERS = ("vision", "audio", "whisper")
+AudioConfig = htsat.HTSATConfig | whisper.WhisperEncoderConfig
+PARTS = ("vision", "audio", "llm")  # the parts a model may have
+ENCODERS = ("vision", "audio")
 # What the projectors read of a pack, as the encoders compute it or a feature cache stores it:
 # each frame's CLS token [P, F, Dv], each visual item's patch tokens averaged over its frames
 # [P, V, N, Dv], each audio clip's K segment embeddings [P, A, K, Da].
 ENCODER_OUTPUTS = ("frame_cls", "item_patches", "audio_embeddings")
+
+
+def part_config_class(part: str, audio_kind: str) -> type:
+    """The dataclass configuring `part`: for the audio part, that of the encoder `audio_kind`."""
+    if part == "audio":
+        if audio_kind not in AUDIO_ENCODERS:
+            raise ValueError(f"unknown audio encoder kind {audio_kind!r}: one of {', '.join(AUDIO_ENCODERS)}")
+        return AUDIO_ENCODERS[audio_kind][0]
+    return {"vision": clip_vision.CLIPVisionConfig, "llm": llama.LlamaConfig}[part]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,36 +56,33 @@ class AVLLMConfig:
     """Any part may be None: a converted checkpoint may hold only some of them."""
 
     vision: clip_vision.CLIPVisionConfig | None = None
-    audio: htsat.HTSATConfig | None = None
+    audio: AudioConfig | None = None  # its `kind` says which encoder: 'htsat' or 'whisper'
     llm: llama.LlamaConfig | None = None
     # Ids of <VIS>, <AUD>, <AUD_VIS> in the tokenizer (set by conversion).
     modality_token_ids: tuple[int, int, int] = (-1, -1, -1)
-    whisper: whisper.WhisperEncoderConfig | None = None  # last: the fields before keep their places
-
-    def __post_init__(self):
-        if self.audio is not None and self.whisper is not None:
-            raise ValueError(
-                "a model has one audio encoder: an HTSAT ('audio') or a Whisper encoder ('whisper'), not both"
-            )
-
-    @property
-    def audio_encoder(self) -> htsat.HTSATConfig | WhisperEncoderConfig | None:
-        """The audio encoder's config, whichever the model has (part 'audio', CLAP's HTSAT, or
-        'whisper'); its `kind` says which: 'htsat' or 'whisper'."""
-        return self.audio or self.whisper
 
     def encoder_configs(self) -> dict[str, dict]:
-        """Each encoder's config as a dict, by part name."""
+        """Each encoder's config as a dict, by part name. Without the audio encoder's kind: its
+        fields and the data's audio front end (which must suit it) tell the kinds apart, and a
+        feature cache of an HTSAT model keeps the fingerprint it had before there were two."""
         return {part: dataclasses.asdict(getattr(self, part)) for part in ENCODERS if getattr(self, part)}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.audio is not None:
+            d["audio"] = {"kind": self.audio.kind, **d["audio"]}  # whose fields these are
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AVLLMConfig:
+        """`to_dict`'s dict; an audio block without a kind is an HTSAT's (as written before there
+        were two)."""
+        audio = dict(d.get("audio") or {})
+        audio_kind = audio.pop("kind", "htsat")
+        blocks = {"vision": d.get("vision"), "audio": audio or None, "llm": d.get("llm")}
         fields = {
-            name: None if d.get(name) is None else _dataclass_from_dict(kind, d[name])
-            for name, (kind, _) in PARTS.items()
+            part: None if block is None else _dataclass_from_dict(part_config_class(part, audio_kind), block)
+            for part, block in blocks.items()
         }
         return cls(**fields, modality_token_ids=tuple(d.get("modality_token_ids", (-1, -1, -1))))
 
@@ -112,8 +116,8 @@ def make_projectors(config: AVLLMConfig, *, rngs: nnx.Rngs) -> dict[str, layers.
     if config.vision:
         projectors["temporal_proj"] = projector(config.vision.hidden_size)
         projectors["spatial_proj"] = projector(config.vision.hidden_size)
-    if config.audio_encoder:
-        projectors["audio_proj"] = projector(config.audio_encoder.num_features)
+    if config.audio:
+        projectors["audio_proj"] = projector(config.audio.num_features)
     return projectors
 
 
@@ -122,8 +126,10 @@ class AVLLM(nnx.Module):
         self.config = config
         # Each part of PARTS, None when the config lacks it.
         self.vision = clip_vision.CLIPVision(config.vision, rngs=rngs) if config.vision else None
-        self.audio = htsat.HTSAT(config.audio, rngs=rngs) if config.audio else None
-        self.whisper = WhisperEncoder(config.whisper, rngs=rngs) if config.whisper else None
+        # The audio encoder is the module of its config's kind (AUDIO_ENCODERS).
+        self.audio: htsat.HTSAT | whisper.WhisperEncoder | None = (
+            AUDIO_ENCODERS[config.audio.kind][1](config.audio, rngs=rngs) if config.audio else None
+        )
         self.llm = llama.Llama(config.llm, rngs=rngs) if config.llm else None
         # The projectors the parts call for (make_projectors), None otherwise.
         projectors = make_projectors(config, rngs=rngs)
@@ -164,7 +170,7 @@ class AVLLM(nnx.Module):
             outputs["item_patches"] = jnp.einsum(
                 "pfv,pfnd->pvnd", weights, hidden[:, :, 1:], preferred_element_type=jnp.float32
             )
-        if self.config.audio_encoder is not None and "audio_features" in batch:
+        if self.audio is not None and "audio_features" in batch:
             outputs["audio_embeddings"] = self.audio_embeddings(batch)
         return outputs
 
@@ -200,12 +206,12 @@ class AVLLM(nnx.Module):
         (audio_valid_frames [P, A, K], the clip's count repeated: K is its static width)."""
         features = batch["audio_features"]
         packs, clips = features.shape[:2]
-        if self.whisper is not None:
+        if isinstance(self.audio, whisper.WhisperEncoder):
             valid_frames = batch["audio_valid_frames"]
             flat = layers.constrain(features.reshape(packs * clips, *features.shape[2:]), ("batch", None, None))
-            pooled = self.whisper.audio_embeddings(flat, valid_frames[..., 0].reshape(-1), valid_frames.shape[-1])
+            pooled = self.audio.audio_embeddings(flat, valid_frames[..., 0].reshape(-1), valid_frames.shape[-1])
         else:
-            assert self.audio is not None  # called for a model with an audio tower; not Whisper, so HTSAT
+            assert self.audio is not None  # called for a model with an audio encoder; not Whisper, so HTSAT
             segments = features.shape[2]
             flat = layers.constrain(
                 features.reshape(packs * clips * segments, *features.shape[3:]), ("batch", None, None, None)
@@ -283,12 +289,14 @@ class AVLLM(nnx.Module):
                 packs["item_patches"] = batch["item_patches"][:, None]
             sizes.append(num_frames + self.vision.config.num_patches)
             streams.append(batch["has_visual"])
-        if self.config.audio_encoder is not None and ("audio_embeddings" in batch or "audio_features" in batch):
+        if self.audio is not None and ("audio_embeddings" in batch or "audio_features" in batch):
             if "audio_embeddings" in batch:  # cached: [B, K, Da]
                 packs["audio_embeddings"] = batch["audio_embeddings"][:, None]
                 sizes.append(batch["audio_embeddings"].shape[1])
             else:
-                per_segment = "audio_valid_frames" if self.whisper is not None else "audio_is_longer"
+                per_segment = (
+                    "audio_valid_frames" if isinstance(self.audio, whisper.WhisperEncoder) else "audio_is_longer"
+                )
                 packs.update({name: batch[name][:, None] for name in ("audio_features", per_segment)})
                 sizes.append(batch[per_segment].shape[1])
             streams.append(batch["has_audio"])

@@ -36,7 +36,7 @@ BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default, which CLAP keeps
 
 @dataclasses.dataclass(frozen=True)
 class HTSATConfig:
-    kind: typing.ClassVar[str] = "htsat"  # which audio encoder (AVLLMConfig.audio_encoder) this configures
+    kind: typing.ClassVar[str] = "htsat"  # which audio encoder (AVLLMConfig.audio) this configures
     num_mel_bins: int = 64
     spec_size: int = 256
     patch_size: tuple[int, int] = (4, 4)

@@ -43,7 +43,7 @@ def gelu(x):
 
 @dataclasses.dataclass(frozen=True)
 class WhisperEncoderConfig:
-    kind: typing.ClassVar[str] = "whisper"  # which audio encoder (AVLLMConfig.audio_encoder) this configures
+    kind: typing.ClassVar[str] = "whisper"  # which audio encoder (AVLLMConfig.audio) this configures
     num_mel_bins: int = 80
     d_model: int = 384
     encoder_layers: int = 4

@@ -5,17 +5,20 @@ plus this function is the whole record of a run. Any field can be overridden on 
 line, e.g. `--config.optim.learning_rate=1e-4 --config.mesh.tensor=2`. `check_config` (run
 first by `train`) rejects a field that `base_config()` does not declare, however it came in.
 
-The model (`config.model`): `parts` names the parts the model has, and `config.model.<part>`
-declares every field of that part's config dataclass (`MODEL_PARTS`), each None ("not set")
-by default. A field that is set overrides, and the rule is the same with or without a
+The model (`config.model`): `parts` names the parts the model has (models/avllm.py's PARTS),
+`audio_kind` which audio encoder the part 'audio' is ('htsat', CLAP's, or 'whisper'), and
+`config.model.<part>` declares every field of that part's config dataclass (the audio block:
+those of every kind's, and a field set that `audio_kind`'s lacks is an error), each None ("not
+set") by default. A field that is set overrides, and the rule is the same with or without a
 starting checkpoint:
 
 - without `init_checkpoint`, each named part is its dataclass's defaults plus the fields set
   (the LLM's `vocab_size` comes from the tokenizer);
 - with `init_checkpoint`, each named part is the checkpoint's plus the fields set, and the
-  checkpoint must hold exactly the named parts: a part named but absent, or present but not
-  named, is an error. So is a field that changes a weight's shape (sizes, `enable_fusion`):
-  such a run overrides what keeps the weights (compute dtype, remat, attention, norm eps).
+  checkpoint must hold exactly the named parts, its audio encoder of `audio_kind`: a part named
+  but absent, or present but not named, is an error, and so is another kind. So is a field that
+  changes a weight's shape (sizes, `enable_fusion`): such a run overrides what keeps the weights
+  (compute dtype, remat, attention, norm eps).
 
 Fields set for a part that `parts` does not name are unused (training prints them): a config
 file's settings for an encoder do not stop a run without it. A model without 'llm' is an error.
@@ -42,9 +45,6 @@ from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm, llama
 from avllm_jax.training import optim
 
-# The parts a model may have (AVLLMConfig's fields), and the dataclass configuring each:
-# 'audio' is an HTSAT, 'whisper' a Whisper encoder (a model has one of them at most).
-MODEL_PARTS = {part: config_class for part, (config_class, _) in avllm.PARTS.items()}
 LORA_ADAPTERS = r"llm\.layers\.lora\..*"  # the LLM's adapters, for config.trainable
 
 
@@ -145,11 +145,17 @@ def accelerator_model_overrides() -> dict:
 
 def _model_config() -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict()
-    model.parts = ("vision", "audio", "llm")  # the paper's model; ("vision", "whisper", "llm") for Whisper
-    for part, cls in MODEL_PARTS.items():
-        hints = typing.get_type_hints(cls)
+    model.parts = ("vision", "audio", "llm")  # the paper's model
+    model.audio_kind = "htsat"  # the part 'audio' is CLAP's HTSAT, or "whisper" (the paper's Table 6)
+    for part in avllm.PARTS:
+        # The audio block takes the fields of either kind's dataclass (those both have are of one type).
+        classes = dict.fromkeys(avllm.part_config_class(part, kind) for kind in avllm.AUDIO_ENCODERS)
         model[part] = ml_collections.ConfigDict(
-            {field.name: config_dict.placeholder(_flag_type(hints[field.name])) for field in dataclasses.fields(cls)}
+            {
+                field.name: config_dict.placeholder(_flag_type(typing.get_type_hints(cls)[field.name]))
+                for cls in classes
+                for field in dataclasses.fields(cls)
+            }
         )
     return model
 
@@ -165,34 +171,56 @@ def _flag_type(hint) -> type:
 
 def model_overrides(config) -> dict[str, dict]:
     """{part: {field: value}}: the fields set in each part's block, named in parts or not."""
-    return {part: {k: v for k, v in config.model[part].items() if v is not None} for part in MODEL_PARTS}
+    return {part: {k: v for k, v in config.model[part].items() if v is not None} for part in avllm.PARTS}
+
+
+def part_config(config, part: str, fields: dict):
+    """`part`'s config dataclass of `fields`: for the audio part, config.model.audio_kind's."""
+    return avllm.part_config_class(part, config.model.audio_kind)(**fields)
 
 
 def check_config(config) -> None:
     """Raises ConfigError listing every field `base_config()` does not declare (with the
     nearest declared name), every declared block that is missing or was replaced by one
     lacking fields, and `config.model.parts` naming a part that does not exist, one twice, or
-    no 'llm'; LoRA settings that cannot work; and config.phases that are malformed (data/phases.py)."""
+    no 'llm'; an audio_kind that does not exist, or audio fields set that its dataclass lacks;
+    LoRA settings that cannot work; and config.phases that are malformed (data/phases.py)."""
     problems = list(_compare(config, base_config(), "config"))
     if not problems:
         parts = config.model.parts
-        problems += [
-            f"config.model.parts names {p!r}, not a part ({_nearest(p, MODEL_PARTS)})"
-            for p in parts
-            if p not in MODEL_PARTS
-        ]
+        problems += [_unknown_part(p) for p in parts if p not in avllm.PARTS]
         if len(set(parts)) != len(parts):
             problems.append(f"config.model.parts={parts!r} names a part twice")
-        if "audio" in parts and "whisper" in parts:
-            problems.append(
-                f"config.model.parts={parts!r} names two audio encoders: a model has 'audio' (HTSAT) or 'whisper'"
-            )
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
+        problems += _audio_problems(config)
         problems += _lora_problems(config)
         problems += phases_lib.config_problems(config)
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _unknown_part(name: str) -> str:
+    if name in RENAMED_PARTS:
+        return f"config.model.parts names {name!r}, which is now {RENAMED_PARTS[name]}"
+    return f"config.model.parts names {name!r}, not a part ({_nearest(name, avllm.PARTS)})"
+
+
+def _audio_problems(config) -> list[str]:
+    """An audio_kind that is no audio encoder, or fields set in config.model.audio that its
+    dataclass lacks (another kind's)."""
+    kind = config.model.audio_kind
+    if kind not in avllm.AUDIO_ENCODERS:
+        return [f"config.model.audio_kind={kind!r} is not an audio encoder ({_nearest(kind, avllm.AUDIO_ENCODERS)})"]
+    fields = {other: {f.name for f in dataclasses.fields(cls)} for other, (cls, _) in avllm.AUDIO_ENCODERS.items()}
+    problems = []
+    for name in sorted(set(model_overrides(config)["audio"]) - fields[kind]):
+        owners = " or ".join(repr(other) for other, names in fields.items() if name in names)
+        problems.append(
+            f"config.model.audio.{name} is a field of the {owners} audio encoder, not of "
+            f"config.model.audio_kind={kind!r}: set the kind, or leave the field unset"
+        )
+    return problems
 
 
 def _lora_problems(config) -> list[str]:
@@ -252,18 +280,25 @@ def _compare(config, reference, prefix):
         yield f"{prefix} lacks {', '.join(missing)}: update base_config()'s fields rather than replacing {prefix}"
 
 
-# Fields renamed because two meant different things under one name: old name -> new name.
+# Fields renamed because two meant different things under one name: old name -> new name. The
+# Whisper encoder's block went when the audio encoder became one part of either kind.
 RENAMED_FIELDS = {
     "num_epochs": "train_epochs",
     "seed": "init_seed",
     **{f"data.{old}": f"data.{new}" for old, new in RENAMED_DATA_FIELDS.items()},
+    "model.whisper": "model.audio, with config.model.audio_kind='whisper'",
 }
+# Parts renamed, for config.model.parts: old name -> what to name now.
+RENAMED_PARTS = {"whisper": "'audio' with config.model.audio_kind='whisper'"}
 
 
 def _renamed(name: str) -> str | None:
-    """What to say of a dotted field name ('data.seed') that was renamed, or None."""
-    if name in RENAMED_FIELDS:
-        return f"config.{name} was renamed config.{RENAMED_FIELDS[name]}"
+    """What to say of a dotted field name ('data.seed') that was renamed, or is in a renamed
+    block ('model.whisper.d_model'), or None."""
+    keys = name.split(".")
+    for old in (".".join(keys[:end]) for end in range(len(keys), 0, -1)):
+        if old in RENAMED_FIELDS:
+            return f"config.{old} was renamed config.{RENAMED_FIELDS[old]}"
     return None
 
 

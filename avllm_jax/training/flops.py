@@ -130,12 +130,11 @@ def work_flops(config: AVLLMConfig, work, *, llm_trains: bool, encoders: bool = 
     if config.vision:
         width = config.vision.hidden_size * config.llm.hidden_size
         total += 3 * 2 * width * (frames + visual_items * config.vision.num_patches)  # W_t, W_s: forward + 2 backward
-    if config.audio and encoders:
-        total += audio_flops(config.audio, audio_segments)
-    if config.whisper and encoders:
-        total += whisper_flops(config.whisper, audio_clips)
-    if config.audio_encoder:
-        total += 3 * 2 * config.audio_encoder.num_features * config.llm.hidden_size * audio_segments  # W_a
+    if config.audio and encoders:  # Whisper encodes each clip's window once, HTSAT each segment
+        whisper = config.audio.kind == "whisper"
+        total += whisper_flops(config.audio, audio_clips) if whisper else audio_flops(config.audio, audio_segments)
+    if config.audio:
+        total += 3 * 2 * config.audio.num_features * config.llm.hidden_size * audio_segments  # W_a
     return total
 
 
@@ -158,7 +157,7 @@ def llm_sequence_length(model_config: AVLLMConfig, data_config) -> int:
     rows = data_config.max_text_length - 1
     if model_config.vision:
         rows += data_config.num_frames + model_config.vision.num_patches
-    if model_config.audio_encoder:
+    if model_config.audio:
         rows += data_config.num_audio_segments
     return rows
 

@@ -25,8 +25,8 @@ def get_config(stage="sft"):
     config = ablation_stage(
         CONFIGS, stage, "table6_whisper_base", converted="checkpoints/avllm-init-table6_whisper_base"
     )
-    config.model.parts = ("vision", "whisper", "llm")
-    config.model.whisper.update(
+    config.model.audio_kind = "whisper"  # the part 'audio' is Whisper's encoder
+    config.model.audio.update(
         dict(
             d_model=512,
             encoder_layers=6,

@@ -181,9 +181,9 @@ def random_demo_model(directory: str) -> str:
     conversation.add_modality_tokens(tokenizer)
     overrides = config_lib.model_overrides(config)
     overrides["llm"]["vocab_size"] = len(tokenizer)
-    # The parts the config names: model_overrides also has blocks for parts it leaves out (Whisper).
+    # The parts the config names: model_overrides also has blocks for parts it leaves out.
     model_config = avllm.AVLLMConfig(
-        **{part: config_lib.MODEL_PARTS[part](**overrides[part]) for part in config.model.parts},
+        **{part: config_lib.part_config(config, part, overrides[part]) for part in config.model.parts},
         modality_token_ids=tuple(tokenizer.convert_tokens_to_ids(t) for t in MODALITY_TOKENS),
     )
     path = os.path.join(directory, "model")
