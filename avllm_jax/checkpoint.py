@@ -32,7 +32,7 @@ from flax import nnx, traverse_util
 from avllm_jax.data.pipeline import RENAMED_DATA_FIELDS, default_data_config
 from avllm_jax.errors import AvllmError, UsageError, describe_error
 from avllm_jax.models import layers, llama
-from avllm_jax.models.avllm import AVLLM, AVLLMConfig
+from avllm_jax.models.avllm import AVLLM, LEGACY_WHISPER_PART, AVLLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def write_model_config(directory: str, config: AVLLMConfig) -> None:
 
 
 def read_model_config(directory: str) -> AVLLMConfig:
+    return AVLLMConfig.from_dict(_stored_model_config(directory))
+
+
+def _stored_model_config(directory: str) -> dict:
+    """The model config in `directory`'s config.json, as written."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -60,7 +65,15 @@ def read_model_config(directory: str) -> AVLLMConfig:
         data = json.load(f)
     if "avllm" not in data:
         raise ValueError(f"{path} is not an avllm_jax model config (no 'avllm' key); is it a Hugging Face config?")
-    return AVLLMConfig.from_dict(data["avllm"])
+    return data["avllm"]
+
+
+def stores_legacy_whisper(directory: str) -> bool:
+    """Whether `directory` was written when the Whisper encoder was the part 'whisper'
+    (LEGACY_WHISPER_PART): its config.json names that part, and its parameters are stored under it."""
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        return False
+    return _stored_model_config(directory).get(LEGACY_WHISPER_PART) is not None
 
 
 def checked_model_config(path: str, flag: str = "--checkpoint") -> AVLLMConfig:
@@ -268,7 +281,7 @@ def load_model(
 def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
     """The pure-dict parameters of a model of `config` stored at `path`, placed by the flat
     `shardings`; those it lacks (adapters about to be folded away) go whole onto the devices
-    of the first."""
+    of the first. A Whisper encoder stored under its old part name is read as the part 'audio'."""
     target = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_model(config)[1]))
     first = next(iter(shardings.values()))
     whole = (
@@ -279,6 +292,14 @@ def _restore_params(path: str, config: AVLLMConfig, shardings: dict) -> dict:
     target = traverse_util.unflatten_dict(
         {key: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings.get(key, whole)) for key, a in target.items()}
     )
+    if not stores_legacy_whisper(path):
+        return _read_params(path, target)
+    renamed = lambda tree, old, new: {new if key == old else key: value for key, value in tree.items()}
+    return renamed(_read_params(path, renamed(target, "audio", LEGACY_WHISPER_PART)), LEGACY_WHISPER_PART, "audio")
+
+
+def _read_params(path: str, target: dict) -> dict:
+    """The parameter tree stored at `path` (its params/, or its latest intact training step), as `target` shapes it."""
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
         try:

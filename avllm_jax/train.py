@@ -189,6 +189,7 @@ def train(
     """
     config_lib.check_config(config)
     _check_writable(workdir)
+    _check_resumable(workdir)
     try:
         training_cpus, worker_cpus = runtime.split_cpus(config.data)
     except ValueError as error:
@@ -212,6 +213,17 @@ def _check_writable(workdir: str) -> None:
             pass
     except OSError as error:
         raise SetupError(f"cannot write to the workdir {workdir!r}: {error.strerror or error}") from None
+
+
+def _check_resumable(workdir: str) -> None:
+    # Its checkpoints' trees (parameters, optimizer state) name the Whisper encoder 'whisper',
+    # which this model calls 'audio'; load_model reads the parameters under either name.
+    if checkpoint.latest_step(workdir) is not None and checkpoint.stores_legacy_whisper(workdir):
+        raise SetupError(
+            f"the workdir {workdir!r} holds checkpoints of a Whisper model stored under the part name 'whisper', "
+            "from before it was the part 'audio', and cannot be resumed: start a new workdir from its weights "
+            f"with --config.init_checkpoint={workdir}"
+        )
 
 
 def _check_batch_divides(config, mesh) -> None:

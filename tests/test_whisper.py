@@ -24,9 +24,11 @@ from flax import nnx
 from hf_reference import assert_parity, build_hf
 
 import avllm_jax
-from avllm_jax import convert
+from avllm_jax import checkpoint, convert, train
 from avllm_jax.data.features import whisper_audio_features
 from avllm_jax.models import conversion, whisper
+from avllm_jax.training import checkpointing
+from avllm_jax.training import config as config_lib
 
 SR = 16_000
 FEATURE_TOLERANCE = 1e-4  # absolute, on the normalised log-mel
@@ -265,6 +267,37 @@ def test_whisper_converts_end_to_end(tmp_path):
     assert_parity(
         nnx.jit(lambda m, x: m(x))(model.audio, features), reference, "converted whisper audio tower", TOLERANCE
     )
+
+
+def test_a_checkpoint_of_the_old_layout_loads_as_the_audio_part(tmp_path):
+    """Written before the Whisper encoder was the part 'audio': config.json names it 'whisper' and
+    the parameters are stored under that name. load_model reads it, from params/ and from a
+    training workdir's step, as the same model; training refuses to resume such a workdir, whose
+    optimizer state names it so too, and says how to start from it."""
+    _save_hf("odd", tmp_path / "hf")
+    convert.convert(whisper=str(tmp_path / "hf"), out=str(tmp_path / "new"))
+    new = avllm_jax.load_model(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())["avllm"]
+    fields = {k: v for k, v in saved["audio"].items() if k != "kind"}
+    old_config = {"avllm": saved | {"audio": None, "whisper": fields}}
+    params = ocp.StandardCheckpointer().restore((tmp_path / "new" / "params").absolute())
+    old_params = {"whisper": params["audio"]}  # encoders only: no projectors
+    for layout in ("converted", "workdir"):
+        old = tmp_path / layout
+        old.mkdir()
+        (old / "config.json").write_text(json.dumps(old_config))
+        if layout == "converted":
+            checkpoint.save_params(str(old / "params"), old_params)
+        else:
+            manager = checkpointing.checkpoint_manager(str(old), save_every=1, keep=1)
+            manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(old_params)))
+            manager.wait_until_finished()
+            manager.close()
+        model = avllm_jax.load_model(old)
+        assert model.config == new.config and isinstance(model.audio, whisper.WhisperEncoder), layout
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(new))
+    with pytest.raises(train.SetupError, match=r"cannot be resumed: .* --config.init_checkpoint=.*workdir$"):
+        train.train(config_lib.base_config(), str(tmp_path / "workdir"))
 
 
 def test_config_from_hf_and_presets():

@@ -36,6 +36,9 @@ AUDIO_ENCODERS: dict[str, tuple[type, typing.Any]] = {
 AudioConfig = htsat.HTSATConfig | whisper.WhisperEncoderConfig
 PARTS = ("vision", "audio", "llm")  # the parts a model may have
 ENCODERS = ("vision", "audio")
+# The part name a Whisper encoder had in config.json and the parameters of checkpoints written
+# before it was the part 'audio'; they load as the audio part.
+LEGACY_WHISPER_PART = "whisper"
 # What the projectors read of a pack, as the encoders compute it or a feature cache stores it:
 # each frame's CLS token [P, F, Dv], each visual item's patch tokens averaged over its frames
 # [P, V, N, Dv], each audio clip's K segment embeddings [P, A, K, Da].
@@ -76,7 +79,9 @@ class AVLLMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AVLLMConfig:
         """`to_dict`'s dict; an audio block without a kind is an HTSAT's (as written before there
-        were two)."""
+        were two), and a 'whisper' block (LEGACY_WHISPER_PART) is the audio part."""
+        if d.get(LEGACY_WHISPER_PART) is not None:
+            d = d | {"audio": {"kind": "whisper", **d[LEGACY_WHISPER_PART]}}
         audio = dict(d.get("audio") or {})
         audio_kind = audio.pop("kind", "htsat")
         blocks = {"vision": d.get("vision"), "audio": audio or None, "llm": d.get("llm")}
