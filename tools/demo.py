@@ -51,6 +51,11 @@ def main(argv=None):
         help="after building the stand-in, print its exact match per question type on held-out lessons",
     )
     parser.add_argument(
+        "--frame-probe",
+        action="store_true",
+        help="also fit a linear probe of each frame's colour and place on its class token, before and after W_t",
+    )
+    parser.add_argument(
         "--played-back",
         action="store_true",
         help=(
@@ -79,6 +84,8 @@ def main(argv=None):
     print_question_table(results)
     if args.played_back:
         print_played_back_table(results, evaluate(workdir, eval_path, played_back=True))
+    if args.frame_probe:
+        print_frame_probe(workdir, paths)
     chat_once(workdir, eval_path)
     print(
         f"demo wall time {time.time() - start:.0f} s ("
@@ -213,6 +220,46 @@ def print_lesson_scores(model_dir: str, lessons_path: str, num_lessons: int = 30
     for question_type in sorted(total):
         print(f"| {question_type} | {total[question_type]} | {right[question_type] / total[question_type]:.2f} |")
     print(f"| all | {sum(total.values())} | {sum(right.values()) / sum(total.values()):.2f} |")
+
+
+def print_frame_probe(workdir: str, paths: dict[str, str], num_clips: int = 600) -> None:
+    """Whether the temporal tokens can tell the LLM each segment's colour and place: a ridge
+    regression from each frame's class token (the frozen CLIP's), and from W_t's output, to that
+    frame's colour and stop, fitted on three quarters of the frames of the first `num_clips`
+    training clips and scored on the rest."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import avllm_jax
+    from avllm_jax.data import samples
+    from avllm_jax.models import clip_vision
+
+    model = avllm_jax.load_model(workdir)
+    data_config = stage_config("sft", paths).data
+    class_token = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames))[:, 0])
+    features, targets = [], {"colour": [], "place": []}
+    with open(os.path.join(paths["data"], "train.jsonl")) as f:
+        records = [json.loads(line) for _, line in zip(range(num_clips), f)]
+    for record in records:
+        if "shape" in record["timeline"]:
+            media = samples.load_file_media(os.path.join(paths["data"], record["video"]), data_config)
+            features.append(np.asarray(class_token(jnp.asarray(media.frames))))
+            targets["colour"] += record["timeline"]["colours"]
+            targets["place"] += record["timeline"]["stops"]
+    cls = np.concatenate(features)
+    inputs = {"class token": cls, "W_t(class token)": cls @ np.asarray(model.temporal_proj.kernel[...])}
+    print(f"\n| frame probe ({len(cls)} frames, a quarter held out) | colour | place |\n|---|---|---|")
+    for name, x in inputs.items():
+        x = np.c_[x, np.ones(len(x))]
+        fit = len(x) * 3 // 4
+        scores = []
+        for values in targets.values():
+            classes = sorted(set(map(str, values)))
+            onehot = np.asarray([[str(v) == c for c in classes] for v in values], np.float64)
+            weights = np.linalg.solve(x[:fit].T @ x[:fit] + 1e-2 * np.eye(x.shape[1]), x[:fit].T @ onehot[:fit])
+            scores.append(np.mean(np.argmax(x[fit:] @ weights, 1) == np.argmax(onehot[fit:], 1)))
+        print(f"| {name} | {scores[0]:.3f} | {scores[1]:.3f} |")
 
 
 def run_training(config, workdir: str) -> float:
