@@ -38,8 +38,8 @@ lmms-eval: $(LMMS_VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev browser
 
-# The stand-in, its stage 1 and stage 2, the table (under ten minutes; it builds the stand-in first
-# when demo_out/standin is missing). demo-standin builds only the stand-in (cached in demo_out/).
+# The data, stage 1, stage 2 and the table: 8.5 min on 2 cores with the stand-in built (it builds it first,
+# 14 min, when demo_out/standin is missing). demo-standin builds only the stand-in (cached in demo_out/).
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
 
