@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avllm_jax.inference.generate import MODEL_INPUT_KEYS, _model_batch, _prompt_inputs, greedy_tokens
+from avllm_jax.inference.generate import MODEL_INPUT_KEYS, _model_batch, _prompt_inputs, greedy_tokens, prompt_forward
 from avllm_jax.models.avllm import AVLLM
 from avllm_jax.models.kv_cache import KVCache
 
@@ -65,13 +65,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 def _prefill_into_rows(graphdef, state, batch, keys, temperature, top_p, cache: KVCache, rows):
     """A batch of k prompts' first tokens and position counts, prompt i's cache written into row
     rows[i]: each prompt computes what it computes alone (padding and absent rows are masked)."""
-    llm, inputs = _prompt_inputs(nnx.merge(graphdef, state), batch)
-    count, prompt_length = inputs["segment_ids"].shape
-    prompt_cache = KVCache.create(llm.config, count, prompt_length)
-    hidden, prompt_cache = llm(**inputs, cache=prompt_cache, return_hidden_states=True)
-    kept = inputs["segment_ids"] > 0
-    last_kept = prompt_length - 1 - jnp.argmax(kept[:, ::-1], axis=1)
-    logits = llm.logits(jnp.take_along_axis(hidden, last_kept[:, None, None], axis=1))[:, 0]
+    _, logits, prompt_cache, kept = prompt_forward(nnx.merge(graphdef, state), batch)
+    count, prompt_length = kept.shape
     first = sample_rows(logits, keys, temperature, top_p)
 
     def place(whole, part, i):

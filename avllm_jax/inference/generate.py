@@ -116,8 +116,9 @@ def _prompt_inputs(model: AVLLM | Llama, batch: dict) -> tuple[Llama, dict]:
     return model, {"inputs_embeds": model.embed_tokens(batch["input_ids"]), "positions": positions, "segment_ids": kept}
 
 
-def _prefill(model, batch, rng, *, sampling: Sampling):
-    """Prompt -> (decoder, first new tokens [B], cache of the prompt's slots, next positions [B])."""
+def prompt_forward(model: AVLLM | Llama, batch: dict) -> tuple[Llama, jax.Array, KVCache, jax.Array]:
+    """A prompt batch through the decoder: (decoder, the logits at each row's last kept token
+    [B, V], the cache of the prompt's slots, which positions are kept [B, L])."""
     llm, inputs = _prompt_inputs(model, batch)
     batch_size, prompt_length = inputs["segment_ids"].shape
     cache = KVCache.create(llm.config, batch_size, prompt_length)
@@ -125,6 +126,12 @@ def _prefill(model, batch, rng, *, sampling: Sampling):
     kept = inputs["segment_ids"] > 0
     last_kept = prompt_length - 1 - jnp.argmax(kept[:, ::-1], axis=1)
     logits = llm.logits(jnp.take_along_axis(hidden, last_kept[:, None, None], axis=1))[:, 0]
+    return llm, logits, cache, kept
+
+
+def _prefill(model, batch, rng, *, sampling: Sampling):
+    """Prompt -> (decoder, first new tokens [B], cache of the prompt's slots, next positions [B])."""
+    llm, logits, cache, kept = prompt_forward(model, batch)
     return llm, sample_tokens(logits, rng, sampling), cache, kept.sum(axis=1).astype(jnp.int32)
 
 
