@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     # Everything the user gave is checked before the weights load (minutes for a 7B model).
     model_config = checkpoint.checked_model_config(args.checkpoint)
     cli.require_file(args.media, "--media", "media file")
+    data_config = prompts.data_config_from_args(model_config, args)
     try:
-        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
         media = None if data_config.feature_cache else samples.load_sample_media(args.media, data_config, None)
         modality = prompts.resolve_modality(media, args.modality, args.media) if media is not None else None
     except (MediaError, ValueError) as error:

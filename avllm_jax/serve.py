@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import MediaError
-from avllm_jax.errors import AvllmError, UsageError
+from avllm_jax.errors import UsageError
 from avllm_jax.inference import batching, prompts
 from avllm_jax.inference.chat_requests import ChatRequest, MediaSource, RequestError, parse_request
 
@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     model_config = checkpoint.checked_model_config(args.checkpoint)
     if model_config.llm is None:
         raise UsageError(f"--checkpoint {args.checkpoint}: the model has no LLM to answer with")
-    try:
-        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
-    except ValueError as error:  # media settings the encoders cannot take
-        raise AvllmError(str(error)) from None
+    data_config = prompts.data_config_from_args(model_config, args)
     import uvicorn
 
     log.info("loading %s ...", args.checkpoint)

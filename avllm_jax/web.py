@@ -25,7 +25,6 @@ import jax
 from avllm_jax import checkpoint, cli
 from avllm_jax.data import conversation, samples
 from avllm_jax.data.media import Media, MediaError
-from avllm_jax.errors import AvllmError
 from avllm_jax.inference import generate as gen
 from avllm_jax.inference import prompts
 from avllm_jax.modality import Modality
@@ -270,10 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     model_config = checkpoint.checked_model_config(args.checkpoint)
     for example in args.examples:
         cli.require_file(example, "--examples", "example media file")
-    try:
-        data_config = prompts.inference_data_config(model_config, args.checkpoint, **prompts.media_overrides(args))
-    except ValueError as error:  # media settings the encoders cannot take
-        raise AvllmError(str(error)) from None
+    data_config = prompts.data_config_from_args(model_config, args)
     logger.info("loading %s ...", args.checkpoint)
     model = checkpoint.load_model(args.checkpoint)
     tokenizer = conversation.load_tokenizer(args.checkpoint)

@@ -27,6 +27,7 @@ from avllm_jax.checkpoint import read_data_config
 from avllm_jax.data import conversation, feature_cache, features, pipeline, samples
 from avllm_jax.data.feature_cache import CachedMedia
 from avllm_jax.data.media import Media
+from avllm_jax.errors import AvllmError
 from avllm_jax.inference.generate import generate
 from avllm_jax.modality import Modality
 from avllm_jax.models.avllm import AVLLM, AVLLMConfig
@@ -115,6 +116,15 @@ def media_overrides(args: argparse.Namespace) -> dict:
         audio_truncation=args.audio_truncation,
         feature_cache=getattr(args, "feature_cache", None),
     )
+
+
+def data_config_from_args(model_config: AVLLMConfig, args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """`inference_data_config` of `args.checkpoint` with `add_media_arguments`' flags, checked
+    before the weights load: media settings the encoders cannot take are an AvllmError."""
+    try:
+        return inference_data_config(model_config, args.checkpoint, **media_overrides(args))
+    except ValueError as error:
+        raise AvllmError(str(error)) from None
 
 
 def open_feature_cache(model: AVLLM, data_config) -> feature_cache.FeatureCache | None:
