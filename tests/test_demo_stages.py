@@ -80,3 +80,16 @@ def test_configs_chain_the_stages_through_their_directories(tmp_path):
     assert pretrain.init_checkpoint == paths["standin"] and pretrain.data.sources[0]["path"] == paths["captions"]
     assert pretrain.trainable == (r"(temporal|spatial|audio)_proj\..*",)
     assert sft.init_checkpoint == paths["pretrain"] and sft.data.sources[0]["path"].endswith("train.jsonl")
+
+
+def test_the_probe_scores_what_a_linear_read_out_gets_right():
+    """--frame-probe's ridge read-out: it names the class a feature direction stands for, and on
+    features whose pairing with the classes differs from the fitted one it is scored wrong."""
+    rng = np.random.default_rng(0)
+    classes = np.array(["circle", "square", "triangle"])
+    directions = rng.normal(size=(3, 16))
+    labels = rng.integers(3, size=300)
+    features = directions[labels] + 0.1 * rng.normal(size=(300, 16))
+    assert demo._ridge_accuracy(features[:200], classes[labels[:200]], features[200:], classes[labels[200:]]) == 1.0
+    swapped = classes[(labels[200:] + 1) % 3]  # each direction now labelled with another class
+    assert demo._ridge_accuracy(features[:200], classes[labels[:200]], features[200:], swapped) == 0.0

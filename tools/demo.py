@@ -53,7 +53,10 @@ def main(argv=None):
     parser.add_argument(
         "--frame-probe",
         action="store_true",
-        help="also fit a linear probe of each frame's colour and place on its class token, before and after W_t",
+        help=(
+            "also fit linear probes of each frame's colour and place (on its class token, before and after W_t) "
+            "and of its shape (scored on seen and unseen colour and shape pairs apart)"
+        ),
     )
     parser.add_argument(
         "--played-back",
@@ -223,43 +226,79 @@ def print_lesson_scores(model_dir: str, lessons_path: str, num_lessons: int = 30
 
 
 def print_frame_probe(workdir: str, paths: dict[str, str], num_clips: int = 600) -> None:
-    """Whether the temporal tokens can tell the LLM each segment's colour and place: a ridge
-    regression from each frame's class token (the frozen CLIP's), and from W_t's output, to that
-    frame's colour and stop, fitted on three quarters of the frames of the first `num_clips`
-    training clips and scored on the rest."""
+    """Whether the frames' tokens can tell the LLM what the questions ask, by ridge regression
+    (linear probes). Each frame's colour and stop from its class token (the frozen CLIP's) and
+    from W_t's output, fitted on three quarters of the frames of the first `num_clips` training
+    clips and scored on the rest. Each frame's shape from its class token and from the mean of
+    its patch tokens, fitted on those training frames (seen colour and shape pairs only) and
+    scored on the held-out clips' frames, those of seen and of unseen pairs apart: whether the
+    encoder holds a shape apart from its colour."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import avllm_jax
-    from avllm_jax.data import samples
+    from avllm_jax.data import samples, synthetic
     from avllm_jax.models import clip_vision
 
     model = avllm_jax.load_model(workdir)
     data_config = stage_config("sft", paths).data
-    class_token = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames))[:, 0])
-    features, targets = [], {"colour": [], "place": []}
-    with open(os.path.join(paths["data"], "train.jsonl")) as f:
-        records = [json.loads(line) for _, line in zip(range(num_clips), f)]
-    for record in records:
-        if "shape" in record["timeline"]:
+    encode = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames)))
+
+    def frames_of(path, limit=None):
+        """{"class token", "patch tokens, mean", "colour", "place", "shape", "unseen"}, one entry a frame
+        ("unseen": its colour and shape are a pair the training clips never show)."""
+        found: dict[str, list] = collections.defaultdict(list)
+        seen_videos = set()
+        with open(path) as f:
+            records = [json.loads(line) for _, line in zip(range(limit or 10**9), f)]
+        for record in records:
+            timeline = record["timeline"]
+            if "shape" not in timeline or record["video"] in seen_videos:  # held-out clips repeat a line a question
+                continue
+            seen_videos.add(record["video"])
             media = samples.load_file_media(os.path.join(paths["data"], record["video"]), data_config)
-            features.append(np.asarray(class_token(jnp.asarray(media.frames))))
-            targets["colour"] += record["timeline"]["colours"]
-            targets["place"] += record["timeline"]["stops"]
-    cls = np.concatenate(features)
+            tokens = np.asarray(encode(jnp.asarray(media.frames)))
+            found["class token"].append(tokens[:, 0])
+            found["patch tokens, mean"].append(tokens[:, 1:].mean(1))
+            found["colour"] += timeline["colours"]
+            found["place"] += timeline["stops"]
+            found["shape"] += [timeline["shape"]] * len(tokens)
+            found["unseen"] += [(c, timeline["shape"]) in synthetic.HELD_OUT["visual"] for c in timeline["colours"]]
+        return {k: np.concatenate(v) if k.endswith(("token", "mean")) else np.asarray(v) for k, v in found.items()}
+
+    train = frames_of(os.path.join(paths["data"], "train.jsonl"), num_clips)
+    cls = train["class token"]
+    fit = len(cls) * 3 // 4
     inputs = {"class token": cls, "W_t(class token)": cls @ np.asarray(model.temporal_proj.kernel[...])}
     print(f"\n| frame probe ({len(cls)} frames, a quarter held out) | colour | place |\n|---|---|---|")
     for name, x in inputs.items():
-        x = np.c_[x, np.ones(len(x))]
-        fit = len(x) * 3 // 4
-        scores = []
-        for values in targets.values():
-            classes = sorted(set(map(str, values)))
-            onehot = np.asarray([[str(v) == c for c in classes] for v in values], np.float64)
-            weights = np.linalg.solve(x[:fit].T @ x[:fit] + 1e-2 * np.eye(x.shape[1]), x[:fit].T @ onehot[:fit])
-            scores.append(np.mean(np.argmax(x[fit:] @ weights, 1) == np.argmax(onehot[fit:], 1)))
+        scores = [_ridge_accuracy(x[:fit], train[t][:fit], x[fit:], train[t][fit:]) for t in ("colour", "place")]
         print(f"| {name} | {scores[0]:.3f} | {scores[1]:.3f} |")
+    held_out = frames_of(paths["eval"])
+    unseen = held_out["unseen"]
+    print(
+        f"\n| shape probe (fitted on {len(cls)} training frames) | held-out frames, seen pairs ({np.sum(~unseen)}) "
+        f"| unseen colour and shape pairs ({np.sum(unseen)}) |\n|---|---|---|"
+    )
+    for name in ("class token", "patch tokens, mean"):
+        scores = [
+            _ridge_accuracy(train[name], train["shape"], held_out[name][rows], held_out["shape"][rows])
+            for rows in (~unseen, unseen)
+        ]
+        print(f"| {name} | {scores[0]:.3f} | {scores[1]:.3f} |")
+
+
+def _ridge_accuracy(x_fit, labels_fit, x_test, labels_test) -> float:
+    """Accuracy on (x_test, labels_test) of a ridge regression to one-hot labels fitted on (x_fit, labels_fit)."""
+    import numpy as np
+
+    classes = sorted(set(map(str, labels_fit)))
+    onehot = np.asarray([[str(v) == c for c in classes] for v in labels_fit], np.float64)
+    x_fit, x_test = (np.c_[x, np.ones(len(x))] for x in (x_fit, x_test))
+    weights = np.linalg.solve(x_fit.T @ x_fit + 1e-2 * np.eye(x_fit.shape[1]), x_fit.T @ onehot)
+    predicted = np.asarray(classes)[np.argmax(x_test @ weights, 1)]
+    return float(np.mean(predicted == np.asarray([str(v) for v in labels_test])))
 
 
 def run_training(config, workdir: str) -> float:
