@@ -83,7 +83,7 @@ def test_configs_chain_the_stages_through_their_directories(tmp_path):
 
 
 def test_the_probe_scores_what_a_linear_read_out_gets_right():
-    """--frame-probe's ridge read-out: it names the class a feature direction stands for, and on
+    """--probes' ridge read-out: it names the class a feature direction stands for, and on
     features whose pairing with the classes differs from the fitted one it is scored wrong."""
     rng = np.random.default_rng(0)
     classes = np.array(["circle", "square", "triangle"])

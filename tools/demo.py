@@ -51,11 +51,11 @@ def main(argv=None):
         help="after building the stand-in, print its exact match per question type on held-out lessons",
     )
     parser.add_argument(
-        "--frame-probe",
+        "--probes",
         action="store_true",
         help=(
-            "also fit linear probes of each frame's colour and place (on its class token, before and after W_t) "
-            "and of its shape (scored on seen and unseen colour and shape pairs apart)"
+            "also fit linear probes of what the encoders give the LLM: each frame's colour, place and shape, "
+            "each audio segment's beep and pitch, each clip's beep count (print_probes)"
         ),
     )
     parser.add_argument(
@@ -87,8 +87,8 @@ def main(argv=None):
     print_question_table(results)
     if args.played_back:
         print_played_back_table(results, evaluate(workdir, eval_path, played_back=True))
-    if args.frame_probe:
-        print_frame_probe(workdir, paths)
+    if args.probes:
+        print_probes(workdir, paths)
     chat_once(workdir, eval_path)
     print(
         f"demo wall time {time.time() - start:.0f} s ("
@@ -225,14 +225,17 @@ def print_lesson_scores(model_dir: str, lessons_path: str, num_lessons: int = 30
     print(f"| all | {sum(total.values())} | {sum(right.values()) / sum(total.values()):.2f} |")
 
 
-def print_frame_probe(workdir: str, paths: dict[str, str], num_clips: int = 600) -> None:
-    """Whether the frames' tokens can tell the LLM what the questions ask, by ridge regression
-    (linear probes). Each frame's colour and stop from its class token (the frozen CLIP's) and
-    from W_t's output, fitted on three quarters of the frames of the first `num_clips` training
-    clips and scored on the rest. Each frame's shape from its class token and from the mean of
-    its patch tokens, fitted on those training frames (seen colour and shape pairs only) and
-    scored on the held-out clips' frames, those of seen and of unseen pairs apart: whether the
-    encoder holds a shape apart from its colour."""
+def print_probes(workdir: str, paths: dict[str, str], num_clips: int = 600) -> None:
+    """Whether the encoders' outputs can tell the LLM what the questions ask, by ridge regression
+    (linear probes) on the first `num_clips` training clips:
+
+    - each frame's colour and stop from its class token (the frozen CLIP's) and from W_t's
+      output, fitted on three quarters of the frames and scored on the rest;
+    - each frame's shape from its class token and from the mean of its patch tokens, and each
+      audio segment's sound (quiet or beep) and pitch from its embedding, and each audio clip's
+      beep count from its segments' embeddings side by side: fitted on the training clips (seen
+      colour and shape, pitch and count pairs only) and scored on the held-out clips, those of
+      seen and of unseen pairs apart. Whether an encoder holds the attributes apart."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -243,31 +246,43 @@ def print_frame_probe(workdir: str, paths: dict[str, str], num_clips: int = 600)
 
     model = avllm_jax.load_model(workdir)
     data_config = stage_config("sft", paths).data
-    encode = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames)))
+    encode_frames = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames)))
+    encode_audio = jax.jit(
+        lambda features, is_longer: model.audio_embeddings(
+            {"audio_features": features[None, None], "audio_is_longer": is_longer[None, None]}
+        )[0, 0]
+    )
 
-    def frames_of(path, limit=None):
-        """{"class token", "patch tokens, mean", "colour", "place", "shape", "unseen"}, one entry a frame
-        ("unseen": its colour and shape are a pair the training clips never show)."""
+    def read(path, limit=None):
+        """Per frame: "class token", "patch tokens, mean", "colour", "place", "shape", "unseen" (a
+        colour and shape pair the training clips never show); per audio segment: "segment", "sound",
+        "pitch"; per audio clip: "segments" (its embeddings side by side), "beeps", "unseen audio"."""
         found: dict[str, list] = collections.defaultdict(list)
-        seen_videos = set()
         with open(path) as f:
             records = [json.loads(line) for _, line in zip(range(limit or 10**9), f)]
-        for record in records:
-            timeline = record["timeline"]
-            if "shape" not in timeline or record["video"] in seen_videos:  # held-out clips repeat a line a question
-                continue
-            seen_videos.add(record["video"])
-            media = samples.load_file_media(os.path.join(paths["data"], record["video"]), data_config)
-            tokens = np.asarray(encode(jnp.asarray(media.frames)))
-            found["class token"].append(tokens[:, 0])
-            found["patch tokens, mean"].append(tokens[:, 1:].mean(1))
-            found["colour"] += timeline["colours"]
-            found["place"] += timeline["stops"]
-            found["shape"] += [timeline["shape"]] * len(tokens)
-            found["unseen"] += [(c, timeline["shape"]) in synthetic.HELD_OUT["visual"] for c in timeline["colours"]]
-        return {k: np.concatenate(v) if k.endswith(("token", "mean")) else np.asarray(v) for k, v in found.items()}
+        media_paths = {record.get("video") or record["audio"]: record["timeline"] for record in records}
+        for media_path, timeline in media_paths.items():  # the held-out split has a line a question
+            media = samples.load_file_media(os.path.join(paths["data"], media_path), data_config)
+            if "shape" in timeline:
+                tokens = np.asarray(encode_frames(jnp.asarray(media.frames)))
+                found["class token"].append(tokens[:, 0])
+                found["patch tokens, mean"].append(tokens[:, 1:].mean(1))
+                found["colour"] += timeline["colours"]
+                found["place"] += timeline["stops"]
+                found["shape"] += [timeline["shape"]] * len(tokens)
+                found["unseen"] += [(c, timeline["shape"]) in synthetic.HELD_OUT["visual"] for c in timeline["colours"]]
+            if "pitch" in timeline:
+                arrays = samples.audio_arrays(media.audio, data_config, rng=np.random.default_rng(0))
+                segments = np.asarray(encode_audio(arrays["audio_features"], arrays["audio_is_longer"]))
+                found["segment"].append(segments)
+                found["sound"] += ["beep" if b else "quiet" for b in timeline["beeps"]]
+                found["pitch"] += [timeline["pitch"]] * len(segments)
+                found["segments"].append(segments.reshape(1, -1))
+                found["beeps"].append(sum(timeline["beeps"]))
+                found["unseen audio"].append((timeline["pitch"], sum(timeline["beeps"])) in synthetic.HELD_OUT["audio"])
+        return {k: np.concatenate(v) if np.ndim(v[0]) else np.asarray(v) for k, v in found.items()}
 
-    train = frames_of(os.path.join(paths["data"], "train.jsonl"), num_clips)
+    train = read(os.path.join(paths["data"], "train.jsonl"), num_clips)
     cls = train["class token"]
     fit = len(cls) * 3 // 4
     inputs = {"class token": cls, "W_t(class token)": cls @ np.asarray(model.temporal_proj.kernel[...])}
@@ -275,18 +290,27 @@ def print_frame_probe(workdir: str, paths: dict[str, str], num_clips: int = 600)
     for name, x in inputs.items():
         scores = [_ridge_accuracy(x[:fit], train[t][:fit], x[fit:], train[t][fit:]) for t in ("colour", "place")]
         print(f"| {name} | {scores[0]:.3f} | {scores[1]:.3f} |")
-    held_out = frames_of(paths["eval"])
-    unseen = held_out["unseen"]
+
+    held_out = read(paths["eval"])
+    frames_unseen = held_out["unseen"]
+    segments_unseen = np.repeat(held_out["unseen audio"], synthetic.NUM_SEGMENTS)
+    probes = [  # (what is read, from what, the unseen mask of the held-out rows)
+        ("shape", "class token", frames_unseen),
+        ("shape", "patch tokens, mean", frames_unseen),
+        ("sound", "segment", segments_unseen),
+        ("pitch", "segment", segments_unseen),
+        ("beeps", "segments", held_out["unseen audio"]),
+    ]
     print(
-        f"\n| shape probe (fitted on {len(cls)} training frames) | held-out frames, seen pairs ({np.sum(~unseen)}) "
-        f"| unseen colour and shape pairs ({np.sum(unseen)}) |\n|---|---|---|"
+        "\n| probe fitted on training clips | held-out: seen pairs | unseen pairs "
+        "(colour and shape; pitch and count) |\n|---|---|---|"
     )
-    for name in ("class token", "patch tokens, mean"):
+    for target, source, unseen in probes:
         scores = [
-            _ridge_accuracy(train[name], train["shape"], held_out[name][rows], held_out["shape"][rows])
+            _ridge_accuracy(train[source], train[target], held_out[source][rows], held_out[target][rows])
             for rows in (~unseen, unseen)
         ]
-        print(f"| {name} | {scores[0]:.3f} | {scores[1]:.3f} |")
+        print(f"| {target} from {source} ({np.sum(~unseen)} / {np.sum(unseen)}) | {scores[0]:.3f} | {scores[1]:.3f} |")
 
 
 def _ridge_accuracy(x_fit, labels_fit, x_test, labels_test) -> float:
