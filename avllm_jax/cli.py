@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -307,6 +308,23 @@ def require_file(path: str, flag: str, what: str = "file") -> None:
     if not os.path.isfile(path):
         reason = "is a directory" if os.path.isdir(path) else "does not exist"
         raise UsageError(f"{flag} {path}: the {what} {reason}")
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Imports `modules`, the optional dependencies of the install extra `extra` (pyproject.toml),
+    or raises an AvllmError saying how to install them. A command calls it once its flags and
+    files are checked and imports its extra's code after it, so that --help and a bad flag work
+    on an install without the extra."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # something the module itself imports: a broken install, keep its traceback
+                raise
+            raise AvllmError(
+                f"{module} is not installed, and this command needs it: install the '{extra}' extra, "
+                f"pip install -c constraints.txt -e '.[{extra}]' in the repository (README, Install)"
+            ) from None
 
 
 def require_directory(path: str, flag: str, what: str = "directory") -> None:

@@ -383,6 +383,42 @@ def test_serve_bad_inputs(inputs, tmp_path, capsys):
         assert_in_process_error(serve.main, ["--checkpoint", model, *argv], capsys, message, code=code)
 
 
+# Runs `python -m MODULE ARGS...` as if the extras' packages were not installed: importing one
+# raises ModuleNotFoundError, as on a bare `pip install .` (tools/check_install.sh does it for real).
+WITHOUT_EXTRAS = """import runpy, sys
+for name in ("gradio", "fastapi", "uvicorn"):
+    sys.modules[name] = None
+module = sys.argv.pop(1)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, extra, first_missing", [("web", "web", "gradio"), ("serve", "serve", "fastapi")])
+def test_web_and_serve_need_their_extra_only_after_checking_their_flags(inputs, tmp_path, module, extra, first_missing):
+    without_extras = ("-c", WITHOUT_EXTRAS, f"avllm_jax.{module}")
+    shown = run(*without_extras, "--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: "), shown.stderr[-3000:]
+    assert_one_line_error(
+        run(*without_extras, "--checkpoint", str(tmp_path / "none")), f"--checkpoint {tmp_path / 'none'}: ", code=2
+    )
+    assert_one_line_error(
+        run(*without_extras, "--checkpoint", str(inputs / "model")),
+        f"error: {first_missing} is not installed",
+        f"install the '{extra}' extra, pip install -c constraints.txt -e '.[{extra}]'",
+    )
+
+
+def test_require_extra_keeps_the_traceback_of_a_broken_install(monkeypatch, tmp_path):
+    # The extra's package is there but fails to import one of its own dependencies: not a
+    # missing extra, so the real error and its traceback stay.
+    (tmp_path / "broken_extra.py").write_text("import a_module_that_is_not_there\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="a_module_that_is_not_there"):
+        cli.require_extra("web", "broken_extra")
+    with pytest.raises(AvllmError, match="not_installed_at_all is not installed"):
+        cli.require_extra("web", "not_installed_at_all")
+
+
 @pytest.mark.parametrize(
     "module", ["train", "plan", "evaluate", "chat", "web", "serve", "cache_features", "convert", "export"]
 )

@@ -31,8 +31,10 @@ LAYERS = {
     "chat": 5,
     "evaluate": 5,
     "plan": 5,
-    "web": 5,
-    "serve": 5,
+    "web_app": 5,  # the Gradio page and the OpenAI app: web and serve import them once the flags are checked
+    "serve_app": 5,
+    "web": 6,
+    "serve": 6,
     "cache_features": 6,  # an entry point on top of train's: it resolves the model as a run does
 }
 

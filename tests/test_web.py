@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 from test_chat import write_converted_model
 
 import avllm_jax
-from avllm_jax import chat, web
+from avllm_jax import chat, web, web_app
 from avllm_jax.data import conversation, synthetic
 from avllm_jax.data.media import MediaError, load_media, write_media
 from avllm_jax.inference import prompts
@@ -293,7 +293,7 @@ def test_file_handler_messages(files, tmp_path):
     message in the status line and no modality to answer with; one it can use, what it is."""
     model = avllm_jax.load_model(files["model"])
     args = web.parse_args(["--checkpoint", files["model"], "--num-frames", str(NUM_FRAMES)])
-    app = web.App(
+    app = web_app.App(
         model, conversation.load_tokenizer(files["model"]), prompts.inference_data_config(model, files["model"]), args
     )
     rng = np.random.default_rng(0)
