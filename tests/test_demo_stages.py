@@ -22,6 +22,7 @@ def small(config, steps, **optim):
     config.global_batch_size = 8
     config.data.update(dict(worker_count=0, dedicated_worker_cpus=0))
     config.model.vision.num_layers = config.model.llm.num_layers = 1
+    config.projector_init_batches = 2
     config.optim.update(optim)
     return config
 
@@ -45,9 +46,12 @@ def stages(tmp_path_factory):
     demo.run_training(small(demo.stage_config("standin", paths), 2), paths["standin_run"])
     demo.write_standin(paths["standin_run"], paths["standin"])
     demo.run_training(small(demo.stage_config("pretrain", paths), 2), paths["pretrain"])
+    # At learning rate 0 a step keeps the weights it started from: stage 1's start.
+    paths["pretrain_start"] = paths["pretrain"] + "_start"
+    demo.run_training(small(demo.stage_config("pretrain", paths), 1, learning_rate=0.0), paths["pretrain_start"])
     # At learning rate 0 stage 2 keeps the weights it started from, so its result shows them.
     demo.run_training(small(demo.stage_config("sft", paths), 1, learning_rate=0.0), paths["sft"])
-    return {name: weights(paths[name]) for name in ("standin_run", "standin", "pretrain", "sft")}
+    return {name: weights(paths[name]) for name in ("standin_run", "standin", "pretrain", "pretrain_start", "sft")}
 
 
 PROJECTORS = ("temporal_proj", "spatial_proj", "audio_proj")
@@ -64,6 +68,17 @@ def test_stage_1_trains_the_projectors_only(stages):
     assert same(part(stages["pretrain"], "vision"), part(stages["standin"], "vision"))
     for name in PROJECTORS:
         assert not same(part(stages["pretrain"], name), part(stages["standin"], name)), name
+
+
+def test_stage_1_starts_from_the_standin_projectors_centred(stages):
+    # configs/demo.py's projector_init="centred": each kernel is the stand-in's times one factor
+    # (training/projector_init.py; tests/test_projector_init.py checks the rows it gives).
+    start, standin = stages["pretrain_start"], stages["standin"]
+    for name in PROJECTORS:
+        factor = start[f"{name}.kernel"] / standin[f"{name}.kernel"]
+        np.testing.assert_allclose(factor, factor.flat[0], rtol=1e-4)
+        assert 0 < factor.flat[0] and abs(np.log(factor.flat[0])) > 0.1, (name, factor.flat[0])
+        assert not np.allclose(start[f"{name}.bias"], standin[f"{name}.bias"] * factor.flat[0]), name
 
 
 def test_stage_2_starts_from_stage_1_projectors_and_the_standin_llm(stages):

@@ -184,23 +184,31 @@ class AVLLM(nnx.Module):
         visual_items x N spatial rows (each item's patch tokens averaged over its frames,
         through W_s), audio_clips x K audio rows (each segment's embedding, `audio_embeddings`,
         through W_a); see data/packing.py."""
-        outputs = self.encoder_outputs(batch)
-        dtype = layers.dtype_of(self.language_model.config.dtype)
-        parts = []
-        # The projectors exist when the model has the encoder and the LLM (make_projectors).
-        if self.temporal_proj is not None and self.spatial_proj is not None and "frame_cls" in outputs:
-            temporal = self.temporal_proj(outputs["frame_cls"].astype(dtype))
-            spatial = self.spatial_proj(outputs["item_patches"].astype(dtype))
-            parts += [temporal, spatial.reshape(temporal.shape[0], -1, temporal.shape[-1])]
-        if self.audio_proj is not None and "audio_embeddings" in outputs:
-            pooled = outputs["audio_embeddings"]  # [P, A, K, Da]
-            packs, clips, segments = pooled.shape[:3]
-            parts.append(self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype)))
+        parts = self.projected_rows(batch)
         if not parts:
             raise ValueError(
                 "the batch has neither media (frames, audio_features) nor cached features for the model's encoders"
             )
-        return jnp.concatenate(parts, axis=1)
+        return jnp.concatenate(list(parts.values()), axis=1)
+
+    def projected_rows(self, batch: dict) -> dict[str, jax.Array]:
+        """The modality table's rows by the projector that makes them, in the table's order:
+        {"temporal_proj": [P, F, D], "spatial_proj": [P, V*N, D], "audio_proj": [P, A*K, D]},
+        those the model and the batch have."""
+        outputs = self.encoder_outputs(batch)
+        dtype = layers.dtype_of(self.language_model.config.dtype)
+        parts = {}
+        # The projectors exist when the model has the encoder and the LLM (make_projectors).
+        if self.temporal_proj is not None and self.spatial_proj is not None and "frame_cls" in outputs:
+            temporal = self.temporal_proj(outputs["frame_cls"].astype(dtype))
+            spatial = self.spatial_proj(outputs["item_patches"].astype(dtype))
+            parts["temporal_proj"] = temporal
+            parts["spatial_proj"] = spatial.reshape(temporal.shape[0], -1, temporal.shape[-1])
+        if self.audio_proj is not None and "audio_embeddings" in outputs:
+            pooled = outputs["audio_embeddings"]  # [P, A, K, Da]
+            packs, clips, segments = pooled.shape[:3]
+            parts["audio_proj"] = self.audio_proj(pooled.reshape(packs, clips * segments, -1).astype(dtype))
+        return parts
 
     def audio_embeddings(self, batch: dict) -> jax.Array:
         """The K segment embeddings of each of a pack's audio clips, [P, A, K, Da].

@@ -43,7 +43,7 @@ from avllm_jax.data import phases as phases_lib
 from avllm_jax.data.pipeline import RENAMED_DATA_FIELDS, default_data_config
 from avllm_jax.errors import AvllmError
 from avllm_jax.models import avllm, llama
-from avllm_jax.training import optim
+from avllm_jax.training import optim, projector_init
 
 LORA_ADAPTERS = r"llm\.layers\.lora\..*"  # the LLM's adapters, for config.trainable
 
@@ -63,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = _model_config()
     # Regexes over dotted parameter names (e.g. 'llm.layers.q_proj'); the rest is frozen.
     config.trainable = (r"(temporal|spatial|audio)_proj\..*",)
+    # How the projectors start in a run with no checkpoint to resume: "random" (the paper's: as
+    # make_projectors, or init_checkpoint, has them) or "centred" (their rows centred and scaled to
+    # the LLM's token embeddings over the first `projector_init_batches` batches; for stage 1 from a
+    # frozen LLM: avllm_jax/training/projector_init.py).
+    config.projector_init = "random"
+    config.projector_init_batches = 8
     # LoRA on the LLM; rank 0 is off. With rank > 0, adapters (update alpha / rank · x A B) go on
     # the projections whose names ('layers.q_proj', ..., 'layers.down_proj') a regex of `targets`
     # full-matches, the LLM's base weights stay frozen, and config.trainable lists the adapters
@@ -184,7 +190,8 @@ def check_config(config) -> None:
     nearest declared name), every declared block that is missing or was replaced by one
     lacking fields, and `config.model.parts` naming a part that does not exist, one twice, or
     no 'llm'; an audio_kind that does not exist, or audio fields set that its dataclass lacks;
-    LoRA settings that cannot work; and config.phases that are malformed (data/phases.py)."""
+    LoRA settings that cannot work; a projector_init that does not exist; and config.phases
+    that are malformed (data/phases.py)."""
     problems = list(_compare(config, base_config(), "config"))
     if not problems:
         parts = config.model.parts
@@ -194,6 +201,10 @@ def check_config(config) -> None:
         if "llm" not in parts:
             problems.append(f"config.model.parts={parts!r} lacks 'llm': every model has one")
         problems += _audio_problems(config)
+        if config.projector_init not in projector_init.INITS:
+            problems.append(f"config.projector_init={config.projector_init!r} is not one of {projector_init.INITS}")
+        if config.projector_init_batches < 1:
+            problems.append(f"config.projector_init_batches={config.projector_init_batches}: it must be at least 1")
         problems += _lora_problems(config)
         problems += phases_lib.config_problems(config)
     if problems:

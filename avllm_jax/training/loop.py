@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -26,7 +27,17 @@ from flax import nnx
 from avllm_jax import checkpoint, runtime
 from avllm_jax.data import feature_cache, packing, phases, pipeline
 from avllm_jax.models import avllm
-from avllm_jax.training import checkpointing, flops, goodput, metrics, optim, sharding, step, watchdog
+from avllm_jax.training import (
+    checkpointing,
+    flops,
+    goodput,
+    metrics,
+    optim,
+    projector_init,
+    sharding,
+    step,
+    watchdog,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +107,9 @@ def _run_steps(run: Run, model, timer: goodput.Goodput) -> dict:
                 nnx.update(model, full_state)
                 graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
             logger.info(f"resumed from step {start} in {workdir}")
+        elif config.projector_init == "centred":  # counted as start-up time
+            projector_init.centre_projectors(model, _first_batches(run, config.projector_init_batches))
+            graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)  # type: ignore[misc]
         state = step.TrainState(jnp.asarray(start, jnp.int32), trainable, opt_state)
         train_step = step.make_train_step(graphdef, optimizer, num_microbatches=config.num_microbatches)
         schedule = optim.learning_rate_schedule(config.optim, run.num_steps)
@@ -183,6 +197,19 @@ def _make_data_iterator(run: Run):
             run.config.data, run.phase_plan, run.tokenizer, per_source=run.per_source, **options
         )
     return pipeline.make_train_iterator(run.config.data, run.tokenizer, per_source=run.per_source, **options)
+
+
+def _first_batches(run: Run, count: int):
+    """The run's first `count` batches (fewer if the data ends first), from an iterator of their
+    own: the run's own starts from the beginning."""
+    iterator = _make_data_iterator(run)
+    try:
+        for host_batch in itertools.islice(iterator, count):
+            for name in ("skipped_reasons", *pipeline.COUNTERS):
+                host_batch.pop(name, None)
+            yield sharding.shard_batch(host_batch, run.mesh)
+    finally:
+        iterator.close()
 
 
 def _metrics_log(run: Run, writer, start: int) -> metrics.MetricsLog:
