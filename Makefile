@@ -38,7 +38,7 @@ lmms-eval: $(LMMS_VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev browser
 
-# The data, stage 1, stage 2 and the table: 8.5 min on 2 cores with the stand-in built (it builds it first,
+# The data, stage 1, stage 2 and the table: 9.5 min on 2 cores with the stand-in built (it builds it first,
 # 14 min, when demo_out/standin is missing). demo-standin builds only the stand-in (cached in demo_out/).
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
@@ -46,7 +46,7 @@ demo: $(VENV)/.installed
 demo-standin: $(VENV)/.installed
 	$(PY) tools/demo.py --standin-only
 
-# The paper's Table 4 (MAT, PT1, PT2) in miniature: the demo's stage 2, three seeds, from its stage 1 (about 45 min).
+# The paper's Table 4 (MAT, PT1, PT2) in miniature: the demo's stage 2, three seeds, from its stage 1 (about 55 min).
 ablate: $(VENV)/.installed
 	$(PY) tools/ablate.py table4
 
