@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from avllm_jax.errors import EXIT_INTERRUPTED, AvllmError, UsageError, describe_error
+from avllm_jax.errors import EXIT_INTERRUPTED, AvllmError, UsageError, describe_error, install_command
 
 DEBUG_ENVIRONMENT = "AVLLM_DEBUG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -323,7 +323,7 @@ def require_extra(extra: str, *modules: str) -> None:
                 raise
             raise AvllmError(
                 f"{module} is not installed, and this command needs it: install the '{extra}' extra, "
-                f"pip install -c constraints.txt -e '.[{extra}]' in the repository (README, Install)"
+                f"{install_command(extra)} in the repository (README, Install)"
             ) from None
 
 

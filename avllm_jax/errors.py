@@ -18,6 +18,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_PREEMPTED = 143  # SIGTERM: training saved at the step boundary and stopped
 
 
+def install_command(extra: str) -> str:
+    """What installs the optional dependencies `extra` (pyproject.toml) into a checkout's venv,
+    for the errors that find them missing."""
+    return f"pip install -c constraints.txt -e '.[{extra}]'"
+
+
 class AvllmError(Exception):
     """A user error; the message names what is wrong and where."""
 

@@ -11,9 +11,7 @@ import re
 
 import jax
 
-from avllm_jax.errors import AvllmError
-
-INSTALL_TPU = "pip install -c constraints.txt -e '.[tpu]'"
+from avllm_jax.errors import AvllmError, install_command
 
 
 class PlanError(AvllmError, RuntimeError):
@@ -95,7 +93,7 @@ def libtpu_installed() -> bool:
 def topology_devices(target: Topology) -> list:
     if target.platform == "tpu":
         if not libtpu_installed():
-            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: {INSTALL_TPU}")
+            raise PlanError(f"{target.name} is compiled by libtpu, which is not installed: {install_command('tpu')}")
         from jax.experimental import topologies
 
         # libtpu locks the host's chips against a second process; compiling uses none, and
