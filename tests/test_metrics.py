@@ -173,3 +173,23 @@ def test_training_log_line_and_row(monkeypatch, caplog):
     line = caplog.messages[-1].strip()
     assert "loss 1.0000 (text 1.0000) | lr 5.00e-04" in line and "mfu n/a" in line
     assert line.endswith("| skipped_media 1, skipped_text 3, rerouted 2, truncated 0")
+
+
+def test_goodput_times_a_later_run_of_the_process_from_its_own_start(monkeypatch, tmp_path):
+    """tools/demo.py trains stage 1 and stage 2 in one process: the second run's start-up is its
+    own set-up, not the first run's whole wall time."""
+    from avllm_jax.training import goodput
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(goodput.time, "time", lambda: clock["now"])
+    monkeypatch.setattr(goodput, "process_start_time", lambda: 900.0)
+    monkeypatch.setattr(goodput, "_first_run_of_process", True)
+    first = goodput.Goodput(str(tmp_path / "stage1"), writes_record=False)
+    clock["now"] = 1010.0
+    first.loop_starts(0)
+    assert first.seconds["startup"] == 110.0  # the process's imports count for the first run
+    clock["now"] = 2000.0  # the first run trained for 990 s
+    second = goodput.Goodput(str(tmp_path / "stage2"), writes_record=False)
+    clock["now"] = 2005.0
+    second.loop_starts(0)
+    assert second.seconds["startup"] == 5.0

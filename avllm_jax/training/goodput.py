@@ -1,6 +1,8 @@
 """Goodput: where a run's wall time goes, per run and summed over the restarts of a workdir.
 
-Each process times its own run from the moment the operating system started it:
+Each run is timed from the moment the operating system started its process, or, for a later
+run of the same process (tools/demo.py and tools/ablate.py train several in one), from the
+moment it was set up:
 
     startup      until the training loop starts (imports, distributed start, reading the
                  sources, building and placing the model), restores not counted
@@ -45,13 +47,25 @@ def process_start_time() -> float:
         return time.time()
 
 
+_first_run_of_process = True
+
+
+def run_start_time() -> float:
+    """When the run being set up started: its process's start for the first run of a process
+    (imports count as its start-up), now for a later one (the earlier runs' time is theirs)."""
+    global _first_run_of_process
+    started = process_start_time() if _first_run_of_process else time.time()
+    _first_run_of_process = False
+    return started
+
+
 class Goodput:
     """The current run's seconds per category, and the earlier runs' from the record."""
 
     def __init__(self, workdir: str, *, writes_record: bool):
         self.path = os.path.join(workdir, RECORD_FILE)
         self.writes_record = writes_record
-        self.started = process_start_time()
+        self.started = run_start_time()
         self.seconds = dict.fromkeys(CATEGORIES, 0.0)
         self.earlier = _read_runs(self.path)
         # Steps up to here were done by an earlier run: doing them again is a crash's cost.
