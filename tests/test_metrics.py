@@ -6,6 +6,7 @@ import math
 import os
 import stat
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -181,7 +182,7 @@ def test_goodput_times_a_later_run_of_the_process_from_its_own_start(monkeypatch
     from avllm_jax.training import goodput
 
     clock = {"now": 1000.0}
-    monkeypatch.setattr(goodput.time, "time", lambda: clock["now"])
+    monkeypatch.setattr(goodput, "time", types.SimpleNamespace(time=lambda: clock["now"]))
     monkeypatch.setattr(goodput, "process_start_time", lambda: 900.0)
     monkeypatch.setattr(goodput, "_first_run_of_process", True)
     first = goodput.Goodput(str(tmp_path / "stage1"), writes_record=False)
