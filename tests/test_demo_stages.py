@@ -1,5 +1,6 @@
-"""tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone, written
-as a converted checkpoint), stage 1 from it (projectors only), stage 2 from stage 1."""
+"""tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone and a
+CLIP trained on stills, written as a converted checkpoint), stage 1 from it (projectors only),
+stage 2 from stage 1."""
 
 import importlib.util
 import pathlib
@@ -44,7 +45,7 @@ def same(a, b) -> bool:
 def stages(tmp_path_factory):
     paths = demo.prepare(str(tmp_path_factory.mktemp("demo")), num_train=8, num_eval=2, num_lessons=40)
     demo.run_training(small(demo.stage_config("standin", paths), 2), paths["standin_run"])
-    demo.write_standin(paths["standin_run"], paths["standin"])
+    demo.write_standin(paths["standin_run"], paths["standin"], vision_steps=2)
     demo.run_training(small(demo.stage_config("pretrain", paths), 2), paths["pretrain"])
     # At learning rate 0 a step keeps the weights it started from: stage 1's start.
     paths["pretrain_start"] = paths["pretrain"] + "_start"
@@ -57,10 +58,13 @@ def stages(tmp_path_factory):
 PROJECTORS = ("temporal_proj", "spatial_proj", "audio_proj")
 
 
-def test_the_standin_is_the_text_trained_llm_with_random_projectors(stages):
-    assert same(stages["standin"], stages["standin_run"])  # what text training left, written as converted
-    for name in ("vision", "audio", "llm", *PROJECTORS):
-        assert part(stages["standin"], name), name  # every part of the paper's model
+def test_the_standin_is_the_text_trained_llm_with_a_pretrained_clip_and_random_projectors(stages):
+    standin, run = stages["standin"], stages["standin_run"]
+    for name in ("audio", "llm", *PROJECTORS):  # what text training left (the LLM) or drew (the rest)
+        assert part(standin, name) and same(part(standin, name), part(run, name)), name
+    # The CLIP trained on stills (tests/test_vision_pretraining.py checks what it learns).
+    assert part(standin, "vision").keys() == part(run, "vision").keys()
+    assert not same(part(standin, "vision"), part(run, "vision"))
 
 
 def test_stage_1_trains_the_projectors_only(stages):

@@ -44,7 +44,7 @@ import numpy as np
 from avllm_jax.data import conversation, synthetic
 from avllm_jax.modality import Modality
 
-COLOURS = (*synthetic.COLOURS, "purple", "orange", "white")
+COLOURS = tuple(synthetic.STILL_COLOURS)
 SHAPES = (*synthetic.SHAPES, "star", "ring")
 PLACES = synthetic.STOPS
 PITCHES = tuple(synthetic.PITCHES)
