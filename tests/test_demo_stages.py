@@ -1,6 +1,6 @@
-"""tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone and a
-CLIP trained on stills, written as a converted checkpoint), stage 1 from it (projectors only),
-stage 2 from stage 1."""
+"""tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone and, as an
+option, a CLIP trained on stills, written as a converted checkpoint), stage 1 from it (projectors
+only), stage 2 from stage 1."""
 
 import importlib.util
 import pathlib
@@ -46,25 +46,30 @@ def stages(tmp_path_factory):
     paths = demo.prepare(str(tmp_path_factory.mktemp("demo")), num_train=8, num_eval=2, num_lessons=40)
     demo.run_training(small(demo.stage_config("standin", paths), 2), paths["standin_run"])
     demo.write_standin(paths["standin_run"], paths["standin"], vision_steps=2)
+    paths["standin_random_clip"] = paths["standin"] + "_random_clip"  # the default: no stills
+    demo.write_standin(paths["standin_run"], paths["standin_random_clip"], vision_steps=0)
     demo.run_training(small(demo.stage_config("pretrain", paths), 2), paths["pretrain"])
     # At learning rate 0 a step keeps the weights it started from: stage 1's start.
     paths["pretrain_start"] = paths["pretrain"] + "_start"
     demo.run_training(small(demo.stage_config("pretrain", paths), 1, learning_rate=0.0), paths["pretrain_start"])
     # At learning rate 0 stage 2 keeps the weights it started from, so its result shows them.
     demo.run_training(small(demo.stage_config("sft", paths), 1, learning_rate=0.0), paths["sft"])
-    return {name: weights(paths[name]) for name in ("standin_run", "standin", "pretrain", "pretrain_start", "sft")}
+    names = ("standin_run", "standin", "standin_random_clip", "pretrain", "pretrain_start", "sft")
+    return {name: weights(paths[name]) for name in names}
 
 
 PROJECTORS = ("temporal_proj", "spatial_proj", "audio_proj")
 
 
-def test_the_standin_is_the_text_trained_llm_with_a_pretrained_clip_and_random_projectors(stages):
+def test_the_standin_is_the_text_trained_llm_with_its_clip_pretrained_or_random(stages):
     standin, run = stages["standin"], stages["standin_run"]
     for name in ("audio", "llm", *PROJECTORS):  # what text training left (the LLM) or drew (the rest)
         assert part(standin, name) and same(part(standin, name), part(run, name)), name
-    # The CLIP trained on stills (tests/test_vision_pretraining.py checks what it learns).
+    # The CLIP trained on stills (tests/test_vision_pretraining.py checks what it learns) ...
     assert part(standin, "vision").keys() == part(run, "vision").keys()
     assert not same(part(standin, "vision"), part(run, "vision"))
+    # ... or, by default, written as the run drew it.
+    assert same(stages["standin_random_clip"], run)
 
 
 def test_stage_1_trains_the_projectors_only(stages):
