@@ -4,11 +4,10 @@
    with three questions each, and held-out clips, drawn from another seed, half of them made
    of held-out combinations, each clip asked every question of its modality;
 2. trains a tokenizer on the demo text and the stand-in's lessons;
-3. builds the stand-in for the paper's pretrained models when demo_out/standin is missing (its LLM
-   on text lessons, configs/demo.py:standin; with --vision-standin-steps, its CLIP on still pictures),
-   then trains stage 1
-   (configs/demo.py:pretrain) into demo_out/pretrain and stage 2 (:sft) into demo_out/run
-   (rerunning resumes, or skips a finished run);
+3. builds the stand-in for the paper's pretrained models when demo_out/standin is missing (its
+   LLM on text lessons, configs/demo.py:standin; with --vision-standin-steps, its CLIP on still
+   pictures), then trains stage 1 (configs/demo.py:pretrain) into demo_out/pretrain and stage 2
+   (:sft) into demo_out/run (rerunning resumes, or skips a finished run);
 4. answers every held-out question greedily and scores exact match per question type, for
    seen and unseen combinations, beside chance and the best guess from one stream alone;
 5. with --played-back, asks them again about each clip played backwards (frames and audio
@@ -175,8 +174,9 @@ def stage_config(stage: str, paths: dict[str, str], steps: int | None = None):
 
 
 def build_standin(paths: dict[str, str], steps: int | None = None, vision_steps: int = VISION_STANDIN_STEPS) -> float:
-    """Trains the stand-in's LLM on text and its CLIP on stills and writes them as a converted
-    checkpoint (once); returns the seconds it took."""
+    """Trains the stand-in's LLM on text (and, with `vision_steps`, its CLIP on stills) and writes
+    them as a converted checkpoint, unless one built with these `vision_steps` is there; returns
+    the seconds it took."""
     record_path = os.path.join(paths["standin"], VISION_STANDIN_RECORD)
     if os.path.exists(record_path):
         with open(record_path) as f:

@@ -250,14 +250,15 @@ def draw_stills(count: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[
     uint8 [count, 64, 64, 3], and per picture its "colour" (index into STILL_COLOURS), "shape"
     (index into SHAPES) and "centre" (x, y in pixels, float32 [count, 2]).
 
-    One shape as the clips draw it, of any colour of STILL_COLOURS, anywhere a whole shape fits
-    (not only at the clips' stops and lane), every colour with every shape: a pretrained CLIP has
-    seen red circles, though the demo's training clips hold that pair out (HELD_OUT)."""
+    One shape as the clips draw it, of any colour of STILL_COLOURS, centred anywhere from 10 to 54
+    px on either axis (not only at the clips' stops and lane; the frame's edge may cut it), every
+    colour with every shape: a pretrained CLIP has seen red circles, though the demo's training
+    clips hold that pair out (HELD_OUT)."""
     yy, xx = np.mgrid[:FRAME_SIZE, :FRAME_SIZE] + 0.5
     colour = rng.integers(len(STILL_COLOURS), size=count)
     shape = rng.integers(len(SHAPES), size=count)
     half = rng.integers(SHAPE_HALF_SIZES[0], SHAPE_HALF_SIZES[1] + 1, size=count)
-    centre = rng.uniform(10, FRAME_SIZE - 10, size=(count, 2)).astype(np.float32)  # the stops span 14 to 50
+    centre = rng.uniform(10, FRAME_SIZE - 10, size=(count, 2)).astype(np.float32)  # the stops are 14 to 50
     frames = np.zeros((count, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
     rgb = list(STILL_COLOURS.values())
     for i in range(count):

@@ -1,4 +1,5 @@
-"""A stand-in for CLIP's pretraining, for the CPU demo (tools/demo.py), where nothing can be downloaded.
+"""A stand-in for CLIP's pretraining, for the CPU demo, where nothing can be downloaded
+(`python tools/demo.py --vision-standin-steps 2000`; an option, measured in docs/demo.md).
 
 The paper's frozen CLIP already tells colours, shapes and where a thing is in a picture. A random
 tower does not: in the demo's random CLIP the place of a shape explains 6% of the variance of a
