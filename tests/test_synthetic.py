@@ -213,29 +213,3 @@ def test_tokenizer_corpus_covers_the_demo_text(demo):
         ids, _ = conv.tokenize_turns(sample.turns, tokenizer)
         tokens = set(tokenizer.convert_ids_to_tokens(ids.tolist()))
         assert not tokens & (byte_tokens | {"<unk>"}), sample.turns
-
-
-def test_stills_show_their_labels_and_every_colour_with_every_shape():
-    """draw_stills' labels read back off the pixels: the lit pixels are the labelled colour, the
-    lit box is centred on the labelled centre, and the box's fill tells the shape (a square fills
-    its box, a circle pi/4 of it, a triangle half). A shape cut by the frame's edge is checked for
-    its colour only."""
-    frames, labels = synthetic.draw_stills(300, np.random.default_rng(0))
-    fill = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
-    colours = list(synthetic.STILL_COLOURS.values())
-    whole = 0
-    for frame, colour, shape, centre in zip(frames, labels["colour"], labels["shape"], labels["centre"], strict=True):
-        lit = frame.any(-1)
-        ys, xs = np.nonzero(lit)
-        assert {tuple(p) for p in frame[lit]} == {colours[colour]}
-        if min(xs.min(), ys.min()) == 0 or max(xs.max(), ys.max()) == synthetic.FRAME_SIZE - 1:
-            continue
-        whole += 1
-        np.testing.assert_allclose([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2], centre, atol=1.0)
-        box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-        measured = min(fill, key=lambda name: abs(lit.sum() / box - fill[name]))
-        assert measured == synthetic.SHAPES[shape]
-    assert whole > 200
-    pairs = set(zip(labels["colour"].tolist(), labels["shape"].tolist(), strict=True))
-    assert len(pairs) == len(synthetic.STILL_COLOURS) * len(synthetic.SHAPES)  # the held-out pairs too
-    assert np.ptp(labels["centre"], axis=0).min() > 40  # anywhere, not only at the clips' stops

@@ -55,7 +55,8 @@ SAMPLE_RATE = 48000
 NUM_SEGMENTS = 4  # the timeline's resolution: configs/demo.py's num_frames and num_audio_segments
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-# The stand-in for CLIP also sees colours the clips never show (draw_stills), as the lessons name them.
+# The stand-in for CLIP also sees colours the clips never show (training/vision_pretraining.py), as the
+# lessons name them.
 STILL_COLOURS = {**COLOURS, "purple": (128, 0, 128), "orange": (255, 128, 0), "white": (255, 255, 255)}
 SHAPES = ("circle", "square", "triangle")
 # The demo's shapes move left or right; draw_clip also draws vertical motion.
@@ -227,7 +228,7 @@ def render_frames(timeline: dict, rng: np.random.Generator) -> np.ndarray:
         segment = t * NUM_SEGMENTS // num_frames
         along = STOP_CENTRES[timeline["stops"][segment]]
         cx, cy = (along, lane) if horizontal else (lane, along)
-        frames[t][_inside(timeline["shape"], xx - cx, yy - cy, half)] = COLOURS[timeline["colours"][segment]]
+        frames[t][shape_mask(timeline["shape"], xx - cx, yy - cy, half)] = COLOURS[timeline["colours"][segment]]
     return frames
 
 
@@ -245,29 +246,7 @@ def draw_clip(colour: str, shape: str, direction: str, rng: np.random.Generator)
     return render_frames(timeline, rng)
 
 
-def draw_stills(count: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """`count` still pictures for the stand-in for CLIP's pretraining (training/vision_pretraining.py):
-    uint8 [count, 64, 64, 3], and per picture its "colour" (index into STILL_COLOURS), "shape"
-    (index into SHAPES) and "centre" (x, y in pixels, float32 [count, 2]).
-
-    One shape as the clips draw it, of any colour of STILL_COLOURS, centred anywhere from 10 to 54
-    px on either axis (not only at the clips' stops and lane; the frame's edge may cut it), every
-    colour with every shape: a pretrained CLIP has seen red circles, though the demo's training
-    clips hold that pair out (HELD_OUT)."""
-    yy, xx = np.mgrid[:FRAME_SIZE, :FRAME_SIZE] + 0.5
-    colour = rng.integers(len(STILL_COLOURS), size=count)
-    shape = rng.integers(len(SHAPES), size=count)
-    half = rng.integers(SHAPE_HALF_SIZES[0], SHAPE_HALF_SIZES[1] + 1, size=count)
-    centre = rng.uniform(10, FRAME_SIZE - 10, size=(count, 2)).astype(np.float32)  # the stops are 14 to 50
-    frames = np.zeros((count, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-    rgb = list(STILL_COLOURS.values())
-    for i in range(count):
-        inside = _inside(SHAPES[shape[i]], xx - centre[i, 0], yy - centre[i, 1], int(half[i]))
-        frames[i][inside] = rgb[colour[i]]
-    return frames, {"colour": colour, "shape": shape, "centre": centre}
-
-
-def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
     """Pixels of `shape` at offsets (dx, dy) from its centre."""
     if shape == "circle":
         return dx**2 + dy**2 <= half**2

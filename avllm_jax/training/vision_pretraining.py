@@ -5,7 +5,7 @@ The paper's frozen CLIP already tells colours, shapes and where a thing is in a 
 tower does not: in the demo's random CLIP the place of a shape explains 6% of the variance of a
 frame's class token and colour and shape are held as pairs, so the LLM read the frames' colours
 in order but not a shape's hops, and named no unseen colour × shape pair (docs/demo.md). Here the
-tower learns from still pictures (data/synthetic.draw_stills: any of seven colours, any shape,
+tower learns from still pictures (draw_stills: any of seven colours, any shape,
 anywhere, every colour with every shape) what CLIP's image-text pretraining gives it about such
 pictures: a linear read-out of its class token (the row the paper's temporal tokens come from)
 names the colour and the shape and gives the shape's centre. The read-out is dropped afterwards;
@@ -29,6 +29,29 @@ from avllm_jax.models import clip_vision
 logger = logging.getLogger(__name__)
 
 CENTRE_SCALE = 16.0  # pixels per unit of the centre's regression target, about a shape's half size
+
+
+def draw_stills(count: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`count` still pictures to pretrain on, uint8 [count, 64, 64, 3], and per picture its
+    "colour" (index into synthetic.STILL_COLOURS), "shape" (index into synthetic.SHAPES) and
+    "centre" (x, y in pixels, float32 [count, 2]).
+
+    One shape as the clips draw it, of any of the seven colours, centred anywhere from 10 to 54 px
+    on either axis (not only at the clips' stops and lane; the frame's edge may cut it), every
+    colour with every shape: a pretrained CLIP has seen red circles, though the demo's training
+    clips hold that pair out (synthetic.HELD_OUT)."""
+    size = synthetic.FRAME_SIZE
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    colour = rng.integers(len(synthetic.STILL_COLOURS), size=count)
+    shape = rng.integers(len(synthetic.SHAPES), size=count)
+    half = rng.integers(synthetic.SHAPE_HALF_SIZES[0], synthetic.SHAPE_HALF_SIZES[1] + 1, size=count)
+    centre = rng.uniform(10, size - 10, size=(count, 2)).astype(np.float32)  # the clips' stops are 14 to 50
+    frames = np.zeros((count, size, size, 3), np.uint8)
+    rgb = list(synthetic.STILL_COLOURS.values())
+    for i in range(count):
+        inside = synthetic.shape_mask(synthetic.SHAPES[shape[i]], xx - centre[i, 0], yy - centre[i, 1], int(half[i]))
+        frames[i][inside] = rgb[colour[i]]
+    return frames, {"colour": colour, "shape": shape, "centre": centre}
 
 
 def pretrain_vision(
@@ -82,11 +105,11 @@ def pretrain_vision(
         }
 
     rng = np.random.default_rng(seed)
-    held_out = synthetic.draw_stills(1024, np.random.default_rng(seed + 1))
+    held_out = draw_stills(1024, np.random.default_rng(seed + 1))
     opt_state = optimizer.init(params)
     start = time.time()
     for step in range(1, steps + 1):
-        params, opt_state, loss = train_step(params, opt_state, *synthetic.draw_stills(batch_size, rng))
+        params, opt_state, loss = train_step(params, opt_state, *draw_stills(batch_size, rng))
         if step % log_every == 0 or step == steps:
             logger.info("vision stand-in step %d/%d | loss %.4f | %.0f s", step, steps, loss, time.time() - start)
     nnx.update(vision, params["tower"])
