@@ -33,8 +33,8 @@ from avllm_jax import cli
 GROUPS = ("visual", "audio", "audio_visual", "timing")
 STAGES = ("standin", "pretrain", "sft")
 # Off by default: the stand-in's CLIP stays random. Pretrained on stills (--vision-standin-steps 2000:
-# it names the shape 0.98 and places it within 2.3 px), it made the demo read the shape and the
-# unseen pairs, and the frames' order in one run of two (docs/demo.md, "A stand-in for CLIP").
+# it names the shape 0.98 and places it within 2.3 px), it made the demo read the shape, but the
+# frames' order unevenly across three runs (docs/demo.md, "A stand-in for CLIP").
 VISION_STANDIN_STEPS = 0
 VISION_STANDIN_RECORD = "vision_standin.json"  # its steps and scores, in the stand-in's directory
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
