@@ -117,3 +117,16 @@ def test_the_probe_scores_what_a_linear_read_out_gets_right():
     assert demo._ridge_accuracy(features[:200], classes[labels[:200]], features[200:], classes[labels[200:]]) == 1.0
     swapped = classes[(labels[200:] + 1) % 3]  # each direction now labelled with another class
     assert demo._ridge_accuracy(features[:200], classes[labels[:200]], features[200:], swapped) == 0.0
+
+
+def test_a_built_standin_is_reused_when_its_clip_is_the_one_asked_for(tmp_path, monkeypatch):
+    """A stand-in without vision_standin.json predates the CLIP option (its CLIP random): reused
+    for the default; one whose record names the asked steps is reused too. Neither trains."""
+    monkeypatch.setattr(demo, "run_training", lambda *args: pytest.fail("trained a built stand-in"))
+    standin = tmp_path / "standin"
+    standin.mkdir()
+    (standin / "config.json").write_text("{}")
+    paths = {"standin": str(standin), "standin_run": str(tmp_path / "standin_run")}
+    assert demo.build_standin(paths, vision_steps=0) == 0.0
+    (standin / demo.VISION_STANDIN_RECORD).write_text('{"steps": 2000}')
+    assert demo.build_standin(paths, vision_steps=2000) == 0.0

@@ -177,15 +177,15 @@ def build_standin(paths: dict[str, str], steps: int | None = None, vision_steps:
     """Trains the stand-in's LLM on text (and, with `vision_steps`, its CLIP on stills) and writes
     them as a converted checkpoint, unless one built with these `vision_steps` is there; returns
     the seconds it took."""
-    record_path = os.path.join(paths["standin"], VISION_STANDIN_RECORD)
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            built_with = json.load(f)["steps"]
+    if os.path.exists(os.path.join(paths["standin"], "config.json")):
+        built_with = 0  # a stand-in without the record predates the option: its CLIP is random
+        record_path = os.path.join(paths["standin"], VISION_STANDIN_RECORD)
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                built_with = json.load(f)["steps"]
         if built_with == vision_steps:
             return 0.0
         print(f"{paths['standin']} has a CLIP of {built_with} steps on stills, not {vision_steps}: rewriting it")
-    elif os.path.exists(os.path.join(paths["standin"], "config.json")):
-        print(f"{paths['standin']} predates {VISION_STANDIN_RECORD}: rewriting it")
     start = time.time()
     run_training(stage_config("standin", paths, steps), paths["standin_run"])  # skips a finished run
     write_standin(paths["standin_run"], paths["standin"], vision_steps)
