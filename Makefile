@@ -38,8 +38,9 @@ lmms-eval: $(LMMS_VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev browser
 
-# The data, stage 1, stage 2 and the table: 9.5 min on 2 cores with the stand-in built (it builds it first,
-# 14 min, when demo_out/standin is missing). demo-standin builds only the stand-in (cached in demo_out/).
+# The data, stage 1, stage 2 and the table: 10.6 min on 2 cores with the stand-in built (it builds it first,
+# 10 to 14 min, when demo_out/standin is missing). demo-standin builds only the stand-in and stage 1's start
+# (cached in demo_out/).
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
 

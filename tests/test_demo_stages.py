@@ -1,6 +1,6 @@
 """tools/demo.py chains the paper's recipe: the stand-in (an LLM trained on text alone and, as an
-option, a CLIP trained on stills, written as a converted checkpoint), stage 1 from it (projectors
-only), stage 2 from stage 1."""
+option, a CLIP trained on stills, written as a converted checkpoint), stage 1 from it with its
+projectors fitted to the captions' words (projectors only), stage 2 from stage 1."""
 
 import importlib.util
 import pathlib
@@ -10,6 +10,7 @@ import pytest
 from flax import nnx, traverse_util
 
 import avllm_jax
+from avllm_jax.data import conversation, demo_text
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
@@ -48,14 +49,15 @@ def stages(tmp_path_factory):
     demo.write_standin(paths["standin_run"], paths["standin"], vision_steps=2)
     paths["standin_random_clip"] = paths["standin"] + "_random_clip"  # the default: no stills
     demo.write_standin(paths["standin_run"], paths["standin_random_clip"], vision_steps=0)
+    demo.align_projectors(paths)
     demo.run_training(small(demo.stage_config("pretrain", paths), 2), paths["pretrain"])
     # At learning rate 0 a step keeps the weights it started from: stage 1's start.
     paths["pretrain_start"] = paths["pretrain"] + "_start"
     demo.run_training(small(demo.stage_config("pretrain", paths), 1, learning_rate=0.0), paths["pretrain_start"])
     # At learning rate 0 stage 2 keeps the weights it started from, so its result shows them.
     demo.run_training(small(demo.stage_config("sft", paths), 1, learning_rate=0.0), paths["sft"])
-    names = ("standin_run", "standin", "standin_random_clip", "pretrain", "pretrain_start", "sft")
-    return {name: weights(paths[name]) for name in names}
+    names = ("standin_run", "standin", "standin_random_clip", "aligned", "pretrain", "pretrain_start", "sft")
+    return {name: weights(paths[name]) for name in names} | {"paths": paths}
 
 
 PROJECTORS = ("temporal_proj", "spatial_proj", "audio_proj")
@@ -79,15 +81,36 @@ def test_stage_1_trains_the_projectors_only(stages):
         assert not same(part(stages["pretrain"], name), part(stages["standin"], name)), name
 
 
-def test_stage_1_starts_from_the_standin_projectors_centred(stages):
-    # configs/demo.py's projector_init="centred": each kernel is the stand-in's times one factor
-    # (training/projector_init.py; tests/test_projector_init.py checks the rows it gives).
-    start, standin = stages["pretrain_start"], stages["standin"]
+def test_stage_1_starts_from_the_standin_with_projectors_fitted_to_the_caption_words(stages):
+    aligned, standin = stages["aligned"], stages["standin"]
+    for name in ("vision.", "audio.", "llm."):  # with the dot: not audio_proj
+        assert same(part(aligned, name), part(standin, name)), name
     for name in PROJECTORS:
-        factor = start[f"{name}.kernel"] / standin[f"{name}.kernel"]
-        np.testing.assert_allclose(factor, factor.flat[0], rtol=1e-4)
-        assert 0 < factor.flat[0] and abs(np.log(factor.flat[0])) > 0.1, (name, factor.flat[0])
-        assert not np.allclose(start[f"{name}.bias"], standin[f"{name}.bias"] * factor.flat[0]), name
+        assert not same(part(aligned, name), part(standin, name)), name
+        assert same(part(stages["pretrain_start"], name), part(aligned, name)), name
+
+
+def test_the_fitted_frame_rows_are_nearest_their_own_words(stages):
+    """Each training frame's row from the fitted W_t is nearer the embedding of its own colour and
+    place than of any other colour and place the clips show."""
+    paths = stages["paths"]
+    model = avllm_jax.load_model(paths["aligned"])
+    tokenizer = conversation.load_tokenizer(paths["aligned"])
+    embeddings = np.asarray(model.language_model.embed[...])
+    train_path = str(pathlib.Path(paths["data"]) / "train.jsonl")
+    data_config = demo.stage_config("pretrain", paths).data
+    rows, words = [], []
+    for timeline, outputs in demo.encoder_outputs(model, train_path, paths["data"], data_config):
+        if "frame tokens" in outputs:
+            rows += list(np.asarray(model.temporal_proj(outputs["frame tokens"][:, 0])))
+            words += demo_text.row_words(timeline)["temporal_proj"]
+    vocabulary = sorted(set(words))
+    assert len(rows) >= 8 and len(vocabulary) >= 3
+    ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in vocabulary]
+    targets = np.stack([embeddings[i].sum(0) for i in ids])
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    nearest = np.argmax(np.asarray(rows) @ targets.T, axis=1)
+    assert [vocabulary[i] for i in nearest] == words
 
 
 def test_stage_2_starts_from_stage_1_projectors_and_the_standin_llm(stages):
@@ -97,11 +120,12 @@ def test_stage_2_starts_from_stage_1_projectors_and_the_standin_llm(stages):
 
 
 def test_configs_chain_the_stages_through_their_directories(tmp_path):
-    paths = {k: str(tmp_path / k) for k in ("data", "lessons", "captions", "tokenizer", "standin", "pretrain")}
+    names = ("data", "lessons", "captions", "tokenizer", "standin", "aligned", "pretrain")
+    paths = {k: str(tmp_path / k) for k in names}
     standin, pretrain, sft = (demo.stage_config(s, paths) for s in ("standin", "pretrain", "sft"))
     assert standin.tokenizer == paths["tokenizer"] and not standin.init_checkpoint
     assert standin.data.sources[0]["path"] == paths["lessons"] and standin.trainable == (r"llm\..*",)
-    assert pretrain.init_checkpoint == paths["standin"] and pretrain.data.sources[0]["path"] == paths["captions"]
+    assert pretrain.init_checkpoint == paths["aligned"] and pretrain.data.sources[0]["path"] == paths["captions"]
     assert pretrain.trainable == (r"(temporal|spatial|audio)_proj\..*",)
     assert sft.init_checkpoint == paths["pretrain"] and sft.data.sources[0]["path"].endswith("train.jsonl")
 

@@ -171,3 +171,24 @@ def test_caption_split_has_one_caption_per_clip_about_every_stream(tmp_path):
             assert [PLACES.index(s.split(" ", 1)[1]) for s in steps] == timeline["stops"]
         if "pitch" in timeline:
             assert words.rsplit(": ", 1)[1].split(", ") == ["beep" if b else "quiet" for b in timeline["beeps"]]
+
+
+def test_each_media_row_stands_for_the_words_its_segment_has_in_the_caption():
+    """demo_text.row_words, read back off the clip's caption with this file's parser: frame k
+    is step k's colour and place, every patch row the shape, audio segment k the pitch and
+    segment k's sound."""
+    rng = np.random.default_rng(0)
+    for visual, audio in [(True, False), (False, True), (True, True)] * 20:
+        timeline = synthetic.draw_timeline(rng, visual=visual, audio=audio)
+        rows = demo_text.row_words(timeline)
+        lists = parse(demo_text.caption(timeline).replace("; ", "\n"))
+        if "shape" in timeline:
+            steps = [f"{c} {p}" for c, p in zip(lists["colours"], lists["places"], strict=True)]
+            assert rows["temporal_proj"] == steps and len(steps) == synthetic.NUM_SEGMENTS
+            assert rows["spatial_proj"] == [lists["shape"]]
+        else:
+            assert "temporal_proj" not in rows and "spatial_proj" not in rows
+        if "pitch" in timeline:
+            assert rows["audio_proj"] == [f"{lists['pitch']} {s}" for s in lists["sounds"]]
+        else:
+            assert "audio_proj" not in rows

@@ -100,3 +100,23 @@ def test_every_row_alike_is_a_clear_error():
     model.audio_proj.kernel[...] = jnp.zeros_like(model.audio_proj.kernel[...])  # every row is the bias
     with pytest.raises(ValueError, match="every row of audio_proj is the same"):
         projector_init.centre_projectors(model, [batch])
+
+
+def test_a_fitted_projector_makes_rows_at_their_targets():
+    """projector_init.fit_projector (the demo's stage 1 start): on inputs with a large common part
+    (as the random CLIP's class tokens have), the fitted projector's rows are the targets of an
+    affine map it can express, and an unrelated target's variance is not explained."""
+    from flax import nnx
+
+    from avllm_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    inputs = 20.0 + rng.normal(size=(400, 12))  # mean 20, spread 1
+    true_kernel, true_bias = rng.normal(size=(12, 6)) * 0.1, rng.normal(size=6)
+    targets = inputs @ true_kernel + true_bias
+    projector = layers.Dense(12, 6, (None, "embed"), rngs=nnx.Rngs(0))
+    explained = projector_init.fit_projector(projector, inputs, targets, ridge=1e-9)
+    assert explained > 0.9999
+    np.testing.assert_allclose(np.asarray(projector(jnp.asarray(inputs, jnp.float32))), targets, atol=1e-3)
+    noise = rng.normal(size=(400, 6))  # nothing in the inputs tells it
+    assert projector_init.fit_projector(projector, inputs, noise) < 0.1

@@ -51,7 +51,7 @@ def main(argv=None):
     from avllm_jax.training.config import load_config_file
 
     paths = demo.prepare(args.out, args.num_train, args.num_eval)
-    demo.build_standin(paths)
+    demo.build_stage_1_start(paths)
     demo.run_training(demo.stage_config("pretrain", paths), paths["pretrain"])
     phases = {
         "MAT": (),

@@ -6,8 +6,10 @@
 2. trains a tokenizer on the demo text and the stand-in's lessons;
 3. builds the stand-in for the paper's pretrained models when demo_out/standin is missing (its
    LLM on text lessons, configs/demo.py:standin; with --vision-standin-steps, its CLIP on still
-   pictures), then trains stage 1 (configs/demo.py:pretrain) into demo_out/pretrain and stage 2
-   (:sft) into demo_out/run (rerunning resumes, or skips a finished run);
+   pictures), and stage 1's start (demo_out/aligned: the stand-in with its projectors fitted to
+   the captions' words, align_projectors) when the stand-in is new or it is missing; then trains
+   stage 1 (configs/demo.py:pretrain) into demo_out/pretrain and stage 2 (:sft) into
+   demo_out/run (rerunning resumes, or skips a finished run);
 4. answers every held-out question greedily and scores exact match per question type, for
    seen and unseen combinations, beside chance and the best guess from one stream alone;
 5. with --played-back, asks them again about each clip played backwards (frames and audio
@@ -37,6 +39,7 @@ STAGES = ("standin", "pretrain", "sft")
 # frames' order unevenly across three runs (docs/demo.md, "A stand-in for CLIP").
 VISION_STANDIN_STEPS = 0
 VISION_STANDIN_RECORD = "vision_standin.json"  # its steps and scores, in the stand-in's directory
+ALIGN_CLIPS = 800  # the training clips stage 1's start is fitted on (about 2,500 frame rows)
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 
 
@@ -62,7 +65,11 @@ def main(argv=None):
             f"(default {VISION_STANDIN_STEPS}: left random; docs/demo.md, 'The stand-in for CLIP')"
         ),
     )
-    parser.add_argument("--standin-only", action="store_true", help="build the stand-in (demo_out/standin) and stop")
+    parser.add_argument(
+        "--standin-only",
+        action="store_true",
+        help="build the stand-in (demo_out/standin) and stage 1's start (demo_out/aligned), and stop",
+    )
     parser.add_argument(
         "--standin-scores",
         action="store_true",
@@ -92,11 +99,11 @@ def main(argv=None):
     paths = prepare(args.out, args.num_train, args.num_eval, args.num_lessons)
     steps = {stage: getattr(args, f"{stage}_steps") for stage in STAGES}
     seconds = {"data": time.time() - start}
-    seconds["standin"] = build_standin(paths, steps["standin"], args.vision_standin_steps)
+    seconds |= build_stage_1_start(paths, steps["standin"], args.vision_standin_steps)
     if args.standin_scores:
         print_lesson_scores(paths["standin"], os.path.join(paths["data"], "heldout_lessons.jsonl"))
     if args.standin_only:
-        print(f"stand-in in {paths['standin']}: {seconds['standin']:.0f} s")
+        print(f"stand-in in {paths['standin']}, stage 1's start in {paths['aligned']}: {time.time() - start:.0f} s")
         return
     for stage in ("pretrain", "sft"):
         seconds[stage] = run_training(stage_config(stage, paths, steps[stage]), paths[stage])
@@ -111,7 +118,7 @@ def main(argv=None):
     print(
         f"demo wall time {time.time() - start:.0f} s ("
         + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-        + "; a stand-in found built counts 0 s)"
+        + "; a stand-in or start found built counts 0 s)"
     )
     seen, unseen = group_accuracy(results, "seen"), group_accuracy(results, "unseen")
     print(
@@ -137,6 +144,7 @@ def prepare(out: str, num_train: int, num_eval: int, num_lessons: int = 20000) -
         "tokenizer": os.path.join(out, "tokenizer"),
         "standin_run": os.path.join(out, "standin_run"),
         "standin": os.path.join(out, "standin"),
+        "aligned": os.path.join(out, "aligned"),
         "pretrain": os.path.join(out, "pretrain"),
         "sft": os.path.join(out, "run"),
     }
@@ -167,10 +175,21 @@ def stage_config(stage: str, paths: dict[str, str], steps: int | None = None):
     if stage == "standin":
         config.tokenizer = paths["tokenizer"]
     else:
-        config.init_checkpoint = paths["standin" if stage == "pretrain" else "pretrain"]
+        config.init_checkpoint = paths["aligned" if stage == "pretrain" else "pretrain"]
     if steps:
         config.num_steps = config.checkpoint_every = steps
     return config
+
+
+def build_stage_1_start(
+    paths: dict[str, str], standin_steps: int | None = None, vision_steps: int = VISION_STANDIN_STEPS
+) -> dict[str, float]:
+    """The stand-in (build_standin) and stage 1's start fitted to it (align_projectors), each built
+    when missing, the start also when the stand-in is new; returns the seconds each took (0: found)."""
+    seconds = {"standin": build_standin(paths, standin_steps, vision_steps), "aligned": 0.0}
+    if seconds["standin"] or not os.path.exists(os.path.join(paths["aligned"], "config.json")):
+        seconds["aligned"] = align_projectors(paths)
+    return seconds
 
 
 def build_standin(paths: dict[str, str], steps: int | None = None, vision_steps: int = VISION_STANDIN_STEPS) -> float:
@@ -198,11 +217,7 @@ def write_standin(run_dir: str, out: str, vision_steps: int = VISION_STANDIN_STE
     its CLIP random or, with `vision_steps`, pretrained on stills (the stand-in for CLIP,
     training/vision_pretraining.py); its audio encoder and projectors are at their random
     initialisation. Its encoders are frozen from here on."""
-    from flax import nnx
-
     import avllm_jax
-    from avllm_jax import checkpoint
-    from avllm_jax.data import conversation
     from avllm_jax.training import vision_pretraining
 
     model = avllm_jax.load_model(run_dir)
@@ -214,14 +229,70 @@ def write_standin(run_dir: str, out: str, vision_steps: int = VISION_STANDIN_STE
             f"stand-in for CLIP: {vision_steps} steps in {time.time() - start:.0f} s; on 1024 new stills colour "
             f"{scores['colour']:.3f}, shape {scores['shape']:.3f}, centre error {scores['centre error px']:.1f} px"
         )
-    params_dir = os.path.join(out, checkpoint.PARAMS_DIR)
-    if os.path.exists(params_dir):  # an older stand-in's, rewritten
-        shutil.rmtree(params_dir)
-    checkpoint.save_params(params_dir, nnx.to_pure_dict(nnx.state(model)))
-    checkpoint.write_model_config(out, checkpoint.read_model_config(run_dir))
-    conversation.load_tokenizer(run_dir).save_pretrained(out)
+    save_checkpoint(model, run_dir, out)
     with open(os.path.join(out, VISION_STANDIN_RECORD), "w") as f:  # written last: the stand-in is whole
         json.dump({"steps": vision_steps, **scores}, f)
+
+
+def save_checkpoint(model, source_dir: str, out: str) -> None:
+    """`model`'s weights, with the model config and tokenizer of `source_dir`, as
+    tools/convert_hf_weights.py writes a converted checkpoint (an older one's weights replaced)."""
+    from flax import nnx
+
+    from avllm_jax import checkpoint
+    from avllm_jax.data import conversation
+
+    params_dir = os.path.join(out, checkpoint.PARAMS_DIR)
+    if os.path.exists(params_dir):
+        shutil.rmtree(params_dir)
+    checkpoint.save_params(params_dir, nnx.to_pure_dict(nnx.state(model)))
+    checkpoint.write_model_config(out, checkpoint.read_model_config(source_dir))
+    conversation.load_tokenizer(source_dir).save_pretrained(out)
+
+
+def align_projectors(paths: dict[str, str], num_clips: int = ALIGN_CLIPS) -> float:
+    """Stage 1's start, written to paths["aligned"]: the stand-in with each projector fitted
+    (ridge regression, projector_init.fit_projector) so that the rows it makes of the first
+    `num_clips` training clips are the stand-in's embeddings of the caption words they stand for
+    (demo_text.row_words: a frame's colour and place, the shape, an audio segment's pitch and
+    sound; a row's target is the sum of its words' token embeddings, scaled to the embeddings'
+    RMS norm). Each attribute then starts at a word's weight in its row, the place beside the
+    colour (docs/demo.md, "Projectors fitted to the captions' words"). Returns the seconds it took."""
+    import numpy as np
+
+    import avllm_jax
+    from avllm_jax.data import conversation, demo_text
+    from avllm_jax.training import projector_init
+
+    start = time.time()
+    model = avllm_jax.load_model(paths["standin"])
+    tokenizer = conversation.load_tokenizer(paths["standin"])
+    embeddings = np.asarray(model.language_model.embed[...], np.float64)
+    norm = float(np.sqrt(np.mean(np.sum(embeddings**2, axis=-1))))
+
+    def target(words: str) -> np.ndarray:
+        summed = embeddings[tokenizer(" " + words, add_special_tokens=False)["input_ids"]].sum(0)
+        return summed * norm / np.linalg.norm(summed)
+
+    inputs, targets = collections.defaultdict(list), collections.defaultdict(list)
+    train_path = os.path.join(paths["data"], "train.jsonl")
+    data_config = stage_config("pretrain", paths).data
+    for timeline, outputs in encoder_outputs(model, train_path, paths["data"], data_config, num_clips):
+        words = demo_text.row_words(timeline)
+        if "frame tokens" in outputs:
+            tokens = outputs["frame tokens"]
+            inputs["temporal_proj"] += list(tokens[:, 0])
+            targets["temporal_proj"] += [target(w) for w in words["temporal_proj"]]
+            inputs["spatial_proj"] += list(tokens[:, 1:].mean(0))  # each patch over the clip's frames
+            targets["spatial_proj"] += [target(words["spatial_proj"][0])] * (tokens.shape[1] - 1)
+        if "audio segments" in outputs:
+            inputs["audio_proj"] += list(outputs["audio segments"])
+            targets["audio_proj"] += [target(w) for w in words["audio_proj"]]
+    for name, rows in inputs.items():
+        explained = projector_init.fit_projector(getattr(model, name), np.asarray(rows), np.asarray(targets[name]))
+        print(f"stage 1's start: {name} fitted to the words of {len(rows):,} rows ({explained:.2f} of their variance)")
+    save_checkpoint(model, paths["standin"], paths["aligned"])
+    return time.time() - start
 
 
 def print_lesson_scores(model_dir: str, lessons_path: str, num_lessons: int = 300) -> None:
@@ -279,35 +350,22 @@ def print_probes(workdir: str, paths: dict[str, str], num_clips: int = 600) -> N
       beep count from its segments' embeddings side by side: fitted on the training clips (seen
       colour and shape, pitch and count pairs only) and scored on the held-out clips, those of
       seen and of unseen pairs apart. Whether an encoder holds the attributes apart."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import avllm_jax
-    from avllm_jax.data import samples, synthetic
-    from avllm_jax.models import clip_vision
+    from avllm_jax.data import synthetic
 
     model = avllm_jax.load_model(workdir)
     data_config = stage_config("sft", paths).data
-    encode_frames = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames)))
-    encode_audio = jax.jit(
-        lambda features, is_longer: model.audio_embeddings(
-            {"audio_features": features[None, None], "audio_is_longer": is_longer[None, None]}
-        )[0, 0]
-    )
 
     def read(path, limit=None):
         """Per frame: "class token", "patch tokens, mean", "colour", "place", "shape", "unseen" (a
         colour and shape pair the training clips never show); per audio segment: "segment", "sound",
         "pitch"; per audio clip: "segments" (its embeddings side by side), "beeps", "unseen audio"."""
         found: dict[str, list] = collections.defaultdict(list)
-        with open(path) as f:
-            records = [json.loads(line) for _, line in zip(range(limit or 10**9), f)]
-        media_paths = {record.get("video") or record["audio"]: record["timeline"] for record in records}
-        for media_path, timeline in media_paths.items():  # the held-out split has a line a question
-            media = samples.load_file_media(os.path.join(paths["data"], media_path), data_config)
+        for timeline, outputs in encoder_outputs(model, path, paths["data"], data_config, limit):
             if "shape" in timeline:
-                tokens = np.asarray(encode_frames(jnp.asarray(media.frames)))
+                tokens = outputs["frame tokens"]
                 found["class token"].append(tokens[:, 0])
                 found["patch tokens, mean"].append(tokens[:, 1:].mean(1))
                 found["colour"] += timeline["colours"]
@@ -315,8 +373,7 @@ def print_probes(workdir: str, paths: dict[str, str], num_clips: int = 600) -> N
                 found["shape"] += [timeline["shape"]] * len(tokens)
                 found["unseen"] += [(c, timeline["shape"]) in synthetic.HELD_OUT["visual"] for c in timeline["colours"]]
             if "pitch" in timeline:
-                arrays = samples.audio_arrays(media.audio, data_config, rng=np.random.default_rng(0))
-                segments = np.asarray(encode_audio(arrays["audio_features"], arrays["audio_is_longer"]))
+                segments = outputs["audio segments"]
                 found["segment"].append(segments)
                 found["sound"] += ["beep" if b else "quiet" for b in timeline["beeps"]]
                 found["pitch"] += [timeline["pitch"]] * len(segments)
@@ -354,6 +411,38 @@ def print_probes(workdir: str, paths: dict[str, str], num_clips: int = 600) -> N
             for rows in (~unseen, unseen)
         ]
         print(f"| {target} from {source} ({np.sum(~unseen)} / {np.sum(unseen)}) | {scores[0]:.3f} | {scores[1]:.3f} |")
+
+
+def encoder_outputs(model, path: str, media_root: str, data_config, limit: int | None = None):
+    """Yields (timeline, outputs) for each clip of the JSONL `path` (its first `limit` lines; a
+    clip that several lines ask about, once), outputs holding what `model`'s frozen encoders give
+    its projectors: "frame tokens" [F, 1+N, Dv] (class token first) and "audio segments" [K, Da],
+    those the clip has."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from avllm_jax.data import samples
+    from avllm_jax.models import clip_vision
+
+    encode_frames = jax.jit(lambda frames: model.vision(clip_vision.normalize_frames(frames)))
+    encode_audio = jax.jit(
+        lambda features, is_longer: model.audio_embeddings(
+            {"audio_features": features[None, None], "audio_is_longer": is_longer[None, None]}
+        )[0, 0]
+    )
+    with open(path) as f:
+        records = [json.loads(line) for _, line in zip(range(limit or 10**9), f)]
+    timelines = {record.get("video") or record["audio"]: record["timeline"] for record in records}
+    for media_path, timeline in timelines.items():
+        media = samples.load_file_media(os.path.join(media_root, media_path), data_config)
+        outputs = {}
+        if "shape" in timeline:
+            outputs["frame tokens"] = np.asarray(encode_frames(jnp.asarray(media.frames)))
+        if "pitch" in timeline:
+            arrays = samples.audio_arrays(media.audio, data_config, rng=np.random.default_rng(0))
+            outputs["audio segments"] = np.asarray(encode_audio(arrays["audio_features"], arrays["audio_is_longer"]))
+        yield timeline, outputs
 
 
 def _ridge_accuracy(x_fit, labels_fit, x_test, labels_test) -> float:

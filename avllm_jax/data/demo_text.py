@@ -260,6 +260,22 @@ def caption(timeline: dict) -> str:
     return "; ".join(_lines(lesson))
 
 
+def row_words(timeline: dict) -> dict[str, list[str]]:
+    """The words of the caption that each of the clip's media rows stands for, per projector:
+    "temporal_proj", one per frame (its segment's colour and place, "red far left");
+    "spatial_proj", the shape (the same for each of the time-pooled patch rows); "audio_proj",
+    one per audio segment (the pitch and its sound, "low beep"). Stage 1's start is fitted to
+    them (tools/demo.py, align_projectors)."""
+    words: dict[str, list[str]] = {}
+    if "shape" in timeline:
+        places = [PLACES[s] for s in timeline["stops"]]
+        words["temporal_proj"] = [f"{c} {p}" for c, p in zip(timeline["colours"], places, strict=True)]
+        words["spatial_proj"] = [timeline["shape"]]
+    if "pitch" in timeline:
+        words["audio_proj"] = [f"{timeline['pitch']} {SOUNDS[b]}" for b in timeline["beeps"]]
+    return words
+
+
 def make_caption_split(data_dir: str | os.PathLike, split: str = "train", seed: int = 0) -> pathlib.Path:
     """data_dir/{split}_captions.jsonl: one caption sample per clip of data_dir/{split}.jsonl (the
     same media), asking about every stream the file has."""

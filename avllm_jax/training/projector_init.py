@@ -29,6 +29,7 @@ from flax import nnx
 
 logger = logging.getLogger(__name__)
 
+# "random": the projectors as the model or its init_checkpoint has them.
 INITS = ("random", "centred")
 
 
@@ -83,3 +84,19 @@ def centre_projectors(model, batches: Iterable[dict]) -> dict[str, dict[str, flo
             "(the token embeddings')"
         )
     return report
+
+
+def fit_projector(projector, inputs: np.ndarray, targets: np.ndarray, ridge: float = 1e-3) -> float:
+    """Sets `projector`'s kernel and bias to the ridge regression of `targets` [R, D] on `inputs`
+    [R, Din] (the encoder outputs it reads, one row each; the penalty `ridge` times the inputs'
+    mean squared entry per feature), so that its rows start at the targets: the demo fits its
+    stage 1's start to the embeddings of the words each row stands for (tools/demo.py,
+    align_projectors). Returns the fraction of the targets' variance the fit explains."""
+    x = np.c_[np.asarray(inputs, np.float64), np.ones(len(inputs))]
+    y = np.asarray(targets, np.float64)
+    penalty = ridge * np.mean(np.sum(x**2, axis=0)) * np.eye(x.shape[1])
+    weights = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+    projector.kernel[...] = jnp.asarray(weights[:-1], projector.kernel.dtype)
+    projector.bias[...] = jnp.asarray(weights[-1], projector.bias.dtype)
+    residual = y - x @ weights
+    return float(1.0 - np.sum(residual**2) / np.sum((y - y.mean(0)) ** 2))
