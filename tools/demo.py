@@ -36,7 +36,7 @@ GROUPS = ("visual", "audio", "audio_visual", "timing")
 STAGES = ("standin", "pretrain", "sft")
 # Off by default: the stand-in's CLIP stays random. Pretrained on stills (--vision-standin-steps 2000:
 # it names the shape 0.98 and places it within 2.3 px), it made the demo read the shape, but the
-# frames' order unevenly across three runs (docs/demo.md, "A stand-in for CLIP").
+# frames' order unevenly across three runs of the previous recipe (docs/demo.md, "A stand-in for CLIP").
 VISION_STANDIN_STEPS = 0
 VISION_STANDIN_RECORD = "vision_standin.json"  # its steps and scores, in the stand-in's directory
 ALIGN_CLIPS = 800  # the training clips stage 1's start is fitted on (about 2,500 frame rows)
