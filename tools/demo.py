@@ -24,6 +24,7 @@ tools/ablate.py trains the paper's Table 4 rows on the same data with these func
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import shutil
@@ -270,6 +271,7 @@ def align_projectors(paths: dict[str, str], num_clips: int = ALIGN_CLIPS) -> flo
     embeddings = np.asarray(model.language_model.embed[...], np.float64)
     norm = float(np.sqrt(np.mean(np.sum(embeddings**2, axis=-1))))
 
+    @functools.cache  # a few dozen distinct word strings over thousands of rows
     def target(words: str) -> np.ndarray:
         summed = embeddings[tokenizer(" " + words, add_special_tokens=False)["input_ids"]].sum(0)
         return summed * norm / np.linalg.norm(summed)

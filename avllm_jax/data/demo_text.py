@@ -208,11 +208,15 @@ def _lines(lesson: dict) -> list[str]:
     """A shape, steps, sounds lesson's lines: "square", "steps: red far left, ...", "sounds (low): quiet, ..."."""
     lines = []
     if "shape" in lesson:
-        steps = ", ".join(f"{c} {p}" for c, p in zip(lesson["colours"], lesson["places"], strict=True))
-        lines += [lesson["shape"], f"steps: {steps}"]
+        lines += [lesson["shape"], "steps: " + ", ".join(_steps(lesson))]
     if "sounds" in lesson:
         lines.append(f"sounds ({lesson['pitch']}): " + ", ".join(lesson["sounds"]))
     return lines
+
+
+def _steps(lesson: dict) -> list[str]:
+    """A shape lesson's steps, each its colour and place: "red far left"."""
+    return [f"{c} {p}" for c, p in zip(lesson["colours"], lesson["places"], strict=True)]
 
 
 def make_lessons(path: str | os.PathLike, num_samples: int, seed: int) -> pathlib.Path:
@@ -251,13 +255,18 @@ CAPTION_REQUESTS = {
 def caption(timeline: dict) -> str:
     """The clip of `timeline` (synthetic.draw_timeline's) in words, segment by segment, as its
     lesson is described: "square; steps: red far left, ...; sounds (low): quiet, beep, ..."."""
+    return "; ".join(_lines(_clip_lesson(timeline)))
+
+
+def _clip_lesson(timeline: dict) -> dict[str, Any]:
+    """The clip of `timeline` as a shape, steps, sounds lesson's lists (no questions)."""
     lesson: dict[str, Any] = {}
     if "shape" in timeline:
         places = [PLACES[s] for s in timeline["stops"]]
         lesson.update(shape=timeline["shape"], colours=timeline["colours"], places=places)
     if "pitch" in timeline:
         lesson.update(pitch=timeline["pitch"], sounds=[SOUNDS[b] for b in timeline["beeps"]])
-    return "; ".join(_lines(lesson))
+    return lesson
 
 
 def row_words(timeline: dict) -> dict[str, list[str]]:
@@ -266,13 +275,11 @@ def row_words(timeline: dict) -> dict[str, list[str]]:
     "spatial_proj", the shape (the same for each of the time-pooled patch rows); "audio_proj",
     one per audio segment (the pitch and its sound, "low beep"). Stage 1's start is fitted to
     them (tools/demo.py, align_projectors)."""
-    words: dict[str, list[str]] = {}
-    if "shape" in timeline:
-        places = [PLACES[s] for s in timeline["stops"]]
-        words["temporal_proj"] = [f"{c} {p}" for c, p in zip(timeline["colours"], places, strict=True)]
-        words["spatial_proj"] = [timeline["shape"]]
-    if "pitch" in timeline:
-        words["audio_proj"] = [f"{timeline['pitch']} {SOUNDS[b]}" for b in timeline["beeps"]]
+    lesson, words = _clip_lesson(timeline), {}
+    if "shape" in lesson:
+        words["temporal_proj"], words["spatial_proj"] = _steps(lesson), [lesson["shape"]]
+    if "sounds" in lesson:
+        words["audio_proj"] = [f"{lesson['pitch']} {sound}" for sound in lesson["sounds"]]
     return words
 
 
